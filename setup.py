@@ -1,0 +1,111 @@
+"""Build afire._C from csrc/ (C11 + OpenMP + OpenBLAS) and, when nvcc is found, cuda/.
+
+Environment switches:
+  AFIRE_CUDA=0|1        force the CUDA backend off/on (default: on when nvcc is found)
+  AFIRE_CUDA_ARCH=90    semicolon list of SM versions to compile for (default "80;90")
+  AFIRE_SANITIZE=1      build with AddressSanitizer + UndefinedBehaviorSanitizer
+  AFIRE_DEBUG=1         -O0 -g
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import scipy_openblas32 as openblas
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name, default=None):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        nvcc = "/usr/local/cuda/bin/nvcc"
+    return nvcc
+
+
+NVCC = find_nvcc()
+USE_CUDA = env_flag("AFIRE_CUDA", NVCC is not None)
+if USE_CUDA and NVCC is None:
+    sys.exit("AFIRE_CUDA=1 but nvcc was not found on PATH or in /usr/local/cuda/bin")
+SANITIZE = env_flag("AFIRE_SANITIZE", False)
+DEBUG = env_flag("AFIRE_DEBUG", False)
+CUDA_HOME = os.path.dirname(os.path.dirname(NVCC)) if NVCC else None
+
+opt = ["-O0", "-g"] if DEBUG or SANITIZE else ["-O3"]
+cflags = ["-std=c11", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter",
+          "-Wno-missing-field-initializers", "-fno-strict-aliasing"] + opt
+ldflags = ["-fopenmp"]
+if SANITIZE:
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    cflags += san + ["-g"]
+    ldflags += san
+
+sources = sorted(glob.glob("csrc/*.c") + glob.glob("csrc/ops/*.c"))
+macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
+include_dirs = ["csrc", np.get_include(), openblas.get_include_dir()]
+library_dirs = [openblas.get_lib_dir()]
+libraries = [openblas.get_library(), "m"]
+cuda_sources = sorted(glob.glob("cuda/*.cu") + glob.glob("cuda/ops/*.cu"))
+if USE_CUDA:
+    macros.append(("AFIRE_HAVE_CUDA", "1"))
+    include_dirs.append(os.path.join(CUDA_HOME, "include"))
+    for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+        p = os.path.join(CUDA_HOME, d)
+        if os.path.isdir(p):
+            library_dirs.append(p)
+    libraries += ["cudart", "cublas", "cublasLt", "cudnn", "nccl", "stdc++"]
+
+
+class BuildExt(build_ext):
+    """Compiles cuda/*.cu with nvcc first and links the objects into afire._C."""
+
+    def build_extension(self, ext):
+        if USE_CUDA and cuda_sources:
+            archs = os.environ.get("AFIRE_CUDA_ARCH", "80;90").split(";")
+            gencode = []
+            for a in archs:
+                a = a.strip()
+                if a:
+                    gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+            objdir = os.path.join(self.build_temp, "cuda")
+            os.makedirs(objdir, exist_ok=True)
+            objs = []
+            for src in cuda_sources:
+                obj = os.path.join(objdir, src.replace("/", "_") + ".o")
+                deps = [src] + glob.glob("cuda/*.cuh") + glob.glob("csrc/*.h")
+                if not os.path.exists(obj) or max(map(os.path.getmtime, deps)) > os.path.getmtime(obj):
+                    cmd = [NVCC, "-c", src, "-o", obj, "-std=c++17", "-O3" if not DEBUG else "-G",
+                           "-Xcompiler", "-fPIC", "-Icsrc", "-Icuda", "-DAFIRE_HAVE_CUDA=1",
+                           "--expt-relaxed-constexpr"] + gencode
+                    print(" ".join(cmd), flush=True)
+                    subprocess.check_call(cmd)
+                objs.append(obj)
+            ext.extra_objects = list(ext.extra_objects or []) + objs
+        super().build_extension(ext)
+
+
+ext = Extension(
+    "afire._C",
+    sources=sources,
+    include_dirs=include_dirs,
+    define_macros=macros,
+    library_dirs=library_dirs,
+    libraries=libraries,
+    runtime_library_dirs=[openblas.get_lib_dir()],
+    extra_compile_args=cflags,
+    extra_link_args=ldflags,
+    depends=glob.glob("csrc/*.h") + glob.glob("csrc/ops/*.h"),
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
