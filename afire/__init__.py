@@ -1,0 +1,20 @@
+"""afire: AFiRe self-supervised pre-training for chest X-rays, with a C/CUDA core."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import scipy_openblas32 as _openblas
+
+# Load the OpenBLAS shipped in the scipy-openblas32 wheel before the extension, so that the
+# extension's dependency on libscipy_openblas.so resolves to it wherever pip put it.
+_lib = os.path.join(_openblas.get_lib_dir(), "lib" + _openblas.get_library() + ".so")
+if os.path.exists(_lib):
+    ctypes.CDLL(_lib, mode=ctypes.RTLD_GLOBAL)
+
+from . import _C  # noqa: E402
+from ._C import Tensor  # noqa: E402
+from .device import cuda_available, require_device  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["Tensor", "cuda_available", "require_device", "__version__"]

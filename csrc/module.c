@@ -1,0 +1,40 @@
+/* The afire._C extension module: creates the submodules registered by each binding file. */
+#define AF_IMPORT_ARRAY_HERE
+#include "py_util.h"
+
+static PyObject *build_info(PyObject *self, PyObject *unused) {
+    return Py_BuildValue("{s:O,s:O,s:s}", "cuda",
+#ifdef AFIRE_HAVE_CUDA
+                         Py_True,
+#else
+                         Py_False,
+#endif
+                         "openmp",
+#ifdef _OPENMP
+                         Py_True,
+#else
+                         Py_False,
+#endif
+                         "blas", "scipy-openblas32");
+}
+
+static PyMethodDef module_methods[] = {
+    {"build_info", build_info, METH_NOARGS,
+     "build_info() -> dict: which optional backends this build of afire._C contains"},
+    {NULL}};
+
+static struct PyModuleDef afire_module = {
+    PyModuleDef_HEAD_INIT, "afire._C", "afire's C/CUDA core.", -1, module_methods};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    import_array();
+    PyObject *m = PyModule_Create(&afire_module);
+    if (m == NULL) return NULL;
+    if (af_register_tensor(m) < 0 || af_register_rng(m) < 0 || af_register_ops(m) < 0 ||
+        af_register_io(m) < 0 || af_register_model(m) < 0 || af_register_cuda(m) < 0 || af_register_slm(m) < 0 ||
+        af_register_objective(m) < 0 || af_register_phantom(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
