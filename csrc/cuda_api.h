@@ -1,4 +1,4 @@
-/* The C-callable surface of the CUDA backend (cuda/*.cu). Only declared when the build has
+/* The C-callable surface of the CUDA backend (the files under cuda/). Only declared when the build has
  * CUDA; callers go through py_cuda.c, which raises a clear error on builds without it. */
 #ifndef AFIRE_CUDA_API_H
 #define AFIRE_CUDA_API_H

@@ -5,6 +5,7 @@
 #include "cuda_api.h"
 #endif
 
+#ifndef AFIRE_HAVE_CUDA
 static PyObject *no_cuda_build(void) {
     PyErr_SetString(PyExc_RuntimeError,
                     "device='cuda' was requested but this build of afire has no CUDA backend "
@@ -12,6 +13,7 @@ static PyObject *no_cuda_build(void) {
                     "PATH or AFIRE_CUDA=1)");
     return NULL;
 }
+#endif
 
 static PyObject *py_device_count(PyObject *self, PyObject *unused) {
 #ifdef AFIRE_HAVE_CUDA

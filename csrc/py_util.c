@@ -1,7 +1,7 @@
 /* Argument checking and exception mapping for the binding. */
-#include <math.h>
-
 #include "py_util.h"
+
+#include <math.h>
 
 PyObject *af_exception_for(af_status status) {
     switch (status) {
