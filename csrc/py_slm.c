@@ -181,7 +181,7 @@ static PyObject *py_size_range(PyObject *self, PyObject *args, PyObject *kw) {
     int S;
     const char *tok = NULL, *reg = NULL;
     af_slm_config c = af_slm_config_default();
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i" CFG_FORMAT ":size_range", kwlist, &S,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|" CFG_FORMAT ":size_range", kwlist, &S,
                                      CFG_ARGS(c, tok, reg)))
         return NULL;
     if (finish_config(&c, tok, reg) < 0) return NULL;
