@@ -1,8 +1,233 @@
-/* afire._C.slm bindings (filled in by its own work item). */
-#include "py_util.h"
+/* afire._C.slm: Synthetic Lesion Masks (csrc/slm.h states the rules). */
+#include <string.h>
 
-static PyMethodDef slm_methods[] = {{NULL}};
+#include "py_util.h"
+#include "slm.h"
+
+/* Keyword-only config arguments shared by every function of this module. */
+#define CFG_KWLIST "lesions_min", "lesions_max", "size_min", "size_max", "crop_max", "gamma2", \
+                   "strength", "token_rule", "region_rule"
+#define CFG_FORMAT "$iiiiiffss"
+#define CFG_ARGS(c, tok, reg) &(c).lesions_min, &(c).lesions_max, &(c).size_min, &(c).size_max, \
+                              &(c).crop_max, &(c).gamma2, &(c).strength, &(tok), &(reg)
+
+/* Converter for "O&": a Python int in [0, 2**64) (OverflowError otherwise). */
+static int to_u64(PyObject *obj, void *out) {
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "expected an int, got %s", Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return 0;
+    *(uint64_t *)out = (uint64_t)v;
+    return 1;
+}
+
+/* Rule names -> enum values, then the C-side range checks as ValueError. */
+static int finish_config(af_slm_config *c, const char *tok, const char *reg) {
+    if (tok == NULL || strcmp(tok, "paper") == 0) c->token_rule = AF_SLM_TOKENS_MEAN;
+    else if (strcmp(tok, "released") == 0) c->token_rule = AF_SLM_TOKENS_ANY;
+    else {
+        PyErr_Format(PyExc_ValueError, "token_rule must be 'paper' or 'released', got '%s'", tok);
+        return -1;
+    }
+    if (reg == NULL || strcmp(reg, "random") == 0) c->region_rule = AF_SLM_REGION_RANDOM;
+    else if (strcmp(reg, "largest") == 0) c->region_rule = AF_SLM_REGION_LARGEST;
+    else {
+        PyErr_Format(PyExc_ValueError, "region_rule must be 'random' or 'largest', got '%s'", reg);
+        return -1;
+    }
+    af_status st = slm_config_check(c);
+    if (st != AF_OK) {
+        af_raise(st);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_slm_generate(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"images", "seed", "step", "first_index", "patch", CFG_KWLIST, NULL};
+    PyObject *images_obj;
+    uint64_t seed = 0, step = 0, first = 0;
+    int P = 16;
+    const char *tok = NULL, *reg = NULL;
+    af_slm_config c = af_slm_config_default();
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO&|O&O&i" CFG_FORMAT ":slm_generate", kwlist,
+                                     &images_obj, to_u64, &seed, to_u64, &step, to_u64, &first,
+                                     &P, CFG_ARGS(c, tok, reg)))
+        return NULL;
+    if (finish_config(&c, tok, reg) < 0) return NULL;
+    PyArrayObject *images = af_arg_array(images_obj, "images", NPY_UINT8, 3);
+    if (images == NULL) return NULL;
+    PyArrayObject *xp = NULL, *masks = NULL, *labels = NULL;
+    PyObject *result = NULL;
+    npy_intp B = PyArray_DIM(images, 0), S = PyArray_DIM(images, 1);
+    if (PyArray_DIM(images, 2) != S) {
+        PyErr_Format(PyExc_ValueError, "images must be square [B, S, S], got [%zd, %zd, %zd]",
+                     (Py_ssize_t)B, (Py_ssize_t)S, (Py_ssize_t)PyArray_DIM(images, 2));
+        goto done;
+    }
+    if (S < 1 || S > AF_SLM_MAX_SIDE || B > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "images: need 1 <= S <= %d and B < 2**31, got B=%zd S=%zd",
+                     AF_SLM_MAX_SIDE, (Py_ssize_t)B, (Py_ssize_t)S);
+        goto done;
+    }
+    if (P < 1 || S % P != 0) {
+        PyErr_Format(PyExc_ValueError, "patch must be >= 1 and divide the image side %zd, got %d",
+                     (Py_ssize_t)S, P);
+        goto done;
+    }
+    npy_intp G = S / P;
+    npy_intp img_shape[3] = {B, S, S}, lab_shape[2] = {B, G * G};
+    xp = af_new_array(3, img_shape, NPY_UINT8);
+    masks = af_new_array(3, img_shape, NPY_UINT8);
+    labels = af_new_array(2, lab_shape, NPY_UINT8);
+    if (xp == NULL || masks == NULL || labels == NULL) goto done;
+    af_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = slm_generate(AF_U8(xp), AF_U8(masks), AF_U8(labels), AF_U8(images), (int)B, (int)S, P,
+                      &c, seed, step, first);
+    Py_END_ALLOW_THREADS
+    if (st != AF_OK) {
+        af_raise(st);
+        goto done;
+    }
+    result = Py_BuildValue("(OOO)", xp, masks, labels);
+done:
+    Py_XDECREF(xp);
+    Py_XDECREF(masks);
+    Py_XDECREF(labels);
+    Py_DECREF(images);
+    return result;
+}
+
+static PyObject *py_slm_lesions(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"image", "seed", "step", "index", CFG_KWLIST, NULL};
+    PyObject *image_obj;
+    uint64_t seed = 0, step = 0, index = 0;
+    const char *tok = NULL, *reg = NULL;
+    af_slm_config c = af_slm_config_default();
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO&|O&O&" CFG_FORMAT ":slm_lesions", kwlist,
+                                     &image_obj, to_u64, &seed, to_u64, &step, to_u64, &index,
+                                     CFG_ARGS(c, tok, reg)))
+        return NULL;
+    if (finish_config(&c, tok, reg) < 0) return NULL;
+    PyArrayObject *image = af_arg_array(image_obj, "image", NPY_UINT8, 2);
+    if (image == NULL) return NULL;
+    PyObject *result = NULL;
+    int32_t *ws = NULL;
+    npy_intp S = PyArray_DIM(image, 0);
+    if (PyArray_DIM(image, 1) != S || S < 1 || S > AF_SLM_MAX_SIDE) {
+        PyErr_Format(PyExc_ValueError, "image must be square [S, S] with 1 <= S <= %d, got "
+                     "[%zd, %zd]", AF_SLM_MAX_SIDE, (Py_ssize_t)S,
+                     (Py_ssize_t)PyArray_DIM(image, 1));
+        goto done;
+    }
+    size_t n_ws = slm_workspace_ints((int)S, &c);
+    if (n_ws > 0 && (ws = (int32_t *)PyMem_Calloc(n_ws, sizeof(int32_t))) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    af_slm_lesion lesions[AF_SLM_MAX_LESIONS];
+    int R = 0;
+    af_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = slm_lesions(lesions, &R, AF_U8(image), (int)S, &c, seed, step, index, ws);
+    Py_END_ALLOW_THREADS
+    if (st != AF_OK) {
+        af_raise(st);
+        goto done;
+    }
+    result = PyList_New(R);
+    if (result == NULL) goto done;
+    for (int r = 0; r < R; r++) {
+        const af_slm_lesion *l = &lesions[r];
+        PyObject *t = Py_BuildValue("(iiiiiiii)", l->x0, l->y0, l->w, l->h, l->crop_x0,
+                                    l->crop_y0, l->crop_w, l->crop_h);
+        if (t == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, r, t);
+    }
+done:
+    PyMem_Free(ws);
+    Py_DECREF(image);
+    return result;
+}
+
+static PyObject *py_otsu(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "O:otsu_threshold", &obj)) return NULL;
+    PyArrayObject *img = af_arg_array(obj, "image", NPY_UINT8, -1);
+    if (img == NULL) return NULL;
+    npy_intp n = PyArray_SIZE(img);
+    if (n < 1 || n > INT32_MAX) {
+        Py_DECREF(img);
+        PyErr_Format(PyExc_ValueError, "image must have 1 to 2**31-1 pixels, got %zd",
+                     (Py_ssize_t)n);
+        return NULL;
+    }
+    int t;
+    Py_BEGIN_ALLOW_THREADS
+    t = otsu_threshold(AF_U8(img), (int)n);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(img);
+    return PyLong_FromLong(t);
+}
+
+static PyObject *py_size_range(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"S", CFG_KWLIST, NULL};
+    int S;
+    const char *tok = NULL, *reg = NULL;
+    af_slm_config c = af_slm_config_default();
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|" CFG_FORMAT ":size_range", kwlist, &S,
+                                     CFG_ARGS(c, tok, reg)))
+        return NULL;
+    if (finish_config(&c, tok, reg) < 0) return NULL;
+    if (S < 1) {
+        PyErr_Format(PyExc_ValueError, "S must be >= 1, got %d", S);
+        return NULL;
+    }
+    int lo, hi;
+    slm_size_range(S, &c, &lo, &hi);
+    return Py_BuildValue("(ii)", lo, hi);
+}
+
+static PyObject *py_default_config(PyObject *self, PyObject *unused) {
+    af_slm_config c = af_slm_config_default();
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:d,s:d,s:s,s:s}", "lesions_min", c.lesions_min,
+                         "lesions_max", c.lesions_max, "size_min", c.size_min, "size_max",
+                         c.size_max, "crop_max", c.crop_max, "gamma2", (double)c.gamma2,
+                         "strength", (double)c.strength, "token_rule", "paper", "region_rule",
+                         "random");
+}
+
+#define KW (PyCFunction)(void (*)(void))
+#define CFG_DOC                                                                               \
+    "Config (keyword-only): lesions_min=1, lesions_max=4, size_min=16, size_max=64, "        \
+    "crop_max=60, gamma2=0.5, strength=0.5, token_rule='paper'|'released', "                 \
+    "region_rule='random'|'largest'."
+static PyMethodDef slm_methods[] = {
+    {"slm_generate", KW py_slm_generate, METH_VARARGS | METH_KEYWORDS,
+     "slm_generate(images, seed, step=0, first_index=0, patch=16, **config)\n"
+     "  -> (x_prime uint8[B,S,S], masks uint8[B,S,S], token_labels uint8[B,L])\n"
+     "images: uint8[B,S,S] normal images; image b has global index first_index + b.\n" CFG_DOC},
+    {"slm_lesions", KW py_slm_lesions, METH_VARARGS | METH_KEYWORDS,
+     "slm_lesions(image, seed, step=0, index=0, **config) -> list of\n"
+     "  (x0, y0, W, H, crop_x0, crop_y0, crop_w, crop_h): the lesions slm_generate draws for\n"
+     "  image uint8[S,S] at global index `index` (box [y0,y0+H) x [x0,x0+W)).\n" CFG_DOC},
+    {"otsu_threshold", py_otsu, METH_VARARGS,
+     "otsu_threshold(image uint8[...]) -> int t; foreground = pixels > t. Ties -> smallest t;"
+     " fewer than two distinct values -> the maximum value (empty foreground)."},
+    {"size_range", KW py_size_range, METH_VARARGS | METH_KEYWORDS,
+     "size_range(S, **config) -> (lo, hi): lesion W, H range used for image side S."},
+    {"default_config", py_default_config, METH_NOARGS, "default_config() -> dict"},
+    {NULL}};
 
 int af_register_slm(PyObject *m) {
-    return af_add_submodule(m, "slm", slm_methods, NULL) ? 0 : -1;
+    return af_add_submodule(m, "slm", slm_methods,
+                            "Synthetic Lesion Masks (METHOD.md section 1), CPU, OpenMP.")
+               ? 0
+               : -1;
 }
