@@ -1,7 +1,7 @@
 /* afire._C.slm: Synthetic Lesion Masks (csrc/slm.h states the rules). */
-#include <string.h>
-
 #include "py_util.h"
+
+#include <string.h>
 #include "slm.h"
 
 /* Keyword-only config arguments shared by every function of this module. */
