@@ -1,0 +1,479 @@
+/* The AFiRe objective on token logits: Sinkhorn-Knopp, prototypes, the paper losses
+ * (L_stru Eq. 12, L_cate Eq. 14-16, L_recon Eq. 20), the released objective and the
+ * anomaly score (Eq. 51). See objective.h for the contract and METHOD.md §3-§4, §6.
+ *
+ * Dimension letters: B images, L patch tokens, K prototype classes, PPC values per patch.
+ * A token t = (i, j) of image i at position j is stored at row t = i*L + j.
+ *
+ * Gradients of the contrastive terms are collected as dL/dz with z = s / tau_s (the
+ * softmax input) and scaled by 1/tau_s at the end. Two Jacobians appear:
+ *   q = softmax(z):      dL/dz = q * (g - <q, g>)        for g = dL/dq
+ *   log q = logsoftmax:  dL/dz = g - q * sum(g)          for g = dL/dlog q
+ * f(p, r) = exp(sum_k p_k log r_k / tau) uses its first argument as q and its second as
+ * log q, so a term f(q_a, q_b) sends the first Jacobian to token a and the second to b.
+ */
+#include <math.h>
+
+#include "common.h"
+#include "objective.h"
+
+/* Running log-sum-exp in double: add values one at a time, in a fixed order. */
+typedef struct {
+    double m, s;
+} lse_acc;
+
+static inline void lse_init(lse_acc *a) {
+    a->m = -INFINITY;
+    a->s = 0.0;
+}
+
+static inline void lse_add(lse_acc *a, double v) {
+    if (v <= a->m) {
+        a->s += exp(v - a->m);
+    } else {
+        a->s = a->s * exp(a->m - v) + 1.0;
+        a->m = v;
+    }
+}
+
+static inline double lse_value(const lse_acc *a) {
+    return a->s > 0.0 ? a->m + log(a->s) : -INFINITY;
+}
+
+static int positive_finite(float v) { return isfinite(v) && v > 0.0f; }
+
+/* ---------------------------------------------------------------------------------- */
+/* Sinkhorn-Knopp (SwAV), METHOD §3                                                    */
+
+af_status sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters) {
+    AF_CHECK(q != NULL && logits != NULL, AF_EINVAL, "sinkhorn_knopp: NULL buffer");
+    AF_CHECK(N > 0 && K > 0, AF_EINVAL, "sinkhorn_knopp: N=%d and K=%d must be > 0", N, K);
+    AF_CHECK(positive_finite(eps), AF_EINVAL, "sinkhorn_knopp: eps must be > 0, got %g",
+             (double)eps);
+    AF_CHECK(iters >= 0, AF_EINVAL, "sinkhorn_knopp: iters must be >= 0, got %d", iters);
+    size_t n = (size_t)N * (size_t)K;
+
+    float mx = -INFINITY;
+    for (size_t i = 0; i < n; i++) {
+        AF_CHECK(isfinite(logits[i]), AF_EINVAL,
+                 "sinkhorn_knopp: logits has a non-finite value at flat index %zu", i);
+        if (logits[i] > mx) mx = logits[i];
+    }
+    /* The global max (not per row) keeps the result identical to exp(logits/eps). */
+    double total = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        q[i] = (float)exp(((double)logits[i] - mx) / eps);
+        total += q[i];
+    }
+    /* multi-GPU: all-reduce `total` here. total >= 1 (the max entry is exp(0)). */
+    for (size_t i = 0; i < n; i++) q[i] = (float)(q[i] / total);
+
+    for (int it = 0; it < iters; it++) {
+        /* each class (column over the N rows) gets mass 1/K */
+#pragma omp parallel for schedule(static)
+        for (int k = 0; k < K; k++) {
+            double cs = 0.0;
+            for (int r = 0; r < N; r++) cs += q[(size_t)r * K + k];
+            /* multi-GPU: all-reduce the column sums here. */
+            if (cs > 0.0) {
+                double sc = 1.0 / (cs * K);
+                for (int r = 0; r < N; r++) q[(size_t)r * K + k] = (float)(q[(size_t)r * K + k] * sc);
+            }
+        }
+        /* each row gets mass 1/N */
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < N; r++) {
+            float *qr = q + (size_t)r * K;
+            double rs = 0.0;
+            for (int k = 0; k < K; k++) rs += qr[k];
+            if (rs > 0.0) {
+                double sc = 1.0 / (rs * N);
+                for (int k = 0; k < K; k++) qr[k] = (float)(qr[k] * sc);
+            }
+        }
+    }
+    /* rows become distributions (SwAV multiplies by N; this is the same after an
+     * iteration and also right for iters == 0) */
+    for (int r = 0; r < N; r++) {
+        float *qr = q + (size_t)r * K;
+        double rs = 0.0;
+        for (int k = 0; k < K; k++) rs += qr[k];
+        if (rs > 0.0) {
+            for (int k = 0; k < K; k++) qr[k] = (float)(qr[k] / rs);
+        } else {
+            for (int k = 0; k < K; k++) qr[k] = 1.0f / K;
+        }
+    }
+    return AF_OK;
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* Spatial prototypes C[L,K], METHOD §3                                                */
+
+af_status prototypes_update(float *C, const float *src, int B, int L, int K, float m,
+                            int overwrite) {
+    AF_CHECK(C != NULL && src != NULL, AF_EINVAL, "prototypes_update: NULL buffer");
+    AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL,
+             "prototypes_update: B=%d, L=%d, K=%d must be > 0", B, L, K);
+    AF_CHECK(isfinite(m) && m >= 0.0f && m <= 1.0f, AF_EINVAL,
+             "prototypes_update: m must be in [0, 1], got %g", (double)m);
+    size_t LK = (size_t)L * K;
+    /* multi-GPU: all-reduce the batch sums (and B) before dividing. */
+#pragma omp parallel for schedule(static)
+    for (size_t e = 0; e < LK; e++) {
+        double acc = 0.0;
+        for (int b = 0; b < B; b++) acc += src[(size_t)b * LK + e];
+        double qbar = acc / B;
+        C[e] = overwrite ? (float)qbar : (float)(m * (double)C[e] + (1.0 - m) * qbar);
+    }
+    return AF_OK;
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* Shared pieces of the contrastive losses                                             */
+
+/* Per token: logq = log_softmax(s / tau_s), q = exp(logq). */
+static void student_probs(float *q, float *logq, const float *s, size_t NT, int K,
+                          float tau_s) {
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < NT; t++) {
+        const float *st = s + t * K;
+        double mx = -INFINITY;
+        for (int k = 0; k < K; k++) mx = fmax(mx, (double)st[k] / tau_s);
+        double se = 0.0;
+        for (int k = 0; k < K; k++) se += exp((double)st[k] / tau_s - mx);
+        double lse = mx + log(se);
+        for (int k = 0; k < K; k++) {
+            double lq = (double)st[k] / tau_s - lse;
+            logq[t * K + k] = (float)lq;
+            q[t * K + k] = (float)exp(lq);
+        }
+    }
+}
+
+/* logc[L,K] = log(max(C_l / sum(C_l), AF_LOGC_FLOOR)); C must be >= 0 with rows > 0. */
+static af_status prototype_logs(float *logc, const float *C, int L, int K) {
+    for (int l = 0; l < L; l++) {
+        const float *cl = C + (size_t)l * K;
+        double rs = 0.0;
+        for (int k = 0; k < K; k++) {
+            AF_CHECK(isfinite(cl[k]) && cl[k] >= 0.0f, AF_EINVAL,
+                     "C must be finite and >= 0 (probabilities), got %g at [%d, %d]",
+                     (double)cl[k], l, k);
+            rs += cl[k];
+        }
+        AF_CHECK(rs > 0.0 && isfinite(rs), AF_EINVAL,
+                 "C: row %d must have a positive finite sum, got %g", l, rs);
+        for (int k = 0; k < K; k++)
+            logc[(size_t)l * K + k] = (float)log(fmax(cl[k] / rs, (double)AF_LOGC_FLOOR));
+    }
+    return AF_OK;
+}
+
+/* (1/tau) <p, v> in double: log f(p, r) when v = log r. */
+static inline double logf_dot(const float *p, const float *v, int K, double inv_tau) {
+    double acc = 0.0;
+    for (int k = 0; k < K; k++) acc += (double)p[k] * v[k];
+    return acc * inv_tau;
+}
+
+/* dz += q * (g - <q, g>): the softmax Jacobian applied to g = dL/dq. */
+static inline void softmax_jac_add(float *dz, const float *q, const float *g, int K) {
+    double qg = 0.0;
+    for (int k = 0; k < K; k++) qg += (double)q[k] * g[k];
+    for (int k = 0; k < K; k++) dz[k] += (float)(q[k] * (g[k] - qg));
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* Paper objective: L_stru (Eq. 12) and L_cate (Eq. 14-16), METHOD §4                  */
+
+/* Scratch layout (floats), in this order:
+ *   q, logq, g  [B*L*K]  student probabilities, their logs, dL/dz accumulator
+ *   logc        [L*K]    log c_l
+ *   A           [B*L*L]  A[t,l] = log f(q_t, c_l)
+ *   F           [L*B*B]  F[j,i,b] = log f(q_ij, q_bj)
+ *   tmp         [L*K]    one K-vector per position
+ *   tl, wG      [B*L]    per-token loss; coefficient of log f(q_bj, c_j) (abnormal b) */
+size_t paper_loss_scratch_floats(int B, int L, int K) {
+    if (B <= 0 || L <= 0 || K <= 0) return 0;
+    double b = B, l = L, k = K;
+    double n = 3 * b * l * k + l * k + b * l * l + l * b * b + l * k + 2 * b * l;
+    if (n * sizeof(float) > (double)(SIZE_MAX / 2)) return 0;
+    return (size_t)n;
+}
+
+af_status paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cate,
+                     const float *s, const float *C, const uint8_t *abn, int B, int L, int K,
+                     float tau_s, float tau, float w_stru, float w_cate, float *scratch) {
+    AF_CHECK(l_stru && l_cate && s && C && abn && scratch, AF_EINVAL,
+             "paper_loss: NULL buffer");
+    AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL, "paper_loss: B=%d, L=%d, K=%d must be > 0",
+             B, L, K);
+    AF_CHECK(positive_finite(tau_s), AF_EINVAL, "paper_loss: tau_s must be > 0, got %g",
+             (double)tau_s);
+    AF_CHECK(positive_finite(tau), AF_EINVAL, "paper_loss: tau must be > 0, got %g",
+             (double)tau);
+    AF_CHECK(isfinite(w_stru) && isfinite(w_cate), AF_EINVAL,
+             "paper_loss: w_stru and w_cate must be finite");
+    AF_CHECK(paper_loss_scratch_floats(B, L, K) > 0, AF_ENOMEM,
+             "paper_loss: B=%d, L=%d, K=%d need too much scratch", B, L, K);
+
+    const size_t NT = (size_t)B * L, BLK = NT * K;
+    float *q = scratch, *logq = q + BLK, *g = logq + BLK, *logc = g + BLK;
+    float *A = logc + (size_t)L * K, *F = A + NT * L, *tmp = F + (size_t)L * B * B;
+    float *tl = tmp + (size_t)L * K, *wG = tl + NT;
+    const double inv_tau = 1.0 / tau;
+
+    AF_TRY(prototype_logs(logc, C, L, K));
+    student_probs(q, logq, s, NT, K, tau_s);
+
+    /* A[t,l] = log f(q_t, c_l) = (1/tau) sum_k q_tk log c_lk, for every token t */
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < NT; t++)
+        for (int l = 0; l < L; l++)
+            A[t * L + l] = (float)logf_dot(q + t * K, logc + (size_t)l * K, K, inv_tau);
+
+    /* ---- L_stru (Eq. 12): normal tokens, -log softmax_l(A[t,:])[j] ---- */
+    size_t n_normal = 0;
+    for (size_t t = 0; t < NT; t++) n_normal += abn[t] == 0;
+    const double c_stru = n_normal ? (double)w_stru / n_normal : 0.0;
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < NT; t++) {
+        if (abn[t]) continue;
+        const int j = (int)(t % L);
+        const float *a = A + t * L;
+        double mx = -INFINITY;
+        for (int l = 0; l < L; l++) mx = fmax(mx, a[l]);
+        double se = 0.0;
+        for (int l = 0; l < L; l++) se += exp(a[l] - mx);
+        double lse = mx + log(se);
+        tl[t] = (float)(lse - a[j]);
+        if (ds_stru == NULL) continue;
+        /* dL/dq_k = (1/tau) sum_l (softmax(a)_l - [l == j]) log c_lk; g row is temp */
+        float *gt = g + t * K;
+        for (int k = 0; k < K; k++) gt[k] = 0.0f;
+        for (int l = 0; l < L; l++) {
+            double cl = (exp(a[l] - lse) - (l == j)) * inv_tau * c_stru;
+            const float *lc = logc + (size_t)l * K;
+            for (int k = 0; k < K; k++) gt[k] += (float)(cl * lc[k]);
+        }
+        float *dst = ds_stru + t * K;
+        const float *qt = q + t * K;
+        double qg = 0.0;
+        for (int k = 0; k < K; k++) qg += (double)qt[k] * gt[k];
+        for (int k = 0; k < K; k++) dst[k] += (float)(qt[k] * (gt[k] - qg) / tau_s);
+    }
+    double sum = 0.0;
+    for (size_t t = 0; t < NT; t++)
+        if (!abn[t]) sum += tl[t];
+    *l_stru = n_normal ? (float)(sum / n_normal) : 0.0f;
+
+    /* ---- L_cate (Eq. 14-16), per position j; anchors: normal (i,j) with another normal
+     * token at j (pos > 0). Abnormal tokens are never pulled together (Appendix E). ---- */
+    size_t n_anchor = 0;
+    for (int j = 0; j < L; j++) {
+        size_t nn = 0;
+        for (int b = 0; b < B; b++) nn += abn[(size_t)b * L + j] == 0;
+        if (nn >= 2) n_anchor += nn;
+    }
+    const double c_cate = n_anchor ? (double)w_cate / n_anchor : 0.0;
+    const int want_grad = ds_cate != NULL && n_anchor > 0;
+    if (want_grad) {
+        for (size_t e = 0; e < BLK; e++) g[e] = 0.0f;
+        for (size_t t = 0; t < NT; t++) wG[t] = 0.0f;
+    }
+#pragma omp parallel for schedule(dynamic)
+    for (int j = 0; j < L; j++) {
+        int nn = 0;
+        for (int b = 0; b < B; b++) nn += abn[(size_t)b * L + j] == 0;
+        if (nn < 2) continue;
+        float *Fj = F + (size_t)j * B * B, *gi = tmp + (size_t)j * K;
+        for (int i = 0; i < B; i++) {
+            if (abn[(size_t)i * L + j]) continue;
+            const float *qi = q + ((size_t)i * L + j) * K;
+            for (int b = 0; b < B; b++)
+                if (b != i) Fj[i * B + b] = (float)logf_dot(qi, logq + ((size_t)b * L + j) * K, K, inv_tau);
+        }
+        for (int i = 0; i < B; i++) {
+            const size_t ti = (size_t)i * L + j;
+            if (abn[ti]) continue;
+            const float *Fi = Fj + (size_t)i * B;
+            lse_acc pos, all;
+            lse_init(&pos);
+            for (int b = 0; b < B; b++)
+                if (b != i && !abn[(size_t)b * L + j]) lse_add(&pos, Fi[b]);
+            all = pos;
+            /* neg: f(q_ij, q_bj) and f(q_bj, c_j) = A[(b,j), j] over abnormal b; the
+             * second sum does not depend on the anchor i (METHOD §4) */
+            for (int b = 0; b < B; b++) {
+                const size_t tb = (size_t)b * L + j;
+                if (!abn[tb]) continue;
+                lse_add(&all, Fi[b]);
+                lse_add(&all, A[tb * L + j]);
+            }
+            const double lpos = lse_value(&pos), lall = lse_value(&all);
+            tl[ti] = (float)(lall - lpos);
+            if (!want_grad) continue;
+            /* d(lall - lpos)/dterm = softmax_all(term) - [term in pos] softmax_pos(term) */
+            const float *qi = q + ti * K;
+            for (int k = 0; k < K; k++) gi[k] = 0.0f;
+            for (int b = 0; b < B; b++) {
+                if (b == i) continue;
+                const size_t tb = (size_t)b * L + j;
+                double coef = exp(Fi[b] - lall);
+                if (!abn[tb]) coef -= exp(Fi[b] - lpos);
+                coef *= c_cate * inv_tau;
+                /* first argument q_ij: gather dL/dq_ij, Jacobian applied once below */
+                const float *lqb = logq + tb * K;
+                for (int k = 0; k < K; k++) gi[k] += (float)(coef * lqb[k]);
+                /* second argument log q_bj: dz_b += coef * (q_ij - q_bj), sum(q_ij) = 1 */
+                float *gb = g + tb * K;
+                const float *qb = q + tb * K;
+                for (int k = 0; k < K; k++) gb[k] += (float)(coef * ((double)qi[k] - qb[k]));
+                if (abn[tb]) wG[tb] += (float)(exp(A[tb * L + j] - lall) * c_cate * inv_tau);
+            }
+            softmax_jac_add(g + ti * K, qi, gi, K);
+        }
+        if (!want_grad) continue;
+        /* f(q_bj, c_j) for abnormal b: first argument q_bj, dL/dq_bj = wG_b * log c_j */
+        const float *lcj = logc + (size_t)j * K;
+        for (int b = 0; b < B; b++) {
+            const size_t tb = (size_t)b * L + j;
+            if (!abn[tb] || wG[tb] == 0.0f) continue;
+            for (int k = 0; k < K; k++) gi[k] = wG[tb] * lcj[k];
+            softmax_jac_add(g + tb * K, q + tb * K, gi, K);
+        }
+    }
+    if (want_grad) {
+        const float inv_tau_s = 1.0f / tau_s;
+        for (size_t e = 0; e < BLK; e++) ds_cate[e] += g[e] * inv_tau_s;
+    }
+    sum = 0.0;
+    for (int j = 0; j < L; j++) {
+        int nn = 0;
+        for (int b = 0; b < B; b++) nn += abn[(size_t)b * L + j] == 0;
+        if (nn < 2) continue;
+        for (int i = 0; i < B; i++)
+            if (!abn[(size_t)i * L + j]) sum += tl[(size_t)i * L + j];
+    }
+    *l_cate = n_anchor ? (float)(sum / n_anchor) : 0.0f;
+    return AF_OK;
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* Weighted restoration loss (Eq. 20)                                                  */
+
+af_status recon_loss(float *loss, float *dy, const float *y, const float *x,
+                     const uint8_t *abn, int B, int L, int PPC, float w_abn, float weight) {
+    AF_CHECK(loss && y && x, AF_EINVAL, "recon_loss: NULL buffer");
+    AF_CHECK(B > 0 && L > 0 && PPC > 0, AF_EINVAL,
+             "recon_loss: B=%d, L=%d, PPC=%d must be > 0", B, L, PPC);
+    AF_CHECK(isfinite(w_abn) && w_abn >= 0.0f, AF_EINVAL,
+             "recon_loss: w_abn must be finite and >= 0, got %g", (double)w_abn);
+    AF_CHECK(isfinite(weight), AF_EINVAL, "recon_loss: weight must be finite");
+    const size_t NT = (size_t)B * L;
+    const double inv_n = 1.0 / ((double)NT * PPC);
+    double sum = 0.0;
+    for (size_t t = 0; t < NT; t++) {
+        const double w = (abn && abn[t]) ? (double)w_abn : 1.0;
+        const float *yt = y + t * PPC, *xt = x + t * PPC;
+        double e = 0.0;
+        for (int p = 0; p < PPC; p++) {
+            double d = (double)yt[p] - xt[p];
+            e += d * d;
+        }
+        sum += w * e;
+        if (dy) {
+            float *dyt = dy + t * PPC;
+            double c = 2.0 * w * inv_n * weight;
+            for (int p = 0; p < PPC; p++) dyt[p] += (float)(c * ((double)yt[p] - xt[p]));
+        }
+    }
+    *loss = (float)(sum * inv_n);
+    return AF_OK;
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* Released objective (METHOD §4, "released")                                          */
+
+size_t released_loss_scratch_floats(int L, int K) {
+    if (L <= 0 || K <= 0) return 0;
+    return (size_t)L * (size_t)K;
+}
+
+af_status released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
+                        const float *C, const uint8_t *abn, const float *y, const float *x,
+                        int B, int L, int K, int PPC, float tau_s, float eps, int iters,
+                        float w_cst, float w_recon, float *scratch) {
+    AF_CHECK(l_cst && l_recon && s && C && abn && y && x && scratch, AF_EINVAL,
+             "released_loss: NULL buffer");
+    AF_CHECK(B > 0 && L > 0 && K > 0 && PPC > 0, AF_EINVAL,
+             "released_loss: B=%d, L=%d, K=%d, PPC=%d must be > 0", B, L, K, PPC);
+    AF_CHECK(positive_finite(tau_s), AF_EINVAL, "released_loss: tau_s must be > 0, got %g",
+             (double)tau_s);
+    AF_CHECK(isfinite(w_cst), AF_EINVAL, "released_loss: w_cst must be finite");
+    float *P = scratch;
+    AF_TRY(sinkhorn_knopp(P, C, L, K, eps, iters));
+
+    const size_t NT = (size_t)B * L;
+    size_t n_normal = 0;
+    for (size_t t = 0; t < NT; t++) n_normal += abn[t] == 0;
+    const double c = n_normal ? (double)w_cst / n_normal : 0.0;
+    double sum = 0.0;
+    /* serial over tokens: the loss sum keeps one order; the work is O(B*L*K) */
+    for (size_t t = 0; t < NT; t++) {
+        if (abn[t]) continue;
+        const float *st = s + t * K, *Pj = P + (t % L) * K;
+        double mx = -INFINITY;
+        for (int k = 0; k < K; k++) mx = fmax(mx, (double)st[k] / tau_s);
+        double se = 0.0, psum = 0.0, ce = 0.0;
+        for (int k = 0; k < K; k++) se += exp((double)st[k] / tau_s - mx);
+        const double lse = mx + log(se);
+        for (int k = 0; k < K; k++) {
+            ce -= Pj[k] * ((double)st[k] / tau_s - lse);
+            psum += Pj[k];
+        }
+        sum += ce;
+        if (ds == NULL) continue;
+        /* d/dz of -sum_k P_k log softmax(z)_k = softmax(z) * sum(P) - P */
+        float *dst = ds + t * K;
+        for (int k = 0; k < K; k++) {
+            double qk = exp((double)st[k] / tau_s - lse);
+            dst[k] += (float)(c * (qk * psum - Pj[k]) / tau_s);
+        }
+    }
+    *l_cst = n_normal ? (float)(sum / n_normal) : 0.0f;
+    return recon_loss(l_recon, dy, y, x, NULL, B, L, PPC, 1.0f, w_recon);
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* Anomaly score (Eq. 51), METHOD §6                                                   */
+
+af_status anomaly_score(double *score, double *log_score, double *err, const float *y,
+                        const float *x, int B, int L, int PPC) {
+    AF_CHECK(y && x, AF_EINVAL, "anomaly_score: NULL buffer");
+    AF_CHECK(B > 0 && L > 0 && PPC > 0, AF_EINVAL,
+             "anomaly_score: B=%d, L=%d, PPC=%d must be > 0", B, L, PPC);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < B; i++) {
+        /* err in double: (y - x)^2 of float32 inputs cannot overflow it */
+        double *e = err ? err + (size_t)i * L : NULL;
+        lse_acc acc;
+        lse_init(&acc);
+        for (int j = 0; j < L; j++) {
+            const float *yj = y + ((size_t)i * L + j) * PPC, *xj = x + ((size_t)i * L + j) * PPC;
+            double ej = 0.0;
+            for (int p = 0; p < PPC; p++) {
+                double d = (double)yj[p] - xj[p];
+                ej += d * d;
+            }
+            if (e) e[j] = ej;
+            lse_add(&acc, ej);
+        }
+        /* log( (1/L) sum_j exp(e_ij) ) = 1/A(x_i) in log form: finite for finite e */
+        double ls = lse_value(&acc) - log((double)L);
+        if (log_score) log_score[i] = ls;
+        if (score) score[i] = exp(ls);
+    }
+    return AF_OK;
+}
