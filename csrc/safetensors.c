@@ -213,6 +213,13 @@ static af_status check_coverage(const af_st_file *f) {
     return st;
 }
 
+/* Prepends `prefix` to the current error message (af_error cannot read its own buffer). */
+static void prefix_error(af_status st, const char *prefix) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", af_last_error());
+    af_error(st, "%s%s", prefix, msg);
+}
+
 /* Takes ownership of `bytes` (malloc'ed), also on failure. */
 static af_status parse_owned(unsigned char *bytes, size_t size, af_st_file **out) {
     *out = NULL;
@@ -254,7 +261,7 @@ static af_status parse_owned(unsigned char *bytes, size_t size, af_st_file **out
     f->buffer = bytes + 8 + hlen;
     f->buffer_size = size - 8 - (size_t)hlen;
     if ((st = af_json_parse(hdr, (size_t)hlen, &root)) != AF_OK) {
-        af_error(st, "safetensors header: %s", af_last_error());
+        prefix_error(st, "safetensors header: ");
         goto done;
     }
     if (root->type != AF_JSON_OBJ) {
@@ -341,7 +348,11 @@ af_status af_safetensors_open(const char *path, af_st_file **out) {
     }
     close(fd);
     af_status st = parse_owned(bytes, size, out);
-    if (st == AF_EFORMAT) af_error(st, "'%s': %s", path, af_last_error());
+    if (st == AF_EFORMAT) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", af_last_error());
+        af_error(st, "'%s': %s", path, msg);
+    }
     return st;
 }
 
