@@ -249,4 +249,5 @@ def load_torch_checkpoint(path: str | os.PathLike):
             raise
         except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, TypeError, AttributeError,
                 IndexError, OverflowError) as e:
-            raise ValueError(f"{path}: malformed torch checkpoint ({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"{path}: malformed torch checkpoint ({type(e).__name__}: {e})") from None

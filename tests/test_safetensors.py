@@ -65,7 +65,8 @@ def all_dtypes():
 
 def test_round_trip_all_dtypes_bit_exact(tmp_path):
     src = all_dtypes()
-    meta = {"quote\"key": 'value with "quotes" \\ and \n newline\t\x01', "ünïcødé ☃": "😀 é",
+    meta = {"quote\"key": 'value with "quotes" \\ and \n newline\t\x01',
+            "ünïcødé ☃": "😀 é",
             "": "empty key", "empty value": ""}
     p = tmp_path / "all.safetensors"
     io.save_safetensors(str(p), src, meta)
@@ -242,7 +243,8 @@ MALFORMED = [
     ("start with", "  {}", b""),
     ("duplicate key", '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
                       '"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}', b"\x00\x00"),
-    ("duplicate key", '{"a":{"dtype":"U8","dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"\x00"),
+    ("duplicate key", '{"a":{"dtype":"U8","dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+     b"\x00"),
     ("invalid JSON", '{"a":', b""),
     ("invalid JSON", '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],}}', b"\x00"),
     ("invalid JSON", '{"a":{"dtype":"U8","shape":[01],"data_offsets":[0,1]}}', b"\x00"),
@@ -311,7 +313,8 @@ def test_random_corruption_never_crashes(tmp_path):
             got, _ = io.load_safetensors(p)
         except ValueError:
             continue
-        assert set(got) <= {"w", "i"} or len(got) <= 2
+        # Whatever survives validation stays inside the data buffer (x2: F16 widens to F32).
+        assert sum(a.nbytes for a in got.values()) <= 2 * (len(data) - 8 - n)
 
 
 # ---- file system errors and atomicity -------------------------------------------------

@@ -171,8 +171,8 @@ def test_hand_built_tensor_pickle(tmp_path):
     p = torch_like_zip(tmp_path / "ok.pth", tensor_pickle(), {"0": raw})
     x = load_torch_checkpoint(p)["x"]
     assert x.tolist() == [[0, 1, 2], [3, 4, 5]]
-    p = torch_like_zip(tmp_path / "strided.pth", tensor_pickle(offset=1, size=(2, 2), stride=(1, 2)),
-                       {"0": raw})
+    pkl = tensor_pickle(offset=1, size=(2, 2), stride=(1, 2))
+    p = torch_like_zip(tmp_path / "strided.pth", pkl, {"0": raw})
     assert load_torch_checkpoint(p)["x"].tolist() == [[1, 3], [2, 4]]
 
 
@@ -217,7 +217,8 @@ def test_corrupted_storage_bytes_raise_value_error(tmp_path):
     with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
         info = z.getinfo(next(n for n in z.namelist() if n.endswith("/data/0")))
     # The local header's extra field (torch's alignment padding) differs from the central one.
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    at = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[at + 26:at + 30])
     start = info.header_offset + 30 + name_len + extra_len
     data[start] ^= 0xFF  # CRC mismatch on read
     p = tmp_path / "crc.pth"
