@@ -19,9 +19,9 @@ static PyObject *raise_io(af_status st, int err, PyObject *path) {
 }
 
 /* numpy dtype -> safetensors dtype (NULL when unsupported). */
-static const char *st_dtype_of(PyArray_Descr *d) {
-    int size = (int)PyDataType_ELSIZE(d);
-    switch (d->kind) {
+static const char *st_dtype_of(PyArrayObject *a) {
+    int size = (int)PyArray_ITEMSIZE(a);
+    switch (PyArray_DESCR(a)->kind) {
     case 'b': return size == 1 ? "BOOL" : NULL;
     case 'f': return size == 4 ? "F32" : size == 8 ? "F64" : NULL;
     case 'i': return size == 1 ? "I8" : size == 2 ? "I16" : size == 4 ? "I32" : size == 8 ? "I64" : NULL;
@@ -102,7 +102,7 @@ static PyObject *py_save_safetensors(PyObject *self, PyObject *args, PyObject *k
             goto done;
         }
         PyArray_Descr *d = PyArray_DESCR((PyArrayObject *)val);
-        const char *dt = st_dtype_of(d);
+        const char *dt = st_dtype_of((PyArrayObject *)val);
         if (dt == NULL) {
             PyErr_Format(PyExc_TypeError, "tensors[%R] has unsupported dtype %R (use float32, "
                          "float64, int8/16/32/64, uint8/16/32/64 or bool)", key, (PyObject *)d);
