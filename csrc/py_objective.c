@@ -1,9 +1,9 @@
 /* afire._C.objective: bindings of objective.h (Sinkhorn, prototypes, the paper and released
  * losses, the anomaly score). Every array is checked here (dtype -> TypeError, shape or
  * value -> ValueError naming the argument); the C core then runs without the GIL. */
-#include <math.h>
-
 #include "py_util.h"
+
+#include <math.h>
 
 #include "common.h"
 #include "objective.h"
