@@ -47,9 +47,10 @@ af_status af_cuda_fill_uniform(af_cuda_context *ctx, float *dst, size_t count, u
 
 /* Runs fn(ctx, dev, user) on device copies of nargs host arrays, then copies back:
  * role[i] = AF_CUDA_IN (uploaded), AF_CUDA_OUT (zero-filled on the device, downloaded) or
- * AF_CUDA_INOUT (uploaded and downloaded). host[i] == NULL or count[i] == 0 passes NULL.
- * Device memory is freed on every path. At most AF_CUDA_MAX_ARGS arrays. */
-enum { AF_CUDA_IN = 0, AF_CUDA_OUT = 1, AF_CUDA_INOUT = 2 };
+ * AF_CUDA_INOUT (uploaded and downloaded) or AF_CUDA_SCRATCH (count[i] zero-filled floats on
+ * the device only; host[i] unused). count[i] == 0, or host[i] == NULL for the other roles,
+ * passes NULL. Device memory is freed on every path. At most AF_CUDA_MAX_ARGS arrays. */
+enum { AF_CUDA_IN = 0, AF_CUDA_OUT = 1, AF_CUDA_INOUT = 2, AF_CUDA_SCRATCH = 3 };
 #define AF_CUDA_MAX_ARGS 12
 typedef af_status (*af_cuda_fn)(af_cuda_context *ctx, float *const *dev, const void *user);
 af_status af_cuda_run_host(af_cuda_context *ctx, int nargs, float *const *host,

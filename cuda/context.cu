@@ -7,7 +7,7 @@ extern "C" af_status af_cuda_context_create(af_cuda_context **out, int device, i
     *out = nullptr;
     int count = 0;
     af_cuda_device_count(&count);
-    AF_CUDA_CHECK(count > 0, "no CUDA device is visible (driver missing or no GPU)");
+    if (count <= 0) return af_error(AF_ECUDA, "no CUDA device is visible (driver missing or no GPU)");
     AF_CUDA_CHECK(device >= 0 && device < count, "device %d out of range: %d visible", device,
                   count);
     AF_CUDA_TRY(cudaSetDevice(device));
@@ -125,15 +125,16 @@ extern "C" af_status af_cuda_run_host(af_cuda_context *ctx, int nargs, float *co
     cudaError_t e = cudaSetDevice(ctx->device);
     if (e != cudaSuccess) st = af_error(AF_ECUDA, "cudaSetDevice: %s", cudaGetErrorString(e));
     for (int i = 0; st == AF_OK && i < nargs; i++) {
-        if (host[i] == nullptr || count[i] == 0) continue;
+        if (count[i] == 0 || (host[i] == nullptr && role[i] != AF_CUDA_SCRATCH)) continue;
         st = af_cuda_malloc(ctx, &dev[i], count[i]);
         if (st != AF_OK) break;
-        st = role[i] == AF_CUDA_OUT ? af_cuda_zero(ctx, dev[i], count[i])
-                                    : af_cuda_upload(ctx, dev[i], host[i], count[i]);
+        st = role[i] == AF_CUDA_OUT || role[i] == AF_CUDA_SCRATCH
+                 ? af_cuda_zero(ctx, dev[i], count[i])
+                 : af_cuda_upload(ctx, dev[i], host[i], count[i]);
     }
     if (st == AF_OK) st = fn(ctx, dev, user);
     for (int i = 0; st == AF_OK && i < nargs; i++)
-        if (dev[i] != nullptr && role[i] != AF_CUDA_IN)
+        if (dev[i] != nullptr && (role[i] == AF_CUDA_OUT || role[i] == AF_CUDA_INOUT))
             st = af_cuda_download(ctx, host[i], dev[i], count[i]);
     if (st == AF_OK) {
         e = cudaStreamSynchronize(ctx->stream);
