@@ -9,9 +9,17 @@
 
 #include "ops.h"
 
-/* Run BLAS on one thread for the lifetime of an OpenMP region of small GEMMs. */
-static int blas_single_begin(void) { return scipy_openblas_set_num_threads_local(1); }
-static void blas_single_end(int prev) { scipy_openblas_set_num_threads_local(prev); }
+/* Run BLAS on one thread for the lifetime of an OpenMP region of small GEMMs. The wheel's
+ * header declares scipy_openblas_set_num_threads_local but the library (0.3.34) does not
+ * export it, so the process-wide setter is used and restored afterwards. */
+static int blas_single_begin(void) {
+    int prev = scipy_openblas_get_num_threads();
+    if (prev != 1) scipy_openblas_set_num_threads(1);
+    return prev;
+}
+static void blas_single_end(int prev) {
+    if (prev != 1) scipy_openblas_set_num_threads(prev);
+}
 
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int D, int H) {
     int hd = D / H, ld = 3 * D;
