@@ -9,6 +9,7 @@
 #include <math.h>
 
 #include "ops/ops.h"
+#include "ops/ops_internal.h"
 #include "py_util.h"
 
 /* ---------------------------------------------------------------- argument helpers */
@@ -619,6 +620,37 @@ done:
     return res;
 }
 
+/* Test hook: the allocation-free dv path, accumulating into a copy of dv0. */
+static PyObject *py__wn_linear_backward_dv_lowmem(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwl[] = {"dv0", "dout", "inp", "w_eff", "vnorm", NULL};
+    PyObject *o0, *od, *oi, *ow, *on, *res = NULL;
+    PyArrayObject *dv0 = NULL, *dout = NULL, *inp = NULL, *weff = NULL, *vnorm = NULL, *dv = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO:_wn_linear_backward_dv_lowmem", kwl, &o0,
+                                     &od, &oi, &ow, &on))
+        return NULL;
+    GET(dv0, o0, "dv0", 2);
+    GET(dout, od, "dout", 2);
+    GET(inp, oi, "inp", 2);
+    GET(weff, ow, "w_eff", 2);
+    GET(vnorm, on, "vnorm", 1);
+    int N = D_(inp, 0), C = D_(inp, 1), K = D_(weff, 0);
+    if (same_shape(dv0, "dv0", weff, "w_eff") < 0) goto done;
+    DIM(vnorm, "vnorm", 0, K);
+    DIM(dout, "dout", 0, N);
+    DIM(dout, "dout", 1, K);
+    ALLOC(dv, (PyArrayObject *)PyArray_NewCopy(dv0, NPY_CORDER));
+    Py_BEGIN_ALLOW_THREADS
+    wn_linear_backward_dv_lowmem(AF_F32(dv), AF_F32(dout), AF_F32(inp), AF_F32(weff),
+                                 AF_F32(vnorm), N, C, K);
+    Py_END_ALLOW_THREADS
+    res = (PyObject *)dv;
+    dv = NULL;
+done:
+    Py_XDECREF(dv0); Py_XDECREF(dout); Py_XDECREF(inp); Py_XDECREF(weff); Py_XDECREF(vnorm);
+    Py_XDECREF(dv);
+    return res;
+}
+
 /* ---------------------------------------------------------------- adamw */
 
 /* An array updated in place: must already be float32, C-contiguous, aligned, writeable. */
@@ -644,20 +676,21 @@ static PyObject *py_adamw_update(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwl[] = {"params", "grads", "m", "v", "lr", "t", "beta1", "beta2", "eps",
                           "weight_decay", NULL};
     PyObject *op, *og, *om, *ov, *res = NULL;
-    double lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0;
-    int t;
+    double lr = NAN, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0;
+    int t = 0; /* lr and t are required keywords: the sentinels are rejected below */
     PyArrayObject *grads = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO$di|dddd:adamw_update", kwl, &op, &og, &om,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|$didddd:adamw_update", kwl, &op, &og, &om,
                                      &ov, &lr, &t, &beta1, &beta2, &eps, &wd))
         return NULL;
     if (inplace_arg(op, "params") < 0 || inplace_arg(om, "m") < 0 || inplace_arg(ov, "v") < 0)
         return NULL;
     if (!(isfinite(lr) && lr >= 0.0)) {
-        PyErr_Format(PyExc_ValueError, "lr must be finite and >= 0, got %g", lr);
+        PyErr_Format(PyExc_ValueError, "lr (keyword, required) must be finite and >= 0, got %g",
+                     lr);
         return NULL;
     }
     if (t < 1) {
-        PyErr_Format(PyExc_ValueError, "t (the step count) must be >= 1, got %d", t);
+        PyErr_Format(PyExc_ValueError, "t (keyword, required: the step count) must be >= 1, got %d", t);
         return NULL;
     }
     if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0)) {
@@ -718,6 +751,8 @@ static PyMethodDef ops_methods[] = {
                          "vnorm[K])"),
     F(wn_linear_backward, "wn_linear_backward(dout[N,K], inp, w_eff, vnorm) -> "
                           "(dinp[N,C], dv[K,C])"),
+    F(_wn_linear_backward_dv_lowmem, "test hook: dv0 + the dv of wn_linear_backward, computed "
+                                      "without a K x C buffer (the out-of-memory path)"),
     F(adamw_update, "adamw_update(params, grads, m, v, *, lr, t, beta1=0.9, beta2=0.999, "
                     "eps=1e-8, weight_decay=0.0) -> None; updates params, m, v in place"),
     {NULL}};

@@ -30,6 +30,21 @@ static float dot(const float *a, const float *b, int C) {
     return s;
 }
 
+/* dv part of the backward without scratch: each G_k is built inside dv_k itself.
+ * dv_k' = n dv_k + G_k, so <w, G_k> = <w, dv_k'> - n a with a = <w, dv_k>; then
+ * dv_k = dv_k'/n - w <w, G_k>/n. One sgemv per row: slower than the sgemm path. */
+void wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *inp,
+                                  const float *w_eff, const float *vnorm, int N, int C, int K) {
+    for (int k = 0; k < K; k++) {
+        const float *wk = w_eff + (size_t)k * C;
+        float *dvk = dv + (size_t)k * C;
+        float n = vnorm[k], a = dot(wk, dvk, C);
+        scipy_cblas_sgemv(CblasRowMajor, CblasTrans, N, C, 1.0f, inp, C, dout + k, K, n, dvk, 1);
+        float wg = dot(wk, dvk, C) - n * a;
+        for (int c = 0; c < C; c++) dvk[c] = (dvk[c] - wk[c] * wg) / n;
+    }
+}
+
 void wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
                         const float *w_eff, const float *vnorm, int N, int C, int K) {
     if (dinp != NULL) /* dinp[N,C] += dout[N,K] @ w_eff[K,C] */
@@ -39,7 +54,11 @@ void wn_linear_backward(float *dinp, float *dv, const float *dout, const float *
     /* With G = dout^T @ inp (the gradient w.r.t. w_eff):
      *   dv_k += (G_k - w_k <w_k, G_k>) / ||v_k||   (projection off the unit direction). */
     float *G = malloc((size_t)K * C * sizeof(float));
-    if (G != NULL) {
+    if (G == NULL) { /* keeps the "never fails" contract */
+        wn_linear_backward_dv_lowmem(dv, dout, inp, w_eff, vnorm, N, C, K);
+        return;
+    }
+    {
         scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, K, C, N, 1.0f, dout, K, inp,
                           C, 0.0f, G, C);
         #pragma omp parallel for if (AF_OMP_ROWS(K, C))
@@ -51,17 +70,5 @@ void wn_linear_backward(float *dinp, float *dv, const float *dout, const float *
             for (int c = 0; c < C; c++) dvk[c] += (gk[c] - wk[c] * wg) * inv;
         }
         free(G);
-        return;
-    }
-    /* Out of memory for the K x C product: build each G_k inside dv_k itself (this path
-     * keeps the "never fails" contract). dv_k' = n dv_k + G_k, so <w, G_k> = <w, dv_k'> - n a
-     * with a = <w, dv_k>; then dv_k = dv_k'/n - w <w, G_k>/n. */
-    for (int k = 0; k < K; k++) {
-        const float *wk = w_eff + (size_t)k * C;
-        float *dvk = dv + (size_t)k * C;
-        float n = vnorm[k], a = dot(wk, dvk, C);
-        scipy_cblas_sgemv(CblasRowMajor, CblasTrans, N, C, 1.0f, inp, C, dout + k, K, n, dvk, 1);
-        float wg = dot(wk, dvk, C) - n * a;
-        for (int c = 0; c < C; c++) dvk[c] = (dvk[c] - wk[c] * wg) / n;
     }
 }
