@@ -888,20 +888,21 @@ static PyObject *py_adamw_update(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwl[] = {"params", "grads", "m", "v", "lr", "t", "beta1", "beta2", "eps",
                           "weight_decay", NULL};
     PyObject *op, *og, *om, *ov, *res = NULL;
-    double lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0;
-    int t;
+    double lr = NAN, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0;
+    int t = 0; /* lr and t are required keywords: the sentinels are rejected below */
     PyArrayObject *grads = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO$di|dddd:adamw_update", kwl, &op, &og, &om,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|$didddd:adamw_update", kwl, &op, &og, &om,
                                      &ov, &lr, &t, &beta1, &beta2, &eps, &wd))
         return NULL;
     if (inplace_arg(op, "params") < 0 || inplace_arg(om, "m") < 0 || inplace_arg(ov, "v") < 0)
         return NULL;
     if (!(isfinite(lr) && lr >= 0.0)) {
-        PyErr_Format(PyExc_ValueError, "lr must be finite and >= 0, got %g", lr);
+        PyErr_Format(PyExc_ValueError, "lr (keyword, required) must be finite and >= 0, got %g",
+                     lr);
         return NULL;
     }
     if (t < 1) {
-        PyErr_Format(PyExc_ValueError, "t (the step count) must be >= 1, got %d", t);
+        PyErr_Format(PyExc_ValueError, "t (keyword, required: the step count) must be >= 1, got %d", t);
         return NULL;
     }
     if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0)) {

@@ -40,7 +40,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2. build (nvcc jobs in parallel: AFIRE_NVCC_JOBS defaults to all cores in setup.py)
 if timeout 300 env AFIRE_CUDA=1 AFIRE_CUDA_ARCH="${AFIRE_CUDA_ARCH:-90}" \
-    python3 setup.py -q build_ext --inplace 2>&1 | tee "$DEST/build.log"; then
+    python3 setup.py -q build_ext --inplace --force 2>&1 | tee "$DEST/build.log"; then
     step_ok "build (AFIRE_CUDA=1, sm_${AFIRE_CUDA_ARCH:-90}) in $(($(date +%s) - T0)) s"
     built=1
 else
