@@ -84,7 +84,8 @@ class BuildExt(build_ext):
             for src in cuda_sources:
                 obj = os.path.join(objdir, src.replace("/", "_") + ".o")
                 deps = [src] + glob.glob("cuda/*.cuh") + glob.glob("csrc/*.h")
-                if not os.path.exists(obj) or max(map(os.path.getmtime, deps)) > os.path.getmtime(obj):
+                if (self.force or not os.path.exists(obj)
+                        or max(map(os.path.getmtime, deps)) > os.path.getmtime(obj)):
                     cmds.append([NVCC, "-c", src, "-o", obj, "-std=c++17", "-O3" if not DEBUG else "-G",
                                  "-Xcompiler", "-fPIC", "-Icsrc", "-Icuda", "-DAFIRE_HAVE_CUDA=1",
                                  "--expt-relaxed-constexpr"] + gencode)
