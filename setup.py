@@ -80,17 +80,26 @@ class BuildExt(build_ext):
                     gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
             objdir = os.path.join(self.build_temp, "cuda")
             os.makedirs(objdir, exist_ok=True)
-            objs = []
+            objs, cmds = [], []
             for src in cuda_sources:
                 obj = os.path.join(objdir, src.replace("/", "_") + ".o")
                 deps = [src] + glob.glob("cuda/*.cuh") + glob.glob("csrc/*.h")
-                if not os.path.exists(obj) or max(map(os.path.getmtime, deps)) > os.path.getmtime(obj):
-                    cmd = [NVCC, "-c", src, "-o", obj, "-std=c++17", "-O3" if not DEBUG else "-G",
-                           "-Xcompiler", "-fPIC", "-Icsrc", "-Icuda", "-DAFIRE_HAVE_CUDA=1",
-                           "--expt-relaxed-constexpr"] + gencode
-                    print(" ".join(cmd), flush=True)
-                    subprocess.check_call(cmd)
+                if (self.force or not os.path.exists(obj)
+                        or max(map(os.path.getmtime, deps)) > os.path.getmtime(obj)):
+                    cmds.append([NVCC, "-c", src, "-o", obj, "-std=c++17", "-O3" if not DEBUG else "-G",
+                                 "-Xcompiler", "-fPIC", "-Icsrc", "-Icuda", "-DAFIRE_HAVE_CUDA=1",
+                                 "--expt-relaxed-constexpr"] + gencode)
                 objs.append(obj)
+            # nvcc runs are independent: AFIRE_NVCC_JOBS of them at once (default: all cores)
+            jobs = int(os.environ.get("AFIRE_NVCC_JOBS", "0") or 0) or os.cpu_count() or 1
+
+            def compile_one(cmd):
+                print(" ".join(cmd), flush=True)
+                subprocess.check_call(cmd)
+
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                list(pool.map(compile_one, cmds))
             ext.extra_objects = list(ext.extra_objects or []) + objs
         super().build_extension(ext)
 

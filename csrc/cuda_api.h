@@ -1,5 +1,13 @@
-/* The C-callable surface of the CUDA backend (the files under cuda/). Only declared when the build has
- * CUDA; callers go through py_cuda.c, which raises a clear error on builds without it. */
+/* The C-callable surface of the CUDA backend (the .cu files under cuda/). Only declared when
+ * the build has CUDA; callers go through py_cuda.c, which raises a clear error without it.
+ *
+ * The op functions mirror csrc/ops/ops.h (same names with an af_cuda_ prefix, same argument
+ * order and dimension letters, same semantics: backward ACCUMULATES into the gradients it is
+ * given, a NULL gradient is skipped). Differences: every pointer is a DEVICE pointer, work is
+ * queued on the context's stream and returns before it finishes (af_cuda_synchronize waits),
+ * and the functions return an af_status (AF_EINVAL on bad sizes, AF_ECUDA on a CUDA/cuBLAS
+ * failure) instead of trusting the caller. fp32 everywhere; a bf16 fast path is future work.
+ */
 #ifndef AFIRE_CUDA_API_H
 #define AFIRE_CUDA_API_H
 #include <stddef.h>
@@ -19,6 +27,104 @@ af_status af_cuda_versions(int *cudart, size_t *cublaslt, size_t *cudnn, int *nc
  * the CPU/GPU twin check of the counter-based generator. */
 af_status af_cuda_rand_uniform(float *out, int64_t n, uint64_t seed, uint64_t stream,
                                uint64_t offset);
+
+/* ---- context: one device, one stream, one cuBLAS handle ---------------------------- */
+typedef struct af_cuda_context af_cuda_context;
+/* allow_tf32 = 0 gives exact fp32 GEMMs (used by the CPU-twin checks). */
+af_status af_cuda_context_create(af_cuda_context **out, int device, int allow_tf32);
+void af_cuda_context_destroy(af_cuda_context *ctx);
+af_status af_cuda_context_set_tf32(af_cuda_context *ctx, int allow_tf32);
+af_status af_cuda_synchronize(af_cuda_context *ctx);
+
+/* ---- device memory helpers (for the host-level test entry points and benchmarks) ---- */
+af_status af_cuda_malloc(af_cuda_context *ctx, float **out, size_t count);
+void af_cuda_free(float *p);
+af_status af_cuda_upload(af_cuda_context *ctx, float *dst, const float *host, size_t count);
+af_status af_cuda_download(af_cuda_context *ctx, float *host, const float *src, size_t count);
+af_status af_cuda_zero(af_cuda_context *ctx, float *dst, size_t count);
+/* dst[i] = af_rand_uniform(seed, 0, i) * 2 - 1: benchmark inputs without a host copy. */
+af_status af_cuda_fill_uniform(af_cuda_context *ctx, float *dst, size_t count, uint64_t seed);
+
+/* Runs fn(ctx, dev, user) on device copies of nargs host arrays, then copies back:
+ * role[i] = AF_CUDA_IN (uploaded), AF_CUDA_OUT (zero-filled on the device, downloaded) or
+ * AF_CUDA_INOUT (uploaded and downloaded) or AF_CUDA_SCRATCH (count[i] zero-filled floats on
+ * the device only; host[i] unused). count[i] == 0, or host[i] == NULL for the other roles,
+ * passes NULL. Device memory is freed on every path. At most AF_CUDA_MAX_ARGS arrays. */
+enum { AF_CUDA_IN = 0, AF_CUDA_OUT = 1, AF_CUDA_INOUT = 2, AF_CUDA_SCRATCH = 3 };
+#define AF_CUDA_MAX_ARGS 12
+typedef af_status (*af_cuda_fn)(af_cuda_context *ctx, float *const *dev, const void *user);
+af_status af_cuda_run_host(af_cuda_context *ctx, int nargs, float *const *host,
+                           const size_t *count, const int *role, af_cuda_fn fn,
+                           const void *user);
+
+/* Mean GPU milliseconds per call of fn(ctx, dev, user) over `iters` calls after `warmup`
+ * calls, timed with CUDA events on the context's stream (dev: device buffers). */
+af_status af_cuda_time(af_cuda_context *ctx, af_cuda_fn fn, float *const *dev,
+                       const void *user, int warmup, int iters, float *ms);
+
+/* ---- ops (cuda/ops/), device pointers --------------------------------------------- */
+/* out[N,OC] = inp[N,C] @ weight[OC,C]^T + bias[OC] (bias may be NULL). */
+af_status af_cuda_linear_forward(af_cuda_context *ctx, float *out, const float *inp,
+                                 const float *weight, const float *bias, int N, int C, int OC);
+af_status af_cuda_linear_backward(af_cuda_context *ctx, float *dinp, float *dweight,
+                                  float *dbias, const float *dout, const float *inp,
+                                  const float *weight, int N, int C, int OC);
+
+af_status af_cuda_layernorm_forward(af_cuda_context *ctx, float *out, float *mean, float *rstd,
+                                    const float *inp, const float *weight, const float *bias,
+                                    int N, int C, float eps);
+af_status af_cuda_layernorm_backward(af_cuda_context *ctx, float *dinp, float *dweight,
+                                     float *dbias, const float *dout, const float *inp,
+                                     const float *weight, const float *mean, const float *rstd,
+                                     int N, int C);
+
+af_status af_cuda_gelu_forward(af_cuda_context *ctx, float *out, const float *inp, size_t n);
+af_status af_cuda_gelu_backward(af_cuda_context *ctx, float *dinp, const float *dout,
+                                const float *inp, size_t n);
+
+af_status af_cuda_softmax_forward(af_cuda_context *ctx, float *out, const float *inp, int N,
+                                  int C);
+af_status af_cuda_softmax_backward(af_cuda_context *ctx, float *dinp, const float *dout,
+                                   const float *out, int N, int C);
+
+/* qkv[B,T,3D] -> out[B,T,D], att[B,H,T,T] (softmax probabilities). The backward needs
+ * scratch[B*H*T*T] (overwritten). */
+af_status af_cuda_attention_forward(af_cuda_context *ctx, float *out, float *att,
+                                    const float *qkv, int B, int T, int D, int H);
+af_status af_cuda_attention_backward(af_cuda_context *ctx, float *dqkv, float *scratch,
+                                     const float *dout, const float *qkv, const float *att,
+                                     int B, int T, int D, int H);
+
+af_status af_cuda_residual_forward(af_cuda_context *ctx, float *out, const float *a,
+                                   const float *b, size_t n);
+af_status af_cuda_residual_backward(af_cuda_context *ctx, float *da, float *db,
+                                    const float *dout, size_t n);
+
+/* order: AF_PATCH_PQC (0) or AF_PATCH_CPQ (1), as csrc/ops/ops.h. */
+af_status af_cuda_patchify_forward(af_cuda_context *ctx, float *patches, const float *img,
+                                   int B, int C, int S, int P, int order);
+af_status af_cuda_patchify_backward(af_cuda_context *ctx, float *dimg, const float *dpatches,
+                                    int B, int C, int S, int P, int order);
+af_status af_cuda_unpatchify(af_cuda_context *ctx, float *img, const float *patches, int B,
+                             int C, int S, int P, int order);
+
+af_status af_cuda_l2norm_forward(af_cuda_context *ctx, float *out, float *norm,
+                                 const float *inp, int N, int C, float eps);
+af_status af_cuda_l2norm_backward(af_cuda_context *ctx, float *dinp, const float *dout,
+                                  const float *inp, const float *norm, int N, int C, float eps);
+
+/* The backward needs scratch[K*C] (overwritten) for the gradient w.r.t. w_eff. */
+af_status af_cuda_wn_linear_forward(af_cuda_context *ctx, float *out, float *w_eff,
+                                    float *vnorm, const float *inp, const float *v, int N,
+                                    int C, int K);
+af_status af_cuda_wn_linear_backward(af_cuda_context *ctx, float *dinp, float *dv,
+                                     float *scratch, const float *dout, const float *inp,
+                                     const float *w_eff, const float *vnorm, int N, int C,
+                                     int K);
+
+af_status af_cuda_adamw_update(af_cuda_context *ctx, float *params, const float *grads,
+                               float *m, float *v, size_t n, float lr, float beta1,
+                               float beta2, float eps, float weight_decay, int t);
 
 #ifdef __cplusplus
 }

@@ -1,9 +1,12 @@
-// Error checks for the CUDA backend: every runtime/library call turns into an af_status
-// with a message naming the call; nothing aborts.
+// Error checks and shared pieces of the CUDA backend: every runtime/library call turns into
+// an af_status with a message naming the call; nothing aborts.
 #pragma once
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include "afire.h"
+#include "common.h"
+#include "cuda_api.h"
 
 #define AF_CUDA_TRY(call)                                                                   \
     do {                                                                                    \
@@ -12,3 +15,51 @@
             return af_error(AF_ECUDA, "%s failed: %s (%s:%d)", #call, cudaGetErrorString(af_e_), \
                             __FILE__, __LINE__);                                            \
     } while (0)
+
+#define AF_CUBLAS_TRY(call)                                                                 \
+    do {                                                                                    \
+        cublasStatus_t af_b_ = (call);                                                      \
+        if (af_b_ != CUBLAS_STATUS_SUCCESS)                                                 \
+            return af_error(AF_ECUDA, "%s failed: %s (%s:%d)", #call,                       \
+                            cublasGetStatusString(af_b_), __FILE__, __LINE__);              \
+    } while (0)
+
+// A kernel launch is checked right after it is queued (bad configuration, no device).
+#define AF_CUDA_LAUNCHED() AF_CUDA_TRY(cudaGetLastError())
+
+// Reject bad sizes / missing pointers in the public entry points.
+#define AF_CUDA_CHECK(cond, ...)                                  \
+    do {                                                          \
+        if (!(cond)) return af_error(AF_EINVAL, __VA_ARGS__);     \
+    } while (0)
+
+// One stream and one cuBLAS handle, created once and reused by every op.
+struct af_cuda_context {
+    int device;
+    int allow_tf32;  // 0: exact fp32 GEMMs (the check path); 1: TF32 tensor cores
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+};
+
+// Grid for a grid-stride loop over n elements.
+static inline unsigned af_grid_1d(int64_t n, int threads) {
+    int64_t b = (n + threads - 1) / threads;
+    if (b > 65535LL * 16) b = 65535LL * 16;
+    if (b < 1) b = 1;
+    return (unsigned)b;
+}
+
+// Sum over a warp with a fixed butterfly pattern: deterministic.
+__device__ __forceinline__ float af_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float af_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// colsum[c] (+)= sum_r x[r, c] over rows in a fixed order (deterministic, no atomics):
+// defined in cuda/ops/reduce.cu, used for bias and LayerNorm parameter gradients.
+af_status af_cuda_colsum_accumulate(af_cuda_context *ctx, float *colsum, const float *x, int N,
+                                    int C);

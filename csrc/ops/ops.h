@@ -61,9 +61,12 @@ void patchify_forward(float *patches, const float *img, int B, int C, int S, int
 void patchify_backward(float *dimg, const float *dpatches, int B, int C, int S, int P, int order);
 void unpatchify(float *img, const float *patches, int B, int C, int S, int P, int order);
 
-/* Fixed 2-D sin-cos position embedding as MAE: out[(cls?1:0) + G*G, D] for a GxG grid,
- * the first D/2 channels encode the column... as MAE's get_2d_sincos_pos_embed (computed
- * in double, then rounded); with cls, row 0 is zero. D must be divisible by 4. */
+/* Fixed 2-D sin-cos position embedding, MAE's get_2d_sincos_pos_embed: out[(cls?1:0) + G*G, D]
+ * for a GxG grid, grid point (row i, column j) at row (cls?1:0) + i*G + j. MAE builds
+ * meshgrid(w, h), so the first D/2 channels come from grid[0] = the column index j and the
+ * last D/2 from the row index i; each half is [sin(pos*omega), cos(pos*omega)] with
+ * omega_k = 1 / 10000^(k / (D/4)), k < D/4. Computed in double, rounded to float once; with
+ * cls, row 0 is zero. D must be divisible by 4. */
 void sincos_2d_embed(float *out, int D, int G, int cls);
 
 /* Row L2-normalise: out = inp / max(||inp||, eps) (F.normalize), norm[N] saved. */

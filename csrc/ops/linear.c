@@ -1,0 +1,47 @@
+/* Linear layer through OpenBLAS sgemm (row-major, PyTorch weight layout out x in). */
+#include <cblas.h>
+#include <string.h>
+
+#include "ops.h"
+#include "ops_internal.h"
+
+void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
+                    int N, int C, int OC) {
+    /* Seed out with the bias rows, then let sgemm accumulate (beta = 1): no second pass. */
+    float beta = 0.0f;
+    if (bias != NULL) {
+        #pragma omp parallel for if (AF_OMP_ROWS(N, OC))
+        for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OC, bias, (size_t)OC * sizeof(float));
+        beta = 1.0f;
+    }
+    /* out[N,OC] = inp[N,C] @ weight[OC,C]^T */
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, weight,
+                      C, beta, out, OC);
+}
+
+void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                     const float *inp, const float *weight, int N, int C, int OC) {
+    if (dinp != NULL) /* dinp[N,C] += dout[N,OC] @ weight[OC,C] */
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC,
+                          weight, C, 1.0f, dinp, C);
+    if (dweight != NULL) /* dweight[OC,C] += dout^T @ inp */
+        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC,
+                          inp, C, 1.0f, dweight, C);
+    if (dbias != NULL) {
+        /* Column sums in a fixed row order; threads own disjoint column blocks. */
+        enum { CB = 64 };
+        int nblocks = (OC + CB - 1) / CB;
+        #pragma omp parallel for if (AF_OMP_ROWS(N, OC))
+        for (int blk = 0; blk < nblocks; blk++) {
+            int o0 = blk * CB, o1 = o0 + CB < OC ? o0 + CB : OC;
+            float acc[CB];
+            for (int o = o0; o < o1; o++) acc[o - o0] = 0.0f;
+            for (int n = 0; n < N; n++) {
+                const float *row = dout + (size_t)n * OC;
+                #pragma omp simd
+                for (int o = o0; o < o1; o++) acc[o - o0] += row[o];
+            }
+            for (int o = o0; o < o1; o++) dbias[o] += acc[o - o0];
+        }
+    }
+}

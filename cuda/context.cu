@@ -1,0 +1,174 @@
+// The CUDA context (stream + cuBLAS handle), device memory helpers, the host-level runner
+// used by the test entry points, and event timing for the benchmarks.
+#include "common.cuh"
+#include "rng.h"
+
+extern "C" af_status af_cuda_context_create(af_cuda_context **out, int device, int allow_tf32) {
+    *out = nullptr;
+    int count = 0;
+    af_cuda_device_count(&count);
+    if (count <= 0) return af_error(AF_ECUDA, "no CUDA device is visible (driver missing or no GPU)");
+    AF_CUDA_CHECK(device >= 0 && device < count, "device %d out of range: %d visible", device,
+                  count);
+    AF_CUDA_TRY(cudaSetDevice(device));
+    af_cuda_context *ctx = (af_cuda_context *)calloc(1, sizeof(af_cuda_context));
+    if (ctx == nullptr) return af_error(AF_ENOMEM, "cannot allocate the CUDA context");
+    ctx->device = device;
+    cudaError_t e = cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+        free(ctx);
+        return af_error(AF_ECUDA, "cudaStreamCreate failed: %s", cudaGetErrorString(e));
+    }
+    cublasStatus_t b = cublasCreate(&ctx->cublas);
+    if (b == CUBLAS_STATUS_SUCCESS) b = cublasSetStream(ctx->cublas, ctx->stream);
+    if (b != CUBLAS_STATUS_SUCCESS) {
+        if (ctx->cublas) cublasDestroy(ctx->cublas);
+        cudaStreamDestroy(ctx->stream);
+        free(ctx);
+        return af_error(AF_ECUDA, "cuBLAS initialisation failed: %s", cublasGetStatusString(b));
+    }
+    af_status st = af_cuda_context_set_tf32(ctx, allow_tf32);
+    if (st != AF_OK) {
+        af_cuda_context_destroy(ctx);
+        return st;
+    }
+    *out = ctx;
+    return AF_OK;
+}
+
+extern "C" void af_cuda_context_destroy(af_cuda_context *ctx) {
+    if (ctx == nullptr) return;
+    cudaStreamSynchronize(ctx->stream);
+    cublasDestroy(ctx->cublas);
+    cudaStreamDestroy(ctx->stream);
+    free(ctx);
+}
+
+extern "C" af_status af_cuda_context_set_tf32(af_cuda_context *ctx, int allow_tf32) {
+    // CUBLAS_DEFAULT_MATH keeps fp32 GEMMs exact fp32 (no TF32) since CUDA 11.
+    AF_CUBLAS_TRY(cublasSetMathMode(ctx->cublas, allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH
+                                                            : CUBLAS_DEFAULT_MATH));
+    ctx->allow_tf32 = allow_tf32 ? 1 : 0;
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_synchronize(af_cuda_context *ctx) {
+    AF_CUDA_TRY(cudaStreamSynchronize(ctx->stream));
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_malloc(af_cuda_context *ctx, float **out, size_t count) {
+    (void)ctx;  // plain cudaMalloc: the context is kept in the signature for pooling later
+    *out = nullptr;
+    if (count == 0) return AF_OK;
+    AF_CUDA_CHECK(count <= SIZE_MAX / sizeof(float), "device allocation of %zu floats overflows",
+                  count);
+    cudaError_t e = cudaMalloc((void **)out, count * sizeof(float));
+    if (e != cudaSuccess) {
+        *out = nullptr;
+        cudaGetLastError();
+        return af_error(e == cudaErrorMemoryAllocation ? AF_ENOMEM : AF_ECUDA,
+                        "cudaMalloc of %zu floats failed: %s", count, cudaGetErrorString(e));
+    }
+    return AF_OK;
+}
+
+extern "C" void af_cuda_free(float *p) {
+    if (p) cudaFree(p);
+}
+
+extern "C" af_status af_cuda_upload(af_cuda_context *ctx, float *dst, const float *host,
+                                    size_t count) {
+    if (count == 0) return AF_OK;
+    AF_CUDA_TRY(cudaMemcpyAsync(dst, host, count * sizeof(float), cudaMemcpyHostToDevice,
+                                ctx->stream));
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_download(af_cuda_context *ctx, float *host, const float *src,
+                                      size_t count) {
+    if (count == 0) return AF_OK;
+    AF_CUDA_TRY(cudaMemcpyAsync(host, src, count * sizeof(float), cudaMemcpyDeviceToHost,
+                                ctx->stream));
+    AF_CUDA_TRY(cudaStreamSynchronize(ctx->stream));
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_zero(af_cuda_context *ctx, float *dst, size_t count) {
+    if (count == 0) return AF_OK;
+    AF_CUDA_TRY(cudaMemsetAsync(dst, 0, count * sizeof(float), ctx->stream));
+    return AF_OK;
+}
+
+__global__ void fill_uniform_kernel(float *dst, size_t n, uint64_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = af_rand_uniform(seed, 0, (uint64_t)i) * 2.0f - 1.0f;
+}
+
+extern "C" af_status af_cuda_fill_uniform(af_cuda_context *ctx, float *dst, size_t count,
+                                          uint64_t seed) {
+    if (count == 0) return AF_OK;
+    fill_uniform_kernel<<<af_grid_1d((int64_t)count, 256), 256, 0, ctx->stream>>>(dst, count,
+                                                                                   seed);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
+}
+
+// Upload, run, download; every device buffer is released whatever fails.
+extern "C" af_status af_cuda_run_host(af_cuda_context *ctx, int nargs, float *const *host,
+                                      const size_t *count, const int *role, af_cuda_fn fn,
+                                      const void *user) {
+    AF_CUDA_CHECK(nargs >= 0 && nargs <= AF_CUDA_MAX_ARGS, "af_cuda_run_host: %d arrays", nargs);
+    float *dev[AF_CUDA_MAX_ARGS] = {nullptr};
+    af_status st = AF_OK;
+    cudaError_t e = cudaSetDevice(ctx->device);
+    if (e != cudaSuccess) st = af_error(AF_ECUDA, "cudaSetDevice: %s", cudaGetErrorString(e));
+    for (int i = 0; st == AF_OK && i < nargs; i++) {
+        if (count[i] == 0 || (host[i] == nullptr && role[i] != AF_CUDA_SCRATCH)) continue;
+        st = af_cuda_malloc(ctx, &dev[i], count[i]);
+        if (st != AF_OK) break;
+        st = role[i] == AF_CUDA_OUT || role[i] == AF_CUDA_SCRATCH
+                 ? af_cuda_zero(ctx, dev[i], count[i])
+                 : af_cuda_upload(ctx, dev[i], host[i], count[i]);
+    }
+    if (st == AF_OK) st = fn(ctx, dev, user);
+    for (int i = 0; st == AF_OK && i < nargs; i++)
+        if (dev[i] != nullptr && (role[i] == AF_CUDA_OUT || role[i] == AF_CUDA_INOUT))
+            st = af_cuda_download(ctx, host[i], dev[i], count[i]);
+    if (st == AF_OK) {
+        e = cudaStreamSynchronize(ctx->stream);
+        if (e != cudaSuccess) st = af_error(AF_ECUDA, "kernel failed: %s", cudaGetErrorString(e));
+    } else {
+        cudaStreamSynchronize(ctx->stream);  // drain before freeing what queued work uses
+    }
+    for (int i = 0; i < nargs; i++) af_cuda_free(dev[i]);
+    return st;
+}
+
+extern "C" af_status af_cuda_time(af_cuda_context *ctx, af_cuda_fn fn, float *const *dev,
+                                  const void *user, int warmup, int iters, float *ms) {
+    AF_CUDA_CHECK(iters > 0 && warmup >= 0, "need iters > 0 and warmup >= 0");
+    *ms = 0.0f;
+    for (int i = 0; i < warmup; i++) AF_TRY(fn(ctx, dev, user));
+    cudaEvent_t start, stop;
+    AF_CUDA_TRY(cudaEventCreate(&start));
+    cudaError_t e = cudaEventCreate(&stop);
+    if (e != cudaSuccess) {
+        cudaEventDestroy(start);
+        return af_error(AF_ECUDA, "cudaEventCreate: %s", cudaGetErrorString(e));
+    }
+    af_status st = AF_OK;
+    e = cudaEventRecord(start, ctx->stream);
+    for (int i = 0; e == cudaSuccess && st == AF_OK && i < iters; i++) st = fn(ctx, dev, user);
+    if (e == cudaSuccess) e = cudaEventRecord(stop, ctx->stream);
+    if (e == cudaSuccess) e = cudaEventSynchronize(stop);
+    float total = 0.0f;
+    if (e == cudaSuccess && st == AF_OK) e = cudaEventElapsedTime(&total, start, stop);
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    if (st != AF_OK) return st;
+    if (e != cudaSuccess) return af_error(AF_ECUDA, "event timing failed: %s", cudaGetErrorString(e));
+    *ms = total / (float)iters;
+    return AF_OK;
+}

@@ -1,0 +1,11 @@
+// Helpers shared between op files (C++ linkage, not part of the C API).
+#pragma once
+#include "common.cuh"
+
+// Row softmax of inp * scale over N rows of C (out may equal inp).
+af_status af_softmax_rows(af_cuda_context *ctx, float *out, const float *inp, int64_t N, int C,
+                          float scale);
+// dinp = (accumulate ? dinp : 0) + out * (dout - rowsum(dout * out)); dinp may equal dout
+// when accumulate == 0.
+af_status af_softmax_rows_backward(af_cuda_context *ctx, float *dinp, const float *dout,
+                                   const float *out, int64_t N, int C, int accumulate);
