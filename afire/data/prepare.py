@@ -70,8 +70,9 @@ def _npy_shape(path: str):
                     else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read(f)
             data_bytes = int(np.prod(shape)) * dtype.itemsize
+            header_end = f.tell()
             f.seek(0, os.SEEK_END)
-            complete = f.tell() >= data_bytes
+            complete = f.tell() - header_end == data_bytes
         return (tuple(shape), dtype, complete) if not fortran else None
     except (OSError, ValueError):
         return None
