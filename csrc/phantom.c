@@ -369,7 +369,8 @@ static void render(uint8_t *img, uint8_t *mask, uint8_t *labels, int S, uint64_t
             d += 0.05f * below * body;
             d += 0.03f * heart + 0.03f * med;
             /* trachea and main bronchi: an air column in the mediastinum */
-            float tr = cover(0.035f - fabsf(u - 0.01f), px) * (1.0f - smoothstep(-0.42f, -0.36f, v));
+            float tr = cover(0.035f - fabsf(u - 0.01f), px) *
+                       (1.0f - smoothstep(-0.42f, -0.36f, v));
             d -= 0.07f * tr * body;
             /* aerated lung: much less dense, darkest apically and laterally */
             float basal = smoothstep(-0.4f, 0.5f, v);

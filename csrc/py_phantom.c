@@ -8,7 +8,8 @@ static const char *kind_names[] = {"none", "nodule", "consolidation", "effusion"
 static int parse_lesion(PyObject *obj) {
     if (obj == NULL || obj == Py_None) return PHANTOM_NONE;
     if (!PyUnicode_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "lesion must be None or a str, got %s", Py_TYPE(obj)->tp_name);
+        PyErr_Format(PyExc_TypeError, "lesion must be None or a str, got %s",
+                     Py_TYPE(obj)->tp_name);
         return -2;
     }
     const char *s = PyUnicode_AsUTF8(obj);

@@ -4,7 +4,14 @@ import os
 
 import numpy as np
 import pytest
-from data_fakes import encode_rle_relative, gradient, write_corrupt, write_jpeg, write_lines, write_png
+from data_fakes import (
+    encode_rle_relative,
+    gradient,
+    write_corrupt,
+    write_jpeg,
+    write_lines,
+    write_png,
+)
 
 from afire.cli import main
 from afire.data import ShardDataset, phantom_dataset
@@ -152,3 +159,26 @@ def test_prepare_siim_masks(tmp_path, capsys):
     assert ds.mask(0).any() and not ds.mask(1).any()
     # MONOCHROME1 is inverted (Lanczos rounding after the inversion: off by at most 1)
     assert np.abs(ds[1].astype(int) - (255 - ds[0].astype(int))).max() <= 1
+
+
+def test_progress_bar_text():
+    import io
+
+    from afire.data.progress import Progress, format_seconds
+
+    s = io.StringIO()
+    bar = Progress(10, "prep", stream=s, interval=0.0)
+    bar.interval = 0.0
+    bar.update(5)
+    bar.message("note")
+    bar.close()
+    text = s.getvalue()
+    assert "prep [############............] 5/10  50.0%" in text and "ETA" in text
+    assert "img/s" in text and "note\n" in text and text.endswith("\n")
+    assert format_seconds(3725) == "1:02:05" and format_seconds(65) == "01:05"
+    quiet = io.StringIO()
+    q = Progress(3, stream=quiet, enabled=False)
+    q.update(3)
+    q.message("error line")
+    q.close()
+    assert quiet.getvalue() == "error line\n"

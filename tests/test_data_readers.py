@@ -206,7 +206,8 @@ def test_chexpert_root_variants_and_views(tmp_path):
 
 def make_mimic(root):
     meta = ["dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,"
-            "Columns", "d1,10000032,50414267,CHEST,PA,8,10", "d2,10000032,50414267,CHEST,LATERAL,8,10",
+            "Columns", "d1,10000032,50414267,CHEST,PA,8,10",
+            "d2,10000032,50414267,CHEST,LATERAL,8,10",
             "d3,11000011,53000001,CHEST,AP,8,10", "d4,12000000,54000000,CHEST,PA,8,10"]
     labels = ["subject_id,study_id," + ",".join(rd.CHEXPERT_FINDINGS),
               "10000032,50414267," + ",".join("1.0" if c == "No Finding" else ""
@@ -272,10 +273,13 @@ def make_siim(root):
     c = np.zeros((h, w), np.uint8)
     c[0, 0] = 1
     lines = ["ImageId, EncodedPixels", f"1.2.3.1, {encode_rle_relative(a)}",
-             f"1.2.3.1, {encode_rle_relative(b)}", "1.2.3.2, -1", f"1.2.3.3, {encode_rle_relative(c)}"]
+             f"1.2.3.1, {encode_rle_relative(b)}", "1.2.3.2, -1",
+             f"1.2.3.3, {encode_rle_relative(c)}"]
     write_lines(os.path.join(root, "train-rle.csv"), lines)
-    for uid, sub in (("1.2.3.1", "dicom-images-train/s1/r1"), ("1.2.3.2", "dicom-images-train/s2/r2"),
-                     ("1.2.3.3", "dicom-images-train/s3/r3"), ("1.2.3.9", "dicom-images-test/s9/r9")):
+    for uid, sub in (("1.2.3.1", "dicom-images-train/s1/r1"),
+                     ("1.2.3.2", "dicom-images-train/s2/r2"),
+                     ("1.2.3.3", "dicom-images-train/s3/r3"),
+                     ("1.2.3.9", "dicom-images-test/s9/r9")):
         d = os.path.join(root, sub)
         os.makedirs(d, exist_ok=True)
         open(os.path.join(d, uid + ".dcm"), "wb").close()
@@ -319,7 +323,8 @@ def test_shared_layout(tmp_path):
     cols = ",".join(rd.NIH_FINDINGS)
     vals = ",".join("1" if f == "Pneumonia" else "0" for f in rd.NIH_FINDINGS)
     write_lines(str(tmp_path / "n" / "labels.csv"), [
-        f"filename,label,abnormal,{cols},patient_id,view", f"images/a.png,pneumonia,1,{vals},61,AP"])
+        f"filename,label,abnormal,{cols},patient_id,view",
+        f"images/a.png,pneumonia,1,{vals},61,AP"])
     write_png(str(tmp_path / "n" / "images" / "a.png"), IMG)
     (r,) = rd.read_shared(str(tmp_path / "n"))
     assert r.group == "61" and r.labels["Pneumonia"] == 1.0 and r.labels["Edema"] == 0.0
