@@ -294,7 +294,8 @@ def read_chexpert(root: str, uncertain: str = "ones", frontal_only: bool = True
     column like CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg, resolved
     against root (with or without the leading dataset folder). uncertain: policy for -1
     ("ones" U-Ones, "zeros" U-Zeros, "ignore" -> NaN). frontal_only keeps
-    Frontal/Lateral == Frontal. Normal = "No Finding" == 1."""
+    Frontal/Lateral == Frontal. abnormal: 0 when "No Finding" == 1, 1 when any finding
+    other than Support Devices is positive (after the policy), else -1 (unknown)."""
     _check_policy(uncertain)
     recs, missing, found = [], [], False
     for name, split in (("train.csv", "train"), ("valid.csv", "val"), ("test.csv", "test")):
