@@ -227,8 +227,9 @@ def prepare(src: str, out: str, fmt: str = "folder", size: int = 224, workers: i
     has_masks = any("rle" in r.extra or r.extra.get("has_mask") for r in records)
     os.makedirs(out, exist_ok=True)
     n_shards = (len(records) + shard_size - 1) // shard_size
-    meta = {"version": PREPARE_VERSION, "format": fmt, "source": "phantom" if fmt == "phantom" else os.path.abspath(src),
-            "size": size, "resize": resize, "shard_size": shard_size, "shards": n_shards,
+    source = "phantom" if fmt == "phantom" else os.path.abspath(src)
+    meta = {"version": PREPARE_VERSION, "format": fmt, "source": source, "size": size,
+            "resize": resize, "shard_size": shard_size, "shards": n_shards,
             "records": len(records), "masks": has_masks}
     _check_meta(out, meta)
     _atomic_write_text(os.path.join(out, "meta.json"), json.dumps(meta, indent=1) + "\n")
