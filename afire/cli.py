@@ -1,0 +1,87 @@
+"""The ``afire`` command line: ``afire prepare`` (more subcommands are added below)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+FORMATS_CLI = ("folder", "kermany", "nih", "chexpert", "mimic", "siim", "shared", "phantom")
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="decode a dataset into uint8 shards for training",
+        description="Decode, convert to 8-bit grayscale, resize and write memory-mappable "
+                    "shards (shard_*.npy) plus manifest.jsonl. Re-running resumes: finished "
+                    "shards are skipped. Unreadable files are reported and left out.")
+    p.add_argument("src", help="dataset root (for --format phantom: the number of images)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", default="folder", choices=FORMATS_CLI, dest="fmt",
+                   help="source layout (default: folder)")
+    p.add_argument("--size", type=int, default=224, help="output side S in pixels (224)")
+    p.add_argument("--resize", default="crop", choices=("crop", "pad"),
+                   help="crop: short side to S then centre crop; pad: long side to S, "
+                        "black padding (default crop)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: all CPUs; 1 = no subprocesses)")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per shard (1024)")
+    p.add_argument("--uncertain", default="ones", choices=("ones", "zeros", "ignore"),
+                   help="CheXpert/MIMIC -1 labels: U-Ones, U-Zeros or ignore (NaN)")
+    p.add_argument("--all-views", action="store_true",
+                   help="CheXpert/MIMIC: keep lateral views too (default: frontal only)")
+    p.add_argument("--seed", type=int, default=0, help="phantom: generator seed")
+    p.add_argument("--p-abnormal", type=float, default=0.0,
+                   help="phantom: probability of a lesion per image (default 0: all normal)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from .data.prepare import phantom_records, prepare, print_summary
+
+    options, records = {}, None
+    if args.fmt in ("chexpert", "mimic"):
+        options = {"uncertain": args.uncertain, "frontal_only": not args.all_views}
+    if args.fmt == "phantom":
+        try:
+            n = int(args.src)
+        except ValueError:
+            raise SystemExit(f"afire prepare: --format phantom takes the number of images as "
+                             f"SRC, got {args.src!r}") from None
+        if n < 0 or not 0.0 <= args.p_abnormal <= 1.0:
+            raise SystemExit("afire prepare: need SRC >= 0 and 0 <= --p-abnormal <= 1")
+        records = phantom_records(n, seed=args.seed, p_abnormal=args.p_abnormal)
+    summary = prepare(args.src, args.out, fmt=args.fmt, size=args.size, workers=args.workers,
+                      shard_size=args.shard_size, resize=args.resize,
+                      progress=not args.quiet, records=records, **options)
+    print_summary(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="afire", description="AFiRe self-supervised pre-training for chest X-rays")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_prepare(sub)
+    # Subcommands still to come register here the same way, each with its own
+    # _add_<name>(sub) that sets `func`: pretrain, evaluate, bench, info.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``afire`` console script. Returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"afire {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nafire {args.command}: interrupted; finished shards are kept, run the same "
+              "command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""`afire prepare` end to end: shards, manifest, corrupt files, resume, settings checks."""
+import json
+import os
+
+import numpy as np
+import pytest
+from data_fakes import (
+    encode_rle_relative,
+    gradient,
+    write_corrupt,
+    write_jpeg,
+    write_lines,
+    write_png,
+)
+
+from afire.cli import main
+from afire.data import ShardDataset, phantom_dataset
+from afire.data.image import load_gray, resize_square
+
+S = 16
+
+
+def make_folder(root):
+    write_png(os.path.join(root, "NORMAL", "a.png"), gradient(20, 30, 1))
+    write_png(os.path.join(root, "NORMAL", "b.png"), gradient(40, 20, 2))
+    write_png(os.path.join(root, "NORMAL", "c16.png"),
+              (np.arange(600).reshape(20, 30) * 50 + 300).astype(np.uint16))
+    write_corrupt(os.path.join(root, "NORMAL", "d_bad.png"))
+    write_jpeg(os.path.join(root, "SICK", "e.jpg"), np.stack([gradient(24, 24, 3)] * 3, -1))
+    write_png(os.path.join(root, "SICK", "f.png"), gradient(16, 16, 4))
+    write_png(os.path.join(root, "g.png"), gradient(17, 33, 5))
+
+
+def run(args, capsys):
+    rc = main(["prepare", *args, "--quiet"])
+    return rc, capsys.readouterr().err
+
+
+def mtimes(out):
+    return {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in sorted(os.listdir(out))
+            if f.startswith("shard_")}
+
+
+def test_prepare_folder_end_to_end_and_resume(tmp_path, capsys):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    make_folder(src)
+    args = [src, out, "--size", str(S), "--workers", "1", "--shard-size", "3"]
+    rc, err = run(args, capsys)
+    assert rc == 0
+    assert "cannot read" in err and "d_bad.png" in err
+    assert "6 images in 3 shards (0 already done), 1 unreadable" in err
+    errors = open(os.path.join(out, "errors.txt")).read()
+    assert errors.startswith(os.path.join(src, "NORMAL", "d_bad.png") + "\t")
+
+    ds = ShardDataset(out)
+    assert len(ds) == 6
+    rows = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+    assert [r["index"] for r in rows] == list(range(6))
+    assert [(r["shard"], r["row"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1),
+                                                     (2, 0)]
+    assert [r["label"] for r in rows] == ["NORMAL"] * 3 + ["SICK", "SICK", ""]
+    for i, r in enumerate(rows):
+        ref = resize_square(load_gray(r["path"]), S, "crop")
+        np.testing.assert_array_equal(ds[i], ref)
+    assert ds[2].max() > 240 and ds[2].min() < 15  # the 16-bit PNG, min-max scaled
+
+    # resume: nothing to do, no file rewritten
+    before = mtimes(out)
+    rc, err = run(args, capsys)
+    assert rc == 0 and "3 of 3 shards already finished" in err
+    assert "6 images in 3 shards (3 already done), 1 unreadable" in err
+    assert mtimes(out) == before
+
+    # a lost done-marker and a truncated shard are redone; the others are kept
+    os.remove(os.path.join(out, "shard_00001.done"))
+    p2 = os.path.join(out, "shard_00002.npy")
+    data = open(p2, "rb").read()
+    open(p2, "wb").write(data[:-10])
+    rc, err = run(args, capsys)
+    assert rc == 0 and "1 of 3 shards already finished" in err
+    after = mtimes(out)
+    assert after["shard_00000.npy"] == before["shard_00000.npy"]
+    assert after["shard_00001.npy"] != before["shard_00001.npy"]
+    assert len(ShardDataset(out)) == 6
+
+    # a new input file changes the plan of the last shard only
+    write_png(os.path.join(src, "h.png"), gradient(16, 16, 6))
+    rc, err = run(args, capsys)
+    assert rc == 0 and "2 of 3 shards already finished" in err and "7 images" in err
+
+    # other settings into the same directory are refused
+    rc, err = run([src, out, "--size", "32", "--workers", "1", "--shard-size", "3"], capsys)
+    assert rc == 2 and "size=16" in err
+
+
+def test_prepare_workers_match_serial(tmp_path, capsys):
+    src = str(tmp_path / "src")
+    make_folder(src)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run([src, a, "--size", str(S), "--workers", "1", "--resize", "pad"], capsys)[0] == 0
+    assert run([src, b, "--size", str(S), "--workers", "2", "--resize", "pad"], capsys)[0] == 0
+    np.testing.assert_array_equal(np.load(os.path.join(a, "shard_00000.npy")),
+                                  np.load(os.path.join(b, "shard_00000.npy")))
+    assert open(os.path.join(a, "manifest.jsonl")).read() == \
+        open(os.path.join(b, "manifest.jsonl")).read()
+
+
+def test_prepare_phantom(tmp_path, capsys):
+    out = str(tmp_path / "ph")
+    rc, err = run(["10", out, "--format", "phantom", "--size", "32", "--shard-size", "4",
+                   "--p-abnormal", "0.5", "--seed", "2", "--workers", "1"], capsys)
+    assert rc == 0, err
+    ds = ShardDataset(out, masks=True)
+    ref = phantom_dataset(10, size=32, seed=2, p_abnormal=0.5)
+    np.testing.assert_array_equal(ds.images(range(10)), ref["images"])
+    np.testing.assert_array_equal(ds.images(range(10), masks=True), ref["lesion_masks"])
+    names = ("normal", "nodule", "consolidation", "effusion")
+    assert ds.field("label") == [names[k] for k in ref["labels"]]
+    with pytest.raises(SystemExit, match="number of images"):
+        main(["prepare", "many", str(tmp_path / "x"), "--format", "phantom", "--quiet"])
+
+
+def test_prepare_errors(tmp_path, capsys):
+    rc, err = run([str(tmp_path / "nope"), str(tmp_path / "o"), "--workers", "1"], capsys)
+    assert rc == 2 and "not a directory" in err
+    rc, err = run([str(tmp_path), str(tmp_path / "o"), "--format", "nih", "--workers", "1"],
+                  capsys)
+    assert rc == 2 and "Data_Entry_2017" in err
+    with pytest.raises(SystemExit):
+        main(["prepare", str(tmp_path), str(tmp_path / "o"), "--format", "png"])
+    with pytest.raises(SystemExit):
+        main([])
+
+
+def test_prepare_siim_masks(tmp_path, capsys):
+    pytest.importorskip("pydicom", reason="pydicom not installed (pip install 'afire[images]')")
+    from data_fakes import write_dicom
+
+    src = str(tmp_path / "siim")
+    h, w = 20, 40
+    img = (np.arange(h * w).reshape(h, w) * 3).astype(np.uint16)
+    m1 = np.zeros((h, w), np.uint8)
+    m1[4:10, 8:20] = 1
+    m2 = np.zeros((h, w), np.uint8)
+    m2[12:18, 24:30] = 1
+    write_dicom(os.path.join(src, "train", "1.2.3.dcm"), img, uid="1.2.3", bits_stored=12)
+    write_dicom(os.path.join(src, "train", "1.2.4.dcm"), img, uid="1.2.4", bits_stored=12,
+                photometric="MONOCHROME1")
+    write_lines(os.path.join(src, "train-rle.csv"), [
+        "ImageId, EncodedPixels", f"1.2.3, {encode_rle_relative(m1)}",
+        f"1.2.3, {encode_rle_relative(m2)}", "1.2.4, -1"])
+    out = str(tmp_path / "out")
+    rc, err = run([src, out, "--format", "siim", "--size", "10", "--workers", "1"], capsys)
+    assert rc == 0, err
+    ds = ShardDataset(out, masks=True)
+    assert ds.field("abnormal") == [1, 0] and ds.field("has_mask") == [True, True]
+    expected = resize_square((m1 | m2) * np.uint8(255), 10, "crop", nearest=True) > 127
+    np.testing.assert_array_equal(ds.mask(0), expected.astype(np.uint8))
+    assert ds.mask(0).any() and not ds.mask(1).any()
+    # MONOCHROME1 is inverted (Lanczos rounding after the inversion: off by at most 1)
+    assert np.abs(ds[1].astype(int) - (255 - ds[0].astype(int))).max() <= 1
+
+
+def test_progress_bar_text():
+    import io
+
+    from afire.data.progress import Progress, format_seconds
+
+    s = io.StringIO()
+    bar = Progress(10, "prep", stream=s, interval=0.0)
+    bar.interval = 0.0
+    bar.update(5)
+    bar.message("note")
+    bar.close()
+    text = s.getvalue()
+    assert "prep [############............] 5/10  50.0%" in text and "ETA" in text
+    assert "img/s" in text and "note\n" in text and text.endswith("\n")
+    assert format_seconds(3725) == "1:02:05" and format_seconds(65) == "01:05"
+    quiet = io.StringIO()
+    q = Progress(3, stream=quiet, enabled=False)
+    q.update(3)
+    q.message("error line")
+    q.close()
+    assert quiet.getvalue() == "error line\n"
