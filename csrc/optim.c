@@ -44,6 +44,7 @@ static double sumsq(const float *g, size_t n) {
 }
 
 static void scale(float *g, size_t n, float f) {
+    #pragma omp parallel for simd if (n >= (1u << 16))
     for (size_t i = 0; i < n; i++) g[i] *= f;
 }
 
@@ -103,7 +104,9 @@ af_status af_ema_update(af_model *m, float momentum) {
             if (!e->trainable) continue;
             float *t = m->teacher[n] + e->offset;
             const float *s = m->params[n] + e->offset;
-            for (size_t k = 0; k < e->numel; k++) t[k] = keep * t[k] + take * s[k];
+            size_t len = e->numel;
+            #pragma omp parallel for simd if (len >= (1u << 16))
+            for (size_t k = 0; k < len; k++) t[k] = keep * t[k] + take * s[k];
         }
     return AF_OK;
 }

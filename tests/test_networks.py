@@ -425,6 +425,23 @@ def test_encoder_gradients_through_head_and_decoder(variant):
     assert (np.abs(gpos).sum() > 0) == bool(variant.get("learned_pos"))
 
 
+def test_teacher_forward_between_does_not_disturb_backward():
+    n = make()
+    img, mask = inputs(n)
+    R = np.random.default_rng(4).standard_normal((2, 17, 32)).astype(np.float32)
+    n.zero_grad()
+    n.encoder_forward(img)
+    n.encoder_backward(R)
+    g = n.grads("encoder").copy()
+    n.zero_grad()
+    n.params("encoder", teacher=True)[:] *= 0.9
+    n.encoder_forward(img)
+    t = n.encoder_forward(img[::-1].copy(), branch="teacher")
+    n.head_forward(t, branch="teacher")
+    n.encoder_backward(R)
+    np.testing.assert_array_equal(n.grads("encoder"), g)
+
+
 def test_backward_accumulates():
     n = make()
     img, _ = inputs(n)
