@@ -1,0 +1,519 @@
+/* Configuration presets, parameter layouts, named-parameter tables and initialisation of the
+ * three networks (METHOD.md §2, §7). See model.h for the layout contract. */
+#include <math.h>
+#include <stdio.h>
+
+#include "common.h"
+#include "model.h"
+#include "ops/ops.h"
+#include "rng.h"
+
+/* ------------------------------------------------------------------ configuration */
+
+af_status af_config_preset(af_config *cfg, const char *name) {
+    AF_CHECK(cfg != NULL && name != NULL, AF_EINVAL, "config preset: NULL argument");
+    af_config c = {0};
+    c.S = 224, c.P = 16, c.C = 1, c.mlp_ratio = 4;
+    c.K = 256, c.head_hidden = 1024, c.head_bottleneck = 256;
+    if (strcmp(name, "vit_base") == 0) {
+        c.D = 768, c.depth = 12, c.H = 12, c.Dd = 512, c.depth_d = 8, c.Hd = 16;
+    } else if (strcmp(name, "vit_small") == 0) {
+        c.D = 384, c.depth = 12, c.H = 6, c.Dd = 256, c.depth_d = 4, c.Hd = 8;
+    } else if (strcmp(name, "vit_tiny") == 0) {
+        c.D = 192, c.depth = 12, c.H = 3, c.Dd = 128, c.depth_d = 2, c.Hd = 4;
+    } else if (strcmp(name, "test") == 0) {
+        /* unit-test size; the head is shrunk too so that whole-model gradient fixtures stay
+         * small (METHOD §7 fixes only D, depth, heads and the decoder for this preset) */
+        c.S = 32, c.P = 8;
+        c.D = 32, c.depth = 2, c.H = 2, c.Dd = 32, c.depth_d = 1, c.Hd = 2;
+        c.K = 16, c.head_hidden = 32, c.head_bottleneck = 16;
+    } else {
+        return af_error(AF_EINVAL, "unknown preset '%s' (expected vit_base, vit_small, vit_tiny "
+                        "or test)", name);
+    }
+    *cfg = c;
+    return AF_OK;
+}
+
+af_status af_config_validate(const af_config *c) {
+    AF_CHECK(c != NULL, AF_EINVAL, "config is NULL");
+#define POS(f) AF_CHECK(c->f > 0, AF_EINVAL, "config: " #f " must be > 0, got %d", c->f)
+#define FLAG(f) AF_CHECK(c->f == 0 || c->f == 1, AF_EINVAL, "config: " #f " must be 0 or 1, got %d", c->f)
+    POS(S); POS(P); POS(D); POS(depth); POS(H); POS(mlp_ratio); POS(Dd); POS(depth_d); POS(Hd);
+    POS(K); POS(head_hidden); POS(head_bottleneck);
+    FLAG(shared_last_layer); FLAG(shared_mask_token); FLAG(learned_pos);
+#undef POS
+#undef FLAG
+    AF_CHECK(c->C == 1 || c->C == 3, AF_EINVAL, "config: in_chans must be 1 or 3, got %d", c->C);
+    AF_CHECK(c->S % c->P == 0, AF_EINVAL, "config: image size %d is not divisible by patch size %d",
+             c->S, c->P);
+    AF_CHECK(c->D % c->H == 0, AF_EINVAL, "config: D=%d is not divisible by heads=%d", c->D, c->H);
+    AF_CHECK(c->Dd % c->Hd == 0, AF_EINVAL, "config: decoder width %d is not divisible by decoder "
+             "heads %d", c->Dd, c->Hd);
+    /* the 2-D sin-cos embedding splits the width into 4 equal parts */
+    AF_CHECK(c->D % 4 == 0, AF_EINVAL, "config: D=%d must be divisible by 4 (sin-cos position "
+             "embedding)", c->D);
+    AF_CHECK(c->Dd % 4 == 0, AF_EINVAL, "config: decoder width %d must be divisible by 4 (sin-cos "
+             "position embedding)", c->Dd);
+    /* int-indexed kernels: keep every activation dimension product far below 2^31 */
+    long long L = (long long)(c->S / c->P) * (c->S / c->P);
+    long long Wm = (long long)c->mlp_ratio * (c->D > c->Dd ? c->D : c->Dd);
+    AF_CHECK(L <= 65536 && Wm <= 65536 && c->head_hidden <= 65536 && c->K <= 65536 &&
+             c->head_bottleneck <= 65536 && (long long)c->P * c->P * c->C <= 65536,
+             AF_EINVAL, "config: sizes too large (L=%lld)", L);
+    return AF_OK;
+}
+
+/* ------------------------------------------------------------------ layouts */
+
+/* Field sizes in struct (= memory) order; llm.c's param_sizes. */
+enum { NB_FIELDS = 12, ENC_FIELDS = 4 + NB_FIELDS + 2, HEAD_FIELDS = 7,
+       DEC_FIELDS = 4 + NB_FIELDS + 4 };
+
+static void blocks_sizes(size_t *s, int NL, int W, int R) {
+    size_t nl = (size_t)NL, w = (size_t)W, m = (size_t)R * W;
+    size_t v[NB_FIELDS] = {nl * w, nl * w, nl * 3 * w * w, nl * 3 * w, nl * w * w, nl * w,
+                           nl * w, nl * w, nl * m * w, nl * m, nl * w * m, nl * w};
+    memcpy(s, v, sizeof v);
+}
+
+static void encoder_sizes(size_t *s, const af_config *c) {
+    size_t D = (size_t)c->D, L = (size_t)(c->S / c->P) * (c->S / c->P);
+    s[0] = D * c->C * c->P * c->P;
+    s[1] = D;
+    s[2] = D;
+    s[3] = (L + 1) * D;
+    blocks_sizes(s + 4, c->depth, c->D, c->mlp_ratio);
+    s[4 + NB_FIELDS] = D;
+    s[5 + NB_FIELDS] = D;
+}
+
+static void head_sizes(size_t *s, const af_config *c) {
+    size_t D = (size_t)c->D, Hh = (size_t)c->head_hidden, Bn = (size_t)c->head_bottleneck;
+    size_t L = (size_t)(c->S / c->P) * (c->S / c->P);
+    s[0] = Hh * D, s[1] = Hh, s[2] = Hh * Hh, s[3] = Hh, s[4] = Bn * Hh, s[5] = Bn;
+    s[6] = (c->shared_last_layer ? 1 : L) * (size_t)c->K * Bn;
+}
+
+static void decoder_sizes(size_t *s, const af_config *c) {
+    size_t D = (size_t)c->D, Dd = (size_t)c->Dd, L = (size_t)(c->S / c->P) * (c->S / c->P);
+    size_t Q = (size_t)c->P * c->P * c->C;
+    s[0] = Dd * D;
+    s[1] = Dd;
+    s[2] = (c->shared_mask_token ? 1 : L) * Dd;
+    s[3] = (L + 1) * Dd;
+    blocks_sizes(s + 4, c->depth_d, c->Dd, c->mlp_ratio);
+    s[4 + NB_FIELDS] = Dd;
+    s[5 + NB_FIELDS] = Dd;
+    s[6 + NB_FIELDS] = Q * Dd;
+    s[7 + NB_FIELDS] = Q;
+}
+
+static void blocks_ptrs(float ***p, af_blocks_params *b) {
+    float **v[NB_FIELDS] = {&b->ln1_w, &b->ln1_b, &b->qkv_w, &b->qkv_b, &b->proj_w, &b->proj_b,
+                            &b->ln2_w, &b->ln2_b, &b->fc1_w, &b->fc1_b, &b->fc2_w, &b->fc2_b};
+    memcpy(p, v, sizeof v);
+}
+
+static void carve(float ***ptrs, const size_t *sizes, int n, float *base) {
+    for (int i = 0; i < n; i++) {
+        *ptrs[i] = base;
+        base += sizes[i];
+    }
+}
+
+void af_encoder_carve(af_encoder_params *p, float *base, const af_config *c) {
+    size_t s[ENC_FIELDS];
+    float **v[ENC_FIELDS] = {&p->patch_w, &p->patch_b, &p->cls, &p->pos};
+    blocks_ptrs(v + 4, &p->blocks);
+    v[4 + NB_FIELDS] = &p->norm_w;
+    v[5 + NB_FIELDS] = &p->norm_b;
+    encoder_sizes(s, c);
+    carve(v, s, ENC_FIELDS, base);
+}
+
+void af_head_carve(af_head_params *p, float *base, const af_config *c) {
+    size_t s[HEAD_FIELDS];
+    float **v[HEAD_FIELDS] = {&p->fc1_w, &p->fc1_b, &p->fc2_w, &p->fc2_b,
+                              &p->fc3_w, &p->fc3_b, &p->last_v};
+    head_sizes(s, c);
+    carve(v, s, HEAD_FIELDS, base);
+}
+
+void af_decoder_carve(af_decoder_params *p, float *base, const af_config *c) {
+    size_t s[DEC_FIELDS];
+    float **v[DEC_FIELDS] = {&p->embed_w, &p->embed_b, &p->mask_token, &p->pos};
+    blocks_ptrs(v + 4, &p->blocks);
+    v[4 + NB_FIELDS] = &p->norm_w;
+    v[5 + NB_FIELDS] = &p->norm_b;
+    v[6 + NB_FIELDS] = &p->pred_w;
+    v[7 + NB_FIELDS] = &p->pred_b;
+    decoder_sizes(s, c);
+    carve(v, s, DEC_FIELDS, base);
+}
+
+/* ------------------------------------------------------------------ named tables */
+
+enum {
+    AF_INIT_ZERO = 0,
+    AF_INIT_ONE = 1,
+    AF_INIT_XAVIER = 2,   /* U(-a, a), a = sqrt(6 / (fan_in + fan_out)) on the 2-D view */
+    AF_INIT_NORMAL = 3,   /* N(0, std)                                                  */
+    AF_INIT_UNIFORM = 4,  /* U(-a, a)                                                   */
+    AF_INIT_SINCOS = 5    /* MAE 2-D sin-cos with a zero cls row                        */
+};
+
+typedef struct {
+    af_param_info *t;
+    int n, cap;
+    size_t off[32]; /* start offset of each field */
+} table_builder;
+
+/* Append one tensor at field `f` + `sub` floats; shape given as up to 4 dims. */
+static void add(table_builder *tb, const char *name, int f, size_t sub, int ndim, int64_t d0,
+                int64_t d1, int64_t d2, int64_t d3, int trainable, int init, float scale) {
+    af_param_info *e = &tb->t[tb->n++];
+    memset(e, 0, sizeof *e);
+    snprintf(e->name, sizeof e->name, "%s", name);
+    e->offset = tb->off[f] + sub;
+    e->ndim = ndim;
+    int64_t d[4] = {d0, d1, d2, d3};
+    e->numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        e->shape[i] = d[i];
+        e->numel *= (size_t)d[i];
+    }
+    size_t len = strlen(e->name);
+    int is_bias = len >= 5 && strcmp(e->name + len - 5, ".bias") == 0;
+    e->decay = trainable && !is_bias && ndim > 1; /* DINO's get_params_groups rule */
+    e->trainable = trainable;
+    e->init = init;
+    e->init_scale = scale;
+}
+
+static float xavier(int64_t fan_out, int64_t fan_in) {
+    return (float)sqrt(6.0 / (double)(fan_in + fan_out));
+}
+
+/* timm/MAE names of NL blocks of width W; `prefix` is "blocks" or "decoder_blocks". */
+static void add_blocks(table_builder *tb, const char *prefix, int f0, int NL, int W, int R) {
+    char nm[64];
+    size_t w = (size_t)W, m = (size_t)R * W;
+    int64_t W3 = 3 * (int64_t)W, M = (int64_t)m;
+    for (int l = 0; l < NL; l++) {
+        size_t L_ = (size_t)l;
+#define NAME(s) (snprintf(nm, sizeof nm, "%s.%d.%s", prefix, l, s), nm)
+        add(tb, NAME("norm1.weight"), f0 + 0, L_ * w, 1, W, 0, 0, 0, 1, AF_INIT_ONE, 1.f);
+        add(tb, NAME("norm1.bias"), f0 + 1, L_ * w, 1, W, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add(tb, NAME("attn.qkv.weight"), f0 + 2, L_ * 3 * w * w, 2, W3, W, 0, 0, 1, AF_INIT_XAVIER,
+            xavier(W3, W));
+        add(tb, NAME("attn.qkv.bias"), f0 + 3, L_ * 3 * w, 1, W3, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add(tb, NAME("attn.proj.weight"), f0 + 4, L_ * w * w, 2, W, W, 0, 0, 1, AF_INIT_XAVIER,
+            xavier(W, W));
+        add(tb, NAME("attn.proj.bias"), f0 + 5, L_ * w, 1, W, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add(tb, NAME("norm2.weight"), f0 + 6, L_ * w, 1, W, 0, 0, 0, 1, AF_INIT_ONE, 1.f);
+        add(tb, NAME("norm2.bias"), f0 + 7, L_ * w, 1, W, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add(tb, NAME("mlp.fc1.weight"), f0 + 8, L_ * m * w, 2, M, W, 0, 0, 1, AF_INIT_XAVIER,
+            xavier(M, W));
+        add(tb, NAME("mlp.fc1.bias"), f0 + 9, L_ * m, 1, M, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add(tb, NAME("mlp.fc2.weight"), f0 + 10, L_ * w * m, 2, W, M, 0, 0, 1, AF_INIT_XAVIER,
+            xavier(W, M));
+        add(tb, NAME("mlp.fc2.bias"), f0 + 11, L_ * w, 1, W, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+#undef NAME
+    }
+}
+
+af_status af_param_table(const af_config *c, af_net net, af_param_info **table, int *count,
+                         size_t *total) {
+    AF_TRY(af_config_validate(c));
+    AF_CHECK(table != NULL && count != NULL, AF_EINVAL, "af_param_table: NULL output");
+    AF_CHECK(net >= 0 && net < AF_NET_COUNT, AF_EINVAL, "unknown network %d", (int)net);
+    int L = (c->S / c->P) * (c->S / c->P), T = L + 1;
+    size_t sizes[32];
+    int nf = net == AF_NET_ENCODER ? ENC_FIELDS : net == AF_NET_HEAD ? HEAD_FIELDS : DEC_FIELDS;
+    if (net == AF_NET_ENCODER) encoder_sizes(sizes, c);
+    else if (net == AF_NET_HEAD) head_sizes(sizes, c);
+    else decoder_sizes(sizes, c);
+    table_builder tb = {0};
+    size_t sum = 0;
+    for (int i = 0; i < nf; i++) {
+        tb.off[i] = sum;
+        sum += sizes[i];
+    }
+    int depth = net == AF_NET_ENCODER ? c->depth : net == AF_NET_DECODER ? c->depth_d : 0;
+    tb.cap = 16 + NB_FIELDS * depth + (net == AF_NET_HEAD ? L : 0);
+    tb.t = af_calloc((size_t)tb.cap, sizeof(af_param_info));
+    if (tb.t == NULL) return AF_ENOMEM;
+
+    int64_t D = c->D, Dd = c->Dd, C = c->C, P = c->P, Q = (int64_t)P * P * C;
+    if (net == AF_NET_ENCODER) {
+        add(&tb, "cls_token", 2, 0, 3, 1, 1, D, 0, 1, AF_INIT_NORMAL, 0.02f);
+        add(&tb, "pos_embed", 3, 0, 3, 1, T, D, 0, c->learned_pos, AF_INIT_SINCOS, 0.f);
+        add(&tb, "patch_embed.proj.weight", 0, 0, 4, D, C, P, P, 1, AF_INIT_XAVIER,
+            xavier(D, C * P * P));
+        add(&tb, "patch_embed.proj.bias", 1, 0, 1, D, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add_blocks(&tb, "blocks", 4, c->depth, c->D, c->mlp_ratio);
+        add(&tb, "norm.weight", 4 + NB_FIELDS, 0, 1, D, 0, 0, 0, 1, AF_INIT_ONE, 1.f);
+        add(&tb, "norm.bias", 5 + NB_FIELDS, 0, 1, D, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+    } else if (net == AF_NET_HEAD) {
+        int64_t Hh = c->head_hidden, Bn = c->head_bottleneck, K = c->K;
+        /* released code: trunc_normal(0.02) on the MLP (the +-2 cut never triggers) */
+        add(&tb, "mlp.0.weight", 0, 0, 2, Hh, D, 0, 0, 1, AF_INIT_NORMAL, 0.02f);
+        add(&tb, "mlp.0.bias", 1, 0, 1, Hh, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add(&tb, "mlp.2.weight", 2, 0, 2, Hh, Hh, 0, 0, 1, AF_INIT_NORMAL, 0.02f);
+        add(&tb, "mlp.2.bias", 3, 0, 1, Hh, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add(&tb, "mlp.4.weight", 4, 0, 2, Bn, Hh, 0, 0, 1, AF_INIT_NORMAL, 0.02f);
+        add(&tb, "mlp.4.bias", 5, 0, 1, Bn, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        /* the weight-normalised layers keep nn.Linear's default init (created after the
+         * MLP init in the released code): U(-1/sqrt(Bn), 1/sqrt(Bn)) on v */
+        float a = (float)(1.0 / sqrt((double)Bn));
+        if (c->shared_last_layer) {
+            add(&tb, "last_layer.weight_v", 6, 0, 2, K, Bn, 0, 0, 1, AF_INIT_UNIFORM, a);
+            tb.t[tb.n - 1].last_layer = 1;
+        } else {
+            char nm[64];
+            for (int j = 0; j < L; j++) {
+                snprintf(nm, sizeof nm, "last_layers.%d.weight_v", j);
+                add(&tb, nm, 6, (size_t)j * (size_t)(K * Bn), 2, K, Bn, 0, 0, 1, AF_INIT_UNIFORM, a);
+                tb.t[tb.n - 1].last_layer = 1;
+            }
+        }
+    } else {
+        add(&tb, "mask_token", 2, 0, 3, 1, c->shared_mask_token ? 1 : L, Dd, 0, 1, AF_INIT_NORMAL,
+            0.02f);
+        add(&tb, "decoder_pos_embed", 3, 0, 3, 1, T, Dd, 0, 0, AF_INIT_SINCOS, 0.f);
+        add(&tb, "decoder_embed.weight", 0, 0, 2, Dd, D, 0, 0, 1, AF_INIT_XAVIER, xavier(Dd, D));
+        add(&tb, "decoder_embed.bias", 1, 0, 1, Dd, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add_blocks(&tb, "decoder_blocks", 4, c->depth_d, c->Dd, c->mlp_ratio);
+        add(&tb, "decoder_norm.weight", 4 + NB_FIELDS, 0, 1, Dd, 0, 0, 0, 1, AF_INIT_ONE, 1.f);
+        add(&tb, "decoder_norm.bias", 5 + NB_FIELDS, 0, 1, Dd, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+        add(&tb, "decoder_pred.weight", 6 + NB_FIELDS, 0, 2, Q, Dd, 0, 0, 1, AF_INIT_XAVIER,
+            xavier(Q, Dd));
+        add(&tb, "decoder_pred.bias", 7 + NB_FIELDS, 0, 1, Q, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
+    }
+    *table = tb.t;
+    *count = tb.n;
+    if (total) *total = sum;
+    return AF_OK;
+}
+
+/* ------------------------------------------------------------------ initialisation */
+
+af_status af_init_params(const af_config *c, af_net net, float *buf) {
+    af_param_info *t;
+    int n;
+    AF_TRY(af_param_table(c, net, &t, &n, NULL));
+    int G = c->S / c->P;
+    for (int i = 0; i < n; i++) {
+        const af_param_info *e = &t[i];
+        float *p = buf + e->offset;
+        /* one stream per tensor: (network, table index) -> identical draws on any backend */
+        uint64_t stream = af_stream(AF_RNG_INIT, 0, ((uint32_t)net << 16) | (uint32_t)i);
+        switch (e->init) {
+        case AF_INIT_ZERO: memset(p, 0, e->numel * sizeof(float)); break;
+        case AF_INIT_ONE:
+            for (size_t k = 0; k < e->numel; k++) p[k] = 1.0f;
+            break;
+        case AF_INIT_XAVIER:
+        case AF_INIT_UNIFORM:
+            for (size_t k = 0; k < e->numel; k++)
+                p[k] = (2.0f * af_rand_uniform(c->seed, stream, k) - 1.0f) * e->init_scale;
+            break;
+        case AF_INIT_NORMAL:
+            for (size_t k = 0; k < e->numel; k++)
+                p[k] = e->init_scale * af_rand_normal(c->seed, stream, k);
+            break;
+        case AF_INIT_SINCOS:
+            sincos_2d_embed(p, (int)e->shape[2], G, 1);
+            break;
+        default:
+            af_free(t);
+            return af_error(AF_EINTERNAL, "unknown init kind %d for %s", e->init, e->name);
+        }
+    }
+    af_free(t);
+    return AF_OK;
+}
+
+/* ------------------------------------------------------------------ input normalisation */
+
+af_status af_normalize_images(float *out, const uint8_t *img, int B, int C, int S) {
+    AF_CHECK(out != NULL && img != NULL, AF_EINVAL, "normalize_images: NULL buffer");
+    AF_CHECK(B >= 0 && S > 0, AF_EINVAL, "normalize_images: bad sizes B=%d S=%d", B, S);
+    AF_CHECK(C == 1 || C == 3, AF_EINVAL, "normalize_images: in_chans must be 1 or 3, got %d", C);
+    /* C=1: the ImageNet means/stds averaged (METHOD §1); C=3: ImageNet per channel */
+    static const float mean1[1] = {0.449f}, std1[1] = {0.226f};
+    static const float mean3[3] = {0.485f, 0.456f, 0.406f}, std3[3] = {0.229f, 0.224f, 0.225f};
+    const float *mean = C == 1 ? mean1 : mean3, *sd = C == 1 ? std1 : std3;
+    size_t SS = (size_t)S * S;
+    for (int b = 0; b < B; b++)
+        for (int ch = 0; ch < C; ch++) {
+            float *o = out + ((size_t)b * C + ch) * SS;
+            const uint8_t *x = img + (size_t)b * SS;
+            float inv = 1.0f / sd[ch];
+            for (size_t k = 0; k < SS; k++) o[k] = ((float)x[k] / 255.0f - mean[ch]) * inv;
+        }
+    return AF_OK;
+}
+
+/* ------------------------------------------------------------------ model lifetime */
+
+/* Bump allocator over one activation block: counts when base is NULL. */
+typedef struct {
+    float *base;
+    size_t used;
+} bump;
+
+static float *take(bump *b, size_t n) {
+    float *p = b->base ? b->base + b->used : NULL;
+    b->used += (n + 15) & ~(size_t)15; /* keep every array 64-byte aligned */
+    return p;
+}
+
+static void blocks_acts_carve(af_blocks_acts *a, bump *b, int NL, int cap, int T, int W, int R,
+                              int NH) {
+    size_t N = (size_t)NL * cap * T, w = (size_t)W, m = (size_t)R * W;
+    a->ln1 = take(b, N * w), a->ln1_mean = take(b, N), a->ln1_rstd = take(b, N);
+    a->qkv = take(b, N * 3 * w);
+    a->att = take(b, (size_t)NL * cap * NH * T * T);
+    a->atty = take(b, N * w), a->res2 = take(b, N * w);
+    a->ln2 = take(b, N * w), a->ln2_mean = take(b, N), a->ln2_rstd = take(b, N);
+    a->fch = take(b, N * m), a->fch_gelu = take(b, N * m);
+    a->res3 = take(b, N * w);
+    a->cap = cap;
+}
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+static void acts_carve(af_model *m, bump *b, int cap) {
+    const af_config *c = &m->cfg;
+    size_t L = (size_t)m->L, T = (size_t)m->T, Bc = (size_t)cap, Q = (size_t)m->Q;
+    size_t D = (size_t)c->D, Dd = (size_t)c->Dd, R = (size_t)c->mlp_ratio;
+    size_t Hh = (size_t)c->head_hidden, Bn = (size_t)c->head_bottleneck, K = (size_t)c->K;
+    size_t nlast = c->shared_last_layer ? 1 : L;
+    for (int br = 0; br < 2; br++) {
+        af_encoder_acts *e = &m->enc_acts[br];
+        e->patches = take(b, Bc * L * c->C * c->P * c->P);
+        e->x0 = take(b, Bc * T * D);
+        blocks_acts_carve(&e->blocks, b, c->depth, cap, m->T, c->D, c->mlp_ratio, c->H);
+        e->out = take(b, Bc * T * D), e->lnf_mean = take(b, Bc * T), e->lnf_rstd = take(b, Bc * T);
+        af_head_acts *h = &m->head_acts[br];
+        size_t N = Bc * L;
+        h->x = take(b, N * D);
+        h->h1 = take(b, N * Hh), h->g1 = take(b, N * Hh), h->h2 = take(b, N * Hh), h->g2 = take(b, N * Hh);
+        h->z = take(b, N * Bn), h->zn_t = take(b, N * Bn), h->znorm = take(b, N);
+        h->w_eff = take(b, nlast * K * Bn), h->vnorm = take(b, nlast * K);
+        h->logits_t = take(b, N * K), h->logits = take(b, N * K);
+    }
+    af_decoder_acts *d = &m->dec_acts;
+    d->tokens = take(b, Bc * T * D);
+    d->x0 = take(b, Bc * T * Dd);
+    blocks_acts_carve(&d->blocks, b, c->depth_d, cap, m->T, c->Dd, c->mlp_ratio, c->Hd);
+    d->lnf = take(b, Bc * T * Dd), d->lnf_mean = take(b, Bc * T), d->lnf_rstd = take(b, Bc * T);
+    d->pred_full = take(b, Bc * T * Q), d->pred = take(b, Bc * L * Q);
+    af_scratch *s = &m->scratch;
+    size_t W = max_sz(D, Dd), NH = (size_t)(c->H > c->Hd ? c->H : c->Hd);
+    size_t wide = max_sz(max_sz(Hh, Bn), max_sz(max_sz(D, Q), K));
+    s->dres = take(b, Bc * T * W), s->dres2 = take(b, Bc * T * W);
+    s->dln = take(b, Bc * T * W), s->datty = take(b, Bc * T * W);
+    s->dqkv = take(b, Bc * T * 3 * W);
+    s->dfch = take(b, Bc * T * R * W), s->dfch_gelu = take(b, Bc * T * R * W);
+    s->datt = take(b, Bc * NH * T * T);
+    s->dh_a = take(b, Bc * T * wide), s->dh_b = take(b, Bc * T * wide);
+    s->dz_t = take(b, Bc * L * Bn);
+}
+
+af_status af_model_reserve(af_model *m, int B) {
+    AF_CHECK(m != NULL, AF_EINVAL, "reserve: model is NULL");
+    AF_CHECK(B >= 1, AF_EINVAL, "batch size must be >= 1, got %d", B);
+    if (B <= m->capacity) return AF_OK;
+    /* size check in double first: the int-indexed kernels need B*H*T*T < 2^31 */
+    double T = m->T, NH = m->cfg.H > m->cfg.Hd ? m->cfg.H : m->cfg.Hd;
+    double W = m->cfg.D > m->cfg.Dd ? m->cfg.D : m->cfg.Dd;
+    AF_CHECK((double)B * NH * T * T < 2147483647.0 && (double)B * T * W * m->cfg.mlp_ratio < 2147483647.0,
+             AF_EINVAL, "batch size %d too large for this model", B);
+    bump count = {NULL, 0};
+    acts_carve(m, &count, B);
+    float *mem = af_calloc(count.used, sizeof(float));
+    if (mem == NULL) return AF_ENOMEM;
+    uint8_t *mask = af_calloc((size_t)B * m->L, 1);
+    if (mask == NULL) {
+        af_free(mem);
+        return AF_ENOMEM;
+    }
+    af_free(m->act_mem);
+    af_free(m->dec_acts.mask);
+    m->act_mem = mem;
+    m->act_floats = count.used;
+    bump real = {mem, 0};
+    acts_carve(m, &real, B);
+    m->dec_acts.mask = mask;
+    m->capacity = B;
+    m->enc_B[0] = m->enc_B[1] = m->head_B[0] = m->head_B[1] = m->dec_B = 0;
+    return AF_OK;
+}
+
+void af_model_free(af_model *m) {
+    if (m == NULL) return;
+    for (int n = 0; n < AF_NET_COUNT; n++) {
+        af_free(m->table[n]);
+        af_free(m->params[n]);
+        af_free(m->grads[n]);
+        af_free(m->adam_m[n]);
+        af_free(m->adam_v[n]);
+    }
+    af_free(m->teacher[0]);
+    af_free(m->teacher[1]);
+    af_free(m->act_mem);
+    af_free(m->dec_acts.mask);
+    af_free(m);
+}
+
+af_status af_model_create(af_model **out, const af_config *cfg) {
+    AF_CHECK(out != NULL, AF_EINVAL, "model_create: out is NULL");
+    *out = NULL;
+    AF_TRY(af_config_validate(cfg));
+    af_model *m = af_calloc(1, sizeof(af_model));
+    if (m == NULL) return AF_ENOMEM;
+    m->cfg = *cfg;
+    m->L = (cfg->S / cfg->P) * (cfg->S / cfg->P);
+    m->T = m->L + 1;
+    m->Q = cfg->P * cfg->P * cfg->C;
+    af_status st = AF_OK;
+    for (int n = 0; n < AF_NET_COUNT && st == AF_OK; n++) {
+        st = af_param_table(cfg, (af_net)n, &m->table[n], &m->ntable[n], &m->numel[n]);
+        if (st != AF_OK) break;
+        size_t k = m->numel[n];
+        m->params[n] = af_calloc(k, sizeof(float));
+        m->grads[n] = af_calloc(k, sizeof(float));
+        m->adam_m[n] = af_calloc(k, sizeof(float));
+        m->adam_v[n] = af_calloc(k, sizeof(float));
+        if (!m->params[n] || !m->grads[n] || !m->adam_m[n] || !m->adam_v[n]) st = AF_ENOMEM;
+        if (st == AF_OK && n < 2 && (m->teacher[n] = af_calloc(k, sizeof(float))) == NULL)
+            st = AF_ENOMEM;
+        if (st == AF_OK) st = af_init_params(cfg, (af_net)n, m->params[n]);
+    }
+    if (st != AF_OK) {
+        af_model_free(m);
+        return st;
+    }
+    af_encoder_carve(&m->enc[AF_STUDENT], m->params[AF_NET_ENCODER], cfg);
+    af_encoder_carve(&m->enc[AF_TEACHER], m->teacher[AF_NET_ENCODER], cfg);
+    af_encoder_carve(&m->enc_grad, m->grads[AF_NET_ENCODER], cfg);
+    af_head_carve(&m->head[AF_STUDENT], m->params[AF_NET_HEAD], cfg);
+    af_head_carve(&m->head[AF_TEACHER], m->teacher[AF_NET_HEAD], cfg);
+    af_head_carve(&m->head_grad, m->grads[AF_NET_HEAD], cfg);
+    af_decoder_carve(&m->dec, m->params[AF_NET_DECODER], cfg);
+    af_decoder_carve(&m->dec_grad, m->grads[AF_NET_DECODER], cfg);
+    af_model_sync_teacher(m);
+    *out = m;
+    return AF_OK;
+}
+
+void af_model_zero_grad(af_model *m) {
+    for (int n = 0; n < AF_NET_COUNT; n++) memset(m->grads[n], 0, m->numel[n] * sizeof(float));
+}
+
+void af_model_sync_teacher(af_model *m) {
+    for (int n = 0; n < 2; n++) memcpy(m->teacher[n], m->params[n], m->numel[n] * sizeof(float));
+}

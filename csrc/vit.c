@@ -1,0 +1,248 @@
+/* ViT encoder and restoration decoder on the CPU (METHOD.md §2): pre-norm transformer
+ * blocks shared by both, each *_forward next to its *_backward. Sizes as model.h:
+ * N = B*T rows, W block width, R mlp ratio, NH heads. */
+#include "common.h"
+#include "model.h"
+#include "ops/ops.h"
+
+#define ENC_EPS 1e-6f /* timm ViT LayerNorm (norm_layer eps=1e-6)            */
+#define DEC_EPS 1e-5f /* released decoder uses nn.LayerNorm's default eps    */
+
+/* ------------------------------------------------------------------ transformer blocks */
+
+/* Pointers of block l inside stacked [NL, ...] parameters. */
+typedef struct {
+    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b;
+    float *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
+} block_view;
+
+static block_view block_at(const af_blocks_params *p, int l, int W, int R) {
+    size_t w = (size_t)W, m = (size_t)R * W, L_ = (size_t)l;
+    block_view v = {p->ln1_w + L_ * w, p->ln1_b + L_ * w, p->qkv_w + L_ * 3 * w * w,
+                    p->qkv_b + L_ * 3 * w, p->proj_w + L_ * w * w, p->proj_b + L_ * w,
+                    p->ln2_w + L_ * w, p->ln2_b + L_ * w, p->fc1_w + L_ * m * w,
+                    p->fc1_b + L_ * m, p->fc2_w + L_ * w * m, p->fc2_b + L_ * w};
+    return v;
+}
+
+/* Saved activations of block l (stacked [NL, B, ...] for the current B). */
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res2, *ln2, *ln2_mean, *ln2_rstd,
+        *fch, *fch_gelu, *res3;
+} block_acts_view;
+
+static block_acts_view block_acts_at(const af_blocks_acts *a, int l, int T, int W, int R, int NH) {
+    int B = a->cap; /* the layer stride is the capacity, not the current batch */
+    size_t N = (size_t)B * T, L_ = (size_t)l, w = (size_t)W, m = (size_t)R * W;
+    block_acts_view v = {a->ln1 + L_ * N * w, a->ln1_mean + L_ * N, a->ln1_rstd + L_ * N,
+                         a->qkv + L_ * N * 3 * w, a->att + L_ * (size_t)B * NH * T * T,
+                         a->atty + L_ * N * w, a->res2 + L_ * N * w, a->ln2 + L_ * N * w,
+                         a->ln2_mean + L_ * N, a->ln2_rstd + L_ * N, a->fch + L_ * N * m,
+                         a->fch_gelu + L_ * N * m, a->res3 + L_ * N * w};
+    return v;
+}
+
+static void add_inplace(float *y, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+/* x[B,T,W] -> NL blocks; the output is the last block's res3. */
+static void blocks_forward(af_blocks_acts *acts, const float *x, const af_blocks_params *p,
+                           int NL, int B, int T, int W, int R, int NH, float eps) {
+    int N = B * T;
+    size_t nw = (size_t)N * W;
+    for (int l = 0; l < NL; l++) {
+        block_view w = block_at(p, l, W, R);
+        block_acts_view a = block_acts_at(acts, l, T, W, R, NH);
+        const float *in = l == 0 ? x : block_acts_at(acts, l - 1, T, W, R, NH).res3;
+        layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b, N, W, eps);
+        linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W);
+        attention_forward(a.atty, a.att, a.qkv, B, T, W, NH);
+        linear_forward(a.res2, a.atty, w.proj_w, w.proj_b, N, W, W);
+        add_inplace(a.res2, in, nw);
+        layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, W, eps);
+        linear_forward(a.fch, a.ln2, w.fc1_w, w.fc1_b, N, W, R * W);
+        gelu_forward(a.fch_gelu, a.fch, (size_t)N * R * W);
+        linear_forward(a.res3, a.fch_gelu, w.fc2_w, w.fc2_b, N, R * W, W);
+        add_inplace(a.res3, a.res2, nw);
+    }
+}
+
+/* In: s->dres = d(last res3). Out: s->dres = d(x). Parameter grads accumulate (+=). */
+static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_acts *acts,
+                            const float *x, const af_blocks_params *p, int NL, int B, int T,
+                            int W, int R, int NH) {
+    int N = B * T;
+    size_t nw = (size_t)N * W, nm = (size_t)N * R * W;
+    for (int l = NL - 1; l >= 0; l--) {
+        block_view w = block_at(p, l, W, R), dw = block_at(g, l, W, R);
+        block_acts_view a = block_acts_at(acts, l, T, W, R, NH);
+        const float *in = l == 0 ? x : block_acts_at(acts, l - 1, T, W, R, NH).res3;
+        /* MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2)))) */
+        memcpy(s->dres2, s->dres, nw * sizeof(float));
+        memset(s->dfch_gelu, 0, nm * sizeof(float));
+        linear_backward(s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu, w.fc2_w, N, R * W, W);
+        memset(s->dfch, 0, nm * sizeof(float));
+        gelu_backward(s->dfch, s->dfch_gelu, a.fch, nm);
+        memset(s->dln, 0, nw * sizeof(float));
+        linear_backward(s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W, R * W);
+        layernorm_backward(s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2, w.ln2_w, a.ln2_mean,
+                           a.ln2_rstd, N, W);
+        /* attention branch: res2 = in + proj(attn(qkv(ln1(in)))) */
+        memcpy(s->dres, s->dres2, nw * sizeof(float));
+        memset(s->datty, 0, nw * sizeof(float));
+        linear_backward(s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w, N, W, W);
+        memset(s->dqkv, 0, nw * 3 * sizeof(float));
+        attention_backward(s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W, NH);
+        memset(s->dln, 0, nw * sizeof(float));
+        linear_backward(s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W, 3 * W);
+        layernorm_backward(s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,
+                           a.ln1_rstd, N, W);
+    }
+}
+
+static const float *blocks_output(const af_blocks_acts *acts, int NL, int B, int T, int W, int R,
+                                  int NH) {
+    return block_acts_at(acts, NL - 1, T, W, R, NH).res3;
+}
+
+static af_status check_batch(const af_model *m, int B, const char *what) {
+    AF_CHECK(m != NULL, AF_EINVAL, "%s: model is NULL", what);
+    AF_CHECK(B >= 1, AF_EINVAL, "%s: batch size must be >= 1, got %d", what, B);
+    AF_CHECK(B <= m->capacity, AF_EINVAL, "%s: batch %d exceeds the reserved capacity %d (call "
+             "af_model_reserve first)", what, B, m->capacity);
+    return AF_OK;
+}
+
+/* ------------------------------------------------------------------ encoder */
+
+af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int B) {
+    AF_TRY(check_batch(m, B, "encoder_forward"));
+    AF_CHECK(br == AF_STUDENT || br == AF_TEACHER, AF_EINVAL, "encoder_forward: bad branch %d", br);
+    AF_CHECK(images != NULL, AF_EINVAL, "encoder_forward: images is NULL");
+    const af_config *c = &m->cfg;
+    const af_encoder_params *p = &m->enc[br];
+    af_encoder_acts *a = &m->enc_acts[br];
+    int L = m->L, T = m->T, D = c->D, CPP = c->C * c->P * c->P;
+    /* patch embedding = the stride-P conv as a matmul over (c, p, q)-flattened patches */
+    patchify_forward(a->patches, images, B, c->C, c->S, c->P, AF_PATCH_CPQ);
+    float *emb = m->scratch.dres; /* [B*L, D] temporary */
+    linear_forward(emb, a->patches, p->patch_w, p->patch_b, B * L, CPP, D);
+    for (int b = 0; b < B; b++) {
+        float *x = a->x0 + (size_t)b * T * D;
+        for (int d = 0; d < D; d++) x[d] = p->cls[d] + p->pos[d];
+        for (int j = 0; j < L; j++) {
+            const float *e = emb + ((size_t)b * L + j) * D, *pe = p->pos + (size_t)(1 + j) * D;
+            float *xr = x + (size_t)(1 + j) * D;
+            for (int d = 0; d < D; d++) xr[d] = e[d] + pe[d];
+        }
+    }
+    blocks_forward(&a->blocks, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio, c->H, ENC_EPS);
+    const float *last = blocks_output(&a->blocks, c->depth, B, T, D, c->mlp_ratio, c->H);
+    layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, B * T, D,
+                      ENC_EPS);
+    m->enc_B[br] = B;
+    return AF_OK;
+}
+
+af_status af_encoder_backward(af_model *m, const float *dtokens) {
+    AF_CHECK(m != NULL && dtokens != NULL, AF_EINVAL, "encoder_backward: NULL argument");
+    int B = m->enc_B[AF_STUDENT];
+    AF_CHECK(B > 0, AF_EINVAL, "encoder_backward: no student encoder forward to differentiate");
+    const af_config *c = &m->cfg;
+    const af_encoder_params *p = &m->enc[AF_STUDENT];
+    af_encoder_params *g = &m->enc_grad;
+    const af_encoder_acts *a = &m->enc_acts[AF_STUDENT];
+    af_scratch *s = &m->scratch;
+    int L = m->L, T = m->T, D = c->D, N = B * T, CPP = c->C * c->P * c->P;
+    const float *last = blocks_output(&a->blocks, c->depth, B, T, D, c->mlp_ratio, c->H);
+    memset(s->dres, 0, (size_t)N * D * sizeof(float));
+    layernorm_backward(s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w, a->lnf_mean,
+                       a->lnf_rstd, N, D);
+    blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
+                    c->mlp_ratio, c->H);
+    /* s->dres = d(x0): x0[b,0] = cls + pos[0], x0[b,1+j] = emb[b,j] + pos[1+j] */
+    for (int b = 0; b < B; b++) {
+        const float *dx = s->dres + (size_t)b * T * D;
+        for (int d = 0; d < D; d++) g->cls[d] += dx[d];
+        if (m->cfg.learned_pos)
+            for (size_t i = 0; i < (size_t)T * D; i++) g->pos[i] += dx[i];
+    }
+    float *demb = s->dln; /* [B*L, D] gathered rows 1..L */
+    for (int b = 0; b < B; b++)
+        memcpy(demb + (size_t)b * L * D, s->dres + ((size_t)b * T + 1) * D,
+               (size_t)L * D * sizeof(float));
+    linear_backward(NULL, g->patch_w, g->patch_b, demb, a->patches, p->patch_w, B * L, CPP, D);
+    return AF_OK;
+}
+
+/* ------------------------------------------------------------------ decoder */
+
+af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *token_mask, int B) {
+    AF_TRY(check_batch(m, B, "decoder_forward"));
+    AF_CHECK(tokens != NULL && token_mask != NULL, AF_EINVAL, "decoder_forward: NULL argument");
+    const af_config *c = &m->cfg;
+    const af_decoder_params *p = &m->dec;
+    af_decoder_acts *a = &m->dec_acts;
+    int L = m->L, T = m->T, D = c->D, Dd = c->Dd, Q = m->Q, N = B * T;
+    memcpy(a->tokens, tokens, (size_t)N * D * sizeof(float));
+    memcpy(a->mask, token_mask, (size_t)B * L);
+    linear_forward(a->x0, a->tokens, p->embed_w, p->embed_b, N, D, Dd);
+    /* masked tokens (lesion patches) are replaced after the embedding; cls never is */
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            float *x = a->x0 + ((size_t)b * T + t) * Dd;
+            if (t > 0 && a->mask[(size_t)b * L + t - 1]) {
+                const float *mt = p->mask_token + (c->shared_mask_token ? 0 : (size_t)(t - 1) * Dd);
+                memcpy(x, mt, (size_t)Dd * sizeof(float));
+            }
+            add_inplace(x, p->pos + (size_t)t * Dd, (size_t)Dd);
+        }
+    blocks_forward(&a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd,
+                   DEC_EPS);
+    const float *last = blocks_output(&a->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd);
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, N, Dd, DEC_EPS);
+    linear_forward(a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q);
+    for (int b = 0; b < B; b++) /* drop cls */
+        memcpy(a->pred + (size_t)b * L * Q, a->pred_full + ((size_t)b * T + 1) * Q,
+               (size_t)L * Q * sizeof(float));
+    m->dec_B = B;
+    return AF_OK;
+}
+
+af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens) {
+    AF_CHECK(m != NULL && dpred != NULL, AF_EINVAL, "decoder_backward: NULL argument");
+    int B = m->dec_B;
+    AF_CHECK(B > 0, AF_EINVAL, "decoder_backward: no decoder forward to differentiate");
+    const af_config *c = &m->cfg;
+    const af_decoder_params *p = &m->dec;
+    af_decoder_params *g = &m->dec_grad;
+    const af_decoder_acts *a = &m->dec_acts;
+    af_scratch *s = &m->scratch;
+    int L = m->L, T = m->T, D = c->D, Dd = c->Dd, Q = m->Q, N = B * T;
+    float *dfull = s->dh_a; /* [B,T,Q], zero on the cls rows */
+    memset(dfull, 0, (size_t)N * Q * sizeof(float));
+    for (int b = 0; b < B; b++)
+        memcpy(dfull + ((size_t)b * T + 1) * Q, dpred + (size_t)b * L * Q,
+               (size_t)L * Q * sizeof(float));
+    memset(s->dln, 0, (size_t)N * Dd * sizeof(float));
+    linear_backward(s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N, Dd, Q);
+    const float *last = blocks_output(&a->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd);
+    memset(s->dres, 0, (size_t)N * Dd * sizeof(float));
+    layernorm_backward(s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w, a->lnf_mean,
+                       a->lnf_rstd, N, Dd);
+    blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd,
+                    c->mlp_ratio, c->Hd);
+    /* the fixed pos embedding takes no gradient; a replaced token's gradient goes to its
+     * mask token and not to the embedding */
+    for (int b = 0; b < B; b++)
+        for (int j = 0; j < L; j++)
+            if (a->mask[(size_t)b * L + j]) {
+                float *dx = s->dres + ((size_t)b * T + 1 + j) * Dd;
+                add_inplace(g->mask_token + (c->shared_mask_token ? 0 : (size_t)j * Dd), dx,
+                            (size_t)Dd);
+                memset(dx, 0, (size_t)Dd * sizeof(float));
+            }
+    linear_backward(dtokens, g->embed_w, g->embed_b, s->dres, a->tokens, p->embed_w, N, D, Dd);
+    return AF_OK;
+}
