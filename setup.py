@@ -51,27 +51,30 @@ if SANITIZE:
     cflags += san + ["-g"]
     ldflags += san
 
-sources = sorted(glob.glob("csrc/*.c") + glob.glob("csrc/ops/*.c"))
+# afire._C: the CPU core. afire._C_cuda: the CUDA backend, a separate extension so that
+# `import afire` never loads CUDA libraries (they can clash with PyTorch's own copies).
+CUDA_BINDING = ["csrc/py_cuda.c", "csrc/cuda_module.c", "csrc/error.c", "csrc/py_util.c"]
+sources = sorted(f for f in glob.glob("csrc/*.c") + glob.glob("csrc/ops/*.c")
+                 if f not in CUDA_BINDING[:2])
 macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
 include_dirs = ["csrc", np.get_include(), openblas.get_include_dir()]
 library_dirs = [openblas.get_lib_dir()]
 libraries = [openblas.get_library(), "m"]
 cuda_sources = sorted(glob.glob("cuda/*.cu") + glob.glob("cuda/ops/*.cu"))
+cuda_include, cuda_libdirs = [], []
 if USE_CUDA:
-    macros.append(("AFIRE_HAVE_CUDA", "1"))
-    include_dirs.append(os.path.join(CUDA_HOME, "include"))
+    cuda_include.append(os.path.join(CUDA_HOME, "include"))
     for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
         p = os.path.join(CUDA_HOME, d)
         if os.path.isdir(p):
-            library_dirs.append(p)
-    libraries += ["cudart", "cublas", "cublasLt", "cudnn", "nccl", "stdc++"]
+            cuda_libdirs.append(p)
 
 
 class BuildExt(build_ext):
-    """Compiles cuda/*.cu with nvcc first and links the objects into afire._C."""
+    """Compiles cuda/*.cu with nvcc and links the objects into afire._C_cuda."""
 
     def build_extension(self, ext):
-        if USE_CUDA and cuda_sources:
+        if ext.name == "afire._C_cuda" and cuda_sources:
             archs = os.environ.get("AFIRE_CUDA_ARCH", "80;90").split(";")
             gencode = []
             for a in archs:
@@ -104,7 +107,7 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
-ext = Extension(
+exts = [Extension(
     "afire._C",
     sources=sources,
     include_dirs=include_dirs,
@@ -115,6 +118,18 @@ ext = Extension(
     extra_compile_args=cflags,
     extra_link_args=ldflags,
     depends=glob.glob("csrc/*.h") + glob.glob("csrc/ops/*.h"),
-)
+)]
+if USE_CUDA:
+    exts.append(Extension(
+        "afire._C_cuda",
+        sources=CUDA_BINDING,
+        include_dirs=include_dirs + cuda_include,
+        define_macros=macros + [("AFIRE_HAVE_CUDA", "1")],
+        library_dirs=cuda_libdirs,
+        libraries=["cudart", "cublas", "cublasLt", "cudnn", "nccl", "stdc++", "m"],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+        depends=glob.glob("csrc/*.h") + glob.glob("cuda/*.cuh"),
+    ))
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+setup(ext_modules=exts, cmdclass={"build_ext": BuildExt})

@@ -6,6 +6,9 @@ import os
 
 import scipy_openblas32 as _openblas
 
+# OpenMP threads that spin while OpenBLAS's own threads work slow a 2-core step ~6x.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 # Load the OpenBLAS shipped in the scipy-openblas32 wheel before the extension, so that the
 # extension's dependency on libscipy_openblas.so resolves to it wherever pip put it.
 _lib = os.path.join(_openblas.get_lib_dir(), "lib" + _openblas.get_library() + ".so")
@@ -14,7 +17,9 @@ if os.path.exists(_lib):
 
 from . import _C  # noqa: E402
 from ._C import Tensor  # noqa: E402
+from .config import Config  # noqa: E402
 from .device import cuda_available, require_device  # noqa: E402
+from .model import AFiRe  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "cuda_available", "require_device", "__version__"]
+__all__ = ["AFiRe", "Config", "Tensor", "cuda_available", "require_device", "__version__"]

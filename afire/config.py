@@ -89,7 +89,7 @@ class Config:
         base = dict(preset=name, img_size=s, patch_size=p, embed_dim=d, depth=depth,
                     num_heads=h, decoder_dim=dd, decoder_depth=ddepth, decoder_heads=dh)
         if name == "test":
-            base.update(num_prototypes=16, head_hidden=64, head_bottleneck=32,
+            base.update(num_prototypes=16, head_hidden=32, head_bottleneck=16,
                         slm_size=(4, 16), slm_crop=16, batch_size=4)
         base.update(overrides)
         return cls(**base)

@@ -1,12 +1,12 @@
 """Device selection: 'cpu' always works; 'cuda' needs a CUDA build and a visible GPU."""
 from __future__ import annotations
 
-from . import _C
+from . import cuda
 
 
 def cuda_available() -> bool:
     """True when this build has the CUDA backend and a GPU is visible."""
-    return bool(_C.cuda.compiled()) and _C.cuda.device_count() > 0
+    return cuda.compiled() and cuda.device_count() > 0
 
 
 def require_device(device: str) -> str:
@@ -16,9 +16,9 @@ def require_device(device: str) -> str:
     if device == "cpu":
         return device
     if device == "cuda" or device.startswith("cuda:"):
-        if not _C.cuda.compiled():
-            _C.cuda.versions()  # raises the build's explanation
-        n = _C.cuda.device_count()
+        if not cuda.compiled():
+            raise RuntimeError(f"device={device!r} was requested but {cuda.NO_BUILD}")
+        n = cuda.device_count()
         idx = 0 if device == "cuda" else int(device.split(":", 1)[1])
         if n == 0:
             raise RuntimeError("device='cuda' was requested but no CUDA GPU is visible on this machine")

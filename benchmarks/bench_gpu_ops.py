@@ -1,7 +1,7 @@
 """GPU time per op on ViT-B/16 shapes (B=64, T=197, D=768, H=12): afire's CUDA kernels next to PyTorch on the same GPU.
 
 Prints ONE JSON object (and writes it to --out if given). Ours are timed in C with CUDA
-events on device-resident buffers (afire._C.cuda.time_linear / time_attention); PyTorch
+events on device-resident buffers (afire.cuda.time_linear / time_attention); PyTorch
 with torch.cuda.Event around the same number of calls. ratio = ours / torch (lower is
 better for us). fp32 rows run with TF32 off on both sides; the tf32 rows allow it on both.
 
@@ -13,7 +13,7 @@ import sys
 
 from afire import _C
 
-cuda = _C.cuda
+from afire import cuda  # noqa: E402
 
 
 

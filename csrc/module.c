@@ -3,13 +3,7 @@
 #include "py_util.h"
 
 static PyObject *build_info(PyObject *self, PyObject *unused) {
-    return Py_BuildValue("{s:O,s:O,s:s}", "cuda",
-#ifdef AFIRE_HAVE_CUDA
-                         Py_True,
-#else
-                         Py_False,
-#endif
-                         "openmp",
+    return Py_BuildValue("{s:O,s:s}", "openmp",
 #ifdef _OPENMP
                          Py_True,
 #else
@@ -20,7 +14,8 @@ static PyObject *build_info(PyObject *self, PyObject *unused) {
 
 static PyMethodDef module_methods[] = {
     {"build_info", build_info, METH_NOARGS,
-     "build_info() -> dict: which optional backends this build of afire._C contains"},
+     "build_info() -> dict: how this build of afire._C was made (the CUDA backend is the "
+     "separate extension afire._C_cuda)"},
     {NULL}};
 
 static struct PyModuleDef afire_module = {
@@ -31,8 +26,8 @@ PyMODINIT_FUNC PyInit__C(void) {
     PyObject *m = PyModule_Create(&afire_module);
     if (m == NULL) return NULL;
     if (af_register_tensor(m) < 0 || af_register_rng(m) < 0 || af_register_ops(m) < 0 ||
-        af_register_io(m) < 0 || af_register_model(m) < 0 || af_register_cuda(m) < 0 || af_register_slm(m) < 0 ||
-        af_register_objective(m) < 0 || af_register_phantom(m) < 0) {
+        af_register_io(m) < 0 || af_register_model(m) < 0 || af_register_slm(m) < 0 ||
+        af_register_objective(m) < 0 || af_register_phantom(m) < 0 || af_register_trainer(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

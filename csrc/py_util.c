@@ -83,7 +83,9 @@ PyArrayObject *af_new_array(int ndim, const npy_intp *shape, int npy_type) {
 PyObject *af_add_submodule(PyObject *parent, const char *name, PyMethodDef *methods,
                            const char *doc) {
     char full[128];
-    snprintf(full, sizeof full, "afire._C.%s", name);
+    const char *parent_name = PyModule_GetName(parent);
+    if (parent_name == NULL) return NULL;
+    snprintf(full, sizeof full, "%s.%s", parent_name, name);
     PyObject *sub = PyModule_New(full);
     if (sub == NULL) return NULL;
     if (doc != NULL && PyModule_SetDocString(sub, doc) < 0) goto fail;

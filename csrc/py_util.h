@@ -56,5 +56,6 @@ int af_register_cuda(PyObject *m);
 int af_register_slm(PyObject *m);
 int af_register_objective(PyObject *m);
 int af_register_phantom(PyObject *m);
+int af_register_trainer(PyObject *m);
 
 #endif

@@ -2,14 +2,23 @@
 import pytest
 
 import afire
-from afire import _C
+from afire import _C, cuda
 
 
 def test_build_info():
     info = _C.build_info()
     assert info["blas"] == "scipy-openblas32"
     assert info["openmp"] is True
-    assert info["cuda"] == _C.cuda.compiled()
+
+
+def test_import_afire_loads_no_cuda_library():
+    import subprocess
+    import sys
+    code = ("import afire, afire.model, afire.data\n"
+            "maps = open('/proc/self/maps').read()\n"
+            "print(any(n in maps for n in ('libcudart', 'libcublas', 'libcudnn', 'libnccl')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_cpu_device_always_valid():
@@ -31,9 +40,9 @@ def test_cuda_request_without_gpu_is_a_clear_error():
 
 
 def test_cuda_library_versions_when_compiled():
-    if not _C.cuda.compiled():
+    if not cuda.compiled():
         with pytest.raises(RuntimeError, match="no CUDA backend"):
-            _C.cuda.versions()
+            cuda.versions()
         return
-    v = _C.cuda.versions()
+    v = cuda.versions()
     assert v["cublaslt"] > 0 and v["cudnn"] > 0 and v["nccl"] > 0

@@ -52,8 +52,8 @@ fi
 if nvidia-smi 2>&1 | tee "$DEST/nvidia-smi.txt"; then step_ok "nvidia-smi"; else step_fail "nvidia-smi"; fi
 ngpu=0
 if [ "$built" = 1 ]; then
-    ngpu=$(python3 -c "import afire._C as C; print(C.cuda.device_count())" 2>>"$DEST/env.txt" || echo 0)
-    python3 -c "import afire._C as C; print('afire cuda', C.cuda.compiled(), C.cuda.device_count(), C.cuda.versions() if C.cuda.device_count() else '')" 2>&1 | tee -a "$DEST/env.txt"
+    ngpu=$(python3 -c "from afire import cuda; print(cuda.device_count())" 2>>"$DEST/env.txt" || echo 0)
+    python3 -c "from afire import cuda; print('afire cuda', cuda.compiled(), cuda.device_count(), cuda.versions() if cuda.device_count() else '')" 2>&1 | tee -a "$DEST/env.txt"
 fi
 note "afire sees $ngpu GPU(s)"
 

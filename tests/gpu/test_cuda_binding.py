@@ -1,4 +1,4 @@
-"""afire._C.cuda without a GPU: what CPU-only machines and CI can check.
+"""afire.cuda without a GPU: what CPU-only machines and CI can check.
 
 A build without the CUDA backend raises a RuntimeError that says how to get one; a CUDA
 build validates arguments exactly like afire._C.ops before it touches the device.
@@ -8,7 +8,7 @@ import pytest
 
 from afire import _C
 
-cuda = _C.cuda
+from afire import cuda  # noqa: E402
 OPS = ["linear_forward", "linear_backward", "layernorm_forward", "layernorm_backward",
        "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
        "attention_forward", "attention_backward", "residual_forward", "residual_backward",

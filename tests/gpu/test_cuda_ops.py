@@ -1,4 +1,4 @@
-"""GPU twins (afire._C.cuda) against their CPU twins (afire._C.ops), same inputs.
+"""GPU twins (afire.cuda) against their CPU twins (afire._C.ops), same inputs.
 
 Every call goes host -> device -> host through the shared context, whose GEMMs are exact
 fp32 (TF32 off), so the only differences are summation order and libm:
@@ -12,7 +12,9 @@ import pytest
 
 from afire import _C
 
-cuda, ops = _C.cuda, _C.ops
+from afire import cuda  # noqa: E402
+
+ops = _C.ops
 pytestmark = pytest.mark.gpu
 
 
@@ -20,7 +22,7 @@ def _no_gpu_reason():
     if not cuda.compiled():
         return "afire was built without the CUDA backend (rebuild with AFIRE_CUDA=1 and nvcc)"
     if cuda.device_count() == 0:
-        return "afire._C.cuda.device_count() == 0 (no driver or no GPU)"
+        return "afire.cuda.device_count() == 0 (no driver or no GPU)"
     return None
 
 

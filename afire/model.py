@@ -1,0 +1,285 @@
+"""afire.AFiRe: the model users train, query, save and load.
+
+All compute runs in C (`afire._C.trainer.Trainer`): one call per training step. This module
+only validates arguments, splits large inputs into batches, and names tensors for
+checkpoints and timm export.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _C
+from .config import Config
+from .device import require_device
+
+CHECKPOINT_FORMAT = "afire-checkpoint"
+CHECKPOINT_VERSION = "1"
+_NETS = ("encoder", "head", "decoder")
+# state buffer prefixes: which networks each one holds
+_STATE = {"student": _NETS, "teacher": ("encoder", "head"), "adam_m": _NETS, "adam_v": _NETS}
+# ImageNet statistics timm models are fed with; their channel mean is afire's gray mean 0.449
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+GRAY_MEAN, GRAY_STD = 0.449, 0.226
+
+
+def _as_images(images: Any, size: int) -> np.ndarray:
+    """uint8 [B,S,S] (a single [S,S] image is promoted); clear errors otherwise."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 grayscale, got dtype {a.dtype}")
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1:] != (size, size):
+        raise ValueError(f"images must have shape (B, {size}, {size}), got {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError("images is empty")
+    return np.ascontiguousarray(a)
+
+
+class AFiRe:
+    """An AFiRe model: student/teacher ViT, projection heads, restoration decoder, prototypes.
+
+    Args:
+        cfg: a validated `Config` (e.g. ``Config.preset_config("vit_tiny")``).
+        device: ``"cpu"`` (the C reference) or ``"cuda"``.
+        steps_per_epoch: optimiser steps per epoch; with ``cfg.epochs`` it fixes the
+            per-iteration schedules (warm-up, cosine lr/wd/EMA, last-layer freeze).
+        batch_size: the largest batch a call may pass (default ``cfg.batch_size``); buffers
+            are sized once for it.
+    """
+
+    def __init__(self, cfg: Config, device: str = "cpu", steps_per_epoch: int = 100,
+                 batch_size: int | None = None) -> None:
+        if not isinstance(cfg, Config):
+            raise TypeError(f"cfg must be an afire.Config, got {type(cfg).__name__}")
+        device = require_device(device)
+        if device != "cpu":
+            raise NotImplementedError(
+                "the CUDA training step is not available yet (see the CUDA backend issue); "
+                "use device='cpu'")
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+        batch = cfg.batch_size if batch_size is None else batch_size
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch!r}")
+        self.cfg = cfg
+        self.device = device
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_capacity = batch
+        self._t = _C.trainer.Trainer(cfg.to_dict(), batch, steps_per_epoch)
+        d = self._t.dims
+        self.num_patches, self.num_tokens = d["L"], d["T"]
+        self.embed_dim, self.patch_values = d["D"], d["Q"]
+
+    # ------------------------------------------------------------------ training
+    @property
+    def step(self) -> int:
+        """Completed training steps."""
+        return self._t.step
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """One AFiRe step on a uint8 batch (B,S,S) of NORMAL images (B <= batch capacity).
+
+        Returns the total and per-term losses, lr, weight decay, EMA momentum, teacher
+        temperature, gradient norm (before clipping) and the fraction of abnormal tokens.
+        A non-finite loss raises FloatingPointError and leaves the model unchanged.
+        """
+        return self._t.train_step(_as_images(batch, self.cfg.img_size))
+
+    # ------------------------------------------------------------------ inference
+    def _batched(self, images: Any, fn, *extra):
+        x = _as_images(images, self.cfg.img_size)
+        outs = [fn(x[i:i + self.batch_capacity], *[e[i:i + self.batch_capacity] for e in extra])
+                for i in range(0, len(x), self.batch_capacity)]
+        if isinstance(outs[0], tuple):
+            return tuple(np.concatenate(parts) for parts in zip(*outs))
+        return np.concatenate(outs)
+
+    def encode(self, images: Any, branch: str = "teacher") -> np.ndarray:
+        """Encoder tokens (B, T, D) float32, cls first. ``branch``: 'teacher' or 'student'."""
+        if branch not in ("teacher", "student"):
+            raise ValueError(f"branch must be 'teacher' or 'student', got {branch!r}")
+        return self._batched(images, lambda x: self._t.encode(x, branch))
+
+    def restore(self, images: Any, token_mask: Any = None) -> np.ndarray:
+        """Restoration (B, S, S) (or (B, C, S, S) for in_chans=3) in normalised pixel units.
+
+        ``token_mask`` (B, L) bool/uint8 replaces the selected tokens by mask tokens.
+        """
+        if token_mask is None:
+            pred, _ = self._batched(images, lambda x: self._t.restore(x))
+        else:
+            m = np.ascontiguousarray(np.asarray(token_mask).astype(np.uint8, copy=False))
+            pred, _ = self._batched(images, lambda x, mm: self._t.restore(x, mm), m)
+        return self.unpatchify(pred)
+
+    def unpatchify(self, patches: np.ndarray) -> np.ndarray:
+        """(B, L, P*P*C) MAE-order patches -> (B, S, S) or (B, C, S, S)."""
+        c = self.cfg
+        g, p = c.img_size // c.patch_size, c.patch_size
+        x = patches.reshape(len(patches), g, g, p, p, c.in_chans)
+        x = x.transpose(0, 5, 1, 3, 2, 4).reshape(len(patches), c.in_chans, c.img_size, c.img_size)
+        return x[:, 0] if c.in_chans == 1 else x
+
+    def anomaly_score(self, images: Any, return_map: bool = False):
+        """Eq. 51 anomaly score 1/A(x) per image (float64, higher = more abnormal).
+
+        With ``return_map=True`` also returns the per-token squared errors (B, S/P, S/P) for
+        heat maps. For ranking (AUC), ``anomaly_log_score`` never overflows.
+        """
+        score, _, err = self._batched(images, self._t.anomaly)
+        if not return_map:
+            return score
+        g = self.cfg.img_size // self.cfg.patch_size
+        return score, err.reshape(len(err), g, g)
+
+    def anomaly_log_score(self, images: Any) -> np.ndarray:
+        """log(1/A(x)) per image: monotone in `anomaly_score` and always finite."""
+        return self._batched(images, self._t.anomaly)[1]
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor of the training state, named, as zero-copy views of the C buffers."""
+        bufs = self._t.buffers()
+        tables = {net: self._t.param_table(net) for net in _NETS}
+        out: dict[str, np.ndarray] = {}
+        for prefix, nets in _STATE.items():
+            for net in nets:
+                flat = bufs[f"{prefix}.{net}"]
+                for p in tables[net]:
+                    n = int(np.prod(p["shape"]))
+                    out[f"{prefix}.{net}.{p['name']}"] = flat[p["offset"]:p["offset"] + n].reshape(p["shape"])
+        out["prototypes"] = bufs["prototypes"].reshape(self.num_patches, self.cfg.num_prototypes)
+        return out
+
+    def save(self, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
+        """Write the complete training state as safetensors, atomically (temp, fsync, rename)."""
+        meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "config": self.cfg.to_json(), "step": str(self.step),
+                "steps_per_epoch": str(self.steps_per_epoch),
+                "batch_capacity": str(self.batch_capacity),
+                "prototypes_set": "1" if self._t.prototypes_set else "0"}
+        for k, v in (extra_metadata or {}).items():
+            if k in meta:
+                raise ValueError(f"extra_metadata key {k!r} is reserved")
+            meta[k] = str(v)
+        _C.io.save_safetensors(os.fspath(path), self.state_tensors(), meta)
+
+    @staticmethod
+    def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+        """The checkpoint's metadata (validates the whole file)."""
+        return _C.io.load_safetensors(os.fspath(path))[1]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu",
+             batch_size: int | None = None) -> "AFiRe":
+        """Rebuild a model from `save`; ValueError if the file is malformed or incomplete."""
+        tensors, meta = _C.io.load_safetensors(os.fspath(path))
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not an afire checkpoint (metadata format="
+                             f"{meta.get('format')!r}); use import_backbone for foreign weights")
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: unsupported checkpoint version {meta.get('version')!r}")
+        try:
+            cfg = Config.from_json(meta["config"])
+            step = int(meta["step"])
+            spe = int(meta["steps_per_epoch"])
+            cap = int(meta.get("batch_capacity", cfg.batch_size))
+        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from e
+        model = cls(cfg, device=device, steps_per_epoch=spe,
+                    batch_size=cap if batch_size is None else batch_size)
+        views = model.state_tensors()
+        missing = sorted(set(views) - set(tensors))
+        unexpected = sorted(set(tensors) - set(views))
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match its config: missing "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for name, dst in views.items():
+            src = tensors[name]
+            if src.shape != dst.shape or src.dtype != np.float32:
+                raise ValueError(f"{path}: tensor {name} has {src.dtype}{list(src.shape)}, "
+                                 f"expected float32{list(dst.shape)}")
+            if not np.isfinite(src).all():
+                raise ValueError(f"{path}: tensor {name} contains NaN or Inf")
+            dst[...] = src
+        model._t.step = step
+        model._t.prototypes_set = meta.get("prototypes_set") == "1"
+        return model
+
+    # ------------------------------------------------------------------ interop
+    def backbone_state_dict(self, branch: str = "teacher") -> dict[str, np.ndarray]:
+        """The encoder with timm `vit_*_patch16_224` names (copies).
+
+        A 1-channel model is exported with a 3-channel patch embedding whose weights fold
+        afire's gray normalisation into ImageNet's: timm's standard preprocessing of the
+        gray image replicated to RGB gives exactly afire's tokens.
+        """
+        views = self.state_tensors()
+        prefix = f"{branch}.encoder."
+        sd = {k[len(prefix):]: v.copy() for k, v in views.items() if k.startswith(prefix)}
+        if self.cfg.in_chans == 1:
+            w = sd["patch_embed.proj.weight"]  # [D,1,P,P]
+            scale = (IMAGENET_STD / (3 * GRAY_STD)).astype(np.float32)
+            sd["patch_embed.proj.weight"] = np.ascontiguousarray(
+                np.concatenate([w * s for s in scale], axis=1))
+        return sd
+
+    def export_backbone(self, path: str | os.PathLike, branch: str = "teacher") -> None:
+        """Write the (teacher) encoder as a timm-loadable safetensors file."""
+        _C.io.save_safetensors(os.fspath(path), self.backbone_state_dict(branch),
+                               {"format": "pt", "afire_config": self.cfg.to_json()})
+
+    def import_backbone(self, path: str | os.PathLike, branch: str = "both") -> list[str]:
+        """Load ViT encoder weights (timm / DINO / MAE / the released AFiRe checkpoint).
+
+        Reads safetensors, or a PyTorch .pth/.pt state dict WITHOUT torch (a restricted
+        unpickler that only rebuilds tensors and plain containers). ``branch``: 'student',
+        'teacher' or 'both'. Returns the names that were loaded.
+        """
+        from .backbone import load_encoder_state
+
+        sd = load_encoder_state(path)
+        branches = ("student", "teacher") if branch == "both" else (branch,)
+        for b in branches:
+            if b not in ("student", "teacher"):
+                raise ValueError(f"branch must be 'student', 'teacher' or 'both', got {branch!r}")
+        views = self.state_tensors()
+        converted = self._convert_foreign(sd, Path(path))
+        for b in branches:
+            for name, arr in converted.items():
+                views[f"{b}.encoder.{name}"][...] = arr
+        return sorted(converted)
+
+    def _convert_foreign(self, sd: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+        views = {k[len("student.encoder."):]: v for k, v in self.state_tensors().items()
+                 if k.startswith("student.encoder.")}
+        out: dict[str, np.ndarray] = {}
+        for name, dst in views.items():
+            if name not in sd:
+                raise ValueError(f"{path}: encoder tensor {name!r} not found (have e.g. "
+                                 f"{sorted(sd)[:6]})")
+            src = np.asarray(sd[name], dtype=np.float32)
+            if name == "patch_embed.proj.weight" and src.shape[1] == 3 and dst.shape[1] == 1:
+                src = (src * (GRAY_STD / IMAGENET_STD)[None, :, None, None]).sum(1, keepdims=True)
+                # the bias absorbs the mean shift between gray and ImageNet normalisation
+                shift = ((GRAY_MEAN - IMAGENET_MEAN) / IMAGENET_STD)[None, :, None, None]
+                bias = sd["patch_embed.proj.bias"].astype(np.float64)
+                out["patch_embed.proj.bias"] = (bias + (np.asarray(sd[name]) * shift).sum((1, 2, 3))
+                                                ).astype(np.float32)
+            if src.size == dst.size and src.shape != dst.shape:
+                src = src.reshape(dst.shape)
+            if src.shape != dst.shape:
+                raise ValueError(f"{path}: {name} has shape {list(src.shape)}, this model "
+                                 f"needs {list(dst.shape)} (different size or patch?)")
+            if not np.isfinite(src).all():
+                raise ValueError(f"{path}: {name} contains NaN or Inf")
+            out.setdefault(name, src.astype(np.float32))
+        return out

@@ -1,0 +1,262 @@
+/* The training step and inference passes (trainer.h). Buffers are sized once at creation;
+ * a step allocates nothing. */
+#include "trainer.h"
+
+#include <math.h>
+
+#include "common.h"
+#include "objective.h"
+#include "ops/ops.h"
+
+void af_trainer_free(af_trainer *t) {
+    if (t == NULL) return;
+    af_model_free(t->model);
+    af_free(t->protos);
+    af_free(t->protos_next);
+    af_free(t->x_prime);
+    af_free(t->mask);
+    af_free(t->abn);
+    af_free(t->img);
+    af_free(t->img_prime);
+    af_free(t->target);
+    af_free(t->q_teacher);
+    af_free(t->dlogits);
+    af_free(t->dpred);
+    af_free(t->dtokens);
+    af_free(t->obj_scratch);
+    af_free(t);
+}
+
+af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int batch) {
+    *out = NULL;
+    AF_CHECK(batch >= 1, AF_EINVAL, "batch size must be >= 1, got %d", batch);
+    AF_TRY(af_config_validate(&cfg->net));
+    AF_TRY(slm_config_check(&cfg->slm));
+    AF_CHECK(cfg->objective == AF_OBJECTIVE_PAPER || cfg->objective == AF_OBJECTIVE_RELEASED,
+             AF_EINVAL, "objective must be 'paper' or 'released'");
+    AF_CHECK(cfg->tau_s > 0 && cfg->tau > 0 && cfg->sinkhorn_eps > 0, AF_EINVAL,
+             "temperatures must be > 0");
+    AF_CHECK(cfg->sinkhorn_iters >= 0, AF_EINVAL, "sinkhorn_iters must be >= 0");
+    AF_CHECK(cfg->sched.total_steps >= 1 && cfg->sched.steps_per_epoch >= 1, AF_EINVAL,
+             "total_steps and steps_per_epoch must be >= 1");
+    af_trainer *t = af_calloc(1, sizeof *t);
+    if (t == NULL) return AF_ENOMEM;
+    t->cfg = *cfg;
+    t->B = batch;
+    af_status st = af_model_create(&t->model, &cfg->net);
+    if (st == AF_OK) st = af_model_reserve(t->model, batch);
+    if (st != AF_OK) {
+        af_trainer_free(t);
+        return st;
+    }
+    const af_config *n = &cfg->net;
+    t->S = n->S;
+    t->C = n->C;
+    t->L = (n->S / n->P) * (n->S / n->P);
+    t->T = t->L + 1;
+    t->Q = n->P * n->P * n->C;
+    t->K = n->K;
+    t->D = n->D;
+    size_t B = (size_t)batch, S2 = (size_t)n->S * n->S, BL = B * t->L;
+    size_t scratch = cfg->objective == AF_OBJECTIVE_PAPER
+                         ? paper_loss_scratch_floats(batch, t->L, t->K)
+                         : released_loss_scratch_floats(t->L, t->K);
+    t->protos = af_calloc((size_t)t->L * t->K, sizeof(float));
+    t->protos_next = af_calloc((size_t)t->L * t->K, sizeof(float));
+    t->x_prime = af_calloc(B * S2, 1);
+    t->mask = af_calloc(B * S2, 1);
+    t->abn = af_calloc(BL, 1);
+    t->img = af_calloc(B * t->C * S2, sizeof(float));
+    t->img_prime = af_calloc(B * t->C * S2, sizeof(float));
+    t->target = af_calloc(BL * t->Q, sizeof(float));
+    t->q_teacher = af_calloc(BL * t->K, sizeof(float));
+    t->dlogits = af_calloc(BL * t->K, sizeof(float));
+    t->dpred = af_calloc(BL * t->Q, sizeof(float));
+    t->dtokens = af_calloc(B * t->T * t->D, sizeof(float));
+    t->obj_scratch = af_calloc(scratch ? scratch : 1, sizeof(float));
+    if (!t->protos || !t->protos_next || !t->x_prime || !t->mask || !t->abn || !t->img || !t->img_prime ||
+        !t->target || !t->q_teacher || !t->dlogits || !t->dpred || !t->dtokens ||
+        !t->obj_scratch) {
+        af_trainer_free(t);
+        return AF_ENOMEM;
+    }
+    *out = t;
+    return AF_OK;
+}
+
+af_status af_trainer_acquire(af_trainer *t) {
+    if (__atomic_exchange_n(&t->busy, 1, __ATOMIC_ACQUIRE))
+        return af_error(AF_EBUSY, "this AFiRe model is being used by another thread; use one "
+                                  "model per thread or serialise the calls");
+    return AF_OK;
+}
+
+void af_trainer_release(af_trainer *t) { __atomic_store_n(&t->busy, 0, __ATOMIC_RELEASE); }
+
+static af_status check_batch(const af_trainer *t, int B) {
+    AF_CHECK(B >= 1 && B <= t->B, AF_EINVAL, "batch of %d images: must be between 1 and the "
+             "model's batch capacity %d", B, t->B);
+    return AF_OK;
+}
+
+/* x' (or x) -> normalised float images and the MAE-order target patches of x. */
+static af_status prepare_inputs(af_trainer *t, const uint8_t *images, int B) {
+    AF_TRY(af_normalize_images(t->img, images, B, t->C, t->S));
+    patchify_forward(t->target, t->img, B, t->C, t->S, t->cfg.net.P, AF_PATCH_PQC);
+    return AF_OK;
+}
+
+static int all_finite(const float *p, size_t n) {
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) ok &= isfinite(p[i]) != 0;
+    return ok;
+}
+
+af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_stats *stats) {
+    AF_TRY(check_batch(t, B));
+    const af_trainer_config *c = &t->cfg;
+    af_model *m = t->model;
+    const int L = t->L, K = t->K, Q = t->Q;
+    const size_t BL = (size_t)B * L;
+    af_schedule_values sv = af_schedule_at(&c->sched, t->step);
+    memset(stats, 0, sizeof *stats);
+    stats->step = t->step;
+
+    /* 1. synthetic lesions, fully determined by (seed, step, image index) */
+    AF_TRY(slm_generate(t->x_prime, t->mask, t->abn, images, B, t->S, c->net.P, &c->slm,
+                        c->seed, (uint64_t)t->step, 0));
+    size_t n_abn = 0;
+    for (size_t i = 0; i < BL; i++) n_abn += t->abn[i] != 0;
+    stats->abnormal_fraction = (double)n_abn / (double)BL;
+    AF_TRY(prepare_inputs(t, images, B));
+    AF_TRY(af_normalize_images(t->img_prime, t->x_prime, B, t->C, t->S));
+
+    /* 2. teacher on the NORMAL image -> prototypes (METHOD §3), staged in protos_next and
+     * committed only by a successful update, so a failed step changes nothing. */
+    AF_TRY(af_encoder_forward(m, AF_TEACHER, t->img, B));
+    AF_TRY(af_head_forward(m, AF_TEACHER, m->enc_acts[AF_TEACHER].out, B));
+    const float *teacher_logits = m->head_acts[AF_TEACHER].logits;
+    const float *proto_src = teacher_logits; /* released: raw logits are averaged */
+    if (c->objective == AF_OBJECTIVE_PAPER) {
+        AF_TRY(sinkhorn_knopp(t->q_teacher, teacher_logits, (int)BL, K, (float)sv.teacher_temp,
+                              c->sinkhorn_iters));
+        proto_src = t->q_teacher;
+    }
+    /* the loss of this step uses C updated with this batch (overwritten in epoch 0) */
+    memcpy(t->protos_next, t->protos, sizeof(float) * L * K);
+    AF_TRY(prototypes_update(t->protos_next, proto_src, B, L, K, c->proto_m,
+                             sv.first_epoch || !t->protos_set));
+
+    /* 3. student on x' -> head logits and the restoration of masked tokens */
+    AF_TRY(af_encoder_forward(m, AF_STUDENT, t->img_prime, B));
+    const float *tokens = m->enc_acts[AF_STUDENT].out;
+    AF_TRY(af_head_forward(m, AF_STUDENT, tokens, B));
+    AF_TRY(af_decoder_forward(m, tokens, t->abn, B));
+    const float *logits = m->head_acts[AF_STUDENT].logits;
+    const float *pred = m->dec_acts.pred;
+
+    /* 4. losses and their gradients (unweighted values, weighted gradients) */
+    memset(t->dlogits, 0, sizeof(float) * BL * K);
+    memset(t->dpred, 0, sizeof(float) * BL * Q);
+    double total;
+    if (c->objective == AF_OBJECTIVE_PAPER) {
+        float ls = 0, lc = 0, lr = 0;
+        AF_TRY(paper_loss(&ls, &lc, t->dlogits, t->dlogits, logits, t->protos_next, t->abn, B, L,
+                          K, c->tau_s, c->tau, c->w_stru, c->w_cate, t->obj_scratch));
+        AF_TRY(recon_loss(&lr, t->dpred, pred, t->target, t->abn, B, L, Q, c->w_abn, c->w_recon));
+        stats->l_stru = ls;
+        stats->l_cate = lc;
+        stats->l_cst = (double)ls + lc;
+        stats->l_recon = lr;
+        total = c->w_stru * (double)ls + c->w_cate * (double)lc + c->w_recon * (double)lr;
+    } else {
+        float lc = 0, lr = 0;
+        AF_TRY(released_loss(&lc, &lr, t->dlogits, t->dpred, logits, t->protos_next, t->abn, pred,
+                             t->target, B, L, K, Q, c->tau_s, c->sinkhorn_eps, c->sinkhorn_iters,
+                             c->w_stru, c->w_recon, t->obj_scratch));
+        stats->l_cst = lc;
+        stats->l_recon = lr;
+        total = c->w_stru * (double)lc + c->w_recon * (double)lr;
+    }
+    stats->loss = total;
+    stats->lr = sv.lr;
+    stats->wd = sv.wd;
+    stats->ema = sv.ema;
+    stats->teacher_temp = sv.teacher_temp;
+    stats->last_layer_frozen = sv.freeze_last_layer;
+    if (!isfinite(total))
+        return af_error(AF_ENONFINITE, "non-finite loss at step %lld (stru %g, cate %g, cst %g, "
+                        "recon %g); the model was not updated", (long long)t->step,
+                        stats->l_stru, stats->l_cate, stats->l_cst, stats->l_recon);
+
+    /* 5. backward: head and decoder gradients meet in the student encoder output */
+    af_model_zero_grad(m);
+    memset(t->dtokens, 0, sizeof(float) * (size_t)B * t->T * t->D);
+    AF_TRY(af_head_backward(m, t->dlogits, t->dtokens));
+    AF_TRY(af_decoder_backward(m, t->dpred, t->dtokens));
+    AF_TRY(af_encoder_backward(m, t->dtokens));
+
+    /* 6. clip, then refuse to update with non-finite gradients */
+    double gnorm = 0.0;
+    if (c->clip > 0 && c->clip_global) AF_TRY(af_clip_grad_global(m, c->clip, &gnorm));
+    else if (c->clip > 0) AF_TRY(af_clip_grad_per_tensor(m, c->clip, NULL, &gnorm));
+    else {
+        for (int net = 0; net < AF_NET_COUNT; net++)
+            for (size_t i = 0; i < m->numel[net]; i++) gnorm += (double)m->grads[net][i] * m->grads[net][i];
+        gnorm = sqrt(gnorm);
+    }
+    stats->grad_norm = gnorm;
+    if (!isfinite(gnorm))
+        return af_error(AF_ENONFINITE, "non-finite gradient norm at step %lld; the model was "
+                        "not updated", (long long)t->step);
+
+    return AF_OK;
+}
+
+af_status af_trainer_step(af_trainer *t, const uint8_t *images, int B, af_step_stats *stats) {
+    AF_TRY(af_trainer_grads(t, images, B, stats));
+    const af_trainer_config *c = &t->cfg;
+    af_model *m = t->model;
+    af_schedule_values sv = af_schedule_at(&c->sched, t->step);
+    const int L = t->L, K = t->K;
+    /* 7. AdamW, EMA teacher, prototypes, schedules advance */
+    af_adamw_args a = {(float)sv.lr, (float)sv.wd, c->beta1, c->beta2, c->adam_eps,
+                       (int)(t->step + 1), sv.freeze_last_layer};
+    AF_TRY(af_adamw_step(m, &a));
+    AF_TRY(af_ema_update(m, (float)sv.ema));
+    memcpy(t->protos, t->protos_next, sizeof(float) * L * K);
+    t->protos_set = 1;
+    t->step++;
+    return AF_OK;
+}
+
+af_status af_trainer_encode(af_trainer *t, float *tokens, const uint8_t *images, int B,
+                            af_branch branch) {
+    AF_TRY(check_batch(t, B));
+    AF_TRY(af_normalize_images(t->img, images, B, t->C, t->S));
+    AF_TRY(af_encoder_forward(t->model, branch, t->img, B));
+    memcpy(tokens, t->model->enc_acts[branch].out, sizeof(float) * (size_t)B * t->T * t->D);
+    return AF_OK;
+}
+
+af_status af_trainer_restore(af_trainer *t, float *pred, float *target, const uint8_t *images,
+                             const uint8_t *token_mask, int B) {
+    AF_TRY(check_batch(t, B));
+    AF_TRY(prepare_inputs(t, images, B));
+    if (token_mask == NULL) memset(t->abn, 0, (size_t)B * t->L);
+    else memcpy(t->abn, token_mask, (size_t)B * t->L);
+    AF_TRY(af_encoder_forward(t->model, AF_STUDENT, t->img, B));
+    AF_TRY(af_decoder_forward(t->model, t->model->enc_acts[AF_STUDENT].out, t->abn, B));
+    size_t n = (size_t)B * t->L * t->Q;
+    if (pred != NULL) memcpy(pred, t->model->dec_acts.pred, sizeof(float) * n);
+    if (target != NULL) memcpy(target, t->target, sizeof(float) * n);
+    if (!all_finite(t->model->dec_acts.pred, n))
+        return af_error(AF_ENONFINITE, "the restoration contains NaN/Inf (diverged weights?)");
+    return AF_OK;
+}
+
+af_status af_trainer_anomaly(af_trainer *t, double *score, double *log_score, double *err,
+                             const uint8_t *images, int B) {
+    AF_TRY(af_trainer_restore(t, NULL, NULL, images, NULL, B));
+    return anomaly_score(score, log_score, err, t->model->dec_acts.pred, t->target, B, t->L, t->Q);
+}

@@ -1,0 +1,93 @@
+/* One AFiRe training step in one C call, and the inference passes (ARCHITECTURE.md).
+ *
+ *   x (uint8 NORMAL images) -> SLM -> x', token labels A            slm.c
+ *   teacher E_T(x) -> head_T -> Sinkhorn -> prototypes C            model + objective
+ *   student E_S(x') -> head_S -> logits;  decoder(E_S(x'), A) -> y  model
+ *   L = w_stru L_stru + w_cate L_cate + w_recon L_recon (or the released objective)
+ *   backward -> clip -> AdamW -> EMA teacher -> schedules advance
+ *
+ * Dimension letters as csrc/ops/ops.h; Q = P*P*C values per patch.
+ */
+#ifndef AFIRE_TRAINER_H
+#define AFIRE_TRAINER_H
+
+#include <stdint.h>
+
+#include "model.h"
+#include "schedule.h"
+#include "slm.h"
+
+enum { AF_OBJECTIVE_PAPER = 0, AF_OBJECTIVE_RELEASED = 1 };
+
+typedef struct {
+    af_config net;
+    af_slm_config slm;
+    int objective;             /* AF_OBJECTIVE_*                                         */
+    float tau_s, tau;          /* student temperature, f(.) temperature (0.1, 0.1)       */
+    float sinkhorn_eps;        /* released objective's Sinkhorn epsilon (0.05)           */
+    int sinkhorn_iters;        /* 3                                                       */
+    float proto_m;             /* prototype EMA momentum (0.75)                           */
+    float w_stru, w_cate, w_recon, w_abn; /* released: w_stru weighs L_cst              */
+    float clip;                /* max norm (3.0); 0 disables clipping                    */
+    int clip_global;           /* 0 per tensor (released), 1 global norm                 */
+    float beta1, beta2, adam_eps;
+    af_schedule sched;         /* lr, wd, EMA, teacher temperature, last-layer freeze    */
+    uint64_t seed;             /* SLM draws (init uses net.seed)                          */
+} af_trainer_config;
+
+typedef struct {
+    int64_t step;              /* the step these numbers belong to (0-based)             */
+    double loss, l_stru, l_cate, l_cst, l_recon;
+    double lr, wd, ema, teacher_temp, grad_norm, abnormal_fraction;
+    int last_layer_frozen;
+} af_step_stats;
+
+typedef struct {
+    af_trainer_config cfg;
+    af_model *model;
+    int B;                     /* batch capacity                                          */
+    int S, C, L, T, Q, K, D;
+    int64_t step;              /* completed steps                                         */
+    int protos_set;            /* C holds prototypes                                      */
+    float *protos;             /* C [L,K]                                                 */
+    float *protos_next;        /* C updated with the current batch, committed on success  */
+    uint8_t *x_prime, *mask, *abn;   /* [B,S,S], [B,S,S], [B,L]                           */
+    float *img, *img_prime;    /* [B,C,S,S] normalised x and x'                           */
+    float *target;             /* [B,L,Q] patchified normalised x (MAE order)            */
+    float *q_teacher;          /* [B*L,K] Sinkhorn output                                 */
+    float *dlogits;            /* [B,L,K]                                                 */
+    float *dpred;              /* [B,L,Q]                                                 */
+    float *dtokens;            /* [B,T,D]                                                 */
+    float *obj_scratch;
+    int busy;                  /* guards against use from two threads at once             */
+} af_trainer;
+
+af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int batch);
+void af_trainer_free(af_trainer *t);
+
+/* One step on images[B,S,S] (uint8 normal images, B <= capacity). On AF_ENONFINITE the
+ * parameters, moments, teacher and prototypes are left exactly as before the call. */
+af_status af_trainer_step(af_trainer *t, const uint8_t *images, int B, af_step_stats *stats);
+
+/* Steps 1-6 of a training step without any update: fills the student/decoder gradients,
+ * the staged prototypes and *stats; the trainer's state (step, prototypes, parameters,
+ * moments, teacher) is unchanged. Used by af_trainer_step and by gradient checks. */
+af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_stats *stats);
+
+/* tokens[B,T,D] of the teacher (branch AF_TEACHER) or student encoder. */
+af_status af_trainer_encode(af_trainer *t, float *tokens, const uint8_t *images, int B,
+                            af_branch branch);
+/* Restoration through the student encoder and decoder: pred[B,L,Q] (normalised pixels).
+ * token_mask[B,L] (nullable) selects tokens replaced by mask tokens. target[B,L,Q]
+ * (nullable) receives the patchified normalised input. */
+af_status af_trainer_restore(af_trainer *t, float *pred, float *target, const uint8_t *images,
+                             const uint8_t *token_mask, int B);
+/* Eq. 51: score[B] = 1/A (higher = more abnormal), log_score[B], err[B,L] (nullable). */
+af_status af_trainer_anomaly(af_trainer *t, double *score, double *log_score, double *err,
+                             const uint8_t *images, int B);
+
+/* Claim / release the trainer for one call (AF_EBUSY when another thread holds it). */
+af_status af_trainer_acquire(af_trainer *t);
+void af_trainer_release(af_trainer *t);
+
+#endif
