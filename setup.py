@@ -61,13 +61,58 @@ include_dirs = ["csrc", np.get_include(), openblas.get_include_dir()]
 library_dirs = [openblas.get_lib_dir()]
 libraries = [openblas.get_library(), "m"]
 cuda_sources = sorted(glob.glob("cuda/*.cu") + glob.glob("cuda/ops/*.cu"))
-cuda_include, cuda_libdirs = [], []
+cuda_include, cuda_libdirs, cuda_libs, cuda_macros = [], [], [], [("AFIRE_HAVE_CUDA", "1")]
+
+
+def find_cuda_library(header, lib, inc_dirs, lib_dirs):
+    """(include dir, library dir, -l name) of an optional CUDA library, or None.
+
+    Looks in the toolkit, the system, and NVIDIA's pip wheels (nvidia/<pkg>/{include,lib}),
+    whose libraries carry only versioned names (libcudnn.so.9), linked as -l:name."""
+    extra_inc, extra_lib = [], []
+    try:
+        import nvidia  # the nvidia-* wheels PyTorch installs
+        for base in nvidia.__path__:
+            for pkg in sorted(os.listdir(base)):
+                extra_inc.append(os.path.join(base, pkg, "include"))
+                extra_lib.append(os.path.join(base, pkg, "lib"))
+    except ImportError:
+        pass
+    inc = next((d for d in inc_dirs + extra_inc if os.path.exists(os.path.join(d, header))), None)
+    if inc is None:
+        return None
+    for d in lib_dirs + extra_lib:
+        if os.path.exists(os.path.join(d, f"lib{lib}.so")):
+            return inc, d, lib
+        versioned = sorted(glob.glob(os.path.join(d, f"lib{lib}.so.*")))
+        if versioned:
+            return inc, d, ":" + os.path.basename(versioned[0])
+    return None
+
+
 if USE_CUDA:
     cuda_include.append(os.path.join(CUDA_HOME, "include"))
     for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
         p = os.path.join(CUDA_HOME, d)
         if os.path.isdir(p):
             cuda_libdirs.append(p)
+    cuda_libs = ["cudart", "cublas", "cublasLt"]
+    sys_inc = cuda_include + ["/usr/include", "/usr/local/include", "/usr/include/x86_64-linux-gnu"]
+    sys_lib = cuda_libdirs + ["/usr/lib/x86_64-linux-gnu", "/usr/local/lib"]
+    for header, lib, macro in (("cudnn.h", "cudnn", "AFIRE_HAVE_CUDNN"),
+                               ("nccl.h", "nccl", "AFIRE_HAVE_NCCL")):
+        found = find_cuda_library(header, lib, sys_inc, sys_lib)
+        if found is None:
+            print(f"afire: {header} / lib{lib} not found: building the CUDA backend without it",
+                  flush=True)
+            continue
+        inc, libdir, name = found
+        cuda_macros.append((macro, "1"))
+        if inc not in cuda_include:
+            cuda_include.append(inc)
+        if libdir not in cuda_libdirs:
+            cuda_libdirs.append(libdir)
+        cuda_libs.append(name)
 
 
 class BuildExt(build_ext):
@@ -90,8 +135,9 @@ class BuildExt(build_ext):
                 if (self.force or not os.path.exists(obj)
                         or max(map(os.path.getmtime, deps)) > os.path.getmtime(obj)):
                     cmds.append([NVCC, "-c", src, "-o", obj, "-std=c++17", "-O3" if not DEBUG else "-G",
-                                 "-Xcompiler", "-fPIC", "-Icsrc", "-Icuda", "-DAFIRE_HAVE_CUDA=1",
-                                 "--expt-relaxed-constexpr"] + gencode)
+                                 "-Xcompiler", "-fPIC", "-Icsrc", "-Icuda", "--expt-relaxed-constexpr"]
+                                + [f"-I{d}" for d in cuda_include]
+                                + [f"-D{k}={v}" for k, v in cuda_macros] + gencode)
                 objs.append(obj)
             # nvcc runs are independent: AFIRE_NVCC_JOBS of them at once (default: all cores)
             jobs = int(os.environ.get("AFIRE_NVCC_JOBS", "0") or 0) or os.cpu_count() or 1
@@ -124,9 +170,10 @@ if USE_CUDA:
         "afire._C_cuda",
         sources=CUDA_BINDING,
         include_dirs=include_dirs + cuda_include,
-        define_macros=macros + [("AFIRE_HAVE_CUDA", "1")],
+        define_macros=macros + cuda_macros,
         library_dirs=cuda_libdirs,
-        libraries=["cudart", "cublas", "cublasLt", "cudnn", "nccl", "stdc++", "m"],
+        runtime_library_dirs=cuda_libdirs,
+        libraries=cuda_libs + ["stdc++", "m"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         depends=glob.glob("csrc/*.h") + glob.glob("cuda/*.cuh"),

@@ -11,6 +11,11 @@ import argparse
 import json
 import sys
 
+try:  # torch first: its CUDA libraries are newer than the toolkit's; loaded later they clash
+    import torch  # noqa: F401
+except Exception:  # noqa: BLE001 - the benchmark reports "no torch" below
+    pass
+
 from afire import _C
 
 from afire import cuda  # noqa: E402

@@ -1,7 +1,11 @@
 // Device discovery, linked-library versions and the GPU twin of the counter-based RNG.
 #include <cublasLt.h>
+#ifdef AFIRE_HAVE_CUDNN
 #include <cudnn.h>
+#endif
+#ifdef AFIRE_HAVE_NCCL
 #include <nccl.h>
+#endif
 
 #include "common.cuh"
 #include "cuda_api.h"
@@ -20,8 +24,14 @@ extern "C" af_status af_cuda_device_count(int *count) {
 extern "C" af_status af_cuda_versions(int *cudart, size_t *cublaslt, size_t *cudnn, int *nccl) {
     AF_CUDA_TRY(cudaRuntimeGetVersion(cudart));
     *cublaslt = cublasLtGetVersion();
+    *cudnn = 0;
+    *nccl = 0;
+#ifdef AFIRE_HAVE_CUDNN
     *cudnn = cudnnGetVersion();
+#endif
+#ifdef AFIRE_HAVE_NCCL
     if (ncclGetVersion(nccl) != ncclSuccess) *nccl = 0;
+#endif
     return AF_OK;
 }
 

@@ -45,4 +45,5 @@ def test_cuda_library_versions_when_compiled():
             cuda.versions()
         return
     v = cuda.versions()
-    assert v["cublaslt"] > 0 and v["cudnn"] > 0 and v["nccl"] > 0
+    assert v["cudart"] > 0 and v["cublaslt"] > 0
+    assert v["cudnn"] >= 0 and v["nccl"] >= 0  # 0: built without that optional library
