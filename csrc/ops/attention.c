@@ -3,28 +3,17 @@
  * [T, hd] matrix with leading dimension 3D, so sgemm reads it in place (no gather).
  *
  * Threading: the (b, h) slices are independent and small (T x T with T ~ 200), so they are
- * spread over OpenMP threads while OpenBLAS runs single-threaded inside the region. */
+ * spread over OpenMP threads, each calling the single-threaded OpenBLAS (see gemm.c). */
 #include <cblas.h>
 #include <math.h>
 
 #include "ops.h"
-
-/* Run BLAS on one thread for the lifetime of an OpenMP region of small GEMMs. The wheel's
- * header declares scipy_openblas_set_num_threads_local but the library (0.3.34) does not
- * export it, so the process-wide setter is used and restored afterwards. */
-static int blas_single_begin(void) {
-    int prev = scipy_openblas_get_num_threads();
-    if (prev != 1) scipy_openblas_set_num_threads(1);
-    return prev;
-}
-static void blas_single_end(int prev) {
-    if (prev != 1) scipy_openblas_set_num_threads(prev);
-}
+#include "ops_internal.h"
 
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int D, int H) {
     int hd = D / H, ld = 3 * D;
     float scale = 1.0f / sqrtf((float)hd);
-    int prev = blas_single_begin();
+    af_blas_single_thread();
     #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
         int b = bh / H, h = bh % H;
@@ -52,14 +41,13 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, a, T, v, ld,
                           0.0f, o, D);
     }
-    blas_single_end(prev);
 }
 
 void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *att, int B, int T, int D, int H) {
     int hd = D / H, ld = 3 * D;
     float scale = 1.0f / sqrtf((float)hd);
-    int prev = blas_single_begin();
+    af_blas_single_thread();
     /* each (b, h) writes its own columns of dqkv: no races, fixed order */
     #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
@@ -90,5 +78,4 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
         scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, scale, ds, T, q, ld,
                           1.0f, dk, ld);
     }
-    blas_single_end(prev);
 }
