@@ -1,9 +1,11 @@
 """GFLOP/s of afire's CPU linear and attention kernels next to NumPy matmul on the same shapes.
 
 Prints ONE JSON object. Each timing is the best of `repeat` runs; ours and NumPy's are
-measured alternately in the same process so machine load hits both alike.
+measured in alternating blocks in the same process so machine load hits both alike. FLOPs count only
+the matrix products (2 per multiply-add); ours includes the bias / softmax work, NumPy's is
+the bare np.matmul of the same shapes. ratio = ours / numpy GFLOP/s.
 
-  PYTHONPATH=. python3 benchmarks/bench_ops.py [--repeat 5] [--quick]
+  PYTHONPATH=. python3 benchmarks/bench_ops.py [--repeat 10] [--quick]
 """
 import argparse
 import json
@@ -15,17 +17,29 @@ import numpy as np
 from afire._C import ops
 
 
-def best_time(fn, repeat):
-    fn()  # warm-up (page faults, thread pool start)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def best_times(fa, fb, repeat, rounds=3):
+    """Best-of seconds of fa and fb. Each round times a block of calls of fa, then a block
+    of fb, the first call of a block untimed: calls are never interleaved one by one,
+    because NumPy's threaded OpenBLAS keeps its threads spinning after a call and would
+    slow the OpenMP threads of the next call of ours (and libgomp's spinning, NumPy's)."""
+    ta = tb = float("inf")
+    per = max(1, repeat // rounds)
+    for _ in range(rounds):
+        for f, which in ((fa, 0), (fb, 1)):
+            f()
+            for _ in range(per):
+                t0 = time.perf_counter()
+                f()
+                dt = time.perf_counter() - t0
+                if which == 0:
+                    ta = min(ta, dt)
+                else:
+                    tb = min(tb, dt)
+    return ta, tb
 
 
-def entry(flops, t_ours, t_numpy):
+def entry(flops, fa, fb, repeat):
+    t_ours, t_numpy = best_times(fa, fb, repeat)
     ours, ref = flops / t_ours / 1e9, flops / t_numpy / 1e9
     return {"gflops": round(ours, 2), "numpy_gflops": round(ref, 2),
             "ratio": round(ours / ref, 3), "ms": round(t_ours * 1e3, 3),
@@ -39,11 +53,10 @@ def bench_linear(N, C, OC, repeat, rng):
     dy = rng.standard_normal((N, OC), dtype=np.float32)
     wt = np.ascontiguousarray(w.T)  # so numpy's matmul sees the layout it likes best
     f = 2.0 * N * C * OC
-    fwd = entry(f, best_time(lambda: ops.linear_forward(x, w, b), repeat),
-                best_time(lambda: np.matmul(x, wt), repeat))
+    fwd = entry(f, lambda: ops.linear_forward(x, w, b), lambda: np.matmul(x, wt), repeat)
     # backward = dinp (dy @ w) + dweight (dy^T @ x); the bias column sum is not counted
-    bwd = entry(2 * f, best_time(lambda: ops.linear_backward(dy, x, w), repeat),
-                best_time(lambda: (np.matmul(dy, w), np.matmul(dy.T, x)), repeat))
+    bwd = entry(2 * f, lambda: ops.linear_backward(dy, x, w),
+                lambda: (np.matmul(dy, w), np.matmul(dy.T, x)), repeat)
     return {"forward": fwd, "backward": bwd}
 
 
@@ -61,24 +74,25 @@ def bench_attention(B, T, D, H, repeat, rng):
     vt = np.ascontiguousarray(v.transpose(0, 1, 3, 2))
     att_t = np.ascontiguousarray(att.transpose(0, 1, 3, 2))
     f = 4.0 * B * H * T * T * hd  # q k^T and att v
-    fwd = entry(f, best_time(lambda: ops.attention_forward(qkv, H), repeat),
-                best_time(lambda: np.matmul(np.matmul(q, kt), v), repeat))
-    bwd = entry(2 * f, best_time(lambda: ops.attention_backward(dy, qkv, att, H), repeat),
-                best_time(lambda: (np.matmul(dyh, vt), np.matmul(att_t, dyh),
-                                   np.matmul(att, k), np.matmul(att_t, q)), repeat))
+    fwd = entry(f, lambda: ops.attention_forward(qkv, H),
+                lambda: np.matmul(np.matmul(q, kt), v), repeat)
+    bwd = entry(2 * f, lambda: ops.attention_backward(dy, qkv, att, H),
+                lambda: (np.matmul(dyh, vt), np.matmul(att_t, dyh), np.matmul(att, k),
+                         np.matmul(att_t, q)), repeat)
     return {"forward": fwd, "backward": bwd}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=12)
     ap.add_argument("--quick", action="store_true", help="smaller batch (smoke test)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     T = 197  # 224/16 = 14, 14*14 patches + cls
     configs = {"vit_base": dict(B=1 if args.quick else 4, D=768, H=12),
                "vit_tiny": dict(B=4 if args.quick else 16, D=192, H=3)}
-    res = {"threads": os.cpu_count(), "T": T, "repeat": args.repeat}
+    res = {"cpus": os.cpu_count(), "T": T, "repeat": args.repeat,
+           "loadavg_before": round(os.getloadavg()[0], 2)}
     t0 = time.perf_counter()
     for name, c in configs.items():
         B, D, H = c["B"], c["D"], c["H"]
@@ -90,6 +104,7 @@ def main():
         r["attention"] = bench_attention(B, T, D, H, args.repeat, rng)
         res[name] = r
     res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["loadavg_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(res))
 
 
