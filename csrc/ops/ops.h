@@ -18,6 +18,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* GEMM for the whole C core (gemm.c): row-major C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C,
+ * trans flags 0/1. Split over OpenMP threads along the longer side of C, one single-threaded
+ * OpenBLAS call per thread: all parallelism is OpenMP, so call this rather than
+ * scipy_cblas_sgemm for any large product (afire's OpenBLAS copy is pinned to one thread).
+ * Deterministic whatever the thread count: the K reduction is never split. */
+void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
+              int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
 /* linear: out[N,OC] = inp[N,C] @ weight[OC,C]^T + bias[OC] (bias may be NULL). */
 void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int C, int OC);

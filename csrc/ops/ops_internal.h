@@ -4,6 +4,8 @@
 
 #include <stddef.h>
 
+#include "ops.h"
+
 /* Elementwise loops below this many elements stay on one thread: forking costs more. */
 #define AF_OMP_MIN_ELEMS ((size_t)1 << 15)
 /* Row loops: parallel when rows * cols reaches the same amount of work. */
@@ -11,11 +13,6 @@
 /* GEMMs below this many multiply-adds run on the calling thread. */
 #define AF_GEMM_MIN_PAR_MACS (1 << 18)
 
-/* Row-major C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C (trans flags 0/1), split over
- * OpenMP threads along the longer side of C, one single-threaded OpenBLAS call per thread
- * (see gemm.c for why). Deterministic: the K reduction is never split. */
-void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
-              int lda, const float *B, int ldb, float beta, float *C, int ldc);
 /* Pin afire's private OpenBLAS to one thread (call outside parallel regions). */
 void af_blas_single_thread(void);
 /* [lo, hi) = part idx of `parts` of [0, n), boundaries on multiples of `align`. */
