@@ -26,10 +26,12 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
         for (int t = 0; t < T; t++) {
             float *row = a + (size_t)t * T;
             float mx = row[0];
+            #pragma omp simd reduction(max : mx)
             for (int u = 1; u < T; u++) mx = row[u] > mx ? row[u] : mx;
             float sum = 0.0f;
+            #pragma omp simd reduction(+ : sum)
             for (int u = 0; u < T; u++) {
-                row[u] = expf(row[u] - mx);
+                row[u] = af_expf(row[u] - mx);
                 sum += row[u];
             }
             float inv = 1.0f / sum;
@@ -68,6 +70,7 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
             const float *ar = a + (size_t)t * T;
             float *dr = ds + (size_t)t * T;
             float dot = 0.0f;
+            #pragma omp simd reduction(+ : dot)
             for (int u = 0; u < T; u++) dot += dr[u] * ar[u];
             #pragma omp simd
             for (int u = 0; u < T; u++) dr[u] = ar[u] * (dr[u] - dot);

@@ -21,7 +21,7 @@ void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         float cdf = 0.5f * (1.0f + erff(x * AF_INV_SQRT2));
-        float pdf = AF_INV_SQRT_2PI * expf(-0.5f * x * x);
+        float pdf = AF_INV_SQRT_2PI * af_expf(-0.5f * x * x);
         dinp[i] += dout[i] * (cdf + x * pdf);
     }
 }

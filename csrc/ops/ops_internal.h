@@ -2,9 +2,42 @@
 #ifndef AFIRE_OPS_INTERNAL_H
 #define AFIRE_OPS_INTERNAL_H
 
+/* Applies to every function defined after this header is included (the csrc/ops files): GCC does
+ * not turn float compare-selects (af_expf's clamps, max) into vector blends under the
+ * default -ftrapping-math, which leaves such loops scalar. afire never relies on FP traps.
+ * (A pragma, not a per-function attribute: GCC will not inline across differing options.) */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <stddef.h>
+#include <stdint.h>
 
 #include "ops.h"
+
+/* exp(x) in float without a libm call, so loops of it vectorise (libm's expf does not,
+ * and softmax was half of attention's time). x = n ln2 + r with |r| <= ln2/2 (n rounded
+ * with the 1.5*2^23 trick, valid for plain SSE2), exp(r) by its degree-6 Taylor
+ * polynomial (truncation < 1.3e-7 relative), 2^n written into the exponent bits. x is
+ * clamped to [-87.33, 88.37]: tiny inputs give ~1.2e-38 instead of 0, a relative change
+ * that no sum of exps can see. */
+static inline float af_expf(float x) {
+    x = x < -87.33654f ? -87.33654f : x;
+    x = x > 88.37626f ? 88.37626f : x;
+    const float round_magic = 12582912.0f;
+    float n = (x * 1.44269504088896341f + round_magic) - round_magic;
+    float r = x - n * 0.693145751953125f; /* ln2 split in a short head ... */
+    r = r - n * 1.428606765330187e-6f;    /* ... and a tail: r is exact enough */
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
 
 /* Elementwise loops below this many elements stay on one thread: forking costs more. */
 #define AF_OMP_MIN_ELEMS ((size_t)1 << 15)
