@@ -546,3 +546,16 @@ def test_results_do_not_depend_on_thread_count():
                              text=True, check=True)
         digests.add(out.stdout.strip())
     assert len(digests) == 1
+
+
+def test_gelu_wide_range_accuracy():
+    # the vectorised normal CDF must hold over the whole float range, both tails included
+    x = np.linspace(-12, 12, 4801).astype(np.float32)
+    X = f64(x)
+    ref = 0.5 * X * np.array([math.erfc(-v / math.sqrt(2)) for v in X])
+    g = f64(ops.gelu_forward(x))
+    np.testing.assert_allclose(g, ref, rtol=2e-5, atol=1e-6)
+    big = np.abs(ref) > 1e-3
+    assert np.max(np.abs(g - ref)[big] / np.abs(ref[big])) < 3e-6
+    lo, hi = ops.gelu_forward(np.array([-200.0, 200.0], np.float32))
+    assert abs(lo) < 1e-30 and hi == 200.0

@@ -11,6 +11,7 @@
 #endif
 
 #include <stddef.h>
+#include <math.h>
 #include <stdint.h>
 
 #include "ops.h"
@@ -43,6 +44,29 @@ static inline float af_expf(float x) {
 #define AF_OMP_MIN_ELEMS ((size_t)1 << 15)
 /* Row loops: parallel when rows * cols reaches the same amount of work. */
 #define AF_OMP_ROWS(N, C) ((size_t)(N) * (size_t)(C) >= AF_OMP_MIN_ELEMS)
+/* Standard normal CDF Phi(x) = 0.5 (1 + erf(x / sqrt 2)) without a libm call (libm's erff
+ * kept GELU scalar: 19 ms for ViT-B/16's 2.4M fc1 activations at B=4). Phi(x) = 1 - erfc(z)/2
+ * for x >= 0, erfc(z)/2 for x < 0, z = |x|/sqrt 2, with erfc(z) = t exp(-z^2 + P(t)),
+ * t = 1 / (1 + z/2): the Chebyshev fit of Press et al., Numerical Recipes 2nd ed. sec. 6.2,
+ * fractional error < 1.2e-7 for all z. Working through erfc keeps the negative tail
+ * relatively accurate, where 1 + erf(x) would cancel. */
+static inline float af_normcdf(float x) {
+    float z = fabsf(x) * 0.70710678118654752f;
+    float t = 1.0f / (1.0f + 0.5f * z);
+    float p = 0.17087277f;
+    p = p * t - 0.82215223f;
+    p = p * t + 1.48851587f;
+    p = p * t - 1.13520398f;
+    p = p * t + 0.27886807f;
+    p = p * t - 0.18628806f;
+    p = p * t + 0.09678418f;
+    p = p * t + 0.37409196f;
+    p = p * t + 1.00002368f;
+    p = p * t - 1.26551223f;
+    float half_erfc = 0.5f * t * af_expf(-z * z + p);
+    return x >= 0.0f ? 1.0f - half_erfc : half_erfc;
+}
+
 /* GEMMs below this many multiply-adds run on the calling thread. */
 #define AF_GEMM_MIN_PAR_MACS (1 << 18)
 
