@@ -23,21 +23,7 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
         /* scores[T,T] = scale * q @ k^T */
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, scale, q, ld, k, ld,
                           0.0f, a, T);
-        for (int t = 0; t < T; t++) {
-            float *row = a + (size_t)t * T;
-            float mx = row[0];
-            #pragma omp simd reduction(max : mx)
-            for (int u = 1; u < T; u++) mx = row[u] > mx ? row[u] : mx;
-            float sum = 0.0f;
-            #pragma omp simd reduction(+ : sum)
-            for (int u = 0; u < T; u++) {
-                row[u] = af_expf(row[u] - mx);
-                sum += row[u];
-            }
-            float inv = 1.0f / sum;
-            #pragma omp simd
-            for (int u = 0; u < T; u++) row[u] *= inv;
-        }
+        for (int t = 0; t < T; t++) af_softmax_row(a + (size_t)t * T, a + (size_t)t * T, T);
         /* out[T,hd] (row stride D) = att @ v */
         float *o = out + (size_t)b * T * D + (size_t)h * hd;
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, a, T, v, ld,
@@ -67,13 +53,8 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
                           1.0f, dv, ld);
         /* softmax backward in place: dscores = att * (datt - <datt, att>_row) */
         for (int t = 0; t < T; t++) {
-            const float *ar = a + (size_t)t * T;
-            float *dr = ds + (size_t)t * T;
-            float dot = 0.0f;
-            #pragma omp simd reduction(+ : dot)
-            for (int u = 0; u < T; u++) dot += dr[u] * ar[u];
-            #pragma omp simd
-            for (int u = 0; u < T; u++) dr[u] = ar[u] * (dr[u] - dot);
+            size_t o = (size_t)t * T;
+            af_softmax_row_backward(ds + o, ds + o, a + o, T);
         }
         /* scores = scale q k^T: dq += scale ds @ k ; dk += scale ds^T @ q */
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, scale, ds, T, k,
