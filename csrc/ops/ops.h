@@ -40,7 +40,9 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *
                         const float *inp, const float *weight, const float *mean,
                         const float *rstd, int N, int C);
 
-/* GELU with the exact erf form: 0.5 x (1 + erf(x / sqrt 2)). */
+/* GELU with the exact erf form: 0.5 x (1 + erf(x / sqrt 2)) = x Phi(x) (not the tanh
+ * approximation). Phi comes from a vectorisable erfc fit (gelu.c): relative error below
+ * 3e-6 wherever |gelu| > 1e-3, absolute error below 1e-6 everywhere. */
 void gelu_forward(float *out, const float *inp, size_t n);
 void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
 
