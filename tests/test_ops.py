@@ -518,3 +518,44 @@ def test_wrong_shape_is_valueerror():
         ops.wn_linear_forward(randn(2, 4), v)
     with pytest.raises(ValueError, match="eps"):
         ops.layernorm_forward(randn(2, 3), randn(3), randn(3), eps=-1.0)
+
+
+def test_results_do_not_depend_on_thread_count():
+    # GEMMs are split over OpenMP threads without splitting the K reduction, and every other
+    # reduction has a fixed order: the bits must not change with OMP_NUM_THREADS
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import hashlib, numpy as np\n"
+        "from afire._C import ops\n"
+        "r = np.random.default_rng(5)\n"
+        "x = r.standard_normal((400, 96), dtype=np.float32)\n"
+        "w = r.standard_normal((130, 96), dtype=np.float32)\n"
+        "dy = r.standard_normal((400, 130), dtype=np.float32)\n"
+        "q = r.standard_normal((2, 40, 48), dtype=np.float32)\n"
+        "o, a = ops.attention_forward(q, 4)\n"
+        "ts = [ops.linear_forward(x, w, w[:, 0].copy()), *ops.linear_backward(dy, x, w), o,\n"
+        "      ops.attention_backward(o, q, a, 4)[0], *ops.layernorm_forward(x, w[0], w[1]),\n"
+        "      *ops.layernorm_backward(x, x, w[0], x[:, 0].copy(), x[:, 1].copy())]\n"
+        "print(hashlib.sha256(b''.join(t.tobytes() for t in ts)).hexdigest())\n")
+    digests = set()
+    for n in ("1", "2", "3"):
+        env = dict(os.environ, OMP_NUM_THREADS=n)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
+
+
+def test_gelu_wide_range_accuracy():
+    # the vectorised normal CDF must hold over the whole float range, both tails included
+    x = np.linspace(-12, 12, 4801).astype(np.float32)
+    X = f64(x)
+    ref = 0.5 * X * np.array([math.erfc(-v / math.sqrt(2)) for v in X])
+    g = f64(ops.gelu_forward(x))
+    np.testing.assert_allclose(g, ref, rtol=2e-5, atol=1e-6)
+    big = np.abs(ref) > 1e-3
+    assert np.max(np.abs(g - ref)[big] / np.abs(ref[big])) < 3e-6
+    lo, hi = ops.gelu_forward(np.array([-200.0, 200.0], np.float32))
+    assert abs(lo) < 1e-30 and hi == 200.0

@@ -3,28 +3,17 @@
  * [T, hd] matrix with leading dimension 3D, so sgemm reads it in place (no gather).
  *
  * Threading: the (b, h) slices are independent and small (T x T with T ~ 200), so they are
- * spread over OpenMP threads while OpenBLAS runs single-threaded inside the region. */
+ * spread over OpenMP threads, each calling the single-threaded OpenBLAS (see gemm.c). */
 #include <cblas.h>
 #include <math.h>
 
 #include "ops.h"
-
-/* Run BLAS on one thread for the lifetime of an OpenMP region of small GEMMs. The wheel's
- * header declares scipy_openblas_set_num_threads_local but the library (0.3.34) does not
- * export it, so the process-wide setter is used and restored afterwards. */
-static int blas_single_begin(void) {
-    int prev = scipy_openblas_get_num_threads();
-    if (prev != 1) scipy_openblas_set_num_threads(1);
-    return prev;
-}
-static void blas_single_end(int prev) {
-    if (prev != 1) scipy_openblas_set_num_threads(prev);
-}
+#include "ops_internal.h"
 
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int D, int H) {
     int hd = D / H, ld = 3 * D;
     float scale = 1.0f / sqrtf((float)hd);
-    int prev = blas_single_begin();
+    af_blas_single_thread();
     #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
         int b = bh / H, h = bh % H;
@@ -34,32 +23,19 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
         /* scores[T,T] = scale * q @ k^T */
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, scale, q, ld, k, ld,
                           0.0f, a, T);
-        for (int t = 0; t < T; t++) {
-            float *row = a + (size_t)t * T;
-            float mx = row[0];
-            for (int u = 1; u < T; u++) mx = row[u] > mx ? row[u] : mx;
-            float sum = 0.0f;
-            for (int u = 0; u < T; u++) {
-                row[u] = expf(row[u] - mx);
-                sum += row[u];
-            }
-            float inv = 1.0f / sum;
-            #pragma omp simd
-            for (int u = 0; u < T; u++) row[u] *= inv;
-        }
+        for (int t = 0; t < T; t++) af_softmax_row(a + (size_t)t * T, a + (size_t)t * T, T);
         /* out[T,hd] (row stride D) = att @ v */
         float *o = out + (size_t)b * T * D + (size_t)h * hd;
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, a, T, v, ld,
                           0.0f, o, D);
     }
-    blas_single_end(prev);
 }
 
 void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *att, int B, int T, int D, int H) {
     int hd = D / H, ld = 3 * D;
     float scale = 1.0f / sqrtf((float)hd);
-    int prev = blas_single_begin();
+    af_blas_single_thread();
     /* each (b, h) writes its own columns of dqkv: no races, fixed order */
     #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
@@ -77,12 +53,8 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
                           1.0f, dv, ld);
         /* softmax backward in place: dscores = att * (datt - <datt, att>_row) */
         for (int t = 0; t < T; t++) {
-            const float *ar = a + (size_t)t * T;
-            float *dr = ds + (size_t)t * T;
-            float dot = 0.0f;
-            for (int u = 0; u < T; u++) dot += dr[u] * ar[u];
-            #pragma omp simd
-            for (int u = 0; u < T; u++) dr[u] = ar[u] * (dr[u] - dot);
+            size_t o = (size_t)t * T;
+            af_softmax_row_backward(ds + o, ds + o, a + o, T);
         }
         /* scores = scale q k^T: dq += scale ds @ k ; dk += scale ds^T @ q */
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, scale, ds, T, k,
@@ -90,5 +62,4 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
         scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, scale, ds, T, q, ld,
                           1.0f, dk, ld);
     }
-    blas_single_end(prev);
 }

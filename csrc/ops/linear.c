@@ -1,5 +1,5 @@
-/* Linear layer through OpenBLAS sgemm (row-major, PyTorch weight layout out x in). */
-#include <cblas.h>
+/* Linear layer: OpenBLAS sgemm split over OpenMP threads (af_sgemm, see gemm.c); weights in
+ * PyTorch's layout (out x in). */
 #include <string.h>
 
 #include "ops.h"
@@ -15,18 +15,15 @@ void linear_forward(float *out, const float *inp, const float *weight, const flo
         beta = 1.0f;
     }
     /* out[N,OC] = inp[N,C] @ weight[OC,C]^T */
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, weight,
-                      C, beta, out, OC);
+    af_sgemm(0, 1, N, OC, C, 1.0f, inp, C, weight, C, beta, out, OC);
 }
 
 void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int C, int OC) {
     if (dinp != NULL) /* dinp[N,C] += dout[N,OC] @ weight[OC,C] */
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC,
-                          weight, C, 1.0f, dinp, C);
+        af_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C);
     if (dweight != NULL) /* dweight[OC,C] += dout^T @ inp */
-        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC,
-                          inp, C, 1.0f, dweight, C);
+        af_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C);
     if (dbias != NULL) {
         /* Column sums in a fixed row order; threads own disjoint column blocks. */
         enum { CB = 64 };

@@ -18,6 +18,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* GEMM for the whole C core (gemm.c): row-major C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C,
+ * trans flags 0/1. Split over OpenMP threads along the longer side of C, one single-threaded
+ * OpenBLAS call per thread: all parallelism is OpenMP, so call this rather than
+ * scipy_cblas_sgemm for any large product (afire's OpenBLAS copy is pinned to one thread).
+ * Deterministic whatever the thread count: the K reduction is never split. */
+void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
+              int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
 /* linear: out[N,OC] = inp[N,C] @ weight[OC,C]^T + bias[OC] (bias may be NULL). */
 void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int C, int OC);
@@ -32,7 +40,9 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *
                         const float *inp, const float *weight, const float *mean,
                         const float *rstd, int N, int C);
 
-/* GELU with the exact erf form: 0.5 x (1 + erf(x / sqrt 2)). */
+/* GELU with the exact erf form: 0.5 x (1 + erf(x / sqrt 2)) = x Phi(x) (not the tanh
+ * approximation). Phi comes from a vectorisable erfc fit (gelu.c): relative error below
+ * 3e-6 wherever |gelu| > 1e-3, absolute error below 1e-6 everywhere. */
 void gelu_forward(float *out, const float *inp, size_t n);
 void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
 

@@ -1,36 +1,49 @@
 /* Row softmax, max-subtracted for range safety. */
-#include <math.h>
-
 #include "ops.h"
 #include "ops_internal.h"
 
+AF_TARGET_CLONES void af_softmax_row(float *y, const float *x, int C) {
+    float mx = x[0];
+    #pragma omp simd reduction(max : mx)
+    for (int c = 1; c < C; c++) mx = x[c] > mx ? x[c] : mx;
+    float sum = 0.0f;
+    #pragma omp simd reduction(+ : sum)
+    for (int c = 0; c < C; c++) {
+        y[c] = af_expf(x[c] - mx);
+        sum += y[c];
+    }
+    float inv = 1.0f / sum;
+    #pragma omp simd
+    for (int c = 0; c < C; c++) y[c] *= inv;
+}
+
+AF_TARGET_CLONES void af_softmax_row_backward(float *dx, const float *dy, const float *y, int C) {
+    float dot = 0.0f;
+    #pragma omp simd reduction(+ : dot)
+    for (int c = 0; c < C; c++) dot += dy[c] * y[c];
+    #pragma omp simd
+    for (int c = 0; c < C; c++) dx[c] = y[c] * (dy[c] - dot);
+}
+
+/* Accumulating row: dx += y * (dy - <dy, y>). */
+AF_TARGET_CLONES static void softmax_row_backward_acc(float *dx, const float *dy, const float *y,
+                                                      int C) {
+    float dot = 0.0f;
+    #pragma omp simd reduction(+ : dot)
+    for (int c = 0; c < C; c++) dot += dy[c] * y[c];
+    #pragma omp simd
+    for (int c = 0; c < C; c++) dx[c] += y[c] * (dy[c] - dot);
+}
+
 void softmax_forward(float *out, const float *inp, int N, int C) {
     #pragma omp parallel for if (AF_OMP_ROWS(N, C))
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C;
-        float *y = out + (size_t)n * C;
-        float mx = x[0];
-        for (int c = 1; c < C; c++) mx = x[c] > mx ? x[c] : mx;
-        float sum = 0.0f;
-        for (int c = 0; c < C; c++) {
-            y[c] = expf(x[c] - mx);
-            sum += y[c];
-        }
-        float inv = 1.0f / sum;
-        #pragma omp simd
-        for (int c = 0; c < C; c++) y[c] *= inv;
-    }
+    for (int n = 0; n < N; n++) af_softmax_row(out + (size_t)n * C, inp + (size_t)n * C, C);
 }
 
 void softmax_backward(float *dinp, const float *dout, const float *out, int N, int C) {
-    /* dx = y * (dy - <dy, y>) */
     #pragma omp parallel for if (AF_OMP_ROWS(N, C))
     for (int n = 0; n < N; n++) {
-        const float *y = out + (size_t)n * C, *dy = dout + (size_t)n * C;
-        float *dx = dinp + (size_t)n * C;
-        float dot = 0.0f;
-        for (int c = 0; c < C; c++) dot += dy[c] * y[c];
-        #pragma omp simd
-        for (int c = 0; c < C; c++) dx[c] += y[c] * (dy[c] - dot);
+        size_t o = (size_t)n * C;
+        softmax_row_backward_acc(dinp + o, dout + o, out + o, C);
     }
 }

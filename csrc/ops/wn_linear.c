@@ -20,8 +20,7 @@ void wn_linear_forward(float *out, float *w_eff, float *vnorm, const float *inp,
         for (int c = 0; c < C; c++) wk[c] = vk[c] * inv;
         vnorm[k] = nrm;
     }
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, K, C, 1.0f, inp, C, w_eff, C,
-                      0.0f, out, K);
+    af_sgemm(0, 1, N, K, C, 1.0f, inp, C, w_eff, C, 0.0f, out, K);
 }
 
 static float dot(const float *a, const float *b, int C) {
@@ -35,6 +34,7 @@ static float dot(const float *a, const float *b, int C) {
  * dv_k = dv_k'/n - w <w, G_k>/n. One sgemv per row: slower than the sgemm path. */
 void wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *inp,
                                   const float *w_eff, const float *vnorm, int N, int C, int K) {
+    af_blas_single_thread();
     for (int k = 0; k < K; k++) {
         const float *wk = w_eff + (size_t)k * C;
         float *dvk = dv + (size_t)k * C;
@@ -48,8 +48,7 @@ void wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *inp
 void wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
                         const float *w_eff, const float *vnorm, int N, int C, int K) {
     if (dinp != NULL) /* dinp[N,C] += dout[N,K] @ w_eff[K,C] */
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, K, 1.0f, dout, K,
-                          w_eff, C, 1.0f, dinp, C);
+        af_sgemm(0, 0, N, C, K, 1.0f, dout, K, w_eff, C, 1.0f, dinp, C);
     if (dv == NULL) return;
     /* With G = dout^T @ inp (the gradient w.r.t. w_eff):
      *   dv_k += (G_k - w_k <w_k, G_k>) / ||v_k||   (projection off the unit direction). */
@@ -59,8 +58,7 @@ void wn_linear_backward(float *dinp, float *dv, const float *dout, const float *
         return;
     }
     {
-        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, K, C, N, 1.0f, dout, K, inp,
-                          C, 0.0f, G, C);
+        af_sgemm(1, 0, K, C, N, 1.0f, dout, K, inp, C, 0.0f, G, C);
         #pragma omp parallel for if (AF_OMP_ROWS(K, C))
         for (int k = 0; k < K; k++) {
             const float *wk = w_eff + (size_t)k * C, *gk = G + (size_t)k * C;
