@@ -53,9 +53,12 @@ if SANITIZE:
 
 # afire._C: the CPU core. afire._C_cuda: the CUDA backend, a separate extension so that
 # `import afire` never loads CUDA libraries (they can clash with PyTorch's own copies).
-CUDA_BINDING = ["csrc/py_cuda.c", "csrc/cuda_module.c", "csrc/error.c", "csrc/py_util.c"]
+# the first entries are CUDA-only bindings; the rest are CPU files the CUDA extension also needs
+CUDA_ONLY = ["csrc/py_cuda.c", "csrc/cuda_module.c", "csrc/py_cuda_objective.c",
+             "csrc/py_cuda_trainer.c"]
+CUDA_BINDING = CUDA_ONLY + ["csrc/error.c", "csrc/py_util.c"]
 sources = sorted(f for f in glob.glob("csrc/*.c") + glob.glob("csrc/ops/*.c")
-                 if f not in CUDA_BINDING[:2])
+                 if f not in CUDA_ONLY)
 macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
 include_dirs = ["csrc", np.get_include(), openblas.get_include_dir()]
 library_dirs = [openblas.get_lib_dir()]
