@@ -146,3 +146,18 @@ def test_timm_loads_the_export(tmp_path):
     subprocess.run([sys.executable, "-c", TIMM_CHECK, str(tmp_path / "in.npz"),
                     str(tmp_path / "bb.safetensors"), str(tmp_path / "out.npy")], check=True)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), m.encode(x), rtol=1e-3, atol=1e-4)
+
+
+def test_import_dino_like_pth_without_torch():
+    """A 3-channel timm ViT saved DINO-style as .pth (teacher/backbone. prefixes, an args
+    Namespace) loads through the restricted unpickler into a 1-channel model, which then
+    gives timm's tokens for the gray image replicated to RGB (ImageNet normalisation)."""
+    from pathlib import Path
+    fx = Path(__file__).parent / "fixtures"
+    m = AFiRe(small_cfg(), steps_per_epoch=1)
+    names = m.import_backbone(fx / "dino_like_vit.pth")
+    assert "patch_embed.proj.weight" in names and "blocks.1.mlp.fc2.weight" in names
+    ref = np.load(fx / "dino_like_vit_expected.npz")
+    np.testing.assert_allclose(m.encode(ref["images"]), ref["tokens"], rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(m.encode(ref["images"], branch="student"), ref["tokens"],
+                               rtol=1e-4, atol=2e-5)
