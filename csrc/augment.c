@@ -87,19 +87,22 @@ static void warp_one(uint8_t *out, uint8_t *out_mask, const uint8_t *img, const 
                 continue;
             }
             if (g->flip) xr = (S - 1) - xr;
-            /* resize of the crop box to S x S, half-pixel centres (align_corners=False) */
-            double xs = g->left + (xr + 0.5) * sx - 0.5, ys = g->top + (yr + 0.5) * sy - 0.5;
-            double xc = xs < 0 ? 0 : xs > S - 1 ? S - 1 : xs;
-            double yc = ys < 0 ? 0 : ys > S - 1 ? S - 1 : ys;
+            /* crop, then resize the box to S x S with half-pixel centres (align_corners=
+             * False), the box's edge pixels repeated beyond it: torchvision's resized_crop */
+            double xs = (xr + 0.5) * sx - 0.5, ys = (yr + 0.5) * sy - 0.5;
+            double xc = xs < 0 ? 0 : xs > g->w - 1 ? g->w - 1 : xs;
+            double yc = ys < 0 ? 0 : ys > g->h - 1 ? g->h - 1 : ys;
             int x0 = (int)xc, y0 = (int)yc;
-            int x1 = x0 + 1 < S ? x0 + 1 : S - 1, y1 = y0 + 1 < S ? y0 + 1 : S - 1;
+            int x1 = x0 + 1 < g->w ? x0 + 1 : g->w - 1, y1 = y0 + 1 < g->h ? y0 + 1 : g->h - 1;
             double fx = xc - x0, fy = yc - y0;
+            x0 += g->left, x1 += g->left, y0 += g->top, y1 += g->top;
             const uint8_t *r0 = img + (size_t)y0 * S, *r1 = img + (size_t)y1 * S;
             double v = (1 - fy) * ((1 - fx) * r0[x0] + fx * r0[x1]) +
                        fy * ((1 - fx) * r1[x0] + fx * r1[x1]);
             out[o] = (uint8_t)(v + 0.5);
             if (out_mask) {
-                int xn = clampi((int)floor(xs + 0.5), 0, S - 1), yn = clampi((int)floor(ys + 0.5), 0, S - 1);
+                int xn = g->left + clampi((int)floor(xs + 0.5), 0, g->w - 1);
+                int yn = g->top + clampi((int)floor(ys + 0.5), 0, g->h - 1);
                 out_mask[o] = mask[(size_t)yn * S + xn];
             }
         }
