@@ -502,6 +502,9 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
             f"D={cfg.embed_dim}, depth {cfg.depth}, {cfg.objective} objective) on {src.desc}; "
             f"batch {B}, {nb} steps/epoch x {cfg.epochs} epochs = {cfg.epochs * nb} steps, "
             f"device {device}, out {out}")
+        if cfg.warmup_epochs >= cfg.epochs:
+            say(f"note: warmup_epochs={cfg.warmup_epochs} >= epochs={cfg.epochs}: the learning "
+                "rate never leaves its warm-up (override warmup_epochs=... to change)")
 
     def ckpt_meta() -> dict:
         return {"run_format": RUN_FORMAT, "epoch": epoch, "batch_in_epoch": pos,

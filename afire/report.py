@@ -147,19 +147,23 @@ def _plot_pillow(rows: list[dict], path: str) -> None:
                              fill=COLORS[j])
             if len(keys) > 1:
                 draw.text((x1 - 90, y0 + 6 + 12 * j), k, fill=COLORS[j])
-        draw.text((x1 - 30, y1 + 8 + 8), "", fill=(0, 0, 0))
     canvas.save(path)
 
 
-def plot_losses(rows: list[dict], path: str) -> str:
-    """Loss curves from log rows; returns the backend used ("matplotlib" or "pillow")."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        _plot_pillow(rows, path)
-        return "pillow"
-    _plot_matplotlib(rows, path)
-    return "matplotlib"
+def plot_losses(rows: list[dict], path: str, backend: str | None = None) -> str:
+    """Loss curves from log rows; returns the backend used ("matplotlib" or "pillow").
+
+    ``backend=None`` uses matplotlib when it imports, else Pillow."""
+    if backend not in (None, "matplotlib", "pillow"):
+        raise ValueError(f"backend must be None, 'matplotlib' or 'pillow', got {backend!r}")
+    if backend is None:
+        try:
+            import matplotlib.pyplot  # noqa: F401
+            backend = "matplotlib"
+        except ImportError:
+            backend = "pillow"
+    (_plot_matplotlib if backend == "matplotlib" else _plot_pillow)(rows, path)
+    return backend
 
 
 def _auc(neg: np.ndarray, pos: np.ndarray) -> float:
