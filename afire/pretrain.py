@@ -36,7 +36,8 @@ from .data.progress import Progress, format_seconds
 RUN_FORMAT = "afire-pretrain-1"
 # The no-argument demo: the `test` network on 64x64 phantoms (lesion sizes scaled to S=64).
 DEMO_OVERRIDES: dict[str, Any] = dict(img_size=64, slm_size=(6, 20), slm_crop=18,
-                                      batch_size=16, epochs=40, warmup_epochs=4)
+                                      batch_size=16, epochs=40, warmup_epochs=4,
+                                      base_lr=4e-3)
 DEFAULT_PHANTOMS = 1024
 STAT_COLUMNS = ("step", "loss", "l_stru", "l_cate", "l_cst", "l_recon", "lr", "weight_decay",
                 "ema_momentum", "teacher_temp", "grad_norm", "abnormal_fraction",
@@ -232,19 +233,32 @@ class _RunLog:
         rows = []
         if keep_below is not None:
             rows = [r for r in read_log(self.jsonl_path) if r["step"] < keep_below]
-        self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")
-        self._csv_f = open(self.csv_path, "w", encoding="utf-8", newline="")
+        # rewrite both files beside the old ones and swap, so a crash here loses nothing
+        for path, fill in ((self.jsonl_path, self._fill_jsonl), (self.csv_path, self._fill_csv)):
+            with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+                fill(f, rows)
+            os.replace(path + ".tmp", path)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._csv_f = open(self.csv_path, "a", encoding="utf-8", newline="")
         self._csv = csv.writer(self._csv_f)
-        self._csv.writerow(LOG_COLUMNS)
-        for r in rows:
-            self._write(r)
-        self._flush()
         self.tb = None
         if tensorboard:
             self.tb = _tensorboard_writer(os.path.join(out, "tb"), keep_below, say)
 
+    @staticmethod
+    def _fill_jsonl(f, rows: list[dict]) -> None:
+        for r in rows:
+            f.write(json.dumps({c: r.get(c) for c in LOG_COLUMNS}) + "\n")
+
+    @staticmethod
+    def _fill_csv(f, rows: list[dict]) -> None:
+        w = csv.writer(f)
+        w.writerow(LOG_COLUMNS)
+        for r in rows:
+            w.writerow([r.get(c) for c in LOG_COLUMNS])
+
     def _write(self, row: dict) -> None:
-        self._jsonl.write(json.dumps({c: row.get(c) for c in LOG_COLUMNS}) + "\n")
+        self._fill_jsonl(self._jsonl, [row])
         self._csv.writerow([row.get(c) for c in LOG_COLUMNS])
 
     def _flush(self) -> None:

@@ -172,7 +172,7 @@ def _auc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float(gt / (len(pos) * len(neg)))
 
 
-def anomaly_check(model, n: int = 8) -> dict:
+def anomaly_check(model, n: int = 16) -> dict:
     """Anomaly log-scores of n held-out normal phantoms vs n with a random lesion."""
     from .data import phantom_dataset
 

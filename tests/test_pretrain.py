@@ -249,3 +249,13 @@ def test_argument_checks(tmp_path, images):
         run(tmp_path, images[:, :16])
     with pytest.raises(ValueError, match="config is required"):
         pretrain(None, data=images, out=str(tmp_path))
+
+
+def test_tensorboard_missing_is_reported(tmp_path, images, capsys, monkeypatch):
+    import sys
+
+    for name in ("tensorboardX", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)  # import now raises ImportError
+    s = run(tmp_path, images, tensorboard=True, max_steps=2)
+    assert s["steps"] == 2 and "pip install tensorboard" in capsys.readouterr().err
+    assert not (tmp_path / "tb").exists()
