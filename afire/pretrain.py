@@ -417,7 +417,10 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
     """
     from .model import AFiRe
 
+    from .device import require_device
+
     stream = sys.stderr if stream is None else stream
+    device = require_device(device)
     if on_bad_data not in ("skip", "stop"):
         raise ValueError(f"on_bad_data must be 'skip' or 'stop', got {on_bad_data!r}")
     for name, v, lo in (("log_every", log_every, 1), ("keep_last", keep_last, 1),
@@ -620,6 +623,8 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
         log.close()
 
     seconds = time.monotonic() - t0
+    if last_row is None:  # nothing logged in this call (a finished run resumed)
+        last_row = (read_log(os.path.join(out, "log.jsonl")) or [None])[-1]
     trained = model.step - step_start
     summary: dict[str, Any] = {
         "out": out, "stopped": stopped, "steps": model.step, "total_steps": cfg.epochs * nb,
@@ -704,8 +709,7 @@ def _run_cli(args) -> int:
                      max_steps=args.max_steps, overwrite=args.overwrite,
                      report=not args.no_report)
     except KeyboardInterrupt:
-        print(f"afire pretrain: interrupted; the checkpoint is saved. Resume with: "
-              f"afire pretrain --out {out} --resume", file=sys.stderr)
+        print("afire pretrain: interrupted", file=sys.stderr)
         return 130
     except FloatingPointError as e:
         print(f"afire pretrain: stopped: {e}", file=sys.stderr)
