@@ -586,7 +586,8 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
                            "last_layer_frozen": int(stats["last_layer_frozen"]),
                            "images_per_s": round(bar.img_s, 2),
                            "time": round(elapsed0 + now - t0, 3)}
-                    if s % log_every == 0 or s == cfg.epochs * nb - 1 or s == total - 1:
+                    # on a fixed schedule only, so that a resumed run logs the same rows
+                    if s % log_every == 0 or s == cfg.epochs * nb - 1:
                         log.write(row)
                         last_row = row
                         interval_t, interval_img = now, 0

@@ -75,16 +75,16 @@ def test_log_columns_jsonl_and_csv_agree(tmp_path, images):
 
 def test_resume_is_bit_identical(tmp_path, images):
     a, b = tmp_path / "a", tmp_path / "b"
-    run(a, images, log_every=1)
-    s1 = run(b, images, log_every=1, max_steps=3)        # stops inside epoch 0
+    run(a, images, log_every=2)
+    s1 = run(b, images, log_every=2, max_steps=3)        # stops inside epoch 0
     assert s1["stopped"] == "max_steps" and s1["steps"] == 3
     meta = AFiRe.read_metadata(b / "last.safetensors")
     assert (meta["epoch"], meta["batch_in_epoch"], meta["step"]) == ("0", "3", "3")
     s2 = pretrain(None, data=images, out=str(b), resume=True, progress=False, report=False,
-                  log_every=1)
+                  log_every=2)
     assert s2["resumed_from"] == 3 and s2["steps"] == 8
     ra, rb = read_log(a / "log.jsonl"), read_log(b / "log.jsonl")
-    assert [r["step"] for r in rb] == list(range(8))
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [0, 2, 4, 6, 7]
     for x, y in zip(ra, rb):
         assert {c: x[c] for c in STAT_COLUMNS} == {c: y[c] for c in STAT_COLUMNS}
     ta = AFiRe.load(a / "last.safetensors").state_tensors()
@@ -92,8 +92,8 @@ def test_resume_is_bit_identical(tmp_path, images):
     assert all(np.array_equal(ta[k], tb[k]) for k in ta)
     # resuming a finished run trains nothing and keeps the log
     s3 = pretrain(None, data=images, out=str(b), resume=True, progress=False, report=False,
-                  log_every=1)
-    assert s3["steps_this_run"] == 0 and len(read_log(b / "log.jsonl")) == 8
+                  log_every=2)
+    assert s3["steps_this_run"] == 0 and len(read_log(b / "log.jsonl")) == 5
 
 
 def test_resume_refuses_other_data_or_config(tmp_path, images):
