@@ -259,3 +259,15 @@ def test_tensorboard_missing_is_reported(tmp_path, images, capsys, monkeypatch):
     s = run(tmp_path, images, tensorboard=True, max_steps=2)
     assert s["steps"] == 2 and "pip install tensorboard" in capsys.readouterr().err
     assert not (tmp_path / "tb").exists()
+
+
+def test_cli_without_preset_is_the_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["pretrain", "--max-steps", "2", "--phantoms", "32", "--quiet", "--no-report"])
+    assert rc == 0 and "done: 2/80 steps (max_steps)" in capsys.readouterr().out
+    m = AFiRe.load(tmp_path / "runs" / "afire-demo" / "last.safetensors")
+    assert (m.cfg.preset, m.cfg.img_size, m.cfg.epochs, m.step) == ("test", 64, 40, 2)
+    # --resume alone picks the run up with the checkpoint's config
+    rc = main(["pretrain", "--resume", "--max-steps", "3", "--phantoms", "32", "--quiet",
+               "--no-report"])
+    assert rc == 0 and AFiRe.load(tmp_path / "runs/afire-demo/last.safetensors").step == 3
