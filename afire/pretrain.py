@@ -1,0 +1,744 @@
+"""The pre-training loop: data, progress, logs, checkpoints, exact resume, report.
+
+``afire.pretrain.pretrain(cfg, data, out)`` trains an :class:`afire.AFiRe` on NORMAL images
+and leaves in ``out``::
+
+    config.json                   the run's Config
+    log.jsonl, log.csv            one row per logged step: every train_step stat + epoch,
+                                  batch, images, images/s, time (same columns in both)
+    checkpoints/step_NNNNNNNN.safetensors   periodic, the newest ``keep_last`` are kept
+    last.safetensors              the newest checkpoint (hard link, else a copy)
+    backbone.safetensors          the teacher encoder with timm names (end of run)
+    report/                       losses.png, samples.png, report.json, report.md
+
+Resume is exact: the order of epoch e is a function of (seed, e) only, the checkpoint holds
+the epoch and the batch position inside it, and the trainer's step counter drives the SLM
+draws and every schedule, so N steps in one go and N/2 + resume + N/2 log the same losses.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .data.progress import Progress, format_seconds
+
+RUN_FORMAT = "afire-pretrain-1"
+# The no-argument demo: the `test` network on 64x64 phantoms (lesion sizes scaled to S=64).
+DEMO_OVERRIDES: dict[str, Any] = dict(img_size=64, slm_size=(6, 20), slm_crop=18,
+                                      batch_size=16, epochs=40, warmup_epochs=4,
+                                      base_lr=4e-3)
+DEFAULT_PHANTOMS = 1024
+STAT_COLUMNS = ("step", "loss", "l_stru", "l_cate", "l_cst", "l_recon", "lr", "weight_decay",
+                "ema_momentum", "teacher_temp", "grad_norm", "abnormal_fraction",
+                "last_layer_frozen")
+LOG_COLUMNS = STAT_COLUMNS[:1] + ("epoch", "batch", "images") + STAT_COLUMNS[1:] + (
+    "images_per_s", "time")
+CKPT_DIR = "checkpoints"
+LAST = "last.safetensors"
+
+
+class DataError(ValueError):
+    """A data file vanished or became unreadable during training (``path`` names it)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def demo_config(**overrides: Any) -> Config:
+    """The configuration `afire pretrain` uses when no preset is given."""
+    return Config.preset_config("test", **{**DEMO_OVERRIDES, **overrides})
+
+
+# ---------------------------------------------------------------------------- data sources
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    # the same rule as ShardDataset.epoch_order, for in-memory sources
+    ss = np.random.SeedSequence([int(seed), int(epoch)])
+    return np.random.Generator(np.random.PCG64(ss)).permutation(n)
+
+
+class _ArraySource:
+    """Images held in memory (phantoms or a user array): nothing can go bad."""
+
+    def __init__(self, images: np.ndarray, desc: str, fingerprint: str):
+        self.images, self.desc, self.fingerprint = images, desc, fingerprint
+        self.size = images.shape[1]
+        self.bad: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        return _epoch_order(len(self), seed, epoch)
+
+    def read(self, idx: np.ndarray, stop: bool) -> tuple[np.ndarray, list[str]]:
+        return self.images[idx], []
+
+
+class _ShardSource:
+    """Prepared shards read with explicit file reads, so that a shard deleted, truncated or
+    rewritten mid-run is noticed (a memory map would keep the old inode or SIGBUS)."""
+
+    def __init__(self, ds, desc: str):
+        from .data.prepare import shard_name
+
+        self.ds, self.desc, self.size = ds, desc, ds.size
+        self.loc = np.array([(r["shard"], r["row"]) for r in ds.records],
+                            dtype=np.int64).reshape(-1, 2)
+        self.paths: dict[int, str] = {}
+        self.headers: dict[int, tuple[bytes, int, int]] = {}
+        for k in np.unique(self.loc[:, 0]).tolist():
+            p = os.path.join(ds.root, shard_name(k, "shard") + ".npy")
+            self.paths[k] = p
+            self.headers[k] = self._header(p)
+        self.bad: dict[str, str] = {}
+        h = hashlib.sha256(json.dumps(ds.meta, sort_keys=True).encode())
+        for r in ds.records:
+            h.update(f"\0{r['path']}\0{r['shard']}\0{r['row']}".encode("utf-8", "surrogateescape"))
+        self.fingerprint = "shards:" + h.hexdigest()[:32]
+
+    def _header(self, path: str) -> tuple[bytes, int, int]:
+        """(header bytes, data offset, expected file size) of a uint8 [n,S,S] .npy."""
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(f)
+            off = f.tell()
+            f.seek(0)
+            hdr = f.read(off)
+        if dtype != np.uint8 or fortran or len(shape) != 3 or shape[1:] != (self.size,) * 2:
+            raise DataError(path, f"expected uint8 [n, {self.size}, {self.size}], got "
+                                  f"{dtype} {shape}")
+        return hdr, off, off + int(np.prod(shape))
+
+    def __len__(self) -> int:
+        return len(self.loc)
+
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        return self.ds.epoch_order(seed, epoch)
+
+    def _read_rows(self, k: int, rows: np.ndarray, out: np.ndarray) -> None:
+        path = self.paths[k]
+        hdr, off, size = self.headers[k]
+        n = self.size * self.size
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != size:
+                    raise DataError(path, f"file size changed to {os.fstat(f.fileno()).st_size}"
+                                          f" bytes (expected {size}; truncated or rewritten?)")
+                if f.read(len(hdr)) != hdr:
+                    raise DataError(path, "header changed (file rewritten or corrupt)")
+                for j, r in enumerate(rows):
+                    f.seek(off + int(r) * n)
+                    if f.readinto(memoryview(out[j]).cast("B")) != n:
+                        raise DataError(path, "short read (file truncated?)")
+        except FileNotFoundError:
+            raise DataError(path, "file disappeared") from None
+        except OSError as e:
+            raise DataError(path, f"unreadable ({e.strerror or e})") from None
+
+    def read(self, idx: np.ndarray, stop: bool) -> tuple[np.ndarray, list[str]]:
+        """The images of ``idx`` minus those in bad files; newly bad file names."""
+        loc = self.loc[idx]
+        out = np.empty((len(idx), self.size, self.size), np.uint8)
+        keep = np.ones(len(idx), bool)
+        new_bad = []
+        for k in np.unique(loc[:, 0]).tolist():
+            sel = np.flatnonzero(loc[:, 0] == k)
+            path = self.paths[k]
+            if path not in self.bad:
+                try:
+                    self._read_rows(k, loc[sel, 1], out[sel])
+                    continue
+                except DataError as e:
+                    if stop:
+                        raise
+                    self.bad[path] = e.reason
+                    new_bad.append(path)
+            keep[sel] = False
+        return out[keep], new_bad
+
+
+def _open_data(data: Any, cfg: Config, say: Callable[[str], None]):
+    from .data import ShardDataset, phantom_dataset
+
+    if data is None or (isinstance(data, int) and not isinstance(data, bool)):
+        n = DEFAULT_PHANTOMS if data is None else int(data)
+        if n < 1:
+            raise ValueError(f"data: the number of phantom images must be >= 1, got {n}")
+        imgs = phantom_dataset(n, size=cfg.img_size, seed=cfg.seed)["images"]
+        return _ArraySource(imgs, f"{n} built-in phantom images (normal, seed {cfg.seed})",
+                            f"phantom:{n}:{cfg.img_size}:{cfg.seed}")
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise TypeError(f"data must be uint8 grayscale images, got dtype {data.dtype}")
+        if data.ndim != 3 or data.shape[1:] != (cfg.img_size, cfg.img_size):
+            raise ValueError(f"data must have shape (N, {cfg.img_size}, {cfg.img_size}), "
+                             f"got {data.shape}")
+        arr = np.ascontiguousarray(data)
+        h = hashlib.sha256(arr.tobytes()).hexdigest()[:32]
+        return _ArraySource(arr, f"{len(arr)} images from an array", f"array:{arr.shape}:{h}")
+    if isinstance(data, ShardDataset):
+        ds, what = data, f"{len(data)} images of {data.root} (as given)"
+    elif isinstance(data, (str, os.PathLike)):
+        root = os.fspath(data)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data: {root} is not a directory (a prepared dataset; run "
+                                    "`afire prepare SRC OUT` first)")
+        every = ShardDataset(root)
+        splits = set(every.field("split"))
+        split = "train" if "train" in splits else None
+        ds = ShardDataset(root, split=split, abnormal=0)
+        what = f"{len(ds)} normal images of {root}" + (" (split train)" if split else "")
+        if len(ds) == 0:
+            unknown = ShardDataset(root, split=split, abnormal=-1)
+            if len(unknown) == 0:
+                raise ValueError(f"data: {root} holds no normal image (abnormal == 0)"
+                                 + (" in split 'train'" if split else ""))
+            ds = unknown
+            what = (f"{len(ds)} images of {root} with unknown labels, taken as normal "
+                    "(no image is labelled normal)")
+            say(f"note: {root} labels no image normal; training on its {len(ds)} unlabelled "
+                "images (abnormal images are never used)")
+    else:
+        raise TypeError("data must be None, a number of phantoms, a prepared directory, a "
+                        f"ShardDataset or a uint8 array, got {type(data).__name__}")
+    if ds.size != cfg.img_size:
+        raise ValueError(f"data: images are {ds.size}x{ds.size} but the config's img_size is "
+                         f"{cfg.img_size} (re-run `afire prepare --size {cfg.img_size}` or "
+                         f"set img_size={ds.size})")
+    return _ShardSource(ds, what)
+
+
+# ---------------------------------------------------------------------------- run files
+class _RunLog:
+    """log.jsonl + log.csv (+ TensorBoard). On resume, rows at or after the resumed step
+    are dropped first so the logs read as one uninterrupted run."""
+
+    def __init__(self, out: str, keep_below: int | None, tensorboard: bool, say):
+        self.jsonl_path = os.path.join(out, "log.jsonl")
+        self.csv_path = os.path.join(out, "log.csv")
+        rows = []
+        if keep_below is not None:
+            rows = [r for r in read_log(self.jsonl_path) if r["step"] < keep_below]
+        # rewrite both files beside the old ones and swap, so a crash here loses nothing
+        for path, fill in ((self.jsonl_path, self._fill_jsonl), (self.csv_path, self._fill_csv)):
+            with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+                fill(f, rows)
+            os.replace(path + ".tmp", path)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._csv_f = open(self.csv_path, "a", encoding="utf-8", newline="")
+        self._csv = csv.writer(self._csv_f)
+        self.tb = None
+        if tensorboard:
+            self.tb = _tensorboard_writer(os.path.join(out, "tb"), keep_below, say)
+
+    @staticmethod
+    def _fill_jsonl(f, rows: list[dict]) -> None:
+        for r in rows:
+            f.write(json.dumps({c: r.get(c) for c in LOG_COLUMNS}) + "\n")
+
+    @staticmethod
+    def _fill_csv(f, rows: list[dict]) -> None:
+        w = csv.writer(f)
+        w.writerow(LOG_COLUMNS)
+        for r in rows:
+            w.writerow([r.get(c) for c in LOG_COLUMNS])
+
+    def _write(self, row: dict) -> None:
+        self._fill_jsonl(self._jsonl, [row])
+        self._csv.writerow([row.get(c) for c in LOG_COLUMNS])
+
+    def _flush(self) -> None:
+        self._jsonl.flush()
+        self._csv_f.flush()
+
+    def write(self, row: dict) -> None:
+        self._write(row)
+        self._flush()
+        if self.tb is not None:
+            for c in LOG_COLUMNS[4:]:
+                self.tb.add_scalar(f"train/{c}", float(row[c]), row["step"])
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._csv_f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard_writer(logdir: str, purge_step: int | None, say):
+    try:
+        from tensorboardX import SummaryWriter  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found]
+        except ImportError:
+            say("--tensorboard: neither tensorboardX nor torch.utils.tensorboard can be "
+                "imported (pip install tensorboard); logging to log.jsonl/log.csv only")
+            return None
+    return SummaryWriter(logdir, purge_step=purge_step)
+
+
+def read_log(path: str) -> list[dict]:
+    """The rows of a run's log.jsonl (a torn last line from a crash is ignored)."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return rows
+
+
+def _save_checkpoint(model, out: str, meta: dict, keep_last: int) -> str:
+    """checkpoints/step_N.safetensors (atomic), last.safetensors -> it, prune to keep_last."""
+    d = os.path.join(out, CKPT_DIR)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"step_{model.step:08d}.safetensors")
+    model.save(path, extra_metadata=meta)
+    last, tmp = os.path.join(out, LAST), os.path.join(out, LAST + ".tmp")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links here: an atomic copy instead
+        import shutil
+
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, last)
+    old = sorted(f for f in os.listdir(d) if f.startswith("step_") and f.endswith(".safetensors"))
+    for f in old[:-keep_last]:
+        os.remove(os.path.join(d, f))
+    return path
+
+
+def _find_resume(out: str) -> list[str]:
+    """Candidates to resume from, best first: last.safetensors, then newest checkpoints."""
+    d = os.path.join(out, CKPT_DIR)
+    steps = sorted((f for f in os.listdir(d) if f.startswith("step_")), reverse=True) \
+        if os.path.isdir(d) else []
+    c = [os.path.join(out, LAST)] if os.path.exists(os.path.join(out, LAST)) else []
+    return c + [os.path.join(d, f) for f in steps]
+
+
+class _TrainProgress(Progress):
+    """The data progress bar with training fields; the rate is this segment's."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        super().__init__(total, "pretrain", unit="step", enabled=enabled)
+        self.n = self.n0 = done
+        self.fields = ""
+        self.img_s = 0.0
+
+    def line(self) -> str:
+        el = time.monotonic() - self.start
+        rate = (self.n - self.n0) / el if el > 0 else 0.0
+        left = (self.total - self.n) / rate if rate > 0 else float("inf")
+        fill = int(20 * self.n / self.total) if self.total else 20
+        return (f"pretrain [{'#' * fill}{'.' * (20 - fill)}] step {self.n}/{self.total} "
+                f"{self.fields} | {self.img_s:.1f} img/s ETA {format_seconds(left)} "
+                f"elapsed {format_seconds(el)}")
+
+
+class _SigintFlag:
+    """First Ctrl-C: finish the current step, then checkpoint and stop. Second: at once."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _config_diff(a: Config, b: Config) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return sorted(k for k in da if da[k] != db.get(k))
+
+
+# ---------------------------------------------------------------------------- the loop
+def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathLike | None = None,
+             resume: bool = False, device: str = "cpu", log_every: int = 10,
+             ckpt_every: int | None = None, keep_last: int = 3, progress: bool = True,
+             on_bad_data: str = "skip", tensorboard: bool = False, max_steps: int | None = None,
+             overwrite: bool = False, report: bool = True,
+             callback: Callable[[dict], None] | None = None, stream=None) -> dict:
+    """Pre-train AFiRe and return a summary dict.
+
+    Args:
+        config: the run's Config (None only with ``resume``: the checkpoint's is used).
+            On resume a given config must equal the checkpoint's.
+        data: None (``DEFAULT_PHANTOMS`` built-in normal phantoms), an int (that many
+            phantoms), a directory from ``afire prepare`` (its NORMAL images, split "train"
+            if it has one), a ShardDataset (used as given) or a uint8 array [N, S, S].
+        out: run directory (default ``runs/afire-<preset>``).
+        resume: continue from ``out/last.safetensors`` bit-identically.
+        log_every: log steps 0, k, 2k, ... and the last one. ``ckpt_every``: also checkpoint
+            every that many steps (there is always one per epoch and one at the end).
+        keep_last: checkpoints kept in ``out/checkpoints``.
+        on_bad_data: "skip" leaves out images of a shard that vanished or became unreadable
+            (reported by name); "stop" checkpoints and raises :class:`DataError`.
+        max_steps: stop (with a checkpoint) once the model has done this many steps.
+        overwrite: start afresh in an ``out`` that already holds a run.
+        callback: called with each step's log row (after logging and checkpointing).
+
+    Raises:
+        KeyboardInterrupt after saving a checkpoint (Ctrl-C or from ``callback``);
+        FloatingPointError on a non-finite loss (no checkpoint is written for it);
+        DataError with on_bad_data="stop".
+    """
+    from .model import AFiRe
+
+    from .device import require_device
+
+    stream = sys.stderr if stream is None else stream
+    device = require_device(device)
+    if on_bad_data not in ("skip", "stop"):
+        raise ValueError(f"on_bad_data must be 'skip' or 'stop', got {on_bad_data!r}")
+    for name, v, lo in (("log_every", log_every, 1), ("keep_last", keep_last, 1),
+                        ("ckpt_every", ckpt_every, 1), ("max_steps", max_steps, 0)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if config is None and not resume:
+        raise ValueError("config is required unless resume=True")
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config must be an afire.Config, got {type(config).__name__}")
+    out = os.fspath(out) if out is not None else None
+    bar: _TrainProgress | None = None
+
+    def say(text: str) -> None:
+        if bar is not None:
+            bar.message(text)
+        else:
+            stream.write(text + "\n")
+            stream.flush()
+
+    # ---- the model: fresh, or the checkpoint to resume from
+    meta: dict[str, str] = {}
+    model = None
+    if resume:
+        if out is None:
+            if config is None:
+                raise ValueError("resume needs out (the run directory) or a config")
+            out = os.path.join("runs", f"afire-{config.preset}")
+        cands = _find_resume(out)
+        if not cands:
+            raise FileNotFoundError(f"resume: no checkpoint in {out} (nothing to resume; "
+                                    "start without --resume)")
+        for c in cands:
+            try:
+                meta = AFiRe.read_metadata(c)
+                if meta.get("run_format") != RUN_FORMAT:
+                    raise ValueError("not written by afire pretrain")
+                model = AFiRe.load(c, device=device)
+                break
+            except ValueError as e:
+                say(f"resume: skipping {c} ({e})")
+        if model is None:
+            raise ValueError(f"resume: no loadable checkpoint in {out}")
+        say(f"resuming from {c} (step {model.step})")
+        if config is not None:
+            diff = _config_diff(config, model.cfg)
+            if diff:
+                raise ValueError(f"resume: the config differs from the checkpoint's in {diff}; "
+                                 "resume with the same settings (or none) for an exact run")
+        cfg = model.cfg
+    else:
+        cfg = config
+        out = out if out is not None else os.path.join("runs", f"afire-{cfg.preset}")
+        if _find_resume(out) or os.path.exists(os.path.join(out, "log.jsonl")):
+            if not overwrite:
+                raise ValueError(f"{out} already holds a run; resume it (--resume), start "
+                                 "afresh in it (--overwrite) or choose another --out")
+            import shutil
+
+            for f in (LAST, "log.jsonl", "log.csv", "config.json", "backbone.safetensors"):
+                if os.path.exists(os.path.join(out, f)):
+                    os.remove(os.path.join(out, f))
+            for d in (CKPT_DIR, "report", "tb"):
+                shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+
+    src = _open_data(data, cfg, say)
+    B = cfg.batch_size
+    nb = len(src) // B
+    if nb < 1:
+        raise ValueError(f"data: {len(src)} images are fewer than one batch of {B}")
+    if model is None:
+        model = AFiRe(cfg, device=device, steps_per_epoch=nb, batch_size=B)
+        epoch, pos, elapsed0, images = 0, 0, 0.0, 0
+    else:
+        if meta.get("data_fingerprint") != src.fingerprint:
+            raise ValueError(f"resume: the data differs from the run's ({meta.get('data_desc')}"
+                             f"; fingerprint {meta.get('data_fingerprint')} != "
+                             f"{src.fingerprint}); pass the same data to resume exactly")
+        if model.steps_per_epoch != nb:
+            raise ValueError(f"resume: {nb} batches per epoch now, {model.steps_per_epoch} in "
+                             "the checkpoint")
+        epoch, pos = int(meta["epoch"]), int(meta["batch_in_epoch"])
+        elapsed0, images = float(meta["elapsed"]), int(meta["images_seen"])
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+
+    total = cfg.epochs * nb
+    if max_steps is not None:
+        total = min(total, max(max_steps, model.step))
+    seed = cfg.seed
+    step_start = model.step
+    log = _RunLog(out, step_start if resume else None, tensorboard, say)
+    if not resume:
+        say(f"afire pretrain: preset {cfg.preset} (S={cfg.img_size}, P={cfg.patch_size}, "
+            f"D={cfg.embed_dim}, depth {cfg.depth}, {cfg.objective} objective) on {src.desc}; "
+            f"batch {B}, {nb} steps/epoch x {cfg.epochs} epochs = {cfg.epochs * nb} steps, "
+            f"device {device}, out {out}")
+        if cfg.warmup_epochs >= cfg.epochs:
+            say(f"note: warmup_epochs={cfg.warmup_epochs} >= epochs={cfg.epochs}: the learning "
+                "rate never leaves its warm-up (override warmup_epochs=... to change)")
+
+    def ckpt_meta() -> dict:
+        return {"run_format": RUN_FORMAT, "epoch": epoch, "batch_in_epoch": pos,
+                "data_fingerprint": src.fingerprint, "data_desc": src.desc,
+                "elapsed": f"{elapsed0 + time.monotonic() - t0:.3f}", "images_seen": images}
+
+    def checkpoint() -> str:
+        nonlocal last_saved
+        p = _save_checkpoint(model, out, ckpt_meta(), keep_last)
+        last_saved = model.step
+        return p
+
+    t0 = time.monotonic()
+    last_saved = step_start if resume else -1
+    last_row: dict | None = None
+    pending: tuple[int, int] | None = None  # (step before, batch size) while a step runs
+    images_run = 0
+    stopped = "complete"
+    interval_t, interval_img = t0, 0
+    bar = _TrainProgress(total, model.step, progress)
+    try:
+        with _SigintFlag() as sigint:
+            while epoch < cfg.epochs and stopped == "complete":
+                order = src.epoch_order(seed, epoch)
+                while pos < nb:
+                    if model.step >= total:
+                        stopped = "max_steps"
+                        break
+                    batch, new_bad = src.read(order[pos * B:(pos + 1) * B],
+                                              stop=on_bad_data == "stop")
+                    for p in new_bad:
+                        say(f"warning: {p}: {src.bad[p]}; its images are skipped from now on")
+                    if len(batch) == 0:
+                        pos += 1
+                        continue
+                    before = model.step
+                    pending = (before, len(batch))
+                    try:
+                        stats = model.train_step(batch)
+                    except FloatingPointError as e:
+                        good = (f"the last good checkpoint is {os.path.join(out, LAST)} "
+                                f"(step {last_saved})" if last_saved >= 0 else
+                                "no checkpoint had been written yet")
+                        raise FloatingPointError(
+                            f"non-finite loss at step {before} (epoch {epoch}, batch {pos}): "
+                            f"{e}. Training stopped without writing a checkpoint; {good}. "
+                            "Lower the learning rate (base_lr=...) or check the data."
+                        ) from None
+                    pos += 1
+                    images += len(batch)
+                    pending = None
+                    images_run += len(batch)
+                    interval_img += len(batch)
+                    s = stats["step"]
+                    now = time.monotonic()
+                    bar.img_s = interval_img / max(now - interval_t, 1e-9)
+                    bar.fields = (f"ep {epoch + 1}/{cfg.epochs} loss {stats['loss']:.4f} "
+                                  f"stru {stats['l_stru']:.3f} cate {stats['l_cate']:.3f} "
+                                  f"recon {stats['l_recon']:.3f}")
+                    row = {**{c: stats[c] for c in STAT_COLUMNS}, "epoch": epoch,
+                           "batch": pos - 1, "images": len(batch),
+                           "last_layer_frozen": int(stats["last_layer_frozen"]),
+                           "images_per_s": round(bar.img_s, 2),
+                           "time": round(elapsed0 + now - t0, 3)}
+                    # on a fixed schedule only, so that a resumed run logs the same rows
+                    if s % log_every == 0 or s == cfg.epochs * nb - 1:
+                        log.write(row)
+                        last_row = row
+                        interval_t, interval_img = now, 0
+                    bar.update(1)
+                    if ckpt_every is not None and model.step % ckpt_every == 0 and pos < nb:
+                        checkpoint()
+                    if callback is not None:
+                        callback(row)
+                    if sigint.hit:
+                        raise KeyboardInterrupt
+                if pos >= nb:
+                    epoch, pos = epoch + 1, 0
+                    checkpoint()
+            if model.step != last_saved:
+                checkpoint()
+    except KeyboardInterrupt:
+        if pending is not None and model.step > pending[0]:
+            # a second Ctrl-C landed between the C step and the bookkeeping: count the batch
+            pos, images = pos + 1, images + pending[1]
+        if model.step != last_saved:
+            checkpoint()
+        bar.close()
+        say(f"interrupted at step {model.step}; checkpoint {os.path.join(out, LAST)}. Resume "
+            f"with: afire pretrain --out {out} --resume")
+        raise
+    except DataError as e:
+        if model.step != last_saved:
+            checkpoint()
+        raise DataError(e.path, f"{e.reason}; training stopped (on_bad_data='stop') with a "
+                                f"checkpoint at step {model.step}; fix the data and resume "
+                                f"with --out {out} --resume") from None
+    finally:
+        bar.close()
+        log.close()
+
+    seconds = time.monotonic() - t0
+    if last_row is None:  # nothing logged in this call (a finished run resumed)
+        last_row = (read_log(os.path.join(out, "log.jsonl")) or [None])[-1]
+    trained = model.step - step_start
+    summary: dict[str, Any] = {
+        "out": out, "stopped": stopped, "steps": model.step, "total_steps": cfg.epochs * nb,
+        "epochs_done": epoch, "steps_this_run": trained, "images_seen": images,
+        "seconds": round(seconds, 3), "seconds_total": round(elapsed0 + seconds, 3),
+        "images_per_s": round(images_run / seconds if seconds > 0 else 0.0, 2),
+        "final": last_row, "checkpoint": os.path.join(out, LAST), "data": src.desc,
+        "bad_files": dict(src.bad), "resumed_from": step_start if resume else None,
+        "preset": cfg.preset, "device": device,
+    }
+    if stopped == "complete":
+        model.export_backbone(os.path.join(out, "backbone.safetensors"))
+        summary["backbone"] = os.path.join(out, "backbone.safetensors")
+    if report:
+        from .report import write_report
+
+        sample = src.read(src.epoch_order(seed, 0)[:min(4, len(src))], stop=False)[0]
+        summary["report"] = write_report(out, model, summary, sample)
+    return summary
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_parser(sub) -> None:
+    """Register ``afire pretrain`` on an argparse subparsers object."""
+    p = sub.add_parser(
+        "pretrain", help="pre-train AFiRe on normal chest X-rays (default: a phantom demo)",
+        description="Pre-train AFiRe. Without --data, trains on built-in synthetic phantoms; "
+                    "without --preset, a small demo (the test network on 64x64 images, "
+                    f"{DEMO_OVERRIDES['epochs']} epochs of {DEFAULT_PHANTOMS} phantoms) that "
+                    "takes about 2 minutes on 2 CPU cores. Ctrl-C saves a checkpoint; "
+                    "--resume continues exactly.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="Config overrides, e.g. base_lr=1e-3 objective=released")
+    p.add_argument("--data", default=None,
+                   help="prepared dataset directory (afire prepare); default: phantoms")
+    p.add_argument("--phantoms", type=int, default=None,
+                   help=f"number of built-in phantom images without --data ({DEFAULT_PHANTOMS})")
+    p.add_argument("--preset", default=None, choices=("test", "vit_tiny", "vit_small", "vit_base"),
+                   help="model size (default: the demo, test network on 64x64 images)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (preset default)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (preset default)")
+    p.add_argument("--seed", type=int, default=None, help="seed for init, SLM and data order")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", default=None,
+                   help="run directory (default runs/afire-demo or runs/afire-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an existing --out")
+    p.add_argument("--log-every", type=int, default=10, help="log every N steps (10)")
+    p.add_argument("--ckpt-every", type=int, default=None,
+                   help="checkpoint every N steps too (default: once per epoch)")
+    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (3)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps in total")
+    p.add_argument("--on-bad-data", default="skip", choices=("skip", "stop"),
+                   help="a shard that vanishes or breaks mid-run: skip its images or stop")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars to RUN/tb (needs tensorboard)")
+    p.add_argument("--no-report", action="store_true", help="skip the end-of-run report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_cli)
+
+
+def _cli_config(args) -> Config | None:
+    given = [args.preset, args.epochs, args.batch_size, args.seed]
+    if args.resume and all(v is None for v in given) and not args.overrides:
+        return None
+    cfg = Config.preset_config(args.preset) if args.preset else demo_config()
+    changes = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                 ("seed", args.seed)) if v is not None}
+    cfg = cfg.replace(**changes) if changes else cfg
+    return cfg.with_overrides(args.overrides) if args.overrides else cfg
+
+
+def _run_cli(args) -> int:
+    out = args.out or os.path.join("runs", f"afire-{args.preset or 'demo'}")
+    data = args.data if args.data is not None else args.phantoms
+    try:
+        cfg = _cli_config(args)
+        s = pretrain(cfg, data=data, out=out, resume=args.resume, device=args.device,
+                     log_every=args.log_every, ckpt_every=args.ckpt_every,
+                     keep_last=args.keep_last, progress=not args.quiet,
+                     on_bad_data=args.on_bad_data, tensorboard=args.tensorboard,
+                     max_steps=args.max_steps, overwrite=args.overwrite,
+                     report=not args.no_report)
+    except KeyboardInterrupt:
+        print("afire pretrain: interrupted", file=sys.stderr)
+        return 130
+    except FloatingPointError as e:
+        print(f"afire pretrain: stopped: {e}", file=sys.stderr)
+        return 3
+    except (TypeError, RuntimeError, NotImplementedError) as e:
+        print(f"afire pretrain: error: {e}", file=sys.stderr)
+        return 2
+    print_summary(s)
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    f = s.get("final") or {}
+    print(f"done: {s['steps']}/{s['total_steps']} steps ({s['stopped']}), "
+          f"{s['images_seen']} images, {format_seconds(s['seconds'])} this run, "
+          f"{s['images_per_s']:.1f} img/s")
+    if f:
+        print(f"final losses (step {f['step']}): loss {f['loss']:.4f} = stru {f['l_stru']:.4f} "
+              f"+ cate {f['l_cate']:.4f} + recon {f['l_recon']:.4f}")
+    if s["bad_files"]:
+        print(f"skipped data files: {', '.join(sorted(s['bad_files']))}")
+    print(f"checkpoint: {s['checkpoint']}")
+    if s.get("backbone"):
+        print(f"backbone (teacher, timm names): {s['backbone']}")
+    if s.get("report"):
+        r = s["report"]
+        an = r.get("anomaly")
+        if an:
+            print(f"phantom anomaly check: AUC {an['auc']:.3f} (lesion vs normal, "
+                  f"{an['n']} + {an['n']} held-out phantoms)")
+        print(f"report: {r['markdown']}")
