@@ -20,6 +20,7 @@ from ._C import Tensor  # noqa: E402
 from .config import Config  # noqa: E402
 from .device import cuda_available, require_device  # noqa: E402
 from .model import AFiRe  # noqa: E402
+from .pretrain import pretrain  # noqa: E402  (the function; the module stays importable)
 
 __version__ = "0.1.0"
-__all__ = ["AFiRe", "Config", "Tensor", "cuda_available", "require_device", "__version__"]
+__all__ = ["AFiRe", "Config", "pretrain", "Tensor", "cuda_available", "require_device", "__version__"]

@@ -106,6 +106,7 @@ static af_status prepare_inputs(af_trainer *t, const uint8_t *images, int B) {
     return AF_OK;
 }
 
+
 static int all_finite(const float *p, size_t n) {
     int ok = 1;
     for (size_t i = 0; i < n; i++) ok &= isfinite(p[i]) != 0;
@@ -136,6 +137,9 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
     AF_TRY(af_encoder_forward(m, AF_TEACHER, t->img, B));
     AF_TRY(af_head_forward(m, AF_TEACHER, m->enc_acts[AF_TEACHER].out, B));
     const float *teacher_logits = m->head_acts[AF_TEACHER].logits;
+    if (!all_finite(teacher_logits, BL * K))
+        return af_error(AF_ENONFINITE, "the teacher's outputs are NaN/Inf at step %lld (diverged "
+                        "weights?); the model was not updated", (long long)t->step);
     const float *proto_src = teacher_logits; /* released: raw logits are averaged */
     if (c->objective == AF_OBJECTIVE_PAPER) {
         AF_TRY(sinkhorn_knopp(t->q_teacher, teacher_logits, (int)BL, K, (float)sv.teacher_temp,
@@ -154,6 +158,9 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
     AF_TRY(af_decoder_forward(m, tokens, t->abn, B));
     const float *logits = m->head_acts[AF_STUDENT].logits;
     const float *pred = m->dec_acts.pred;
+    if (!all_finite(logits, BL * K) || !all_finite(pred, BL * Q))
+        return af_error(AF_ENONFINITE, "the student's outputs are NaN/Inf at step %lld (diverged "
+                        "weights?); the model was not updated", (long long)t->step);
 
     /* 4. losses and their gradients (unweighted values, weighted gradients) */
     memset(t->dlogits, 0, sizeof(float) * BL * K);

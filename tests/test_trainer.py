@@ -111,3 +111,16 @@ def test_step_gradients_match_finite_differences():
             params[i] = old
             fd = (lp - lm) / (2 * h)
             assert fd == pytest.approx(grads[i], rel=5e-2, abs=2e-3), (net, i)
+
+
+def test_divergence_is_a_floating_point_error_and_changes_nothing():
+    m = AFiRe(small_cfg(base_lr=1e30, warmup_epochs=0, clip_grad=0.0), steps_per_epoch=2)
+    x = phantom_like(4)
+    m.train_step(x)  # the absurd lr blows the weights up
+    before = {k: v.copy() for k, v in m.state_tensors().items()}
+    step = m.step
+    with pytest.raises(FloatingPointError, match="not updated"):
+        m.train_step(x)
+    assert m.step == step
+    for k, v in m.state_tensors().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
