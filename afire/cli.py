@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_prepare(sub)
+    __import__("afire.evaluate.cli", fromlist=["add_parser"]).add_parser(sub)
     # Subcommands still to come register here the same way, each with its own
     # _add_<name>(sub) that sets `func`: pretrain, evaluate, bench, info.
     return parser
