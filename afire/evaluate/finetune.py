@@ -37,14 +37,20 @@ def predict_padded(fn: Callable, x: np.ndarray, capacity: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def _param_views(net, with_encoder: bool) -> list[np.ndarray]:
+    """The writable parameter views of a downstream network (head: an array or a dict of
+    arrays; encoder: the flat buffer)."""
+    head = net.head_params()
+    views = list(head.values()) if isinstance(head, dict) else [head]
+    return views + ([net.encoder_params()] if with_encoder else [])
+
+
 def _snapshot(net, with_encoder: bool) -> list[np.ndarray]:
-    arrays = [net.head_params()] + ([net.encoder_params()] if with_encoder else [])
-    return [np.array(a, copy=True) for a in arrays]
+    return [np.array(a, copy=True) for a in _param_views(net, with_encoder)]
 
 
 def _restore(net, snap: list[np.ndarray], with_encoder: bool) -> None:
-    arrays = [net.head_params()] + ([net.encoder_params()] if with_encoder else [])
-    for dst, src in zip(arrays, snap):
+    for dst, src in zip(_param_views(net, with_encoder), snap):
         dst[...] = src
 
 
@@ -239,9 +245,4 @@ def _figures(cam_data, d: EvalData, y, names, out: Path, n: int) -> list:
 
 
 def _gradcam_padded(net, images: np.ndarray, class_index: int) -> np.ndarray:
-    # the C network has a fixed batch; try the exact size first, then pad
-    try:
-        return np.asarray(net.gradcam(np.ascontiguousarray(images), class_index))
-    except ValueError:
-        cap = getattr(net, "batch", None) or len(images)
-        return predict_padded(lambda x: net.gradcam(x, class_index), images, cap)
+    return np.asarray(net.gradcam(np.ascontiguousarray(images), class_index))
