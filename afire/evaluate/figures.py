@@ -148,7 +148,7 @@ def mask_figure(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, path,
     for i in range(b):
         ax = axes.ravel()[i]
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        p = np.ma.masked_where(pred[i] < 0.5, np.ones_like(pred[i], float))
+        p = np.ma.masked_where(pred[i] < 0.5, np.zeros_like(pred[i], float))  # red
         ax.imshow(p, cmap="autumn", alpha=0.45, vmin=0, vmax=1)
         if truth[i].any():
             ax.contour(truth[i].astype(float), levels=[0.5], colors="lime", linewidths=0.9)
