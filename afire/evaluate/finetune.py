@@ -135,8 +135,8 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     For each label fraction and each patient-wise fold (``folds`` > 1) or one hold-out
     (``test_fraction``; or ``test_data`` given): a ``val_fraction`` of the remaining
     groups is the validation set, the rest is sub-sampled to the label fraction and
-    trained on. NaN targets are trained as 0 (counted in the results) and left out of the
-    metrics. Metric: per-class test AUC and their mean.
+    trained on. NaN targets (missing / uncertain-ignored) are skipped by the loss and left
+    out of the metrics. Metric: per-class test AUC and their mean.
     """
     model = load_model(checkpoint_or_model)
     ds = downstream()
@@ -165,7 +165,7 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
             net = ds.Classifier(cfg, len(names), cap, seed=seed + k,
                                 freeze_encoder=freeze_encoder)
             copy_teacher_encoder(net, model)
-            y_tr = np.nan_to_num(y[tr], nan=0.0).astype(np.float32)
+            y_tr = y[tr].astype(np.float32)   # NaN = missing: the C BCE skips it
 
             def predict(idx, net=net, cap=cap):
                 return predict_padded(net.predict, d.images[idx], cap).astype(np.float64)
@@ -187,7 +187,7 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                              r["per_class"], "excluded_classes": r["excluded"],
                              "n_train": int(len(tr)), "n_val": int(len(va)),
                              "n_test": int(len(te)),
-                             "nan_targets_trained_as_0": int(np.isnan(y[tr]).sum()),
+                             "nan_targets_ignored": int(np.isnan(y[tr]).sum()),
                              "best_epoch": hist["best_epoch"], "best_val_auc": hist["best_val"],
                              "epochs_run": len(hist["history"]), "history": hist["history"]})
             if cam_fig_data is None or frac == max(fractions) and k == 0:

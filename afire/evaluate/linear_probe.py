@@ -21,9 +21,10 @@ def fit_predict(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, *,
                 epochs: int = 100, lr: float = 1e-3, weight_decay: float = 1e-4,
                 batch: int = 256, seed: int = 0) -> tuple[np.ndarray, dict]:
     """Train the C linear probe on (features, targets) and return (test logits, fit dict).
-    Rows with any NaN target are left out of the fit."""
+    NaN targets are missing entries (skipped by the C loss); rows with no target at all
+    are left out."""
     ds = downstream()
-    keep = ~np.isnan(y_train).any(axis=1)
+    keep = ~np.isnan(y_train).all(axis=1)
     fit = ds.linear_probe_fit(np.ascontiguousarray(f_train[keep], np.float32),
                               np.ascontiguousarray(y_train[keep], np.float32), epochs=epochs,
                               lr=lr, weight_decay=weight_decay, batch=batch, seed=seed)
