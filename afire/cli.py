@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_prepare(sub)
+    # `afire.pretrain` and `afire.evaluate.*` are also the names of functions exported at package
+    # level, so the modules are fetched by their dotted names
     __import__("afire.pretrain", fromlist=["add_parser"]).add_parser(sub)
-    # Subcommands still to come register here the same way, each with its own
-    # _add_<name>(sub) that sets `func`: pretrain, evaluate, bench, info.
+    __import__("afire.evaluate.cli", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 

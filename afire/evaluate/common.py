@@ -1,0 +1,350 @@
+"""Shared plumbing of the evaluation protocols: data input, patient-wise splits, models,
+features, results.json.
+
+Data input (`load_data`) accepts
+- an :class:`EvalData` (returned as is, resized if needed),
+- a prepared directory (``afire prepare`` output, read with :class:`ShardDataset`),
+- a directory in the shared-data layout (``labels.csv`` + images, read with
+  ``read_shared`` and resized with ``afire.data.image.resize_square``),
+- a dict of arrays: ``images`` uint8 [N,S,S] and optionally ``labels`` ([N] ints: 0
+  normal, >0 abnormal, as `phantom_dataset` returns; or [N,C] multi-label floats),
+  ``abnormal`` [N], ``groups`` [N], ``masks`` / ``lesion_masks`` / ``organ_labels``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _C
+from ..model import AFiRe
+
+
+@dataclass
+class EvalData:
+    """Images with everything a protocol may need, aligned on the first axis.
+
+    images uint8 [N,S,S]; abnormal int64 [N] (0, 1, -1 unknown); labels float32 [N,C]
+    (NaN = unknown) with label_names; groups (patient ids) [N]; masks uint8 [N,S,S] or
+    None; organ_labels uint8 [N,S,S] or None (phantom anatomy).
+    """
+
+    images: np.ndarray
+    abnormal: np.ndarray
+    groups: np.ndarray
+    labels: np.ndarray | None = None
+    label_names: list[str] = field(default_factory=list)
+    masks: np.ndarray | None = None
+    organ_labels: np.ndarray | None = None
+    source: str = "arrays"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, idx) -> "EvalData":
+        idx = np.asarray(idx)
+
+        def take(a):
+            return None if a is None else a[idx]
+        return replace(self, images=self.images[idx], abnormal=self.abnormal[idx],
+                       groups=self.groups[idx], labels=take(self.labels),
+                       masks=take(self.masks), organ_labels=take(self.organ_labels))
+
+    def targets(self, target: str | list[str] = "abnormal") -> tuple[np.ndarray, list[str]]:
+        """float32 [N,C] targets and class names. ``target``: "abnormal" (one binary class,
+        NaN where unknown), "findings" (every multi-label finding) or a list of names."""
+        if target == "abnormal":
+            y = self.abnormal.astype(np.float32)[:, None]
+            y[y < 0] = np.nan
+            return y, ["abnormal"]
+        if self.labels is None or not self.label_names:
+            raise ValueError(f"target={target!r} needs multi-label findings, this data "
+                             f"({self.source}) has none; use target='abnormal'")
+        names = self.label_names if target == "findings" else list(target)
+        missing = [n for n in names if n not in self.label_names]
+        if missing:
+            raise ValueError(f"unknown finding(s) {missing}; this data has {self.label_names}")
+        cols = [self.label_names.index(n) for n in names]
+        return self.labels[:, cols].astype(np.float32), names
+
+    def counts(self) -> dict[str, int]:
+        return {"images": len(self), "normal": int((self.abnormal == 0).sum()),
+                "abnormal": int((self.abnormal == 1).sum()),
+                "unknown": int((self.abnormal < 0).sum()),
+                "groups": int(len(np.unique(self.groups)))}
+
+
+def _resize_stack(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    if a.shape[1:] == (size, size):
+        return a
+    from ..data.image import resize_square
+
+    return np.stack([resize_square(x, size, "crop", nearest=nearest) for x in a])
+
+
+def _resized(d: EvalData, size: int | None) -> EvalData:
+    if size is None or d.images.shape[1:] == (size, size):
+        return d
+    return replace(d, images=_resize_stack(d.images, size, False),
+                   masks=None if d.masks is None else _resize_stack(d.masks, size, True),
+                   organ_labels=None if d.organ_labels is None
+                   else _resize_stack(d.organ_labels, size, True))
+
+
+def _from_arrays(d: dict) -> EvalData:
+    if "images" not in d:
+        raise ValueError("a data dict needs an 'images' entry (uint8 [N,S,S])")
+    x = np.asarray(d["images"])
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1] != x.shape[2]:
+        raise ValueError(f"images must be uint8 [N,S,S], got {x.dtype} {x.shape}")
+    n = len(x)
+    labels, names = None, []
+    lab = d.get("labels")
+    if "abnormal" in d:
+        abnormal = np.asarray(d["abnormal"]).astype(np.int64)
+    elif lab is not None and np.ndim(lab) == 1:
+        abnormal = (np.asarray(lab) > 0).astype(np.int64)
+    else:
+        abnormal = np.full(n, -1, np.int64)
+    if lab is not None and np.ndim(lab) == 2:
+        labels = np.asarray(lab, np.float32)
+        names = list(d.get("label_names") or [f"class_{j}" for j in range(labels.shape[1])])
+    groups = np.asarray(d["groups"]).astype(str) if "groups" in d else \
+        np.array([str(i) for i in range(n)])
+    masks = d.get("masks", d.get("lesion_masks"))
+    for name, a in (("abnormal", abnormal), ("groups", groups), ("labels", labels),
+                    ("masks", masks)):
+        if a is not None and len(a) != n:
+            raise ValueError(f"{name} has {len(a)} entries for {n} images")
+    return EvalData(images=x, abnormal=abnormal, groups=groups, labels=labels,
+                    label_names=names,
+                    masks=None if masks is None else np.asarray(masks, np.uint8),
+                    organ_labels=d.get("organ_labels"), source="arrays")
+
+
+def _from_prepared(root: str) -> EvalData:
+    from ..data import ShardDataset
+
+    ds = ShardDataset(root)
+    masks = None
+    if ds.meta.get("masks"):
+        ds = ShardDataset(root, masks=True)
+        masks = ds.images(np.arange(len(ds)), masks=True)
+    names = sorted({k for r in ds.records for k in (r.get("labels") or {})})
+    groups = [g or r["path"] for g, r in zip(ds.field("group", ""), ds.records)]
+    return EvalData(images=ds.images(np.arange(len(ds))),
+                    abnormal=np.asarray(ds.field("abnormal", -1), np.int64),
+                    groups=np.asarray(groups, str),
+                    labels=ds.label_matrix(names) if names else None, label_names=names,
+                    masks=masks, source=f"prepared:{root}")
+
+
+def _from_shared(root: str, size: int) -> EvalData:
+    from ..data import load_gray, read_shared, resize_square
+
+    recs = read_shared(root)
+    names = sorted({k for r in recs for k in r.labels})
+    imgs = np.stack([resize_square(load_gray(r.path), size, "crop") for r in recs])
+    lab = np.array([[r.labels.get(n, np.nan) for n in names] for r in recs], np.float32)
+    return EvalData(images=imgs, abnormal=np.array([r.abnormal for r in recs], np.int64),
+                    groups=np.array([r.group or r.path for r in recs], str),
+                    labels=lab if names else None, label_names=names,
+                    source=f"shared:{root}")
+
+
+def load_data(data: Any, size: int | None = None) -> EvalData:
+    """Any supported data input (see the module docstring) as :class:`EvalData` whose
+    images are ``size`` x ``size`` (short side resized, centre crop) when size is given."""
+    if isinstance(data, EvalData):
+        return _resized(data, size)
+    if isinstance(data, dict):
+        return _resized(_from_arrays(data), size)
+    if isinstance(data, (str, os.PathLike)):
+        root = os.fspath(data)
+        if os.path.exists(os.path.join(root, "meta.json")):
+            return _resized(_from_prepared(root), size)
+        if os.path.exists(os.path.join(root, "labels.csv")):
+            if size is None:
+                raise ValueError("reading the shared-data layout needs the image size")
+            return _from_shared(root, size)
+        raise ValueError(f"{root}: neither a prepared dataset (meta.json) nor the shared-data "
+                         "layout (labels.csv + images)")
+    raise TypeError(f"data must be a path, a dict of arrays or EvalData, got "
+                    f"{type(data).__name__}")
+
+
+# ---------------------------------------------------------------- patient-wise splits
+def group_folds(groups, k: int, seed: int = 0) -> np.ndarray:
+    """Fold index in [0, k) per image; every image of a group lands in the same fold.
+    Groups are shuffled (seeded) and dealt round robin, so folds differ by <= 1 group."""
+    if k < 2:
+        raise ValueError(f"need at least 2 folds, got {k}")
+    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
+    if len(uniq) < k:
+        raise ValueError(f"{len(uniq)} groups (patients) cannot make {k} folds")
+    perm = np.random.default_rng(seed).permutation(len(uniq))
+    fold_of_group = np.empty(len(uniq), np.int64)
+    fold_of_group[perm] = np.arange(len(uniq)) % k
+    return fold_of_group[inv]
+
+
+def group_holdout(groups, fraction: float, seed: int = 0) -> np.ndarray:
+    """bool [N]: True for the images of about ``fraction`` of the groups (at least one
+    group and never all of them)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
+    if len(uniq) < 2:
+        raise ValueError("a patient-wise split needs at least 2 groups")
+    n_out = min(max(1, int(round(fraction * len(uniq)))), len(uniq) - 1)
+    chosen = np.zeros(len(uniq), bool)
+    chosen[np.random.default_rng(seed).permutation(len(uniq))[:n_out]] = True
+    return chosen[inv]
+
+
+def subsample(idx: np.ndarray, fraction: float, seed: int, minimum: int = 2) -> np.ndarray:
+    """A seeded random ``fraction`` of idx (label-fraction experiments), >= minimum."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return idx
+    n = min(len(idx), max(minimum, int(round(fraction * len(idx)))))
+    return np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
+
+
+# ---------------------------------------------------------------- models and features
+def load_model(checkpoint_or_model: Any, batch_size: int | None = None) -> AFiRe:
+    """An :class:`AFiRe` from a checkpoint path, or the model itself."""
+    if isinstance(checkpoint_or_model, AFiRe):
+        return checkpoint_or_model
+    if isinstance(checkpoint_or_model, (str, os.PathLike)):
+        p = Path(checkpoint_or_model)
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint {p} not found")
+        return AFiRe.load(p, batch_size=batch_size)
+    raise TypeError(f"expected a checkpoint path or an AFiRe model, got "
+                    f"{type(checkpoint_or_model).__name__}")
+
+
+def random_init(model: AFiRe, seed: int = 0) -> AFiRe:
+    """A freshly initialised model of the same configuration (the random baseline)."""
+    return AFiRe(model.cfg.replace(seed=seed), steps_per_epoch=model.steps_per_epoch,
+                 batch_size=model.batch_capacity)
+
+
+def gap_features(model: AFiRe, images: np.ndarray, branch: str = "teacher",
+                 chunk: int = 256) -> np.ndarray:
+    """float32 [N, D]: global average pool of the encoder's patch tokens (cls excluded),
+    METHOD §6. Computed in chunks so [N, T, D] never has to exist at once."""
+    out = [model.encode(images[i:i + chunk], branch=branch)[:, 1:].mean(axis=1)
+           for i in range(0, len(images), chunk)]
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def downstream():
+    """The C evaluation module, with a clear error when this build lacks it."""
+    mod = getattr(_C, "downstream", None)
+    if mod is None or not hasattr(mod, "linear_probe_fit"):
+        raise ImportError("this afire build has no afire._C.downstream compute (the C "
+                          "evaluation kernels); rebuild from a tree that includes them")
+    return mod
+
+
+def copy_teacher_encoder(net, model: AFiRe) -> int:
+    """Copy ``model``'s TEACHER encoder into a downstream network (Classifier/Segmenter),
+    matching tensors by name through ``net.param_table()``. Returns the number of
+    tensors copied; ValueError if any encoder tensor finds no place or shapes differ."""
+    src = {k[len("teacher.encoder."):]: v for k, v in model.state_tensors().items()
+           if k.startswith("teacher.encoder.")}
+    params = net.encoder_params()
+    table = net.param_table()
+    if isinstance(table, dict):           # {name: {...}} form
+        table = [dict(v, name=k) for k, v in table.items()]
+    copied = set()
+    for p in table:
+        name = p["name"]
+        for pre in ("encoder.",):
+            if name not in src and name.startswith(pre):
+                name = name[len(pre):]
+        if name not in src:
+            continue
+        shape = tuple(p["shape"])
+        if tuple(src[name].shape) != shape:
+            raise ValueError(f"encoder tensor {name}: checkpoint {src[name].shape}, "
+                             f"downstream network {shape}")
+        if isinstance(params, dict):
+            params[p["name"]][...] = src[name]
+        else:
+            off, n = int(p["offset"]), int(np.prod(shape))
+            params[off:off + n] = src[name].ravel()
+        copied.add(name)
+    missing = sorted(set(src) - copied)
+    if missing:
+        raise ValueError(f"downstream network has no place for encoder tensors {missing[:5]}")
+    return len(copied)
+
+
+def cosine_lr(base: float, step: int, total: int, warmup: int = 0, final: float = 0.0) -> float:
+    """Per-step learning rate: linear warm-up then cosine to ``final``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------- results
+def json_safe(v: Any) -> Any:
+    """Plain JSON values: NaN/Inf -> None, numpy scalars/arrays -> Python values."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return json_safe(v.tolist())
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, (Path,)):
+        return os.fspath(v)
+    return v
+
+
+def write_results(out: str | os.PathLike, results: dict) -> Path:
+    """Write ``results.json`` (NaN as null) and ``arrays.npz`` (the "arrays" entry) into
+    ``out``; returns the JSON path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    body = {k: v for k, v in results.items() if k != "arrays"}
+    p = out / "results.json"
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(json_safe(body), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, p)
+    if results.get("arrays"):
+        np.savez_compressed(out / "arrays.npz", **results["arrays"])
+    return p
+
+
+def mean_std(values) -> dict[str, float]:
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], float)
+    if len(v) == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "n": int(len(v))}
+
+
+def try_figures(fn, *args, **kwargs) -> str | None:
+    """Run a figure function; a missing matplotlib only warns (results still written)."""
+    try:
+        return fn(*args, **kwargs)
+    except ImportError as e:
+        warnings.warn(f"figure skipped: {e}", RuntimeWarning, stacklevel=2)
+        return None

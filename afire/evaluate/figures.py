@@ -1,0 +1,159 @@
+"""Figures of the evaluation protocols (PNG). Needs matplotlib (the ``viz`` extra); t-SNE
+also needs openTSNE or scikit-learn. Every function writes one file and returns its path."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+VIZ_HINT = "install the viz extra: pip install 'afire[viz]'"
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(f"figures need matplotlib ({VIZ_HINT})") from None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path) -> str:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def roc_figure(curves: Mapping[str, tuple], path, title: str = "ROC") -> str:
+    """ROC curves. ``curves``: {label: (fpr, tpr, auc)}; the AUC goes in the legend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, lw=1.6, label=f"{label} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate",
+           ylabel="true-positive rate", title=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def tsne_embed(features: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """2-D t-SNE of [N, D] features (openTSNE if installed, else scikit-learn)."""
+    x = np.asarray(features, np.float64)
+    perp = float(min(perplexity, max(2.0, (len(x) - 1) / 3.0)))
+    try:
+        from openTSNE import TSNE as OTSNE
+
+        return np.asarray(OTSNE(perplexity=perp, random_state=seed, n_jobs=1).fit(x))
+    except ImportError:
+        pass
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise ImportError(f"t-SNE needs openTSNE or scikit-learn ({VIZ_HINT})") from None
+    return TSNE(n_components=2, perplexity=perp, random_state=seed, init="pca").fit_transform(x)
+
+
+def tsne_figure(features: np.ndarray, labels: Sequence, path, title: str = "t-SNE",
+                seed: int = 0, class_names: Mapping | None = None) -> str:
+    """Scatter of a t-SNE of the features, one colour per label value (paper Fig. 5)."""
+    plt = _plt()
+    emb = tsne_embed(features, seed=seed)
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for k, v in enumerate(np.unique(labels)):
+        sel = labels == v
+        name = class_names.get(v, v) if class_names else v
+        ax.scatter(emb[sel, 0], emb[sel, 1], s=9, alpha=0.75, color=f"C{k}",
+                   label=f"{name} ({int(sel.sum())})")
+    ax.set(title=title, xticks=[], yticks=[])
+    ax.legend(fontsize=8, markerscale=1.5)
+    return _save(fig, path)
+
+
+def _upsample(m: np.ndarray, size: int) -> np.ndarray:
+    """[g, g] -> [size, size] by pixel repetition (a token's value covers its patch)."""
+    r = size // m.shape[0]
+    return np.kron(m, np.ones((r, r)))
+
+
+def overlay_figure(images: np.ndarray, maps: np.ndarray, path, titles: Sequence[str] | None = None,
+                   title: str = "", alpha: float = 0.45, cmap: str = "jet") -> str:
+    """Images with per-token maps ([B, g, g], e.g. Grad-CAM or restoration errors) laid
+    over them, each map scaled to its own [min, max]."""
+    plt = _plt()
+    b = len(images)
+    cols = min(b, 4)
+    rows = -(-b // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(b):
+        ax = axes.ravel()[i]
+        m = np.asarray(maps[i], np.float64)
+        m = (m - m.min()) / (m.max() - m.min() + 1e-12)
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(_upsample(m, images.shape[-1]), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def grid_figure(columns: Mapping[str, np.ndarray], path, title: str = "",
+                row_titles: Sequence[str] | None = None) -> str:
+    """A grid, one column per entry of ``columns`` ({name: [B, S, S] images}), one row per
+    image. uint8 inputs are shown on 0..255, float ones on their own range (per column,
+    shared across rows so rows compare)."""
+    plt = _plt()
+    names = list(columns)
+    b = len(next(iter(columns.values())))
+    fig, axes = plt.subplots(b, len(names), figsize=(2.0 * len(names), 2.0 * b), squeeze=False)
+    for j, name in enumerate(names):
+        col = np.asarray(columns[name])
+        if col.dtype == np.uint8:
+            lo, hi = 0, 255
+        else:
+            lo, hi = np.percentile(col, 1), np.percentile(col, 99)
+        for i in range(b):
+            ax = axes[i, j]
+            ax.imshow(col[i], cmap="gray", vmin=lo, vmax=hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+            if j == 0 and row_titles is not None:
+                ax.set_ylabel(row_titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def mask_figure(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, path,
+                title: str = "", titles: Sequence[str] | None = None) -> str:
+    """Segmentation: image, ground-truth contour (green) and predicted mask (red)."""
+    plt = _plt()
+    b = len(images)
+    cols = min(b, 4)
+    rows = -(-b // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(b):
+        ax = axes.ravel()[i]
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        p = np.ma.masked_where(pred[i] < 0.5, np.zeros_like(pred[i], float))  # red
+        ax.imshow(p, cmap="autumn", alpha=0.45, vmin=0, vmax=1)
+        if truth[i].any():
+            ax.contour(truth[i].astype(float), levels=[0.5], colors="lime", linewidths=0.9)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

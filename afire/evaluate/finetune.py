@@ -1,0 +1,248 @@
+"""Fine-tuning (paper Table 2, METHOD §6): the TEACHER encoder + a multi-label head (GAP
+over patch tokens -> LayerNorm -> Linear, BCE-with-logits), trained in C
+(``afire._C.downstream.Classifier``) with AdamW, per-step cosine lr, augmentation (random
+resized crop, flip, small rotation), early stopping on the validation mean AUC (patience
+in epochs; the best epoch's weights are restored), label fractions (1/10/100 %) and
+patient-wise k-fold cross-validation. Grad-CAM maps of the fine-tuned classifier are
+drawn for a few test images (paper Fig. 7).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import figures as F
+from . import metrics as M
+from .common import (EvalData, copy_teacher_encoder, cosine_lr, downstream, group_folds,
+                     group_holdout, load_data, load_model, mean_std, subsample, try_figures,
+                     write_results)
+
+
+# ---------------------------------------------------------------- shared training loop
+def predict_padded(fn: Callable, x: np.ndarray, capacity: int) -> np.ndarray:
+    """Run ``fn`` over x in chunks of exactly ``capacity`` (the last one padded by
+    repeating its final image, the padding's outputs dropped)."""
+    outs = []
+    for i in range(0, len(x), capacity):
+        part = x[i:i + capacity]
+        n = len(part)
+        if n < capacity:
+            part = np.concatenate([part, np.repeat(part[-1:], capacity - n, axis=0)])
+        outs.append(np.asarray(fn(np.ascontiguousarray(part)))[:n])
+    return np.concatenate(outs)
+
+
+def _param_views(net, with_encoder: bool) -> list[np.ndarray]:
+    """The writable parameter views of a downstream network (head: an array or a dict of
+    arrays; encoder: the flat buffer)."""
+    head = net.head_params()
+    views = list(head.values()) if isinstance(head, dict) else [head]
+    return views + ([net.encoder_params()] if with_encoder else [])
+
+
+def _snapshot(net, with_encoder: bool) -> list[np.ndarray]:
+    return [np.array(a, copy=True) for a in _param_views(net, with_encoder)]
+
+
+def _restore(net, snap: list[np.ndarray], with_encoder: bool) -> None:
+    for dst, src in zip(_param_views(net, with_encoder), snap):
+        dst[...] = src
+
+
+def train_early_stopping(net, n_train: int, batch_args: Callable, val_score: Callable, *,
+                         capacity: int, epochs: int, lr: float, weight_decay: float,
+                         patience: int, seed: int, warmup_epochs: int = 0,
+                         augment: bool = True, freeze_encoder: bool = False) -> dict:
+    """Train ``net`` (Classifier or Segmenter) with a per-step cosine lr; after every epoch
+    score the validation set (higher = better) and stop after ``patience`` epochs without
+    gain, restoring the best epoch. A NaN validation score disables early stopping (the
+    last epoch is kept) with a warning. Returns {"history", "best_epoch", "best_val"}."""
+    rng = np.random.default_rng(seed)
+    spe = max(1, n_train // capacity)           # full batches only: the C batch is fixed
+    total = epochs * spe
+    best, best_epoch, snap, bad, step = -math.inf, -1, None, 0, 0
+    history, warned = [], False
+    for ep in range(epochs):
+        order = rng.permutation(n_train)
+        losses = []
+        for b in range(spe):
+            idx = np.sort(order[b * capacity:(b + 1) * capacity])
+            lr_t = cosine_lr(lr, step, total, warmup_epochs * spe)
+            r = net.train_step(*batch_args(idx), lr_t, weight_decay, step, augment=augment)
+            losses.append(float(r["loss"] if isinstance(r, dict) else r))
+            step += 1
+        v = float(val_score())
+        history.append({"epoch": ep, "train_loss": float(np.mean(losses)), "val": v})
+        if math.isnan(v):
+            if not warned:
+                warnings.warn("validation score is NaN (single-class or empty validation "
+                              "set): early stopping disabled, the last epoch is kept",
+                              RuntimeWarning, stacklevel=2)
+                warned = True
+            continue
+        if v > best:
+            best, best_epoch, bad = v, ep, 0
+            snap = _snapshot(net, not freeze_encoder)
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    if snap is not None and not warned:
+        _restore(net, snap, not freeze_encoder)
+    return {"history": history, "best_epoch": best_epoch,
+            "best_val": best if best > -math.inf else float("nan"), "steps": step}
+
+
+def split_folds(d: EvalData, folds: int, test_fraction: float, seed: int):
+    """[(train+val indices, test indices)] by group: k folds, or one hold-out."""
+    if folds > 1:
+        f = group_folds(d.groups, folds, seed)
+        return [(np.flatnonzero(f != k), np.flatnonzero(f == k)) for k in range(folds)]
+    te = group_holdout(d.groups, test_fraction, seed)
+    return [(np.flatnonzero(~te), np.flatnonzero(te))]
+
+
+def split_val(d: EvalData, idx: np.ndarray, val_fraction: float, seed: int):
+    """(train, val) indices from idx, by group."""
+    v = group_holdout(d.groups[idx], val_fraction, seed)
+    return idx[~v], idx[v]
+
+
+def _as_fractions(label_fractions) -> list[float]:
+    fr = [label_fractions] if isinstance(label_fractions, (int, float)) else list(label_fractions)
+    for f in fr:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"label fractions are in (0, 1] (1 % = 0.01), got {f}")
+    return [float(f) for f in fr]
+
+
+# ---------------------------------------------------------------- the protocol
+def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
+             target: str | list[str] = "abnormal",
+             label_fractions: float | Sequence[float] = (1.0,), folds: int = 5,
+             test_fraction: float = 0.2, val_fraction: float = 0.1, epochs: int = 100,
+             batch: int = 128, lr: float = 2e-4, weight_decay: float = 0.05,
+             patience: int = 10, warmup_epochs: int = 0, augment: bool = True,
+             freeze_encoder: bool = False, seed: int = 0, gradcam: int = 8,
+             out: str | Path | None = None, figures: bool = True) -> dict:
+    """Fine-tune the teacher encoder with a classification head.
+
+    For each label fraction and each patient-wise fold (``folds`` > 1) or one hold-out
+    (``test_fraction``; or ``test_data`` given): a ``val_fraction`` of the remaining
+    groups is the validation set, the rest is sub-sampled to the label fraction and
+    trained on. NaN targets (missing / uncertain-ignored) are skipped by the loss and left
+    out of the metrics. Metric: per-class test AUC and their mean.
+    """
+    model = load_model(checkpoint_or_model)
+    ds = downstream()
+    S = model.cfg.img_size
+    d = load_data(data, S)
+    y, names = d.targets(target)
+    fractions = _as_fractions(label_fractions)
+    if test_data is not None:
+        t = load_data(test_data, S)
+        both = EvalData(images=np.concatenate([d.images, t.images]),
+                        abnormal=np.concatenate([d.abnormal, t.abnormal]),
+                        groups=np.concatenate([d.groups, t.groups]), source=d.source)
+        y = np.concatenate([y, t.targets(target)[0]])
+        splits = [(np.arange(len(d)), len(d) + np.arange(len(t)))]
+        d = both
+    else:
+        splits = split_folds(d, folds, test_fraction, seed)
+    cfg = model.cfg.to_dict()
+    runs, cam_fig_data = [], None
+    for frac in fractions:
+        fold_res = []
+        for k, (trval, te) in enumerate(splits):
+            tr, va = split_val(d, trval, val_fraction, seed + 100 + k)
+            tr = subsample(tr, frac, seed + k)
+            cap = min(batch, len(tr))
+            net = ds.Classifier(cfg, len(names), cap, seed=seed + k,
+                                freeze_encoder=freeze_encoder)
+            copy_teacher_encoder(net, model)
+            y_tr = y[tr].astype(np.float32)   # NaN = missing: the C BCE skips it
+
+            def predict(idx, net=net, cap=cap):
+                return predict_padded(net.predict, d.images[idx], cap).astype(np.float64)
+
+            def val_auc(net=net, va=va):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    return M.multilabel_auc(y[va], predict(va), names, warn=False)["mean_auc"]
+
+            hist = train_early_stopping(
+                net, len(tr), lambda idx, tr=tr, y_tr=y_tr: (
+                    np.ascontiguousarray(d.images[tr[idx]]), np.ascontiguousarray(y_tr[idx])),
+                val_auc, capacity=cap, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                patience=patience, seed=seed + k, warmup_epochs=warmup_epochs,
+                augment=augment, freeze_encoder=freeze_encoder)
+            logits = predict(te)
+            r = M.multilabel_auc(y[te], logits, names)
+            fold_res.append({"fold": k, "mean_auc": r["mean_auc"], "per_class_auc":
+                             r["per_class"], "excluded_classes": r["excluded"],
+                             "n_train": int(len(tr)), "n_val": int(len(va)),
+                             "n_test": int(len(te)),
+                             "nan_targets_ignored": int(np.isnan(y[tr]).sum()),
+                             "best_epoch": hist["best_epoch"], "best_val_auc": hist["best_val"],
+                             "epochs_run": len(hist["history"]), "history": hist["history"]})
+            if cam_fig_data is None or frac == max(fractions) and k == 0:
+                cam_fig_data = (net, te, logits)
+        runs.append({"label_fraction": frac,
+                     "mean_auc": mean_std([f["mean_auc"] for f in fold_res]),
+                     "folds": fold_res})
+    results = {
+        "protocol": "finetune",
+        "description": "teacher encoder + GAP-LayerNorm-Linear head, BCE, AdamW, cosine lr, "
+                       "early stopping on validation mean AUC (METHOD §6)",
+        "settings": {"target": target if isinstance(target, str) else list(target),
+                     "classes": names, "label_fractions": fractions,
+                     "folds": folds if test_data is None else "given test set",
+                     "test_fraction": test_fraction, "val_fraction": val_fraction,
+                     "epochs": epochs, "batch": batch, "lr": lr, "weight_decay": weight_decay,
+                     "patience": patience, "warmup_epochs": warmup_epochs, "augment": augment,
+                     "freeze_encoder": freeze_encoder, "seed": seed, "model": model.cfg.preset,
+                     "img_size": S, "pretrain_step": model.step, "source": d.source},
+        "counts": {"all": d.counts()},
+        "metrics": {f"mean_auc@{r['label_fraction']:g}": r["mean_auc"] for r in runs},
+        "runs": runs,
+        "figures": [],
+    }
+    if out is not None:
+        if figures and cam_fig_data is not None:
+            results["figures"] = _figures(cam_fig_data, d, y, names, Path(out), gradcam)
+        write_results(out, results)
+    return results
+
+
+def _figures(cam_data, d: EvalData, y, names, out: Path, n: int) -> list:
+    net, te, logits = cam_data
+    figs = []
+    yt = y[te]
+    curves = {}
+    for j, name in enumerate(names):
+        keep = ~np.isnan(yt[:, j])
+        if len(np.unique(yt[keep, j])) == 2:
+            fpr, tpr, _ = M.roc_curve(yt[keep, j], logits[keep, j])
+            curves[name] = (fpr, tpr, M.roc_auc(yt[keep, j], logits[keep, j]))
+    if curves:
+        figs.append(try_figures(F.roc_figure, curves, out / "roc.png", title="Fine-tuned"))
+    if n > 0 and len(te):
+        # the class with the most positives; its most confident positives first
+        j = int(np.nanargmax(np.nansum(yt, axis=0))) if np.nansum(yt) > 0 else 0
+        order = np.argsort(-logits[:, j])
+        pos = [i for i in order if yt[i, j] == 1][:n] or list(order[:n])
+        idx = te[pos]
+        cams = _gradcam_padded(net, d.images[idx], j)
+        titles = [f"{names[j]} p={M.sigmoid(logits[i, j]):.2f}" for i in pos]
+        figs.append(try_figures(F.overlay_figure, d.images[idx], cams, out / "gradcam.png",
+                                titles, title=f"Grad-CAM, class {names[j]} (paper Fig. 7)"))
+    return [f for f in figs if f]
+
+
+def _gradcam_padded(net, images: np.ndarray, class_index: int) -> np.ndarray:
+    return np.asarray(net.gradcam(np.ascontiguousarray(images), class_index))
