@@ -12,7 +12,7 @@
  * SLM results are bit-identical to slm_generate; the objective matches objective.c to float
  * rounding (double accumulation where the CPU uses double).
  *
- * Plain C declarations: included by cuda/*.cu and by the C binding csrc/py_cuda_objective.c.
+ * Plain C declarations: included by the .cu files and by the C binding py_cuda_objective.c.
  */
 #ifndef AFIRE_CUDA_OBJECTIVE_CUH
 #define AFIRE_CUDA_OBJECTIVE_CUH
