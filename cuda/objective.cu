@@ -63,7 +63,8 @@ static inline unsigned warp_rows_grid(int64_t rows) {
     return (unsigned)((rows + WARP_BLOCK / 32 - 1) / (WARP_BLOCK / 32));
 }
 
-// ---- Sinkhorn-Knopp (METHOD §3), one block ---------------------------------------------------
+// ---- Sinkhorn-Knopp (METHOD §3), one block; q may equal logits (each entry is read, then ----
+// ---- written by the same thread after the max is known) ------------------------------------
 
 __global__ void __launch_bounds__(RED_THREADS)
 sinkhorn_kernel(float *q, const float *logits, int N, int K, float eps, int iters) {
@@ -139,7 +140,6 @@ static af_status sinkhorn_checks(const float *q, const float *logits, int N, int
     AF_CUDA_CHECK(N > 0 && K > 0, "sinkhorn_knopp: N=%d and K=%d must be > 0", N, K);
     AF_CUDA_CHECK(positive_finite(eps), "sinkhorn_knopp: eps must be > 0, got %g", (double)eps);
     AF_CUDA_CHECK(iters >= 0, "sinkhorn_knopp: iters must be >= 0, got %d", iters);
-    AF_CUDA_CHECK(q != logits, "sinkhorn_knopp: q and logits must be different buffers");
     return AF_OK;
 }
 

@@ -37,7 +37,8 @@ af_status af_cuda_slm_generate(af_cuda_context *ctx, uint8_t *x_prime, uint8_t *
                                const af_slm_config *cfg, uint64_t seed, uint64_t step,
                                uint64_t first_image_index);
 
-/* sinkhorn_knopp: q[N,K] from logits[N,K] (q != logits). */
+/* sinkhorn_knopp: q[N,K] from logits[N,K] (q == logits is allowed). One block: the column
+ * sums are fixed-order reductions without scratch. */
 af_status af_cuda_sinkhorn_knopp(af_cuda_context *ctx, float *q, const float *logits, int N,
                                  int K, float eps, int iters);
 
