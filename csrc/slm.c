@@ -16,6 +16,7 @@
 #endif
 
 #include "common.h"
+#include "fp_exact.h"
 #include "rng.h"
 #include "slm.h"
 
@@ -243,7 +244,8 @@ af_status slm_lesions(af_slm_lesion *out, int *count, const uint8_t *x, int S,
 static inline float falloff(int w, int h, int W, int H, float gamma2) {
     float u = ((float)w + 0.5f - 0.5f * (float)W) / (0.5f * (float)W);
     float v = ((float)h + 0.5f - 0.5f * (float)H) / (0.5f * (float)H);
-    return expf(-(u * u + v * v) / gamma2);
+    /* af_exp_exact, not expf: cuda/slm.cu reproduces this bit for bit (fp_exact.h) */
+    return af_exp_exact(-(u * u + v * v) / gamma2);
 }
 
 /* Half-pixel-centre bilinear source coordinate of output index i (out -> in samples). */

@@ -1,0 +1,91 @@
+/* GPU twins of the synthetic lesion masks (csrc/slm.h) and of the objective
+ * (csrc/objective.h): the same contracts, with these differences (as cuda_api.h):
+ *   - every pointer is a DEVICE pointer; work is queued on ctx's stream and the call returns
+ *     before it finishes (af_cuda_synchronize waits);
+ *   - loss scalars are written to DEVICE memory (one float / double each), so a training
+ *     step never waits for the host;
+ *   - gradients ACCUMULATE (+=) like the CPU; a NULL gradient is skipped;
+ *   - deterministic: every reduction runs in a fixed order, no float atomics;
+ *   - sizes and hyper-parameters are checked on the host (AF_EINVAL). Checks that need the
+ *     data (finite logits, C >= 0 with positive row sums) are NOT made on the device: the
+ *     caller owns them (the CPU twins report them).
+ * SLM results are bit-identical to slm_generate; the objective matches objective.c to float
+ * rounding (double accumulation where the CPU uses double).
+ *
+ * Plain C declarations: included by the .cu files and by the C binding py_cuda_objective.c.
+ */
+#ifndef AFIRE_CUDA_OBJECTIVE_CUH
+#define AFIRE_CUDA_OBJECTIVE_CUH
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "afire.h"
+#include "cuda_api.h"
+#include "slm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* slm_generate on the device: x[B,S,S] -> x_prime[B,S,S], mask[B,S,S], token_labels[B,L]
+ * (uint8, device). Bit-identical to the CPU for every config (csrc/fp_exact.h). Allocates
+ * nothing for AF_SLM_REGION_RANDOM (the default); AF_SLM_REGION_LARGEST (released code) takes
+ * a stream-ordered workspace of 2*S*S ints per image (cudaMallocAsync) for its flood fill. */
+af_status af_cuda_slm_generate(af_cuda_context *ctx, uint8_t *x_prime, uint8_t *mask,
+                               uint8_t *token_labels, const uint8_t *x, int B, int S, int P,
+                               const af_slm_config *cfg, uint64_t seed, uint64_t step,
+                               uint64_t first_image_index);
+
+/* sinkhorn_knopp: q[N,K] from logits[N,K] (q == logits is allowed). One block: the column
+ * sums are fixed-order reductions without scratch. */
+af_status af_cuda_sinkhorn_knopp(af_cuda_context *ctx, float *q, const float *logits, int N,
+                                 int K, float eps, int iters);
+
+/* prototypes_update: C[L,K] from src[B,L,K]. */
+af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *C, const float *src, int B,
+                                    int L, int K, float m, int overwrite);
+
+/* paper_loss: l_stru, l_cate are device floats; ds_stru/ds_cate [B,L,K] may be NULL or the
+ * same buffer. scratch: af_cuda_paper_loss_scratch_floats(B, L, K) device floats, 8-byte
+ * aligned (0 when the sizes are invalid or too large). */
+size_t af_cuda_paper_loss_scratch_floats(int B, int L, int K);
+af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, float *l_cate, float *ds_stru,
+                             float *ds_cate, const float *s, const float *C, const uint8_t *abn,
+                             int B, int L, int K, float tau_s, float tau, float w_stru,
+                             float w_cate, float *scratch);
+
+/* recon_loss: loss is a device float; dy [B,L,PPC] may be NULL; abn may be NULL (all 1). */
+af_status af_cuda_recon_loss(af_cuda_context *ctx, float *loss, float *dy, const float *y,
+                             const float *x, const uint8_t *abn, int B, int L, int PPC,
+                             float w_abn, float weight);
+
+/* released_loss: l_cst, l_recon are device floats; ds, dy may be NULL. scratch:
+ * af_cuda_released_loss_scratch_floats(L, K) device floats (P is left in its first L*K). */
+size_t af_cuda_released_loss_scratch_floats(int L, int K);
+af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_recon, float *ds,
+                                float *dy, const float *s, const float *C, const uint8_t *abn,
+                                const float *y, const float *x, int B, int L, int K, int PPC,
+                                float tau_s, float eps, int iters, float w_cst, float w_recon,
+                                float *scratch);
+
+/* anomaly_score: score[B], log_score[B], err[B,L] are device doubles; each may be NULL. */
+af_status af_cuda_anomaly_score(af_cuda_context *ctx, double *score, double *log_score,
+                                double *err, const float *y, const float *x, int B, int L,
+                                int PPC);
+
+/* Test helper (host-level entry points): like af_cuda_run_host, for buffers of any element
+ * type. bytes == 0, or host == NULL for roles other than AF_CUDA_SCRATCH, passes NULL. */
+typedef struct {
+    void *host;
+    size_t bytes;
+    int role; /* AF_CUDA_IN, AF_CUDA_OUT, AF_CUDA_INOUT, AF_CUDA_SCRATCH (cuda_api.h) */
+} af_cuda_buf;
+typedef af_status (*af_cuda_bytes_fn)(af_cuda_context *ctx, void *const *dev, const void *user);
+af_status af_cuda_run_host_bytes(af_cuda_context *ctx, int nargs, const af_cuda_buf *bufs,
+                                 af_cuda_bytes_fn fn, const void *user);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
