@@ -168,6 +168,9 @@ extern "C" af_status af_cuda_trainer_create(af_cuda_trainer **out, const af_trai
         st = dmalloc(dev[i].p, dev[i].bytes);
     if (st == AF_OK) st = hmalloc((void **)&t->staging, B * S2 + BL);
     if (st == AF_OK) st = hmalloc((void **)&t->host, sizeof(af_cuda_step_scalars));
+    if (st == AF_OK && cudaDeviceSynchronize() != cudaSuccess)  // the plain cudaMemsets
+        st = af_error(AF_ECUDA, "CUDA trainer initialisation failed: %s",
+                      cudaGetErrorString(cudaGetLastError()));
     if (st != AF_OK) {
         af_cuda_trainer_free(t);
         return st;
@@ -188,6 +191,13 @@ extern "C" void af_cuda_trainer_release(af_cuda_trainer *t) {
 }
 
 // ------------------------------------------------------------------ shared stages
+
+// A call that fails half-way may leave copies queued that still read the staging buffer or
+// write host outputs: drain the stream before returning the error.
+static af_status finish(af_cuda_trainer *t, af_status st) {
+    if (st != AF_OK) cudaStreamSynchronize(t->ctx->stream);
+    return st;
+}
 
 static af_status begin(af_cuda_trainer *t, int B) {
     AF_CHECK(B >= 1 && B <= t->B, AF_EINVAL, "batch of %d images: must be between 1 and the "
@@ -353,18 +363,18 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
 
 extern "C" af_status af_cuda_trainer_step(af_cuda_trainer *t, const uint8_t *images, int B,
                                           af_step_stats *stats) {
-    return run_step(t, images, B, stats, 1);
+    return finish(t, run_step(t, images, B, stats, 1));
 }
 
 extern "C" af_status af_cuda_trainer_grads(af_cuda_trainer *t, const uint8_t *images, int B,
                                            af_step_stats *stats) {
-    return run_step(t, images, B, stats, 0);
+    return finish(t, run_step(t, images, B, stats, 0));
 }
 
 // ------------------------------------------------------------------ inference
 
-extern "C" af_status af_cuda_trainer_encode(af_cuda_trainer *t, float *tokens,
-                                            const uint8_t *images, int B, af_branch branch) {
+static af_status encode(af_cuda_trainer *t, float *tokens, const uint8_t *images, int B,
+                        af_branch branch) {
     AF_TRY(begin(t, B));
     AF_TRY(upload_batch(t, images, nullptr, B));
     AF_TRY(af_cuda_normalize_images(t->ctx, t->img, t->images, B, t->C, t->S));
@@ -403,9 +413,8 @@ static af_status restoration_finite(const af_cuda_trainer *t) {
     return AF_OK;
 }
 
-extern "C" af_status af_cuda_trainer_restore(af_cuda_trainer *t, float *pred, float *target,
-                                             const uint8_t *images, const uint8_t *token_mask,
-                                             int B) {
+static af_status restore(af_cuda_trainer *t, float *pred, float *target, const uint8_t *images,
+                         const uint8_t *token_mask, int B) {
     AF_TRY(begin(t, B));
     AF_TRY(queue_restore(t, images, token_mask, B));
     size_t bytes = (size_t)B * t->L * t->Q * sizeof(float);
@@ -415,8 +424,8 @@ extern "C" af_status af_cuda_trainer_restore(af_cuda_trainer *t, float *pred, fl
     return restoration_finite(t);
 }
 
-extern "C" af_status af_cuda_trainer_anomaly(af_cuda_trainer *t, double *score, double *log_score,
-                                             double *err, const uint8_t *images, int B) {
+static af_status anomaly(af_cuda_trainer *t, double *score, double *log_score, double *err,
+                         const uint8_t *images, int B) {
     AF_TRY(begin(t, B));
     AF_TRY(queue_restore(t, images, nullptr, B));
     double *d_score = t->anomaly, *d_log = t->anomaly + B, *d_err = t->anomaly + 2 * B;
@@ -427,6 +436,22 @@ extern "C" af_status af_cuda_trainer_anomaly(af_cuda_trainer *t, double *score, 
     AF_TRY(download_async(t, err, d_err, (size_t)B * t->L * sizeof(double)));
     AF_TRY(fetch_scalars(t));
     return restoration_finite(t);
+}
+
+extern "C" af_status af_cuda_trainer_encode(af_cuda_trainer *t, float *tokens,
+                                            const uint8_t *images, int B, af_branch branch) {
+    return finish(t, encode(t, tokens, images, B, branch));
+}
+
+extern "C" af_status af_cuda_trainer_restore(af_cuda_trainer *t, float *pred, float *target,
+                                             const uint8_t *images, const uint8_t *token_mask,
+                                             int B) {
+    return finish(t, restore(t, pred, target, images, token_mask, B));
+}
+
+extern "C" af_status af_cuda_trainer_anomaly(af_cuda_trainer *t, double *score, double *log_score,
+                                             double *err, const uint8_t *images, int B) {
+    return finish(t, anomaly(t, score, log_score, err, images, B));
 }
 
 // ------------------------------------------------------------------ state transfer

@@ -7,7 +7,7 @@ libm and FMA contraction. Tolerances:
   - every gradient tensor (after clipping):   |gpu - cpu| <= 1e-3 * max|cpu tensor| + 1e-3 |cpu|
   - parameters after one AdamW step:          atol 2.5 * lr (a near-zero gradient may flip sign:
                                               Adam's first step moves by ~lr * sign(g)),
-                                              moments rel 1e-3 / atol 1e-3 * max
+                                              moments as gradients with 3e-3 (v is quadratic)
   - 50 steps: loss at step 0 rel 1e-4, every step rel 5e-2, mean relative gap < 1e-2
   - encode / restore: 1e-4 * max|cpu| + 1e-4 |cpu|; anomaly log score rel 1e-4
   - two GPU runs: bit-identical; save on GPU -> load on CPU: bit-identical tensors.
@@ -101,7 +101,7 @@ def test_one_update_matches_cpu():
         if k.startswith(("student.", "teacher.")):
             np.testing.assert_allclose(a, b, rtol=0, atol=2.5 * lr, err_msg=k)
         elif k.startswith("adam_"):
-            close_scaled(a, b, 1e-3, k)
+            close_scaled(a, b, 3e-3, k)
         else:  # prototypes
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=k)
 
@@ -150,7 +150,7 @@ def test_inference_matches_cpu(tmp_path):
     np.testing.assert_allclose(g.anomaly_log_score(x), c.anomaly_log_score(x), rtol=1e-4)
     sg, mg = g.anomaly_score(x, return_map=True)
     sc, mc = c.anomaly_score(x, return_map=True)
-    np.testing.assert_allclose(sg, sc, rtol=1e-3)
+    np.testing.assert_allclose(np.log(sg), np.log(sc), rtol=1e-4, atol=1e-4)
     close_scaled(mg, mc, 1e-4, "anomaly map")
 
 
