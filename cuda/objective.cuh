@@ -12,7 +12,7 @@
  * SLM results are bit-identical to slm_generate; the objective matches objective.c to float
  * rounding (double accumulation where the CPU uses double).
  *
- * Plain C declarations: included by cuda/*.cu and by the C binding csrc/py_cuda_objective.c.
+ * Plain C declarations: included by the .cu files and by the C binding py_cuda_objective.c.
  */
 #ifndef AFIRE_CUDA_OBJECTIVE_CUH
 #define AFIRE_CUDA_OBJECTIVE_CUH
@@ -29,9 +29,9 @@ extern "C" {
 #endif
 
 /* slm_generate on the device: x[B,S,S] -> x_prime[B,S,S], mask[B,S,S], token_labels[B,L]
- * (uint8, device). Bit-identical to the CPU for every config. AF_SLM_REGION_LARGEST is
- * planned on the host (the flood fill is serial): the images are copied to the host, which
- * synchronises the stream; AF_SLM_REGION_RANDOM (the default) runs entirely on the device. */
+ * (uint8, device). Bit-identical to the CPU for every config (csrc/fp_exact.h). Allocates
+ * nothing for AF_SLM_REGION_RANDOM (the default); AF_SLM_REGION_LARGEST (released code) takes
+ * a stream-ordered workspace of 2*S*S ints per image (cudaMallocAsync) for its flood fill. */
 af_status af_cuda_slm_generate(af_cuda_context *ctx, uint8_t *x_prime, uint8_t *mask,
                                uint8_t *token_labels, const uint8_t *x, int B, int S, int P,
                                const af_slm_config *cfg, uint64_t seed, uint64_t step,
@@ -46,8 +46,8 @@ af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *C, const float 
                                     int L, int K, float m, int overwrite);
 
 /* paper_loss: l_stru, l_cate are device floats; ds_stru/ds_cate [B,L,K] may be NULL or the
- * same buffer. scratch: af_cuda_paper_loss_scratch_floats(B, L, K) device floats (0 when the
- * sizes are invalid or too large). */
+ * same buffer. scratch: af_cuda_paper_loss_scratch_floats(B, L, K) device floats, 8-byte
+ * aligned (0 when the sizes are invalid or too large). */
 size_t af_cuda_paper_loss_scratch_floats(int B, int L, int K);
 af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, float *l_cate, float *ds_stru,
                              float *ds_cate, const float *s, const float *C, const uint8_t *abn,
@@ -72,6 +72,17 @@ af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_rec
 af_status af_cuda_anomaly_score(af_cuda_context *ctx, double *score, double *log_score,
                                 double *err, const float *y, const float *x, int B, int L,
                                 int PPC);
+
+/* Test helper (host-level entry points): like af_cuda_run_host, for buffers of any element
+ * type. bytes == 0, or host == NULL for roles other than AF_CUDA_SCRATCH, passes NULL. */
+typedef struct {
+    void *host;
+    size_t bytes;
+    int role; /* AF_CUDA_IN, AF_CUDA_OUT, AF_CUDA_INOUT, AF_CUDA_SCRATCH (cuda_api.h) */
+} af_cuda_buf;
+typedef af_status (*af_cuda_bytes_fn)(af_cuda_context *ctx, void *const *dev, const void *user);
+af_status af_cuda_run_host_bytes(af_cuda_context *ctx, int nargs, const af_cuda_buf *bufs,
+                                 af_cuda_bytes_fn fn, const void *user);
 
 #ifdef __cplusplus
 }
