@@ -56,7 +56,10 @@ if SANITIZE:
 # the first entries are CUDA-only bindings; the rest are CPU files the CUDA extension also needs
 CUDA_ONLY = ["csrc/py_cuda.c", "csrc/cuda_module.c", "csrc/py_cuda_objective.c",
              "csrc/py_cuda_trainer.c"]
-CUDA_BINDING = CUDA_ONLY + ["csrc/error.c", "csrc/py_util.c", "csrc/slm.c"]
+CUDA_BINDING = CUDA_ONLY + ["csrc/error.c", "csrc/py_util.c", "csrc/slm.c",
+                             # the GPU trainer: config parsing, layouts + init, schedules
+                             "csrc/trainer_config.c", "csrc/params.c", "csrc/ops/sincos.c",
+                             "csrc/schedule.c"]
 sources = sorted(f for f in glob.glob("csrc/*.c") + glob.glob("csrc/ops/*.c")
                  if f not in CUDA_ONLY)
 macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]

@@ -1,8 +1,8 @@
 """afire.AFiRe: the model users train, query, save and load.
 
-All compute runs in C (`afire._C.trainer.Trainer`): one call per training step. This module
-only validates arguments, splits large inputs into batches, and names tensors for
-checkpoints and timm export.
+All compute runs in C (`afire._C.trainer.Trainer`, or `afire._C_cuda.cuda.Trainer` on a GPU):
+one call per training step. This module only validates arguments, splits large inputs into
+batches, and names tensors for checkpoints and timm export.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ class AFiRe:
 
     Args:
         cfg: a validated `Config` (e.g. ``Config.preset_config("vit_tiny")``).
-        device: ``"cpu"`` (the C reference) or ``"cuda"``.
+        device: ``"cpu"`` (the C reference) or ``"cuda"`` / ``"cuda:N"`` (the GPU trainer; its
+            state lives on the device and `state_tensors` returns host copies).
         steps_per_epoch: optimiser steps per epoch; with ``cfg.epochs`` it fixes the
             per-iteration schedules (warm-up, cosine lr/wd/EMA, last-layer freeze).
         batch_size: the largest batch a call may pass (default ``cfg.batch_size``); buffers
@@ -59,10 +60,6 @@ class AFiRe:
         if not isinstance(cfg, Config):
             raise TypeError(f"cfg must be an afire.Config, got {type(cfg).__name__}")
         device = require_device(device)
-        if device != "cpu":
-            raise NotImplementedError(
-                "the CUDA training step is not available yet (see the CUDA backend issue); "
-                "use device='cpu'")
         if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
         batch = cfg.batch_size if batch_size is None else batch_size
@@ -72,7 +69,13 @@ class AFiRe:
         self.device = device
         self.steps_per_epoch = steps_per_epoch
         self.batch_capacity = batch
-        self._t = _C.trainer.Trainer(cfg.to_dict(), batch, steps_per_epoch)
+        if device == "cpu":
+            self._t = _C.trainer.Trainer(cfg.to_dict(), batch, steps_per_epoch)
+        else:
+            from . import cuda
+
+            index = 0 if device == "cuda" else int(device.split(":", 1)[1])
+            self._t = cuda.backend().Trainer(cfg.to_dict(), batch, steps_per_epoch, index)
         d = self._t.dims
         self.num_patches, self.num_tokens = d["L"], d["T"]
         self.embed_dim, self.patch_values = d["D"], d["Q"]
@@ -145,7 +148,18 @@ class AFiRe:
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, np.ndarray]:
-        """Every tensor of the training state, named, as zero-copy views of the C buffers."""
+        """Every tensor of the training state, named: zero-copy views of the C buffers on the
+        CPU, host copies on a GPU (writing to them changes nothing there)."""
+        return self._state_views()[1]
+
+    def _push(self, bufs: dict[str, np.ndarray]) -> None:
+        """After writing through `_state_views`: upload the state to the GPU (on the CPU the
+        views already are the C buffers)."""
+        if self.device != "cpu":
+            self._t.load_buffers({k: v for k, v in bufs.items() if not k.startswith("grad.")})
+
+    def _state_views(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(flat buffers, named views into them)."""
         bufs = self._t.buffers()
         tables = {net: self._t.param_table(net) for net in _NETS}
         out: dict[str, np.ndarray] = {}
@@ -156,7 +170,7 @@ class AFiRe:
                     n = int(np.prod(p["shape"]))
                     out[f"{prefix}.{net}.{p['name']}"] = flat[p["offset"]:p["offset"] + n].reshape(p["shape"])
         out["prototypes"] = bufs["prototypes"].reshape(self.num_patches, self.cfg.num_prototypes)
-        return out
+        return bufs, out
 
     def save(self, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
         """Write the complete training state as safetensors, atomically (temp, fsync, rename)."""
@@ -195,7 +209,7 @@ class AFiRe:
             raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from e
         model = cls(cfg, device=device, steps_per_epoch=spe,
                     batch_size=cap if batch_size is None else batch_size)
-        views = model.state_tensors()
+        bufs, views = model._state_views()
         missing = sorted(set(views) - set(tensors))
         unexpected = sorted(set(tensors) - set(views))
         if missing or unexpected:
@@ -210,6 +224,7 @@ class AFiRe:
             if not np.isfinite(src).all():
                 raise ValueError(f"{path}: tensor {name} contains NaN or Inf")
             dst[...] = src
+        model._push(bufs)
         model._t.step = step
         model._t.prototypes_set = meta.get("prototypes_set") == "1"
         return model
@@ -251,11 +266,12 @@ class AFiRe:
         for b in branches:
             if b not in ("student", "teacher"):
                 raise ValueError(f"branch must be 'student', 'teacher' or 'both', got {branch!r}")
-        views = self.state_tensors()
+        bufs, views = self._state_views()
         converted = self._convert_foreign(sd, Path(path))
         for b in branches:
             for name, arr in converted.items():
                 views[f"{b}.encoder.{name}"][...] = arr
+        self._push(bufs)
         return sorted(converted)
 
     def _convert_foreign(self, sd: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:

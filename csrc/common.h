@@ -28,6 +28,10 @@ static inline int af_mul_size(size_t a, size_t b, size_t *out) {
     return 1;
 }
 
+#ifdef __cplusplus
+extern "C" { /* the CUDA files (C++) call these too */
+#endif
+
 /* Product of n dims into *out; AF_EINVAL on a negative dim, AF_ENOMEM on overflow. */
 af_status af_numel(const int64_t *dims, int n, size_t *out);
 
@@ -35,5 +39,9 @@ af_status af_numel(const int64_t *dims, int n, size_t *out);
  * with the error message set. Free with af_free. */
 void *af_calloc(size_t count, size_t size);
 void af_free(void *p);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -2,10 +2,11 @@
 # Device checks of the CUDA backend, run from the repo root ON THE GPU MACHINE:
 #   bash tests/gpu/run_device_checks.sh
 # 1. OpenBLAS wheel from .whl/ (if present) into /tmp/site; 2. build with nvcc for sm_90 (all
-# cores); 3. nvidia-smi; 4. the GPU tests (tests/gpu, -m gpu); 5. the GPU benchmark (JSON).
+# cores); 3. nvidia-smi; 4. the GPU tests (tests/gpu, -m gpu); 5. the GPU op benchmark and
+# 6. the training-step benchmark (JSON).
 # Logs and JSON go to $OUT (or /tmp/afire_device_checks). Every step runs even if an earlier one
 # failed where that still makes sense; the exit status is non-zero at the END if any step
-# failed or no GPU was visible. Budget: well under 6 minutes on 16 cores.
+# failed or no GPU was visible. Budget: under 8 minutes on 16 cores.
 set -o pipefail
 ROOT="$(pwd)"
 DEST="${OUT:-/tmp/afire_device_checks}"
@@ -59,7 +60,7 @@ note "afire sees $ngpu GPU(s)"
 
 # 4. GPU tests (they skip with a visible reason when no GPU is visible)
 if [ "$built" = 1 ]; then
-    if timeout 240 python3 -m pytest -q -m gpu tests/gpu -rs 2>&1 | tee "$DEST/pytest_gpu.log"; then
+    if timeout 300 python3 -m pytest -q -m gpu tests/gpu -rs 2>&1 | tee "$DEST/pytest_gpu.log"; then
         step_ok "pytest -m gpu tests/gpu ($(tail -1 "$DEST/pytest_gpu.log"))"
     else
         step_fail "pytest -m gpu tests/gpu ($(tail -1 "$DEST/pytest_gpu.log"))"
@@ -73,6 +74,16 @@ if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
         step_ok "benchmark -> bench_gpu_ops.json"
     else
         step_fail "benchmark (see bench_gpu_ops.log)"
+    fi
+fi
+
+# 6. the full training step on the GPU: images/s and memory (vit_small, vit_base at B=64)
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
+    if timeout 180 python3 benchmarks/bench_gpu_step.py --out "$DEST/bench_gpu_step.json" 2>&1 |
+        tee "$DEST/bench_gpu_step.log"; then
+        step_ok "training-step benchmark -> bench_gpu_step.json"
+    else
+        step_fail "training-step benchmark (see bench_gpu_step.log)"
     fi
 fi
 

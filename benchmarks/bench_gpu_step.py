@@ -1,0 +1,106 @@
+"""Images/s and GPU memory of one full AFiRe training step on the GPU (fp32, TF32 off).
+
+One step = SLM, teacher encoder + head, Sinkhorn, prototypes, student encoder + head,
+decoder, both losses, backward, clipping, AdamW, EMA (AFiRe(cfg, device="cuda").train_step).
+Each step ends with one host synchronisation, so wall-clock time per step is GPU time.
+Memory: device memory in use (cudaMemGetInfo through torch when importable, else
+nvidia-smi) after the steps minus before the model was built; the trainer allocates
+everything at construction, so this is its peak. No PyTorch reference step (not written).
+
+Prints ONE JSON object (and writes it to --out if given).
+
+    python3 benchmarks/bench_gpu_step.py [--presets vit_small,vit_base] [--batch 64]
+        [--steps 5] [--out bench_gpu_step.json]
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+try:  # torch first: its CUDA libraries are newer than the toolkit's; loaded later they clash
+    import torch
+except Exception:  # noqa: BLE001 - memory then comes from nvidia-smi
+    torch = None
+
+import numpy as np
+
+from afire import AFiRe, Config, cuda  # noqa: E402
+
+
+def used_bytes():
+    if torch is not None and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout.split()[0]
+    return int(out) * 1024 * 1024
+
+
+def chest_like(n, s, seed):
+    """Bright body, two darker lungs, noise (uint8), as tests/_util.phantom_like."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:s, 0:s] / s
+    body = 170 + 40 * np.exp(-((xx - 0.5) ** 2) / 0.2)
+    for cx in (0.3, 0.7):
+        body = body - 90 * np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
+    imgs = body[None] + rng.normal(0, 6, (n, s, s))
+    return np.clip(imgs, 0, 255).astype(np.uint8)
+
+
+def bench(preset, batch, steps, warmup):
+    cfg = Config.preset_config(preset, batch_size=batch, epochs=100)
+    before = used_bytes()
+    t0 = time.perf_counter()
+    m = AFiRe(cfg, device="cuda", steps_per_epoch=1000)
+    build_s = time.perf_counter() - t0
+    x = chest_like(batch, cfg.img_size, 0)
+    for _ in range(warmup):
+        m.train_step(x)
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        out = m.train_step(x)
+        times.append(time.perf_counter() - t)
+    mem = used_bytes() - before
+    med = float(np.median(times))
+    row = {"preset": preset, "batch": batch, "steps": steps, "warmup": warmup,
+           "step_ms_median": med * 1e3, "step_ms_min": min(times) * 1e3,
+           "images_per_s": batch / med, "gpu_mem_gib": mem / 2**30,
+           "build_s": build_s, "last_loss": out["loss"], "finite": bool(np.isfinite(out["loss"]))}
+    del m
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="vit_small,vit_base")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if not cuda.compiled() or cuda.device_count() == 0:
+        print(json.dumps({"error": "no CUDA build or no GPU visible"}))
+        return 3
+    res = {"what": "AFiRe training step on one GPU, fp32 (TF32 off)",
+           "device_count": cuda.device_count(), "versions": cuda.versions(),
+           "gpu": (torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available()
+                   else None),
+           "rows": []}
+    for p in a.presets.split(","):
+        try:
+            res["rows"].append(bench(p.strip(), a.batch, a.steps, a.warmup))
+        except Exception as e:  # noqa: BLE001 - report and go on with the next preset
+            res["rows"].append({"preset": p, "error": f"{type(e).__name__}: {e}"})
+        print(json.dumps(res["rows"][-1]), file=sys.stderr, flush=True)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0 if all("error" not in r for r in res["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+// The AFiRe training step and inference passes on one GPU (trainer.cuh): the twin of
+// csrc/trainer.c, stage for stage. Buffers are sized once at creation; a step allocates
+// nothing and synchronises once (the download of its scalars).
+#include <math.h>
+#include <string.h>
+
+#include "common.cuh"
+#include "objective.cuh"
+#include "ops/ops.h"
+#include "trainer.cuh"
+
+#define TPB 256
+
+// ------------------------------------------------------------------ small kernels
+
+// Count of abnormal tokens (the abnormal_fraction of the stats). One block, integer sums.
+__global__ void count_nonzero_kernel(long long *out, const uint8_t *x, int64_t n) {
+    __shared__ long long part[TPB];
+    long long s = 0;
+    for (int64_t i = threadIdx.x; i < n; i += TPB) s += x[i] != 0;
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int w = TPB / 2; w > 0; w >>= 1) {
+        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *out = part[0];
+}
+
+// Count of non-finite values (af_trainer_restore's all_finite). One block.
+__global__ void count_nonfinite_kernel(int *out, const float *x, int64_t n) {
+    __shared__ int part[TPB];
+    int s = 0;
+    for (int64_t i = threadIdx.x; i < n; i += TPB) s += !isfinite(x[i]);
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int w = TPB / 2; w > 0; w >>= 1) {
+        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *out = part[0];
+}
+
+// The total loss (as af_trainer_grads, in double) and the update flag: finite loss and
+// finite gradient norm.
+__global__ void finalize_kernel(af_cuda_step_scalars *s, int paper, float w_stru, float w_cate,
+                                float w_recon) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    double total = paper ? w_stru * (double)s->f_stru + w_cate * (double)s->f_cate +
+                               w_recon * (double)s->f_recon
+                         : w_stru * (double)s->f_cst + w_recon * (double)s->f_recon;
+    s->loss = total;
+    s->ok = isfinite(total) && isfinite(s->grad_norm);
+}
+
+// protos <- protos_next, only when the step is accepted
+__global__ void commit_kernel(float *dst, const float *src, int64_t n, const int *ok) {
+    if (!*ok) return;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}
+
+// ------------------------------------------------------------------ lifetime
+
+static af_status dmalloc(void **p, size_t bytes) {
+    *p = nullptr;
+    cudaError_t e = cudaMalloc(p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        *p = nullptr;
+        return af_error(e == cudaErrorMemoryAllocation ? AF_ENOMEM : AF_ECUDA,
+                        "cudaMalloc of %zu bytes failed: %s", bytes, cudaGetErrorString(e));
+    }
+    return cudaMemset(*p, 0, bytes ? bytes : 1) == cudaSuccess
+               ? AF_OK
+               : af_error(AF_ECUDA, "cudaMemset failed");
+}
+
+static af_status hmalloc(void **p, size_t bytes) {
+    *p = nullptr;
+    cudaError_t e = cudaMallocHost(p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        *p = nullptr;
+        return af_error(AF_ENOMEM, "cudaMallocHost of %zu bytes failed: %s", bytes,
+                        cudaGetErrorString(e));
+    }
+    memset(*p, 0, bytes ? bytes : 1);
+    return AF_OK;
+}
+
+extern "C" void af_cuda_trainer_free(af_cuda_trainer *t) {
+    if (t == nullptr) return;
+    if (t->ctx) {
+        cudaSetDevice(t->ctx->device);
+        cudaStreamSynchronize(t->ctx->stream);
+    }
+    af_cuda_model_free(t->model);
+    void *dev[] = {t->protos, t->protos_next, t->images, t->x_prime, t->mask, t->abn, t->img,
+                   t->img_prime, t->target, t->q_teacher, t->dlogits, t->dpred, t->dtokens,
+                   t->obj_scratch, t->anomaly, t->dev};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        if (dev[i]) cudaFree(dev[i]);
+    if (t->staging) cudaFreeHost(t->staging);
+    if (t->host) cudaFreeHost(t->host);
+    af_cuda_context_destroy(t->ctx);
+    af_free(t);
+}
+
+extern "C" af_status af_cuda_trainer_create(af_cuda_trainer **out, const af_trainer_config *cfg,
+                                            int batch, int device) {
+    *out = nullptr;
+    // the checks of af_trainer_create, in its order
+    AF_CHECK(batch >= 1, AF_EINVAL, "batch size must be >= 1, got %d", batch);
+    AF_TRY(af_config_validate(&cfg->net));
+    AF_TRY(slm_config_check(&cfg->slm));
+    AF_CHECK(cfg->objective == AF_OBJECTIVE_PAPER || cfg->objective == AF_OBJECTIVE_RELEASED,
+             AF_EINVAL, "objective must be 'paper' or 'released'");
+    AF_CHECK(cfg->tau_s > 0 && cfg->tau > 0 && cfg->sinkhorn_eps > 0, AF_EINVAL,
+             "temperatures must be > 0");
+    AF_CHECK(cfg->sinkhorn_iters >= 0, AF_EINVAL, "sinkhorn_iters must be >= 0");
+    AF_CHECK(cfg->sched.total_steps >= 1 && cfg->sched.steps_per_epoch >= 1, AF_EINVAL,
+             "total_steps and steps_per_epoch must be >= 1");
+    af_cuda_trainer *t = (af_cuda_trainer *)af_calloc(1, sizeof *t);
+    if (t == nullptr) return AF_ENOMEM;
+    t->cfg = *cfg;
+    t->B = batch;
+    af_status st = af_cuda_context_create(&t->ctx, device, 0);  // exact fp32 GEMMs
+    if (st == AF_OK) st = af_cuda_model_create(t->ctx, &t->model, &cfg->net);
+    if (st == AF_OK) st = af_cuda_model_reserve(t->ctx, t->model, batch);
+    if (st != AF_OK) {
+        af_cuda_trainer_free(t);
+        return st;
+    }
+    const af_config *n = &cfg->net;
+    t->S = n->S;
+    t->C = n->C;
+    t->L = (n->S / n->P) * (n->S / n->P);
+    t->T = t->L + 1;
+    t->Q = n->P * n->P * n->C;
+    t->K = n->K;
+    t->D = n->D;
+    size_t B = (size_t)batch, S2 = (size_t)n->S * n->S, BL = B * t->L, f = sizeof(float);
+    size_t scratch = cfg->objective == AF_OBJECTIVE_PAPER
+                         ? af_cuda_paper_loss_scratch_floats(batch, t->L, t->K)
+                         : af_cuda_released_loss_scratch_floats(t->L, t->K);
+    struct {
+        void **p;
+        size_t bytes;
+    } dev[] = {{(void **)&t->protos, (size_t)t->L * t->K * f},
+               {(void **)&t->protos_next, (size_t)t->L * t->K * f},
+               {(void **)&t->images, B * S2},
+               {(void **)&t->x_prime, B * S2},
+               {(void **)&t->mask, B * S2},
+               {(void **)&t->abn, BL},
+               {(void **)&t->img, B * t->C * S2 * f},
+               {(void **)&t->img_prime, B * t->C * S2 * f},
+               {(void **)&t->target, BL * t->Q * f},
+               {(void **)&t->q_teacher, BL * t->K * f},
+               {(void **)&t->dlogits, BL * t->K * f},
+               {(void **)&t->dpred, BL * t->Q * f},
+               {(void **)&t->dtokens, B * t->T * t->D * f},
+               {(void **)&t->obj_scratch, (scratch ? scratch : 1) * f},
+               {(void **)&t->anomaly, (2 * B + BL) * sizeof(double)},
+               {(void **)&t->dev, sizeof(af_cuda_step_scalars)}};
+    for (size_t i = 0; st == AF_OK && i < sizeof dev / sizeof dev[0]; i++)
+        st = dmalloc(dev[i].p, dev[i].bytes);
+    if (st == AF_OK) st = hmalloc((void **)&t->staging, B * S2 + BL);
+    if (st == AF_OK) st = hmalloc((void **)&t->host, sizeof(af_cuda_step_scalars));
+    if (st == AF_OK && cudaDeviceSynchronize() != cudaSuccess)  // the plain cudaMemsets
+        st = af_error(AF_ECUDA, "CUDA trainer initialisation failed: %s",
+                      cudaGetErrorString(cudaGetLastError()));
+    if (st != AF_OK) {
+        af_cuda_trainer_free(t);
+        return st;
+    }
+    *out = t;
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_trainer_acquire(af_cuda_trainer *t) {
+    if (__atomic_exchange_n(&t->busy, 1, __ATOMIC_ACQUIRE))
+        return af_error(AF_EBUSY, "this AFiRe model is being used by another thread; use one "
+                                  "model per thread or serialise the calls");
+    return AF_OK;
+}
+
+extern "C" void af_cuda_trainer_release(af_cuda_trainer *t) {
+    __atomic_store_n(&t->busy, 0, __ATOMIC_RELEASE);
+}
+
+// ------------------------------------------------------------------ shared stages
+
+// A call that fails half-way may leave copies queued that still read the staging buffer or
+// write host outputs: drain the stream before returning the error.
+static af_status finish(af_cuda_trainer *t, af_status st) {
+    if (st != AF_OK) cudaStreamSynchronize(t->ctx->stream);
+    return st;
+}
+
+static af_status begin(af_cuda_trainer *t, int B) {
+    AF_CHECK(B >= 1 && B <= t->B, AF_EINVAL, "batch of %d images: must be between 1 and the "
+             "model's batch capacity %d", B, t->B);
+    AF_CUDA_TRY(cudaSetDevice(t->ctx->device));  // the calling thread may hold another device
+    return AF_OK;
+}
+
+// host uint8 images (and token mask) -> pinned staging -> device, on the context's stream.
+// Every call ends with a synchronisation, so the staging buffer is free again.
+static af_status upload_batch(af_cuda_trainer *t, const uint8_t *images, const uint8_t *token_mask,
+                              int B) {
+    cudaStream_t s = t->ctx->stream;
+    size_t n = (size_t)B * t->S * t->S, off = (size_t)t->B * t->S * t->S, nl = (size_t)B * t->L;
+    memcpy(t->staging, images, n);
+    AF_CUDA_TRY(cudaMemcpyAsync(t->images, t->staging, n, cudaMemcpyHostToDevice, s));
+    if (token_mask != nullptr) {
+        memcpy(t->staging + off, token_mask, nl);
+        AF_CUDA_TRY(cudaMemcpyAsync(t->abn, t->staging + off, nl, cudaMemcpyHostToDevice, s));
+    }
+    return AF_OK;
+}
+
+// twin of trainer.c prepare_inputs: normalised x and its MAE-order target patches
+static af_status prepare_inputs(af_cuda_trainer *t, int B) {
+    AF_TRY(af_cuda_normalize_images(t->ctx, t->img, t->images, B, t->C, t->S));
+    return af_cuda_patchify_forward(t->ctx, t->target, t->img, B, t->C, t->S, t->cfg.net.P,
+                                    AF_PATCH_PQC);
+}
+
+// The one host synchronisation of a call: the scalars come back with it.
+static af_status fetch_scalars(af_cuda_trainer *t) {
+    AF_CUDA_TRY(cudaMemcpyAsync(t->host, t->dev, sizeof(af_cuda_step_scalars),
+                                cudaMemcpyDeviceToHost, t->ctx->stream));
+    AF_CUDA_TRY(cudaStreamSynchronize(t->ctx->stream));
+    return AF_OK;
+}
+
+// Steps 1-6 of af_trainer_grads, then (update) step 7 of af_trainer_step gated on the device.
+static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_step_stats *stats,
+                          int update) {
+    AF_TRY(begin(t, B));
+    const af_trainer_config *c = &t->cfg;
+    af_cuda_context *ctx = t->ctx;
+    af_cuda_model *m = t->model;
+    af_cuda_step_scalars *d = t->dev;
+    const int L = t->L, K = t->K, Q = t->Q;
+    const size_t BL = (size_t)B * L, f = sizeof(float);
+    af_schedule_values sv = af_schedule_at(&c->sched, t->step);
+    memset(stats, 0, sizeof *stats);
+    stats->step = t->step;
+    AF_CUDA_TRY(cudaMemsetAsync(d, 0, sizeof *d, ctx->stream));
+    AF_TRY(upload_batch(t, images, nullptr, B));
+
+    // 1. synthetic lesions, determined by (seed, step, image index)
+    AF_TRY(af_cuda_slm_generate(ctx, t->x_prime, t->mask, t->abn, t->images, B, t->S, c->net.P,
+                                &c->slm, c->seed, (uint64_t)t->step, 0));
+    count_nonzero_kernel<<<1, TPB, 0, ctx->stream>>>(&d->n_abn, t->abn, (int64_t)BL);
+    AF_CUDA_LAUNCHED();
+    AF_TRY(prepare_inputs(t, B));
+    AF_TRY(af_cuda_normalize_images(ctx, t->img_prime, t->x_prime, B, t->C, t->S));
+
+    // 2. teacher on the normal image -> prototypes, staged in protos_next
+    AF_TRY(af_cuda_encoder_forward(ctx, m, AF_TEACHER, t->img, B));
+    AF_TRY(af_cuda_head_forward(ctx, m, AF_TEACHER, m->enc_acts[AF_TEACHER].out, B));
+    const float *proto_src = m->head_acts[AF_TEACHER].logits;
+    if (c->objective == AF_OBJECTIVE_PAPER) {
+        AF_TRY(af_cuda_sinkhorn_knopp(ctx, t->q_teacher, proto_src, (int)BL, K,
+                                      (float)sv.teacher_temp, c->sinkhorn_iters));
+        proto_src = t->q_teacher;
+    }
+    AF_CUDA_TRY(cudaMemcpyAsync(t->protos_next, t->protos, (size_t)L * K * f,
+                                cudaMemcpyDeviceToDevice, ctx->stream));
+    AF_TRY(af_cuda_prototypes_update(ctx, t->protos_next, proto_src, B, L, K, c->proto_m,
+                                     sv.first_epoch || !t->protos_set));
+
+    // 3. student on x' -> head logits and the restoration of masked tokens
+    AF_TRY(af_cuda_encoder_forward(ctx, m, AF_STUDENT, t->img_prime, B));
+    const float *tokens = m->enc_acts[AF_STUDENT].out;
+    AF_TRY(af_cuda_head_forward(ctx, m, AF_STUDENT, tokens, B));
+    AF_TRY(af_cuda_decoder_forward(ctx, m, tokens, t->abn, B));
+    const float *logits = m->head_acts[AF_STUDENT].logits;
+    const float *pred = m->dec_acts.pred;
+
+    // 4. losses (device scalars) and their weighted gradients
+    AF_CUDA_TRY(cudaMemsetAsync(t->dlogits, 0, BL * K * f, ctx->stream));
+    AF_CUDA_TRY(cudaMemsetAsync(t->dpred, 0, BL * Q * f, ctx->stream));
+    int paper = c->objective == AF_OBJECTIVE_PAPER;
+    if (paper) {
+        AF_TRY(af_cuda_paper_loss(ctx, &d->f_stru, &d->f_cate, t->dlogits, t->dlogits, logits,
+                                  t->protos_next, t->abn, B, L, K, c->tau_s, c->tau, c->w_stru,
+                                  c->w_cate, t->obj_scratch));
+        AF_TRY(af_cuda_recon_loss(ctx, &d->f_recon, t->dpred, pred, t->target, t->abn, B, L, Q,
+                                  c->w_abn, c->w_recon));
+    } else {
+        AF_TRY(af_cuda_released_loss(ctx, &d->f_cst, &d->f_recon, t->dlogits, t->dpred, logits,
+                                     t->protos_next, t->abn, pred, t->target, B, L, K, Q,
+                                     c->tau_s, c->sinkhorn_eps, c->sinkhorn_iters, c->w_stru,
+                                     c->w_recon, t->obj_scratch));
+    }
+
+    // 5. backward (a non-finite loss only poisons the gradients: the update is gated)
+    AF_TRY(af_cuda_model_zero_grad(ctx, m));
+    AF_CUDA_TRY(cudaMemsetAsync(t->dtokens, 0, (size_t)B * t->T * t->D * f, ctx->stream));
+    AF_TRY(af_cuda_head_backward(ctx, m, t->dlogits, t->dtokens));
+    AF_TRY(af_cuda_decoder_backward(ctx, m, t->dpred, t->dtokens));
+    AF_TRY(af_cuda_encoder_backward(ctx, m, t->dtokens));
+
+    // 6. clip; the update flag = finite loss and finite gradient norm
+    AF_TRY(af_cuda_clip_grad(ctx, m, c->clip > 0 ? c->clip : 0.0f, c->clip_global, &d->grad_norm));
+    finalize_kernel<<<1, 32, 0, ctx->stream>>>(d, paper, c->w_stru, c->w_cate, c->w_recon);
+    AF_CUDA_LAUNCHED();
+
+    // 7. AdamW, EMA teacher, prototypes: skipped on the device unless d->ok
+    if (update) {
+        af_adamw_args a = {(float)sv.lr, (float)sv.wd, c->beta1, c->beta2, c->adam_eps,
+                           (int)(t->step + 1), sv.freeze_last_layer};
+        AF_TRY(af_cuda_adamw_step(ctx, m, &a, &d->ok));
+        AF_TRY(af_cuda_ema_update(ctx, m, (float)sv.ema, &d->ok));
+        int64_t n = (int64_t)L * K;
+        commit_kernel<<<af_grid_1d(n, TPB), TPB, 0, ctx->stream>>>(t->protos, t->protos_next, n,
+                                                                   &d->ok);
+        AF_CUDA_LAUNCHED();
+    }
+    AF_TRY(fetch_scalars(t));
+
+    // the stats and the refusals of af_trainer_grads, from the downloaded scalars
+    const af_cuda_step_scalars *h = t->host;
+    stats->abnormal_fraction = (double)h->n_abn / (double)BL;
+    double total;
+    if (paper) {
+        stats->l_stru = h->f_stru;
+        stats->l_cate = h->f_cate;
+        stats->l_cst = (double)h->f_stru + h->f_cate;
+        stats->l_recon = h->f_recon;
+        total = c->w_stru * (double)h->f_stru + c->w_cate * (double)h->f_cate +
+                c->w_recon * (double)h->f_recon;
+    } else {
+        stats->l_cst = h->f_cst;
+        stats->l_recon = h->f_recon;
+        total = c->w_stru * (double)h->f_cst + c->w_recon * (double)h->f_recon;
+    }
+    stats->loss = total;
+    stats->lr = sv.lr;
+    stats->wd = sv.wd;
+    stats->ema = sv.ema;
+    stats->teacher_temp = sv.teacher_temp;
+    stats->last_layer_frozen = sv.freeze_last_layer;
+    if (!isfinite(total))
+        return af_error(AF_ENONFINITE, "non-finite loss at step %lld (stru %g, cate %g, cst %g, "
+                        "recon %g); the model was not updated", (long long)t->step,
+                        stats->l_stru, stats->l_cate, stats->l_cst, stats->l_recon);
+    stats->grad_norm = h->grad_norm;
+    if (!isfinite(h->grad_norm) || !h->ok)
+        return af_error(AF_ENONFINITE, "non-finite gradient norm at step %lld; the model was "
+                        "not updated", (long long)t->step);
+    if (update) {
+        t->protos_set = 1;
+        t->step++;
+    }
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_trainer_step(af_cuda_trainer *t, const uint8_t *images, int B,
+                                          af_step_stats *stats) {
+    return finish(t, run_step(t, images, B, stats, 1));
+}
+
+extern "C" af_status af_cuda_trainer_grads(af_cuda_trainer *t, const uint8_t *images, int B,
+                                           af_step_stats *stats) {
+    return finish(t, run_step(t, images, B, stats, 0));
+}
+
+// ------------------------------------------------------------------ inference
+
+static af_status encode(af_cuda_trainer *t, float *tokens, const uint8_t *images, int B,
+                        af_branch branch) {
+    AF_TRY(begin(t, B));
+    AF_TRY(upload_batch(t, images, nullptr, B));
+    AF_TRY(af_cuda_normalize_images(t->ctx, t->img, t->images, B, t->C, t->S));
+    AF_TRY(af_cuda_encoder_forward(t->ctx, t->model, branch, t->img, B));
+    return af_cuda_download(t->ctx, tokens, t->model->enc_acts[branch].out,
+                            (size_t)B * t->T * t->D);
+}
+
+// Restoration queued on the stream (no sync): pred in model->dec_acts.pred, target in
+// t->target, the non-finite count in dev->nonfinite.
+static af_status queue_restore(af_cuda_trainer *t, const uint8_t *images,
+                               const uint8_t *token_mask, int B) {
+    af_cuda_context *ctx = t->ctx;
+    AF_CUDA_TRY(cudaMemsetAsync(t->dev, 0, sizeof *t->dev, ctx->stream));
+    AF_TRY(upload_batch(t, images, token_mask, B));
+    if (token_mask == nullptr)
+        AF_CUDA_TRY(cudaMemsetAsync(t->abn, 0, (size_t)B * t->L, ctx->stream));
+    AF_TRY(prepare_inputs(t, B));
+    AF_TRY(af_cuda_encoder_forward(ctx, t->model, AF_STUDENT, t->img, B));
+    AF_TRY(af_cuda_decoder_forward(ctx, t->model, t->model->enc_acts[AF_STUDENT].out, t->abn, B));
+    count_nonfinite_kernel<<<1, TPB, 0, ctx->stream>>>(&t->dev->nonfinite, t->model->dec_acts.pred,
+                                                       (int64_t)B * t->L * t->Q);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
+}
+
+static af_status download_async(af_cuda_trainer *t, void *host, const void *dev, size_t bytes) {
+    if (host != nullptr && bytes)
+        AF_CUDA_TRY(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, t->ctx->stream));
+    return AF_OK;
+}
+
+static af_status restoration_finite(const af_cuda_trainer *t) {
+    if (t->host->nonfinite)
+        return af_error(AF_ENONFINITE, "the restoration contains NaN/Inf (diverged weights?)");
+    return AF_OK;
+}
+
+static af_status restore(af_cuda_trainer *t, float *pred, float *target, const uint8_t *images,
+                         const uint8_t *token_mask, int B) {
+    AF_TRY(begin(t, B));
+    AF_TRY(queue_restore(t, images, token_mask, B));
+    size_t bytes = (size_t)B * t->L * t->Q * sizeof(float);
+    AF_TRY(download_async(t, pred, t->model->dec_acts.pred, bytes));
+    AF_TRY(download_async(t, target, t->target, bytes));
+    AF_TRY(fetch_scalars(t));
+    return restoration_finite(t);
+}
+
+static af_status anomaly(af_cuda_trainer *t, double *score, double *log_score, double *err,
+                         const uint8_t *images, int B) {
+    AF_TRY(begin(t, B));
+    AF_TRY(queue_restore(t, images, nullptr, B));
+    double *d_score = t->anomaly, *d_log = t->anomaly + B, *d_err = t->anomaly + 2 * B;
+    AF_TRY(af_cuda_anomaly_score(t->ctx, d_score, d_log, d_err, t->model->dec_acts.pred, t->target,
+                                 B, t->L, t->Q));
+    AF_TRY(download_async(t, score, d_score, (size_t)B * sizeof(double)));
+    AF_TRY(download_async(t, log_score, d_log, (size_t)B * sizeof(double)));
+    AF_TRY(download_async(t, err, d_err, (size_t)B * t->L * sizeof(double)));
+    AF_TRY(fetch_scalars(t));
+    return restoration_finite(t);
+}
+
+extern "C" af_status af_cuda_trainer_encode(af_cuda_trainer *t, float *tokens,
+                                            const uint8_t *images, int B, af_branch branch) {
+    return finish(t, encode(t, tokens, images, B, branch));
+}
+
+extern "C" af_status af_cuda_trainer_restore(af_cuda_trainer *t, float *pred, float *target,
+                                             const uint8_t *images, const uint8_t *token_mask,
+                                             int B) {
+    return finish(t, restore(t, pred, target, images, token_mask, B));
+}
+
+extern "C" af_status af_cuda_trainer_anomaly(af_cuda_trainer *t, double *score, double *log_score,
+                                             double *err, const uint8_t *images, int B) {
+    return finish(t, anomaly(t, score, log_score, err, images, B));
+}
+
+// ------------------------------------------------------------------ state transfer
+
+extern "C" float *af_cuda_trainer_buffer(af_cuda_trainer *t, const char *prefix, int net,
+                                         size_t *count) {
+    af_cuda_model *m = t->model;
+    *count = 0;
+    if (strcmp(prefix, "prototypes") == 0) {
+        *count = (size_t)t->L * t->K;
+        return t->protos;
+    }
+    if (net < 0 || net >= AF_NET_COUNT) return nullptr;
+    float *p = nullptr;
+    if (strcmp(prefix, "student") == 0) p = m->params[net];
+    else if (strcmp(prefix, "teacher") == 0) p = net < 2 ? m->teacher[net] : nullptr;
+    else if (strcmp(prefix, "adam_m") == 0) p = m->adam_m[net];
+    else if (strcmp(prefix, "adam_v") == 0) p = m->adam_v[net];
+    else if (strcmp(prefix, "grad") == 0) p = m->grads[net];
+    if (p != nullptr) *count = m->numel[net];
+    return p;
+}
+
+extern "C" af_status af_cuda_trainer_download(af_cuda_trainer *t, float *host, const float *dev,
+                                              size_t n) {
+    AF_CUDA_TRY(cudaSetDevice(t->ctx->device));
+    return af_cuda_download(t->ctx, host, dev, n);
+}
+
+extern "C" af_status af_cuda_trainer_upload(af_cuda_trainer *t, float *dev, const float *host,
+                                            size_t n) {
+    AF_CUDA_TRY(cudaSetDevice(t->ctx->device));
+    AF_TRY(af_cuda_upload(t->ctx, dev, host, n));
+    return af_cuda_synchronize(t->ctx);  // the caller may free `host` right after
+}

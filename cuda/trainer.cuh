@@ -1,0 +1,84 @@
+/* One AFiRe training step and the inference passes on one GPU: the twin of csrc/trainer.h.
+ *
+ * The step mirrors af_trainer_step stage for stage (SLM, teacher + prototypes staged in
+ * protos_next, student, losses, backward, clip, AdamW, EMA, commit) with every tensor on
+ * the device. Host pointers in, host results out; inside a call the only host<->device
+ * traffic is the uint8 batch (pinned staging buffer -> cudaMemcpyAsync on the context's
+ * stream) and ONE synchronisation that downloads the step's scalars. Non-finite loss or
+ * gradient norm: the updates are skipped on the device (a flag), the call returns
+ * AF_ENONFINITE with the CPU's message, and the state is exactly as before.
+ *
+ * Plain C (included by csrc/py_cuda_trainer.c).
+ */
+#ifndef AFIRE_CUDA_TRAINER_CUH
+#define AFIRE_CUDA_TRAINER_CUH
+
+#include <stdint.h>
+
+#include "cuda_api.h"
+#include "model.cuh"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+#include "trainer.h" /* C header without its own extern "C" (schedule.h) */
+
+/* Scalars of one step, written on the device and downloaded once (pinned host copy). */
+typedef struct {
+    float f_stru, f_cate, f_cst, f_recon; /* objective outputs (device scalars)          */
+    double loss, grad_norm;
+    long long n_abn;                      /* abnormal tokens of the batch                 */
+    int ok;                               /* 1: finite loss and gradient norm -> update   */
+    int nonfinite;                        /* inference: count of non-finite outputs       */
+} af_cuda_step_scalars;
+
+typedef struct {
+    af_trainer_config cfg;
+    af_cuda_context *ctx;       /* own stream + cuBLAS handle, exact fp32 (TF32 off)     */
+    af_cuda_model *model;
+    int B;                      /* batch capacity                                         */
+    int S, C, L, T, Q, K, D;
+    int64_t step;
+    int protos_set;
+    float *protos, *protos_next;          /* device [L,K]                                 */
+    uint8_t *images, *x_prime, *mask, *abn; /* device [B,S,S] x3, [B,L]                   */
+    uint8_t *staging;                     /* pinned host [B*S*S] (+ [B*L] token mask)     */
+    float *img, *img_prime, *target, *q_teacher, *dlogits, *dpred, *dtokens, *obj_scratch;
+    double *anomaly;                      /* device [B] score, [B] log score, [B*L] err   */
+    af_cuda_step_scalars *dev;            /* device                                       */
+    af_cuda_step_scalars *host;           /* pinned                                       */
+    int busy;
+} af_cuda_trainer;
+
+/* Creates the trainer on `device` (its own context). */
+af_status af_cuda_trainer_create(af_cuda_trainer **out, const af_trainer_config *cfg, int batch,
+                                 int device);
+void af_cuda_trainer_free(af_cuda_trainer *t);
+
+/* Same contracts as af_trainer_step / _grads / _encode / _restore / _anomaly, with HOST
+ * images and outputs. */
+af_status af_cuda_trainer_step(af_cuda_trainer *t, const uint8_t *images, int B,
+                               af_step_stats *stats);
+af_status af_cuda_trainer_grads(af_cuda_trainer *t, const uint8_t *images, int B,
+                                af_step_stats *stats);
+af_status af_cuda_trainer_encode(af_cuda_trainer *t, float *tokens, const uint8_t *images, int B,
+                                 af_branch branch);
+af_status af_cuda_trainer_restore(af_cuda_trainer *t, float *pred, float *target,
+                                  const uint8_t *images, const uint8_t *token_mask, int B);
+af_status af_cuda_trainer_anomaly(af_cuda_trainer *t, double *score, double *log_score,
+                                  double *err, const uint8_t *images, int B);
+
+/* Device buffer of the state: prefix "student" | "teacher" | "adam_m" | "adam_v" | "grad"
+ * and network, or "prototypes" (net ignored). NULL when there is none (teacher.decoder). */
+float *af_cuda_trainer_buffer(af_cuda_trainer *t, const char *prefix, int net, size_t *count);
+/* Copy a whole state buffer to / from the host (synchronous). */
+af_status af_cuda_trainer_download(af_cuda_trainer *t, float *host, const float *dev, size_t n);
+af_status af_cuda_trainer_upload(af_cuda_trainer *t, float *dev, const float *host, size_t n);
+
+af_status af_cuda_trainer_acquire(af_cuda_trainer *t);
+void af_cuda_trainer_release(af_cuda_trainer *t);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
