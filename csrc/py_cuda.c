@@ -207,7 +207,7 @@ static int positive(long v, const char *name) {
 
 static int check_eps(double eps, const char *name) {
     if (isfinite(eps) && eps >= 0.0) return 0;
-    PyErr_Format(PyExc_ValueError, "%s must be finite and >= 0, got %g", name, eps);
+    af_errorf(PyExc_ValueError, "%s must be finite and >= 0, got %g", name, eps);
     return -1;
 }
 
@@ -897,7 +897,7 @@ static PyObject *py_adamw_update(PyObject *self, PyObject *args, PyObject *kw) {
     if (inplace_arg(op, "params") < 0 || inplace_arg(om, "m") < 0 || inplace_arg(ov, "v") < 0)
         return NULL;
     if (!(isfinite(lr) && lr >= 0.0)) {
-        PyErr_Format(PyExc_ValueError, "lr (keyword, required) must be finite and >= 0, got %g",
+        af_errorf(PyExc_ValueError, "lr (keyword, required) must be finite and >= 0, got %g",
                      lr);
         return NULL;
     }
@@ -906,7 +906,7 @@ static PyObject *py_adamw_update(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     }
     if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0)) {
-        PyErr_Format(PyExc_ValueError, "beta1 and beta2 must be in [0, 1), got %g, %g", beta1,
+        af_errorf(PyExc_ValueError, "beta1 and beta2 must be in [0, 1), got %g, %g", beta1,
                      beta2);
         return NULL;
     }

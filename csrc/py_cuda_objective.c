@@ -91,17 +91,6 @@ static int job_run(job_t *j, af_cuda_bytes_fn fn, const args_t *a) {
 /* ------------------------------------------------------------------ argument checks
  * The rules and messages of csrc/py_objective.c and csrc/py_slm.c. */
 
-/* ValueError with a printf message (PyErr_Format has no %g). Returns NULL. */
-static PyObject *value_error(const char *fmt, ...) {
-    char buf[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    PyErr_SetString(PyExc_ValueError, buf);
-    return NULL;
-}
-
 static PyArrayObject *arg_f32(PyObject *obj, const char *name, int ndim) {
     PyArrayObject *a = af_arg_array(obj, name, NPY_FLOAT32, ndim);
     if (a == NULL) return NULL;
@@ -125,7 +114,7 @@ static int check_int_dims(PyArrayObject *a, const char *name) {
 
 static int check_positive(double v, const char *name) {
     if (!(isfinite(v) && v > 0.0)) {
-        value_error("%s must be a finite number > 0, got %g", name, v);
+        af_errorf(PyExc_ValueError, "%s must be a finite number > 0, got %g", name, v);
         return -1;
     }
     return 0;
@@ -161,7 +150,7 @@ static int check_protos(PyArrayObject *C) {
         for (int k = 0; k < K; k++) {
             float v = c[(size_t)l * K + k];
             if (!(v >= 0.0f)) {
-                value_error(
+                af_errorf(PyExc_ValueError,
                              "C must be finite and >= 0 (probabilities), got %g at [%d, %d]",
                              (double)v, l, k);
                 return -1;
@@ -169,7 +158,7 @@ static int check_protos(PyArrayObject *C) {
             rs += v;
         }
         if (!(rs > 0.0 && isfinite(rs))) {
-            value_error("C: row %d must have a positive finite sum, got %g",
+            af_errorf(PyExc_ValueError, "C: row %d must have a positive finite sum, got %g",
                          l, rs);
             return -1;
         }
@@ -338,7 +327,7 @@ static PyObject *py_prototypes_update(PyObject *self, PyObject *args, PyObject *
                                      &m, &overwrite))
         return NULL;
     if (!(isfinite(m) && m >= 0.0 && m <= 1.0)) {
-        value_error("m must be in [0, 1], got %g", m);
+        af_errorf(PyExc_ValueError, "m must be in [0, 1], got %g", m);
         return NULL;
     }
     PyArrayObject *C = NULL, *src = NULL;
@@ -456,7 +445,7 @@ static PyObject *py_recon_loss(PyObject *self, PyObject *args, PyObject *kw) {
                                      &w_abn, &weight))
         return NULL;
     if (!(isfinite(w_abn) && w_abn >= 0.0)) {
-        value_error("w_abn must be finite and >= 0, got %g", w_abn);
+        af_errorf(PyExc_ValueError, "w_abn must be finite and >= 0, got %g", w_abn);
         return NULL;
     }
     if (!isfinite(weight)) {

@@ -53,7 +53,7 @@ static int check_int_dims(PyArrayObject *a, const char *name) {
 
 static int check_positive(double v, const char *name) {
     if (!(isfinite(v) && v > 0.0)) {
-        PyErr_Format(PyExc_ValueError, "%s must be a finite number > 0, got %g", name, v);
+        af_errorf(PyExc_ValueError, "%s must be a finite number > 0, got %g", name, v);
         return -1;
     }
     return 0;
@@ -103,7 +103,7 @@ static PyObject *py_prototypes_update(PyObject *self, PyObject *args, PyObject *
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|dp", kwlist, &o_C, &o_src, &m, &overwrite))
         return NULL;
     if (!(isfinite(m) && m >= 0.0 && m <= 1.0)) {
-        PyErr_Format(PyExc_ValueError, "m must be in [0, 1], got %g", m);
+        af_errorf(PyExc_ValueError, "m must be in [0, 1], got %g", m);
         return NULL;
     }
     PyArrayObject *C = NULL, *src = NULL;
@@ -197,7 +197,7 @@ static PyObject *py_recon_loss(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|d", kwlist, &o_y, &o_x, &o_abn, &w_abn))
         return NULL;
     if (!(isfinite(w_abn) && w_abn >= 0.0)) {
-        PyErr_Format(PyExc_ValueError, "w_abn must be finite and >= 0, got %g", w_abn);
+        af_errorf(PyExc_ValueError, "w_abn must be finite and >= 0, got %g", w_abn);
         return NULL;
     }
     PyArrayObject *y = NULL, *x = NULL, *abn = NULL, *dy = NULL;

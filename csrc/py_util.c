@@ -2,6 +2,8 @@
 #include "py_util.h"
 
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 
 PyObject *af_exception_for(af_status status) {
     switch (status) {
@@ -96,5 +98,15 @@ PyObject *af_add_submodule(PyObject *parent, const char *name, PyMethodDef *meth
     return sub;
 fail:
     Py_DECREF(sub);
+    return NULL;
+}
+
+PyObject *af_errorf(PyObject *exc, const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    PyErr_SetString(exc, buf);
     return NULL;
 }

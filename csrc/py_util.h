@@ -17,6 +17,13 @@
 
 #include "afire.h"
 
+/* Set `exc` with a printf-formatted message (PyErr_Format lacks %g/%f); returns NULL. */
+PyObject *af_errorf(PyObject *exc, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
 /* Raise the Python exception matching `status` with the thread's C error message. */
 PyObject *af_raise(af_status status);
 

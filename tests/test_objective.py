@@ -405,3 +405,10 @@ def test_validation_errors():
         obj.sinkhorn_knopp(np.full((2, 2), np.inf, np.float32))
     with pytest.raises(ValueError, match="y"):
         obj.anomaly_score(np.full((1, 2, 2), np.nan, np.float32), np.zeros((1, 2, 2), np.float32))
+
+
+def test_float_values_appear_in_error_messages():
+    """Messages that quote a float are formatted (PyErr_Format alone cannot print %g)."""
+    C = np.zeros((2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"m must be in \[0, 1\], got 2"):
+        _C.objective.prototypes_update(C, np.zeros((1, 2, 2), np.float32), m=2.0)
