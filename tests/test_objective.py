@@ -411,4 +411,4 @@ def test_float_values_appear_in_error_messages():
     """Messages that quote a float are formatted (PyErr_Format alone cannot print %g)."""
     C = np.zeros((2, 2), np.float32)
     with pytest.raises(ValueError, match=r"m must be in \[0, 1\], got 2"):
-        _C.objective.prototypes_update(C, np.zeros((1, 2, 2), np.float32), m=2.0)
+        obj.prototypes_update(C, np.zeros((1, 2, 2), np.float32), m=2.0)
