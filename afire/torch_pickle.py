@@ -96,6 +96,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> np.ndar
     if last >= base.size:
         raise ValueError(f"malformed checkpoint: tensor of size {size}, stride {stride} at offset "
                          f"{storage_offset} reads past its storage of {base.size} elements")
+    # Overlapping strides (torch's expand) could make a tiny file expand to gigabytes on
+    # copy; a saved state dict never has more elements than its storage.
+    if int(np.prod(size, dtype=object)) > base.size:
+        raise ValueError(f"malformed checkpoint: tensor of size {size} has more elements than "
+                         f"its storage ({base.size}); expanded (stride-0) tensors are not "
+                         "supported")
     item = base.itemsize
     view = np.lib.stride_tricks.as_strided(base[storage_offset:], shape=size,
                                            strides=tuple(s * item for s in stride), writeable=False)
