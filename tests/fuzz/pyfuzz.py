@@ -78,7 +78,7 @@ _SAFE_TYPES = (dict, list, tuple, set, frozenset, str, bytes, bytearray, int, fl
 
 
 def _check_plain(obj, depth: int = 0) -> None:
-    from afire.torch_pickle import _ALLOWED, CheckpointArgs, _DType, _StorageType
+    from afire.torch_pickle import _ALLOWED, CheckpointArgs, _DType, _Storage, _StorageType
 
     if depth > 200:
         return
@@ -88,6 +88,8 @@ def _check_plain(obj, depth: int = 0) -> None:
     # harmless, since producing it ran nothing
     if any(obj is v for v in _ALLOWED.values()):
         return
+    if isinstance(obj, _Storage):  # a storage saved on its own: its data is a plain array
+        obj = obj.array
     if not isinstance(obj, _SAFE_TYPES + (_DType, _StorageType)):
         raise Finding(f"unpickler produced a {type(obj).__module__}.{type(obj).__name__}")
     if isinstance(obj, dict):
