@@ -245,7 +245,7 @@ def load_torch_checkpoint(path: str | os.PathLike):
         head = fh.read(4)
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
         # the file opened above, so an OSError here (a seek to a corrupt negative offset)
         # is a malformed archive, not an unreadable file
         if head.startswith(b"PK"):
@@ -270,6 +270,6 @@ def load_torch_checkpoint(path: str | os.PathLike):
             raise
         except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, TypeError, AttributeError,
                 IndexError, OverflowError, MemoryError, RecursionError, OSError,
-                NotImplementedError) as e:
+                NotImplementedError, RuntimeError) as e:  # RuntimeError: "encrypted" flag
             raise ValueError(
                 f"{path}: malformed torch checkpoint ({type(e).__name__}: {e})") from None
