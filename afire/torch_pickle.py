@@ -18,6 +18,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import types
 import zipfile
 import zlib
@@ -95,6 +96,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> np.ndar
     if last >= base.size:
         raise ValueError(f"malformed checkpoint: tensor of size {size}, stride {stride} at offset "
                          f"{storage_offset} reads past its storage of {base.size} elements")
+    # Overlapping strides (torch's expand) could make a tiny file expand to gigabytes on
+    # copy; a saved state dict never has more elements than its storage.
+    if int(np.prod(size, dtype=object)) > base.size:
+        raise ValueError(f"malformed checkpoint: tensor of size {size} has more elements than "
+                         f"its storage ({base.size}); expanded (stride-0) tensors are not "
+                         "supported")
     item = base.itemsize
     view = np.lib.stride_tricks.as_strided(base[storage_offset:], shape=size,
                                            strides=tuple(s * item for s in stride), writeable=False)
@@ -212,6 +219,17 @@ def _find_prefix(names: list[str]) -> str:
     return pkls[0][: -len("/data.pkl")]
 
 
+def _check_memo_indices(data: bytes) -> None:
+    """Reject memo indices a real pickle cannot have (one PUT per opcode at most).
+
+    The C unpickler grows its memo to the largest index it sees, so a 100-byte pickle with
+    ``LONG_BINPUT 2**28`` would make it allocate gigabytes before failing."""
+    limit = len(data)
+    for op, arg, _pos in pickletools.genops(data):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and (type(arg) is not int or arg > limit):
+            raise ValueError(f"malformed checkpoint: pickle memo index {arg!r} out of range")
+
+
 def load_torch_checkpoint(path: str | os.PathLike):
     """Load a ``torch.save`` zip checkpoint without torch.
 
@@ -227,7 +245,9 @@ def load_torch_checkpoint(path: str | os.PathLike):
         head = fh.read(4)
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        # the file opened above, so an OSError here (a seek to a corrupt negative offset)
+        # is a malformed archive, not an unreadable file
         if head.startswith(b"PK"):
             raise ValueError(f"{path}: truncated or corrupt zip archive ({e})") from None
         if head[:1] == b"\x80":
@@ -243,11 +263,13 @@ def load_torch_checkpoint(path: str | os.PathLike):
                 if byteorder not in ("little", "big"):
                     raise ValueError(f"{path}: unknown byteorder {byteorder!r}")
             data = archive.read(f"{prefix}/data.pkl")
+            _check_memo_indices(data)
             unpickler = RestrictedUnpickler(io.BytesIO(data), archive, prefix, byteorder)
             return unpickler.load()
         except (pickle.UnpicklingError, ValueError):
             raise
         except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, TypeError, AttributeError,
-                IndexError, OverflowError) as e:
+                IndexError, OverflowError, MemoryError, RecursionError, OSError,
+                NotImplementedError, RuntimeError) as e:  # RuntimeError: "encrypted" flag
             raise ValueError(
                 f"{path}: malformed torch checkpoint ({type(e).__name__}: {e})") from None

@@ -59,6 +59,12 @@ static int enter(NetworksObject *self) {
 /* ------------------------------------------------------------------ construction */
 
 static int Networks_init(NetworksObject *self, PyObject *args, PyObject *kw) {
+    /* Re-running __init__ would free buffers that parameter views (and, with the GIL
+     * released, another thread's forward pass) still point into. */
+    if (self->m != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Networks is already initialised; create a new one");
+        return -1;
+    }
     static char *kwlist[] = {"preset", "image_size", "patch_size", "in_chans", "embed_dim",
                              "depth", "num_heads", "mlp_ratio", "decoder_embed_dim",
                              "decoder_depth", "decoder_num_heads", "out_dim", "head_hidden_dim",
@@ -100,7 +106,6 @@ static int Networks_init(NetworksObject *self, PyObject *args, PyObject *kw) {
         af_raise(st);
         return -1;
     }
-    af_model_free(self->m);
     self->m = m;
     return 0;
 }

@@ -19,6 +19,12 @@ static int trainer_init(TrainerObject *self, PyObject *args, PyObject *kw) {
     PyObject *d;
     int batch;
     long long spe;
+    /* Re-running __init__ would free buffers that buffers() views (and, with the GIL
+     * released, another thread's step) still point into. */
+    if (self->t != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Trainer is already initialised; create a new one");
+        return -1;
+    }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iL:Trainer", kwlist, &PyDict_Type, &d, &batch,
                                      &spe))
         return -1;
@@ -37,7 +43,6 @@ static int trainer_init(TrainerObject *self, PyObject *args, PyObject *kw) {
         af_raise(st);
         return -1;
     }
-    af_trainer_free(self->t);
     self->t = t;
     return 0;
 }
@@ -294,23 +299,42 @@ static PyObject *get_step(TrainerObject *self, void *c) {
 }
 static int set_step(TrainerObject *self, PyObject *v, void *c) {
     if (!ready(self)) return -1;
-    long long s = v ? PyLong_AsLongLong(v) : -1;
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "step cannot be deleted");
+        return -1;
+    }
+    long long s = PyLong_AsLongLong(v);
     if (s == -1 && PyErr_Occurred()) return -1;
     if (s < 0) {
         PyErr_SetString(PyExc_ValueError, "step must be >= 0");
         return -1;
     }
+    /* a step running in another thread (GIL released) reads t->step */
+    if (af_trainer_acquire(self->t) != AF_OK) {
+        af_raise(AF_EBUSY);
+        return -1;
+    }
     self->t->step = s;
+    af_trainer_release(self->t);
     return 0;
 }
 static PyObject *get_protos_set(TrainerObject *self, void *c) {
     return ready(self) ? PyBool_FromLong(self->t->protos_set) : NULL;
 }
 static int set_protos_set(TrainerObject *self, PyObject *v, void *c) {
-    if (!ready(self) || v == NULL) return -1;
+    if (!ready(self)) return -1;
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "prototypes_set cannot be deleted");
+        return -1;
+    }
     int r = PyObject_IsTrue(v);
     if (r < 0) return -1;
+    if (af_trainer_acquire(self->t) != AF_OK) {
+        af_raise(AF_EBUSY);
+        return -1;
+    }
     self->t->protos_set = r;
+    af_trainer_release(self->t);
     return 0;
 }
 static PyObject *get_dims(TrainerObject *self, void *c) {

@@ -2,6 +2,7 @@
  * and the CUDA one (afire._C_cuda), so both read a configuration the same way. */
 #include "py_util.h"
 
+#include <math.h>
 #include <string.h>
 
 #include "trainer.h"
@@ -70,6 +71,29 @@ static int get_pair(PyObject *d, const char *key, double *a, double *b) {
     return 0;
 }
 
+/* A get_pair result that must hold integers in [lo_min, INT_MAX] (the SLM ranges). */
+static int int_pair(const char *key, double a, double b, int lo_min, int *x, int *y) {
+    if (!(a >= lo_min && b >= a && b <= 2147483647.0) || a != (double)(long long)a ||
+        b != (double)(long long)b) {
+        PyErr_Format(PyExc_ValueError, "config '%s' must be two integers %d <= lo <= hi, got "
+                     "(%g, %g)", key, lo_min, a, b);
+        return -1;
+    }
+    *x = (int)a;
+    *y = (int)b;
+    return 0;
+}
+
+/* ValueError naming `key` unless lo <= v <= hi (NaN fails every comparison). */
+static int in_range(const char *key, double v, double lo, double hi, int lo_open) {
+    if (v != v || (lo_open ? !(v > lo) : !(v >= lo)) || !(v <= hi)) {
+        PyErr_Format(PyExc_ValueError, "config '%s' must be in %s%g, %g], got %g", key,
+                     lo_open ? "(" : "[", lo, hi, v);
+        return -1;
+    }
+    return 0;
+}
+
 static int get_choice(PyObject *d, const char *key, const char *a, const char *b, int *out) {
     PyObject *v;
     if (get_item(d, key, &v) < 0) return -1;
@@ -105,12 +129,13 @@ int af_trainer_config_from_dict(PyObject *d, af_trainer_config *c, int64_t steps
     c->seed = n->seed;
 
     c->slm = af_slm_config_default();
-    if (get_pair(d, "slm_lesions", &lo, &hi)) return -1;
-    c->slm.lesions_min = (int)lo;
-    c->slm.lesions_max = (int)hi;
-    if (get_pair(d, "slm_size", &lo, &hi)) return -1;
-    c->slm.size_min = (int)lo;
-    c->slm.size_max = (int)hi;
+    /* range-checked before the casts: a double outside int is undefined behaviour in C */
+    if (get_pair(d, "slm_lesions", &lo, &hi) ||
+        int_pair("slm_lesions", lo, hi, 0, &c->slm.lesions_min, &c->slm.lesions_max))
+        return -1;
+    if (get_pair(d, "slm_size", &lo, &hi) ||
+        int_pair("slm_size", lo, hi, 1, &c->slm.size_min, &c->slm.size_max))
+        return -1;
     if (get_int(d, "slm_crop", &c->slm.crop_max) || get_float(d, "slm_gamma2", &c->slm.gamma2) ||
         get_float(d, "slm_strength", &c->slm.strength))
         return -1;
@@ -128,7 +153,13 @@ int af_trainer_config_from_dict(PyObject *d, af_trainer_config *c, int64_t steps
         get_choice(d, "clip_mode", "per_tensor", "global", &c->clip_global) ||
         get_float(d, "adam_eps", &c->adam_eps))
         return -1;
-    if (get_pair(d, "adam_betas", &lo, &hi)) return -1;
+    if (get_pair(d, "adam_betas", &lo, &hi) || in_range("adam_betas[0]", lo, 0.0, 1.0, 0) ||
+        in_range("adam_betas[1]", hi, 0.0, 1.0, 0))
+        return -1;
+    if (lo >= 1.0 || hi >= 1.0) {
+        PyErr_Format(PyExc_ValueError, "config 'adam_betas' must be < 1, got (%g, %g)", lo, hi);
+        return -1;
+    }
     c->beta1 = (float)lo;
     c->beta2 = (float)hi;
 
@@ -142,6 +173,33 @@ int af_trainer_config_from_dict(PyObject *d, af_trainer_config *c, int64_t steps
         get_int(d, "teacher_temp_warmup_epochs", &tt_warm) ||
         get_int(d, "freeze_last_layer_epochs", &freeze))
         return -1;
+    /* The ranges afire.Config.validate enforces, for callers that bypass it; inf passes
+     * where Config lets it pass, NaN never (get_float). */
+    if (batch < 1 || epochs < 1 || warmup < 0 || tt_warm < 0 || freeze < 0) {
+        PyErr_SetString(PyExc_ValueError, "config: batch_size and epochs must be >= 1, the "
+                        "*_epochs counts >= 0");
+        return -1;
+    }
+    if (in_range("ema_momentum", ema, 0.0, 1.0, 0) ||
+        in_range("proto_momentum", c->proto_m, 0.0, 1.0, 0) ||
+        in_range("teacher_temp", tt, 0.0, INFINITY, 1) ||
+        in_range("teacher_temp_final", tt_end, 0.0, INFINITY, 1) ||
+        in_range("adam_eps", c->adam_eps, 0.0, INFINITY, 1) ||
+        in_range("w_stru", c->w_stru, 0.0, INFINITY, 0) ||
+        in_range("w_cate", c->w_cate, 0.0, INFINITY, 0) ||
+        in_range("w_recon", c->w_recon, 0.0, INFINITY, 0) ||
+        in_range("w_abnormal", c->w_abn, 0.0, INFINITY, 0) ||
+        in_range("base_lr", base_lr, 0.0, INFINITY, 0) || in_range("min_lr", min_lr, 0.0, INFINITY, 0) ||
+        in_range("weight_decay", wd, 0.0, INFINITY, 0) ||
+        in_range("weight_decay_end", wd_end, 0.0, INFINITY, 0) ||
+        in_range("clip_grad", c->clip, 0.0, INFINITY, 0))
+        return -1;
+    /* every epoch count is an int, so <= 2^31 steps per epoch keeps all products in int64 */
+    if (steps_per_epoch < 1 || steps_per_epoch > 2147483647) {
+        PyErr_Format(PyExc_ValueError, "steps_per_epoch must be in [1, 2^31), got %lld",
+                     (long long)steps_per_epoch);
+        return -1;
+    }
     af_schedule *s = &c->sched;
     s->steps_per_epoch = steps_per_epoch;
     s->total_steps = (int64_t)epochs * steps_per_epoch;

@@ -16,6 +16,10 @@ import numpy as np
 from .prepare import shard_name
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _as_set(x) -> set | None:
     if x is None:
         return None
@@ -49,9 +53,14 @@ class ShardDataset:
         with open(meta_p, encoding="utf-8") as f:
             try:
                 self.meta = json.load(f)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise ValueError(f"{meta_p}: invalid JSON ({e})") from None
-        self.size = int(self.meta["size"])
+        if not isinstance(self.meta, dict) or not _is_int(self.meta.get("size")) \
+                or self.meta["size"] < 1 or not _is_int(self.meta.get("shards", 0)) \
+                or self.meta.get("shards", 0) < 0:
+            raise ValueError(f"{meta_p}: not an `afire prepare` meta.json (needs an object "
+                             "with a positive int 'size' and an int 'shards' >= 0)")
+        self.size = self.meta["size"]
         rows = []
         with open(man_p, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -59,16 +68,26 @@ class ShardDataset:
                     continue
                 try:
                     rows.append(json.loads(line))
-                except ValueError:
+                except (ValueError, RecursionError):
                     raise ValueError(f"{man_p}:{lineno}: invalid JSON (truncated manifest?)"
                                      ) from None
         self._shards, self._masks = {}, {}
         per_shard: dict[int, list[int]] = {}
         for lineno, r in enumerate(rows, start=1):
+            if not isinstance(r, dict):
+                raise ValueError(f"{man_p}:{lineno}: a row must be a JSON object")
             for key in ("shard", "row", "path", "split", "label"):
                 if key not in r:
                     raise ValueError(f"{man_p}:{lineno}: missing field {key!r}")
-            per_shard.setdefault(int(r["shard"]), []).append(int(r["row"]))
+            if not (_is_int(r["shard"]) and _is_int(r["row"])):
+                raise ValueError(f"{man_p}:{lineno}: 'shard' and 'row' must be ints")
+            if not (isinstance(r["split"], str) and isinstance(r["label"], str)
+                    and _is_int(r.get("abnormal", -1))):
+                raise ValueError(f"{man_p}:{lineno}: 'split' and 'label' must be strings, "
+                                 "'abnormal' an int")
+            if not isinstance(r.get("labels") or {}, dict):
+                raise ValueError(f"{man_p}:{lineno}: 'labels' must be an object")
+            per_shard.setdefault(r["shard"], []).append(r["row"])
         n_shards = int(self.meta.get("shards", len(per_shard)))
         for k, rws in per_shard.items():
             if not 0 <= k < n_shards:
@@ -100,7 +119,7 @@ class ShardDataset:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
             raise ValueError(f"{p}: missing shard file") from None
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError) as e:
             raise ValueError(f"{p}: unreadable or truncated shard ({e})") from None
         S = self.size
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[1:] != (S, S):
@@ -146,7 +165,11 @@ class ShardDataset:
             for j, n in enumerate(names):
                 v = lab.get(n)
                 if v is not None:
-                    out[i, j] = float(v)
+                    try:
+                        out[i, j] = float(v)
+                    except (TypeError, ValueError):
+                        raise ValueError(f"record {i}: label {n!r} is {v!r}, not a number"
+                                         ) from None
         return out
 
     def epoch_order(self, seed: int = 0, epoch: int = 0) -> np.ndarray:
