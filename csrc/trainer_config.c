@@ -128,6 +128,8 @@ int af_trainer_config_from_dict(PyObject *d, af_trainer_config *c, int64_t steps
         get_choice(d, "clip_mode", "per_tensor", "global", &c->clip_global) ||
         get_float(d, "adam_eps", &c->adam_eps))
         return -1;
+    /* bf16 (fast path) or fp32 on the GPU; the CPU trainer stores and ignores it */
+    if (get_choice(d, "precision", "fp32", "bf16", &c->precision)) return -1;
     if (get_pair(d, "adam_betas", &lo, &hi)) return -1;
     c->beta1 = (float)lo;
     c->beta2 = (float)hi;
