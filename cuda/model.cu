@@ -340,25 +340,25 @@ static af_status blocks_backward(af_cuda_context *ctx, const af_cuda_model *m, a
         AF_TRY(dcopy(ctx, s->dres2, s->dres, nw * f));
         AF_TRY(dzero(ctx, s->dfch_gelu, nm * f));
         AF_TRY(linear_bwd(ctx, m, s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu,
-                                       w.fc2_w, N, R * W, W));
+                          w.fc2_w, N, R * W, W));
         AF_TRY(dzero(ctx, s->dfch, nm * f));
         AF_TRY(af_cuda_gelu_backward(ctx, s->dfch, s->dfch_gelu, a.fch, nm));
         AF_TRY(dzero(ctx, s->dln, nw * f));
         AF_TRY(linear_bwd(ctx, m, s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N,
-                                       W, R * W));
+                          W, R * W));
         AF_TRY(af_cuda_layernorm_backward(ctx, s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2,
                                           w.ln2_w, a.ln2_mean, a.ln2_rstd, N, W));
         // attention branch
         AF_TRY(dcopy(ctx, s->dres, s->dres2, nw * f));
         AF_TRY(dzero(ctx, s->datty, nw * f));
         AF_TRY(linear_bwd(ctx, m, s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty,
-                                       w.proj_w, N, W, W));
+                          w.proj_w, N, W, W));
         AF_TRY(dzero(ctx, s->dqkv, nw * 3 * f));
         AF_TRY(attention_bwd(ctx, m, s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W,
-                                          NH));
+                             NH));
         AF_TRY(dzero(ctx, s->dln, nw * f));
         AF_TRY(linear_bwd(ctx, m, s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N,
-                                       W, 3 * W));
+                          W, 3 * W));
         AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w,
                                           a.ln1_mean, a.ln1_rstd, N, W));
     }
@@ -425,7 +425,7 @@ extern "C" af_status af_cuda_encoder_backward(af_cuda_context *ctx, af_cuda_mode
     float *demb = s->dln;  // [B*L, D] gathered rows 1..L
     AF_TRY(copy_blocks(ctx, demb, (size_t)L * D, s->dres + D, (size_t)T * D, (size_t)L * D, B));
     AF_TRY(linear_bwd(ctx, m, nullptr, g->patch_w, g->patch_b, demb, a->patches,
-                                   p->patch_w, B * L, CPP, D));
+                      p->patch_w, B * L, CPP, D));
     return AF_OK;
 }
 
@@ -473,7 +473,7 @@ extern "C" af_status af_cuda_decoder_backward(af_cuda_context *ctx, af_cuda_mode
     AF_TRY(copy_blocks(ctx, dfull + Q, (size_t)T * Q, dpred, (size_t)L * Q, (size_t)L * Q, B));
     AF_TRY(dzero(ctx, s->dln, (size_t)N * Dd * sizeof(float)));
     AF_TRY(linear_bwd(ctx, m, s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N,
-                                   Dd, Q));
+                      Dd, Q));
     const float *last = blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     AF_TRY(dzero(ctx, s->dres, (size_t)N * Dd * sizeof(float)));
     AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w,
@@ -485,7 +485,7 @@ extern "C" af_status af_cuda_decoder_backward(af_cuda_context *ctx, af_cuda_mode
               c->shared_mask_token);
     LAUNCH_1D(zero_masked_rows_kernel, (int64_t)B * L * Dd, s->dres, a->mask, (int64_t)B, T, Dd);
     AF_TRY(linear_bwd(ctx, m, dtokens, g->embed_w, g->embed_b, s->dres, a->tokens,
-                                   p->embed_w, N, D, Dd));
+                      p->embed_w, N, D, Dd));
     return AF_OK;
 }
 
@@ -585,7 +585,7 @@ extern "C" af_status af_cuda_head_backward(af_cuda_context *ctx, af_cuda_model *
     AF_TRY(af_cuda_gelu_backward(ctx, gb, ga, a->h1, (size_t)N * Hh));
     if (dtokens == nullptr)
         return linear_bwd(ctx, m, nullptr, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D,
-                                       Hh);
+                          Hh);
     AF_TRY(dzero(ctx, ga, (size_t)N * D * f));
     AF_TRY(linear_bwd(ctx, m, ga, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh));
     LAUNCH_1D(add_rows_kernel, (int64_t)N * D, dtokens, ga, (int64_t)B, L, D);
