@@ -2,6 +2,11 @@
 
 Defaults follow docs/METHOD.md; every place where the paper and the authors' released code
 differ is an option here (`objective`, `token_rule`, `slm_size`, `warmup_epochs`, ...).
+
+`precision` picks the arithmetic of the GPU trainer: "bf16" (default, the fast path: bf16
+GEMM operands with fp32 accumulation, fp32 master weights, optimiser state, LayerNorm, softmax
+and losses) or "fp32" (exact fp32 GEMMs, TF32 off: the path checked against the CPU). The CPU
+trainer always computes in fp32 and ignores this field.
 """
 from __future__ import annotations
 
@@ -75,6 +80,8 @@ class Config:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     seed: int = 0
+    # --- arithmetic of the GPU trainer (the CPU always runs fp32 and ignores it)
+    precision: str = "bf16"                    # or "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,6 +140,8 @@ class Config:
         need(self.token_rule in ("paper", "released"), "token_rule must be 'paper' or 'released'")
         need(self.objective in ("paper", "released"), "objective must be 'paper' or 'released'")
         need(self.clip_mode in ("per_tensor", "global"), "clip_mode must be 'per_tensor' or 'global'")
+        need(self.precision in ("bf16", "fp32"),
+             f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         need(self.batch_size >= 1, "batch_size must be >= 1")
         need(self.epochs >= 1, "epochs must be >= 1")
         need(0.0 <= self.ema_momentum <= 1.0, "ema_momentum must be in [0, 1]")

@@ -6,7 +6,8 @@
  * given, a NULL gradient is skipped). Differences: every pointer is a DEVICE pointer, work is
  * queued on the context's stream and returns before it finishes (af_cuda_synchronize waits),
  * and the functions return an af_status (AF_EINVAL on bad sizes, AF_ECUDA on a CUDA/cuBLAS
- * failure) instead of trusting the caller. fp32 everywhere; a bf16 fast path is future work.
+ * failure) instead of trusting the caller. These ops are fp32; the bf16 twins of linear and
+ * attention used by the trainer's bf16 fast path are declared in cuda/bf16.cuh.
  */
 #ifndef AFIRE_CUDA_API_H
 #define AFIRE_CUDA_API_H

@@ -18,6 +18,8 @@
 #include "slm.h"
 
 enum { AF_OBJECTIVE_PAPER = 0, AF_OBJECTIVE_RELEASED = 1 };
+/* GEMM precision of the CUDA trainer. The CPU trainer ignores it: it always runs fp32. */
+enum { AF_PRECISION_FP32 = 0, AF_PRECISION_BF16 = 1 };
 
 typedef struct {
     af_config net;
@@ -33,6 +35,7 @@ typedef struct {
     float beta1, beta2, adam_eps;
     af_schedule sched;         /* lr, wd, EMA, teacher temperature, last-layer freeze    */
     uint64_t seed;             /* SLM draws (init uses net.seed)                          */
+    int precision;             /* AF_PRECISION_*: CUDA GEMMs in bf16 or fp32; CPU: ignored */
 } af_trainer_config;
 
 typedef struct {

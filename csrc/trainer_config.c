@@ -153,11 +153,13 @@ int af_trainer_config_from_dict(PyObject *d, af_trainer_config *c, int64_t steps
         get_choice(d, "clip_mode", "per_tensor", "global", &c->clip_global) ||
         get_float(d, "adam_eps", &c->adam_eps))
         return -1;
+    /* bf16 (fast path) or fp32 on the GPU; the CPU trainer stores and ignores it */
+    if (get_choice(d, "precision", "fp32", "bf16", &c->precision)) return -1;
     if (get_pair(d, "adam_betas", &lo, &hi) || in_range("adam_betas[0]", lo, 0.0, 1.0, 0) ||
         in_range("adam_betas[1]", hi, 0.0, 1.0, 0))
         return -1;
     if (lo >= 1.0 || hi >= 1.0) {
-        PyErr_Format(PyExc_ValueError, "config 'adam_betas' must be < 1, got (%g, %g)", lo, hi);
+        af_errorf(PyExc_ValueError, "config 'adam_betas' must be < 1, got (%g, %g)", lo, hi);
         return -1;
     }
     c->beta1 = (float)lo;

@@ -1,7 +1,11 @@
 // The AFiRe networks on the GPU (model.cuh): the twins of params.c (lifetime), vit.c
 // (encoder, decoder, transformer blocks) and head.c (projection head), composed from the
 // cuda/ops kernels in the same order as the CPU so every intermediate has a CPU twin.
-// fp32; exact fp32 GEMMs when the context has TF32 off.
+// fp32 path: exact fp32 GEMMs when the context has TF32 off. bf16 path (m->bf16): the GEMMs
+// of linear layers and attention take bf16 operands (weights from the shadow copies,
+// activations rounded just before the GEMM) with fp32 accumulation and fp32 results; the
+// residual stream, LayerNorm, GELU, softmax, the weight-normalised last layer and every
+// gradient stay fp32.
 #include <string.h>
 
 #include "common.cuh"
@@ -208,6 +212,59 @@ static af_status copy_blocks(af_cuda_context *ctx, float *dst, size_t dst_stride
     return AF_OK;
 }
 
+// ------------------------------------------------------------------ precision dispatch
+
+// The bf16 shadow of a weight inside the student or teacher flat buffers (same offset).
+static const af_bf16 *shadow(const af_cuda_model *m, const float *w) {
+    uintptr_t x = (uintptr_t)w;
+    for (int n = 0; n < AF_NET_COUNT; n++) {
+        uintptr_t p = (uintptr_t)m->params[n];
+        if (m->params_h[n] && x >= p && x < p + m->numel[n] * sizeof(float))
+            return m->params_h[n] + (w - m->params[n]);
+        if (n < 2 && m->teacher_h[n]) {
+            uintptr_t t = (uintptr_t)m->teacher[n];
+            if (x >= t && x < t + m->numel[n] * sizeof(float))
+                return m->teacher_h[n] + (w - m->teacher[n]);
+        }
+    }
+    return nullptr;
+}
+
+static af_status linear_fwd(af_cuda_context *ctx, const af_cuda_model *m, float *out,
+                            const float *inp, const float *w, const float *b, int N, int C,
+                            int OC) {
+    if (!m->bf16) return af_cuda_linear_forward(ctx, out, inp, w, b, N, C, OC);
+    const af_bf16 *wh = shadow(m, w);
+    AF_CUDA_CHECK(wh != nullptr, "linear_forward: the weight has no bf16 shadow");
+    return af_cuda_linear_forward_bf16(ctx, out, inp, wh, b, N, C, OC, m->hscratch[0]);
+}
+
+static af_status linear_bwd(af_cuda_context *ctx, const af_cuda_model *m, float *dinp,
+                            float *dw, float *db, const float *dout, const float *inp,
+                            const float *w, int N, int C, int OC) {
+    if (!m->bf16) return af_cuda_linear_backward(ctx, dinp, dw, db, dout, inp, w, N, C, OC);
+    const af_bf16 *wh = shadow(m, w);
+    AF_CUDA_CHECK(wh != nullptr, "linear_backward: the weight has no bf16 shadow");
+    return af_cuda_linear_backward_bf16(ctx, dinp, dw, db, dout, inp, wh, N, C, OC,
+                                        m->hscratch[0], m->hscratch[1]);
+}
+
+static af_status attention_fwd(af_cuda_context *ctx, const af_cuda_model *m, float *out,
+                               float *att, const float *qkv, int B, int T, int D, int H) {
+    if (!m->bf16) return af_cuda_attention_forward(ctx, out, att, qkv, B, T, D, H);
+    return af_cuda_attention_forward_bf16(ctx, out, att, qkv, B, T, D, H, m->hscratch[0],
+                                          m->hscratch[1]);
+}
+
+static af_status attention_bwd(af_cuda_context *ctx, const af_cuda_model *m, float *dqkv,
+                               float *scratch, const float *dout, const float *qkv,
+                               const float *att, int B, int T, int D, int H) {
+    if (!m->bf16)
+        return af_cuda_attention_backward(ctx, dqkv, scratch, dout, qkv, att, B, T, D, H);
+    return af_cuda_attention_backward_bf16(ctx, dqkv, scratch, dout, qkv, att, B, T, D, H,
+                                           m->hscratch[0], m->hscratch[1], m->hscratch[2]);
+}
+
 // ------------------------------------------------------------------ transformer blocks
 
 typedef struct {
@@ -241,7 +298,8 @@ static block_acts_view block_acts_at(const af_blocks_acts *a, int l, int T, int 
 }
 
 // twin of vit.c blocks_forward
-static af_status blocks_forward(af_cuda_context *ctx, af_blocks_acts *acts, const float *x,
+static af_status blocks_forward(af_cuda_context *ctx, const af_cuda_model *m,
+                                af_blocks_acts *acts, const float *x,
                                 const af_blocks_params *p, int NL, int B, int T, int W, int R,
                                 int NH, float eps) {
     int N = B * T;
@@ -252,22 +310,23 @@ static af_status blocks_forward(af_cuda_context *ctx, af_blocks_acts *acts, cons
         const float *in = l == 0 ? x : block_acts_at(acts, l - 1, T, W, R, NH).res3;
         AF_TRY(af_cuda_layernorm_forward(ctx, a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b,
                                          N, W, eps));
-        AF_TRY(af_cuda_linear_forward(ctx, a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W));
-        AF_TRY(af_cuda_attention_forward(ctx, a.atty, a.att, a.qkv, B, T, W, NH));
-        AF_TRY(af_cuda_linear_forward(ctx, a.res2, a.atty, w.proj_w, w.proj_b, N, W, W));
+        AF_TRY(linear_fwd(ctx, m, a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W));
+        AF_TRY(attention_fwd(ctx, m, a.atty, a.att, a.qkv, B, T, W, NH));
+        AF_TRY(linear_fwd(ctx, m, a.res2, a.atty, w.proj_w, w.proj_b, N, W, W));
         AF_TRY(af_cuda_residual_forward(ctx, a.res2, a.res2, in, nw));
         AF_TRY(af_cuda_layernorm_forward(ctx, a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w,
                                          w.ln2_b, N, W, eps));
-        AF_TRY(af_cuda_linear_forward(ctx, a.fch, a.ln2, w.fc1_w, w.fc1_b, N, W, R * W));
+        AF_TRY(linear_fwd(ctx, m, a.fch, a.ln2, w.fc1_w, w.fc1_b, N, W, R * W));
         AF_TRY(af_cuda_gelu_forward(ctx, a.fch_gelu, a.fch, (size_t)N * R * W));
-        AF_TRY(af_cuda_linear_forward(ctx, a.res3, a.fch_gelu, w.fc2_w, w.fc2_b, N, R * W, W));
+        AF_TRY(linear_fwd(ctx, m, a.res3, a.fch_gelu, w.fc2_w, w.fc2_b, N, R * W, W));
         AF_TRY(af_cuda_residual_forward(ctx, a.res3, a.res3, a.res2, nw));
     }
     return AF_OK;
 }
 
 // twin of vit.c blocks_backward. In: s->dres = d(last res3). Out: s->dres = d(x).
-static af_status blocks_backward(af_cuda_context *ctx, af_scratch *s, af_blocks_params *g,
+static af_status blocks_backward(af_cuda_context *ctx, const af_cuda_model *m, af_scratch *s,
+                                 af_blocks_params *g,
                                  const af_blocks_acts *acts, const float *x,
                                  const af_blocks_params *p, int NL, int B, int T, int W, int R,
                                  int NH) {
@@ -280,26 +339,26 @@ static af_status blocks_backward(af_cuda_context *ctx, af_scratch *s, af_blocks_
         // MLP branch
         AF_TRY(dcopy(ctx, s->dres2, s->dres, nw * f));
         AF_TRY(dzero(ctx, s->dfch_gelu, nm * f));
-        AF_TRY(af_cuda_linear_backward(ctx, s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu,
-                                       w.fc2_w, N, R * W, W));
+        AF_TRY(linear_bwd(ctx, m, s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu,
+                          w.fc2_w, N, R * W, W));
         AF_TRY(dzero(ctx, s->dfch, nm * f));
         AF_TRY(af_cuda_gelu_backward(ctx, s->dfch, s->dfch_gelu, a.fch, nm));
         AF_TRY(dzero(ctx, s->dln, nw * f));
-        AF_TRY(af_cuda_linear_backward(ctx, s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N,
-                                       W, R * W));
+        AF_TRY(linear_bwd(ctx, m, s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N,
+                          W, R * W));
         AF_TRY(af_cuda_layernorm_backward(ctx, s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2,
                                           w.ln2_w, a.ln2_mean, a.ln2_rstd, N, W));
         // attention branch
         AF_TRY(dcopy(ctx, s->dres, s->dres2, nw * f));
         AF_TRY(dzero(ctx, s->datty, nw * f));
-        AF_TRY(af_cuda_linear_backward(ctx, s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty,
-                                       w.proj_w, N, W, W));
+        AF_TRY(linear_bwd(ctx, m, s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty,
+                          w.proj_w, N, W, W));
         AF_TRY(dzero(ctx, s->dqkv, nw * 3 * f));
-        AF_TRY(af_cuda_attention_backward(ctx, s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W,
-                                          NH));
+        AF_TRY(attention_bwd(ctx, m, s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W,
+                             NH));
         AF_TRY(dzero(ctx, s->dln, nw * f));
-        AF_TRY(af_cuda_linear_backward(ctx, s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N,
-                                       W, 3 * W));
+        AF_TRY(linear_bwd(ctx, m, s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N,
+                          W, 3 * W));
         AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w,
                                           a.ln1_mean, a.ln1_rstd, N, W));
     }
@@ -330,9 +389,9 @@ extern "C" af_status af_cuda_encoder_forward(af_cuda_context *ctx, af_cuda_model
     int L = m->L, T = m->T, D = c->D, CPP = c->C * c->P * c->P;
     AF_TRY(af_cuda_patchify_forward(ctx, a->patches, images, B, c->C, c->S, c->P, AF_PATCH_CPQ));
     float *emb = m->scratch.dres;  // [B*L, D] temporary
-    AF_TRY(af_cuda_linear_forward(ctx, emb, a->patches, p->patch_w, p->patch_b, B * L, CPP, D));
+    AF_TRY(linear_fwd(ctx, m, emb, a->patches, p->patch_w, p->patch_b, B * L, CPP, D));
     LAUNCH_1D(encoder_embed_kernel, (int64_t)B * T * D, a->x0, emb, p->cls, p->pos, (int64_t)B, T, D);
-    AF_TRY(blocks_forward(ctx, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio,
+    AF_TRY(blocks_forward(ctx, m, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio,
                           c->H, ENC_EPS));
     const float *last = blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     AF_TRY(af_cuda_layernorm_forward(ctx, a->out, a->lnf_mean, a->lnf_rstd, last, p->norm_w,
@@ -356,7 +415,7 @@ extern "C" af_status af_cuda_encoder_backward(af_cuda_context *ctx, af_cuda_mode
     AF_TRY(dzero(ctx, s->dres, (size_t)N * D * sizeof(float)));
     AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w,
                                       a->lnf_mean, a->lnf_rstd, N, D));
-    AF_TRY(blocks_backward(ctx, s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
+    AF_TRY(blocks_backward(ctx, m, s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
                            c->mlp_ratio, c->H));
     // d(x0): cls takes row 0 of every image, a learned pos takes every row
     LAUNCH_1D(strided_colsum_kernel, D, g->cls, s->dres, B, (int64_t)D, (int64_t)T * D);
@@ -365,8 +424,8 @@ extern "C" af_status af_cuda_encoder_backward(af_cuda_context *ctx, af_cuda_mode
                   (int64_t)T * D);
     float *demb = s->dln;  // [B*L, D] gathered rows 1..L
     AF_TRY(copy_blocks(ctx, demb, (size_t)L * D, s->dres + D, (size_t)T * D, (size_t)L * D, B));
-    AF_TRY(af_cuda_linear_backward(ctx, nullptr, g->patch_w, g->patch_b, demb, a->patches,
-                                   p->patch_w, B * L, CPP, D));
+    AF_TRY(linear_bwd(ctx, m, nullptr, g->patch_w, g->patch_b, demb, a->patches,
+                      p->patch_w, B * L, CPP, D));
     return AF_OK;
 }
 
@@ -383,15 +442,15 @@ extern "C" af_status af_cuda_decoder_forward(af_cuda_context *ctx, af_cuda_model
     int L = m->L, T = m->T, D = c->D, Dd = c->Dd, Q = m->Q, N = B * T;
     AF_TRY(dcopy(ctx, a->tokens, tokens, (size_t)N * D * sizeof(float)));
     AF_TRY(dcopy(ctx, a->mask, token_mask, (size_t)B * L));
-    AF_TRY(af_cuda_linear_forward(ctx, a->x0, a->tokens, p->embed_w, p->embed_b, N, D, Dd));
+    AF_TRY(linear_fwd(ctx, m, a->x0, a->tokens, p->embed_w, p->embed_b, N, D, Dd));
     LAUNCH_1D(decoder_mask_pos_kernel, (int64_t)N * Dd, a->x0, a->mask, p->mask_token, p->pos,
               (int64_t)B, T, Dd, c->shared_mask_token);
-    AF_TRY(blocks_forward(ctx, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd, c->mlp_ratio,
+    AF_TRY(blocks_forward(ctx, m, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd, c->mlp_ratio,
                           c->Hd, DEC_EPS));
     const float *last = blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     AF_TRY(af_cuda_layernorm_forward(ctx, a->lnf, a->lnf_mean, a->lnf_rstd, last, p->norm_w,
                                      p->norm_b, N, Dd, DEC_EPS));
-    AF_TRY(af_cuda_linear_forward(ctx, a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q));
+    AF_TRY(linear_fwd(ctx, m, a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q));
     AF_TRY(copy_blocks(ctx, a->pred, (size_t)L * Q, a->pred_full + Q, (size_t)T * Q, (size_t)L * Q,
                        B));  // drop cls
     m->dec_B = B;
@@ -413,20 +472,20 @@ extern "C" af_status af_cuda_decoder_backward(af_cuda_context *ctx, af_cuda_mode
     AF_TRY(dzero(ctx, dfull, (size_t)N * Q * sizeof(float)));
     AF_TRY(copy_blocks(ctx, dfull + Q, (size_t)T * Q, dpred, (size_t)L * Q, (size_t)L * Q, B));
     AF_TRY(dzero(ctx, s->dln, (size_t)N * Dd * sizeof(float)));
-    AF_TRY(af_cuda_linear_backward(ctx, s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N,
-                                   Dd, Q));
+    AF_TRY(linear_bwd(ctx, m, s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N,
+                      Dd, Q));
     const float *last = blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     AF_TRY(dzero(ctx, s->dres, (size_t)N * Dd * sizeof(float)));
     AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w,
                                       a->lnf_mean, a->lnf_rstd, N, Dd));
-    AF_TRY(blocks_backward(ctx, s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T,
+    AF_TRY(blocks_backward(ctx, m, s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T,
                            Dd, c->mlp_ratio, c->Hd));
     int rows = c->shared_mask_token ? 1 : L;
     LAUNCH_1D(mask_token_grad_kernel, (int64_t)rows * Dd, g->mask_token, s->dres, a->mask, B, T, Dd,
               c->shared_mask_token);
     LAUNCH_1D(zero_masked_rows_kernel, (int64_t)B * L * Dd, s->dres, a->mask, (int64_t)B, T, Dd);
-    AF_TRY(af_cuda_linear_backward(ctx, dtokens, g->embed_w, g->embed_b, s->dres, a->tokens,
-                                   p->embed_w, N, D, Dd));
+    AF_TRY(linear_bwd(ctx, m, dtokens, g->embed_w, g->embed_b, s->dres, a->tokens,
+                      p->embed_w, N, D, Dd));
     return AF_OK;
 }
 
@@ -482,11 +541,11 @@ extern "C" af_status af_cuda_head_forward(af_cuda_context *ctx, af_cuda_model *m
     int L = m->L, T = m->T, D = c->D, Hh = c->head_hidden, Bn = c->head_bottleneck, K = c->K;
     int N = B * L;
     AF_TRY(copy_blocks(ctx, a->x, (size_t)L * D, tokens + D, (size_t)T * D, (size_t)L * D, B));
-    AF_TRY(af_cuda_linear_forward(ctx, a->h1, a->x, p->fc1_w, p->fc1_b, N, D, Hh));
+    AF_TRY(linear_fwd(ctx, m, a->h1, a->x, p->fc1_w, p->fc1_b, N, D, Hh));
     AF_TRY(af_cuda_gelu_forward(ctx, a->g1, a->h1, (size_t)N * Hh));
-    AF_TRY(af_cuda_linear_forward(ctx, a->h2, a->g1, p->fc2_w, p->fc2_b, N, Hh, Hh));
+    AF_TRY(linear_fwd(ctx, m, a->h2, a->g1, p->fc2_w, p->fc2_b, N, Hh, Hh));
     AF_TRY(af_cuda_gelu_forward(ctx, a->g2, a->h2, (size_t)N * Hh));
-    AF_TRY(af_cuda_linear_forward(ctx, a->z, a->g2, p->fc3_w, p->fc3_b, N, Hh, Bn));
+    AF_TRY(linear_fwd(ctx, m, a->z, a->g2, p->fc3_w, p->fc3_b, N, Hh, Bn));
     float *zn = m->scratch.dh_a;
     AF_TRY(af_cuda_l2norm_forward(ctx, zn, a->znorm, a->z, N, Bn, L2_EPS));
     LAUNCH_1D(transpose_bl_kernel, (int64_t)N * Bn, a->zn_t, zn, B, L, Bn);
@@ -517,18 +576,18 @@ extern "C" af_status af_cuda_head_backward(af_cuda_context *ctx, af_cuda_model *
     AF_TRY(dzero(ctx, gb, (size_t)N * Bn * f));
     AF_TRY(af_cuda_l2norm_backward(ctx, gb, ga, a->z, a->znorm, N, Bn, L2_EPS));
     AF_TRY(dzero(ctx, ga, (size_t)N * Hh * f));
-    AF_TRY(af_cuda_linear_backward(ctx, ga, g->fc3_w, g->fc3_b, gb, a->g2, p->fc3_w, N, Hh, Bn));
+    AF_TRY(linear_bwd(ctx, m, ga, g->fc3_w, g->fc3_b, gb, a->g2, p->fc3_w, N, Hh, Bn));
     AF_TRY(dzero(ctx, gb, (size_t)N * Hh * f));
     AF_TRY(af_cuda_gelu_backward(ctx, gb, ga, a->h2, (size_t)N * Hh));
     AF_TRY(dzero(ctx, ga, (size_t)N * Hh * f));
-    AF_TRY(af_cuda_linear_backward(ctx, ga, g->fc2_w, g->fc2_b, gb, a->g1, p->fc2_w, N, Hh, Hh));
+    AF_TRY(linear_bwd(ctx, m, ga, g->fc2_w, g->fc2_b, gb, a->g1, p->fc2_w, N, Hh, Hh));
     AF_TRY(dzero(ctx, gb, (size_t)N * Hh * f));
     AF_TRY(af_cuda_gelu_backward(ctx, gb, ga, a->h1, (size_t)N * Hh));
     if (dtokens == nullptr)
-        return af_cuda_linear_backward(ctx, nullptr, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D,
-                                       Hh);
+        return linear_bwd(ctx, m, nullptr, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D,
+                          Hh);
     AF_TRY(dzero(ctx, ga, (size_t)N * D * f));
-    AF_TRY(af_cuda_linear_backward(ctx, ga, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh));
+    AF_TRY(linear_bwd(ctx, m, ga, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh));
     LAUNCH_1D(add_rows_kernel, (int64_t)N * D, dtokens, ga, (int64_t)B, L, D);
     return AF_OK;
 }
@@ -564,7 +623,72 @@ extern "C" void af_cuda_model_free(af_cuda_model *m) {
     af_cuda_free(m->act_mem);
     af_cuda_free(m->wn_grad);
     if (m->dec_acts.mask) cudaFree(m->dec_acts.mask);
+    for (int n = 0; n < AF_NET_COUNT; n++)
+        if (m->params_h[n]) cudaFree(m->params_h[n]);
+    for (int n = 0; n < 2; n++)
+        if (m->teacher_h[n]) cudaFree(m->teacher_h[n]);
+    if (m->hscratch[0]) cudaFree(m->hscratch[0]);
     af_free(m);
+}
+
+// ------------------------------------------------------------------ bf16 shadows and scratch
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+static af_status bf16_malloc(af_bf16 **p, size_t n) {
+    *p = nullptr;
+    cudaError_t e = cudaMalloc((void **)p, (n ? n : 1) * sizeof(af_bf16));
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        *p = nullptr;
+        return af_error(e == cudaErrorMemoryAllocation ? AF_ENOMEM : AF_ECUDA,
+                        "cudaMalloc of %zu bf16 values failed: %s", n, cudaGetErrorString(e));
+    }
+    return AF_OK;
+}
+
+// Values per GEMM-operand scratch region for `cap` images: the widest row of any rounded
+// operand (linear inputs and output gradients, qkv, the attention probabilities of all heads
+// of a token, dO) times cap*T rows (head rows number cap*L <= cap*T).
+static size_t hscratch_values(const af_cuda_model *m, int cap) {
+    const af_config *c = &m->cfg;
+    size_t W = max_sz((size_t)c->D, (size_t)c->Dd), NH = (size_t)(c->H > c->Hd ? c->H : c->Hd);
+    size_t T = (size_t)m->T, R = (size_t)c->mlp_ratio;
+    size_t row = max_sz(max_sz(R * W, 3 * W), max_sz(NH * T, (size_t)m->Q));
+    row = max_sz(row, max_sz((size_t)c->head_hidden, (size_t)c->head_bottleneck));
+    return (size_t)cap * T * row;
+}
+
+// Three regions carved from one allocation (hscratch[0] owns it).
+static af_status hscratch_alloc(af_cuda_model *m, int cap, af_bf16 *out[3], size_t *n) {
+    *n = hscratch_values(m, cap);
+    size_t stride = (*n + 127) & ~(size_t)127;  // 256-byte aligned regions
+    out[0] = out[1] = out[2] = nullptr;
+    AF_TRY(bf16_malloc(&out[0], 3 * stride));
+    out[1] = out[0] + stride;
+    out[2] = out[1] + stride;
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_model_refresh_bf16(af_cuda_context *ctx, af_cuda_model *m) {
+    if (m == nullptr || !m->bf16) return AF_OK;
+    for (int n = 0; n < AF_NET_COUNT; n++)
+        AF_TRY(af_cuda_to_bf16(ctx, m->params_h[n], m->params[n], m->numel[n]));
+    for (int n = 0; n < 2; n++)
+        AF_TRY(af_cuda_to_bf16(ctx, m->teacher_h[n], m->teacher[n], m->numel[n]));
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_model_set_bf16(af_cuda_context *ctx, af_cuda_model *m) {
+    AF_CUDA_CHECK(m != nullptr, "set_bf16: model is NULL");
+    if (m->bf16) return AF_OK;
+    for (int n = 0; n < AF_NET_COUNT; n++) {
+        AF_TRY(bf16_malloc(&m->params_h[n], m->numel[n]));
+        if (n < 2) AF_TRY(bf16_malloc(&m->teacher_h[n], m->numel[n]));
+    }
+    if (m->capacity > 0) AF_TRY(hscratch_alloc(m, m->capacity, m->hscratch, &m->hscratch_n));
+    m->bf16 = 1;
+    return af_cuda_model_refresh_bf16(ctx, m);
 }
 
 // Bump allocator over the activation block (counts when base is NULL), as params.c.
@@ -591,8 +715,6 @@ static void blocks_acts_carve(af_blocks_acts *a, bump *b, int NL, int cap, int T
     a->res3 = take(b, N * w);
     a->cap = cap;
 }
-
-static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 
 static void acts_carve(af_cuda_model *m, bump *b, int cap) {
     const af_config *c = &m->cfg;
@@ -655,6 +777,9 @@ extern "C" af_status af_cuda_model_reserve(af_cuda_context *ctx, af_cuda_model *
     // zero once so a first read of an unused tail is defined (as the CPU's calloc)
     af_status st = af_cuda_zero(ctx, mem, count.used);
     if (st == AF_OK) st = dzero(ctx, mask, (size_t)B * m->L);
+    af_bf16 *hs[3] = {nullptr, nullptr, nullptr};
+    size_t hn = 0;
+    if (st == AF_OK && m->bf16) st = hscratch_alloc(m, B, hs, &hn);
     if (st != AF_OK) {
         af_cuda_free(mem);
         cudaFree(mask);
@@ -663,6 +788,11 @@ extern "C" af_status af_cuda_model_reserve(af_cuda_context *ctx, af_cuda_model *
     cudaStreamSynchronize(ctx->stream);  // the old block may still be in use by queued work
     af_cuda_free(m->act_mem);
     if (m->dec_acts.mask) cudaFree(m->dec_acts.mask);
+    if (m->bf16) {
+        if (m->hscratch[0]) cudaFree(m->hscratch[0]);
+        for (int i = 0; i < 3; i++) m->hscratch[i] = hs[i];
+        m->hscratch_n = hn;
+    }
     m->act_mem = mem;
     m->act_floats = count.used;
     bump real = {mem, 0};

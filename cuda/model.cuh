@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bf16.cuh"
 #include "cuda_api.h"
 #include "model.h"
 
@@ -58,6 +59,13 @@ typedef struct {
     af_scratch scratch;
     float *wn_grad;            /* [L|1, K, Bn] gradient w.r.t. w_eff (wn_linear backward) */
     int enc_B[2], head_B[2], dec_B;
+    /* bf16 fast path (af_cuda_model_set_bf16): every GEMM of the networks except the
+     * weight-normalised last layer takes bf16 operands. The fp32 buffers above stay the
+     * master copy; the shadows are rewritten from them by af_cuda_model_refresh_bf16. */
+    int bf16;
+    af_bf16 *params_h[AF_NET_COUNT], *teacher_h[2]; /* device bf16 shadows, same layout   */
+    af_bf16 *hscratch[3];      /* device GEMM-operand scratch, hscratch_n values each       */
+    size_t hscratch_n;
 } af_cuda_model;
 
 /* Create on ctx's device: tables, device buffers, host init + upload, teacher = student. */
@@ -79,6 +87,13 @@ af_status af_cuda_decoder_forward(af_cuda_context *ctx, af_cuda_model *m, const 
 af_status af_cuda_decoder_backward(af_cuda_context *ctx, af_cuda_model *m, const float *dpred,
                                    float *dtokens);
 af_status af_cuda_model_zero_grad(af_cuda_context *ctx, af_cuda_model *m);
+
+/* Switch the model to the bf16 fast path (allocates the weight shadows, and the operand
+ * scratch when activations are already reserved). Call once, before the first forward. */
+af_status af_cuda_model_set_bf16(af_cuda_context *ctx, af_cuda_model *m);
+/* bf16 path: shadows <- bf16(student and teacher parameters). Queued; a no-op in fp32.
+ * Must run after any change to the fp32 parameters and before the next forward. */
+af_status af_cuda_model_refresh_bf16(af_cuda_context *ctx, af_cuda_model *m);
 af_status af_cuda_model_sync_teacher(af_cuda_context *ctx, af_cuda_model *m);
 
 /* Twin of af_normalize_images: uint8 img[B,S,S] (device) -> out[B,C,S,S] (device). */

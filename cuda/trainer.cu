@@ -122,12 +122,16 @@ extern "C" af_status af_cuda_trainer_create(af_cuda_trainer **out, const af_trai
     AF_CHECK(cfg->sinkhorn_iters >= 0, AF_EINVAL, "sinkhorn_iters must be >= 0");
     AF_CHECK(cfg->sched.total_steps >= 1 && cfg->sched.steps_per_epoch >= 1, AF_EINVAL,
              "total_steps and steps_per_epoch must be >= 1");
+    AF_CHECK(cfg->precision == AF_PRECISION_FP32 || cfg->precision == AF_PRECISION_BF16,
+             AF_EINVAL, "precision must be 'bf16' or 'fp32'");
     af_cuda_trainer *t = (af_cuda_trainer *)af_calloc(1, sizeof *t);
     if (t == nullptr) return AF_ENOMEM;
     t->cfg = *cfg;
     t->B = batch;
     af_status st = af_cuda_context_create(&t->ctx, device, 0);  // exact fp32 GEMMs
     if (st == AF_OK) st = af_cuda_model_create(t->ctx, &t->model, &cfg->net);
+    if (st == AF_OK && cfg->precision == AF_PRECISION_BF16)
+        st = af_cuda_model_set_bf16(t->ctx, t->model);  // before reserve: sizes its scratch
     if (st == AF_OK) st = af_cuda_model_reserve(t->ctx, t->model, batch);
     if (st != AF_OK) {
         af_cuda_trainer_free(t);
@@ -203,7 +207,10 @@ static af_status begin(af_cuda_trainer *t, int B) {
     AF_CHECK(B >= 1 && B <= t->B, AF_EINVAL, "batch of %d images: must be between 1 and the "
              "model's batch capacity %d", B, t->B);
     AF_CUDA_TRY(cudaSetDevice(t->ctx->device));  // the calling thread may hold another device
-    return AF_OK;
+    // bf16 path: the GEMM weights are re-rounded from the fp32 master weights at the start
+    // of every call, so updates, uploads (load_buffers) and any other write to the state are
+    // always seen (about 6 bytes of traffic per parameter: well under 1% of a step)
+    return af_cuda_model_refresh_bf16(t->ctx, t->model);
 }
 
 // host uint8 images (and token mask) -> pinned staging -> device, on the context's stream.

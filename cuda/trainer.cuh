@@ -7,6 +7,9 @@
  * stream) and ONE synchronisation that downloads the step's scalars. Non-finite loss or
  * gradient norm: the updates are skipped on the device (a flag), the call returns
  * AF_ENONFINITE with the CPU's message, and the state is exactly as before.
+ * cfg.precision AF_PRECISION_BF16 runs the networks' GEMMs on bf16 operands (cuda/bf16.cuh)
+ * with fp32 master weights, optimiser state, reductions and losses; AF_PRECISION_FP32 is the
+ * exact path that is checked against the CPU.
  *
  * Plain C (included by csrc/py_cuda_trainer.c).
  */
@@ -34,7 +37,7 @@ typedef struct {
 
 typedef struct {
     af_trainer_config cfg;
-    af_cuda_context *ctx;       /* own stream + cuBLAS handle, exact fp32 (TF32 off)     */
+    af_cuda_context *ctx;       /* own stream + cuBLAS handle; fp32 GEMMs exact (TF32 off) */
     af_cuda_model *model;
     int B;                      /* batch capacity                                         */
     int S, C, L, T, Q, K, D;

@@ -3,7 +3,7 @@
 #   bash tests/gpu/run_device_checks.sh
 # 1. OpenBLAS wheel from .whl/ (if present) into /tmp/site; 2. build with nvcc for sm_90 (all
 # cores); 3. nvidia-smi; 4. the GPU tests (tests/gpu, -m gpu); 5. the GPU op benchmark and
-# 6. the training-step benchmark (JSON).
+# 6. the training-step benchmark in fp32 and bf16 (JSON, with the bf16 speed-up).
 # Logs and JSON go to $OUT (or /tmp/afire_device_checks). Every step runs even if an earlier one
 # failed where that still makes sense; the exit status is non-zero at the END if any step
 # failed or no GPU was visible. Budget: under 8 minutes on 16 cores.
@@ -77,11 +77,13 @@ if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
     fi
 fi
 
-# 6. the full training step on the GPU: images/s and memory (vit_small, vit_base at B=64)
+# 6. the full training step on the GPU: images/s and memory (vit_small, vit_base at B=64),
+#    precision fp32 and bf16 (each model built, timed and freed in turn)
 if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
     if timeout 180 python3 benchmarks/bench_gpu_step.py --out "$DEST/bench_gpu_step.json" 2>&1 |
         tee "$DEST/bench_gpu_step.log"; then
-        step_ok "training-step benchmark -> bench_gpu_step.json"
+        step_ok "training-step benchmark -> bench_gpu_step.json (bf16 speed-up: $(python3 -c \
+            "import json; print(json.load(open('$DEST/bench_gpu_step.json')).get('speedup_bf16_over_fp32'))" 2>&1))"
     else
         step_fail "training-step benchmark (see bench_gpu_step.log)"
     fi

@@ -1,8 +1,9 @@
 """The GPU training step (afire._C_cuda.cuda.Trainer behind AFiRe(device="cuda")) against the
 CPU trainer, on the `test` preset (same seed => same initialisation and the same SLM).
 
-Both run exact fp32 (the GPU context has TF32 off); the differences are summation order,
-libm and FMA contraction. Tolerances:
+Both run exact fp32 (the GPU comparisons pin Config.precision="fp32", whose GPU GEMMs have
+TF32 off; the bf16 fast path is checked against this fp32 path in test_cuda_bf16.py); the
+differences are summation order, libm and FMA contraction. Tolerances:
   - losses and grad norm of one step:        rel 1e-4
   - every gradient tensor (after clipping):   |gpu - cpu| <= 1e-3 * max|cpu tensor| + 1e-3 |cpu|
   - parameters after one AdamW step:          atol 2.5 * lr (a near-zero gradient may flip sign:
@@ -40,7 +41,7 @@ def _need_gpu():
 
 
 def pair(**kw):
-    cfg = small_cfg(**kw)
+    cfg = small_cfg(precision="fp32", **kw)
     return AFiRe(cfg, device="cpu", steps_per_epoch=2), AFiRe(cfg, device="cuda", steps_per_epoch=2)
 
 
@@ -122,7 +123,7 @@ def test_fifty_steps_track_the_cpu_loss_curve():
 
 def test_two_gpu_runs_are_bit_identical():
     def run():
-        m = AFiRe(small_cfg(seed=5), device="cuda", steps_per_epoch=2)
+        m = AFiRe(small_cfg(seed=5, precision="fp32"), device="cuda", steps_per_epoch=2)
         return [m.train_step(phantom_like(4, seed=i)) for i in range(5)], m
     a, ma = run()
     b, mb = run()
@@ -134,11 +135,12 @@ def test_two_gpu_runs_are_bit_identical():
 
 
 def test_inference_matches_cpu(tmp_path):
-    c = AFiRe(small_cfg(), device="cpu", steps_per_epoch=2)
+    c = AFiRe(small_cfg(precision="fp32"), device="cpu", steps_per_epoch=2)
     for i in range(3):
         c.train_step(phantom_like(4, seed=i))
     c.save(tmp_path / "m.safetensors")
-    g = AFiRe.load(tmp_path / "m.safetensors", device="cuda")  # upload path
+    g = AFiRe.load(tmp_path / "m.safetensors", device="cuda")  # upload path, fp32 from the config
+    assert g.cfg.precision == "fp32"
     assert g.step == 3
     x = phantom_like(6, seed=9)  # 6 > capacity 4: two batches, the second partial
     for branch in ("teacher", "student"):
