@@ -13,20 +13,23 @@ import gc
 import numpy as np
 import pytest
 
+from _util import phantom_like, small_cfg
+from afire import AFiRe, cuda
+
 # torch (then cupy) before afire's CUDA backend is loaded: torch's CUDA libraries are newer
 # than the toolkit's, and the first loaded copy wins. Collection imports this module before
-# any test loads the backend.
-try:
-    import torch
-except Exception:  # noqa: BLE001 - the torch tests skip
-    torch = None
-try:
-    import cupy
-except Exception:  # noqa: BLE001 - the cupy tests skip
-    cupy = None
-
-from _util import phantom_like, small_cfg  # noqa: E402
-from afire import AFiRe, cuda  # noqa: E402
+# any test loads the backend (cuda.compiled() does not load it). CPU-only builds never
+# import torch here.
+torch = cupy = None
+if cuda.compiled():
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - the torch tests skip
+        torch = None
+    try:
+        import cupy
+    except Exception:  # noqa: BLE001 - the cupy tests skip
+        cupy = None
 
 pytestmark = pytest.mark.gpu
 
