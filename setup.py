@@ -55,7 +55,7 @@ if SANITIZE:
 # `import afire` never loads CUDA libraries (they can clash with PyTorch's own copies).
 # the first entries are CUDA-only bindings; the rest are CPU files the CUDA extension also needs
 CUDA_ONLY = ["csrc/py_cuda.c", "csrc/cuda_module.c", "csrc/py_cuda_objective.c",
-             "csrc/py_cuda_trainer.c"]
+             "csrc/py_cuda_trainer.c", "csrc/py_cuda_tensor.c"]
 CUDA_BINDING = CUDA_ONLY + ["csrc/error.c", "csrc/py_util.c", "csrc/slm.c",
                              # the GPU trainer: config parsing, layouts + init, schedules
                              "csrc/trainer_config.c", "csrc/params.c", "csrc/ops/sincos.c",

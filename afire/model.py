@@ -104,10 +104,20 @@ class AFiRe:
             return tuple(np.concatenate(parts) for parts in zip(*outs))
         return np.concatenate(outs)
 
-    def encode(self, images: Any, branch: str = "teacher") -> np.ndarray:
-        """Encoder tokens (B, T, D) float32, cls first. ``branch``: 'teacher' or 'student'."""
+    def encode(self, images: Any, branch: str = "teacher", device_output: bool = False):
+        """Encoder tokens (B, T, D) float32, cls first. ``branch``: 'teacher' or 'student'.
+
+        ``device_output=True`` (cuda models only) keeps the tokens on the GPU: returns an
+        ``afire.cuda.DeviceTensor`` of a fresh device buffer that outlives the model and that
+        ``torch.from_dlpack`` / ``cupy.asarray`` take without a copy; ``.numpy()`` downloads.
+        """
         if branch not in ("teacher", "student"):
             raise ValueError(f"branch must be 'teacher' or 'student', got {branch!r}")
+        if device_output:
+            if self.device == "cpu":
+                raise ValueError("device_output=True needs a cuda model (this one runs on the "
+                                 "cpu; use AFiRe(cfg, device='cuda'))")
+            return self._t.encode_device(_as_images(images, self.cfg.img_size), branch)
         return self._batched(images, lambda x: self._t.encode(x, branch))
 
     def restore(self, images: Any, token_mask: Any = None) -> np.ndarray:

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "../cuda/trainer.cuh"
+#include "py_cuda_tensor.h"
 
 typedef struct {
     PyObject_HEAD
@@ -149,6 +150,65 @@ static PyObject *trainer_encode(CudaTrainerObject *self, PyObject *args, PyObjec
         return af_raise(st);
     }
     return (PyObject *)out;
+}
+
+/* encode_device(images uint8[N,S,S], branch) -> DeviceTensor float32[N,T,D]: the tokens in a
+ * fresh device buffer the caller owns (it outlives the trainer). Any N >= 1: batches of at
+ * most the capacity are encoded one after another into it. */
+static PyObject *trainer_encode_device(CudaTrainerObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"images", "branch", NULL};
+    PyObject *obj;
+    const char *branch = "teacher";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|s:encode_device", kwlist, &obj, &branch))
+        return NULL;
+    af_branch br;
+    if (strcmp(branch, "teacher") == 0) br = AF_TEACHER;
+    else if (strcmp(branch, "student") == 0) br = AF_STUDENT;
+    else {
+        PyErr_Format(PyExc_ValueError, "branch must be 'teacher' or 'student', got '%s'", branch);
+        return NULL;
+    }
+    af_cuda_trainer *t = ready(self);
+    if (t == NULL) return NULL;
+    PyArrayObject *a = af_arg_array(obj, "images", NPY_UINT8, 3);
+    if (a == NULL) return NULL;
+    if (af_check_dim(a, "images", 1, t->S) < 0 || af_check_dim(a, "images", 2, t->S) < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    npy_intp N = PyArray_DIM(a, 0);
+    if (N < 1) {
+        PyErr_SetString(PyExc_ValueError, "images: empty batch");
+        Py_DECREF(a);
+        return NULL;
+    }
+    int64_t shape[3] = {N, t->T, t->D};
+    PyObject *out = af_device_tensor_zeros(AF_DT_FLOAT32, 3, shape, af_cuda_trainer_device(t));
+    if (out == NULL) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    float *dst = (float *)af_device_tensor_data(out);
+    const uint8_t *img = AF_U8(a);
+    size_t per_img = (size_t)t->S * t->S, per_out = (size_t)t->T * t->D;
+    af_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = af_cuda_trainer_acquire(t);
+    if (st == AF_OK) {
+        for (npy_intp i = 0; st == AF_OK && i < N; i += t->B) {
+            int b = (int)(N - i < t->B ? N - i : t->B);
+            st = af_cuda_trainer_encode_device(t, dst + (size_t)i * per_out,
+                                               img + (size_t)i * per_img, b, br);
+        }
+        af_cuda_trainer_release(t);
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(a);
+    if (st != AF_OK) {
+        Py_DECREF(out);
+        return af_raise(st);
+    }
+    return out;
 }
 
 static PyObject *trainer_restore(CudaTrainerObject *self, PyObject *args, PyObject *kw) {
@@ -411,6 +471,10 @@ static PyMethodDef trainer_methods[] = {
      "without updating anything"},
     {"encode", (PyCFunction)(void (*)(void))trainer_encode, METH_VARARGS | METH_KEYWORDS,
      "encode(images, branch='teacher') -> float32[B,T,D]"},
+    {"encode_device", (PyCFunction)(void (*)(void))trainer_encode_device,
+     METH_VARARGS | METH_KEYWORDS,
+     "encode_device(images uint8[N,S,S], branch='teacher') -> DeviceTensor float32[N,T,D] "
+     "(any N; the tokens stay on the GPU, zero-copy to torch/cupy)"},
     {"restore", (PyCFunction)(void (*)(void))trainer_restore, METH_VARARGS | METH_KEYWORDS,
      "restore(images, token_mask=None) -> (pred[B,L,Q], target[B,L,Q])"},
     {"anomaly", (PyCFunction)trainer_anomaly, METH_O,
@@ -437,6 +501,7 @@ static PyTypeObject CudaTrainerType = {
 };
 
 int af_register_cuda_trainer(PyObject *cuda_submodule) {
+    if (af_register_cuda_tensor(cuda_submodule) < 0) return -1;  /* encode_device's type */
     if (PyType_Ready(&CudaTrainerType) < 0) return -1;
     Py_INCREF(&CudaTrainerType);
     if (PyModule_AddObject(cuda_submodule, "Trainer", (PyObject *)&CudaTrainerType) < 0) {

@@ -75,7 +75,7 @@ static int get_pair(PyObject *d, const char *key, double *a, double *b) {
 static int int_pair(const char *key, double a, double b, int lo_min, int *x, int *y) {
     if (!(a >= lo_min && b >= a && b <= 2147483647.0) || a != (double)(long long)a ||
         b != (double)(long long)b) {
-        PyErr_Format(PyExc_ValueError, "config '%s' must be two integers %d <= lo <= hi, got "
+        af_errorf(PyExc_ValueError, "config '%s' must be two integers %d <= lo <= hi, got "
                      "(%g, %g)", key, lo_min, a, b);
         return -1;
     }
@@ -87,7 +87,7 @@ static int int_pair(const char *key, double a, double b, int lo_min, int *x, int
 /* ValueError naming `key` unless lo <= v <= hi (NaN fails every comparison). */
 static int in_range(const char *key, double v, double lo, double hi, int lo_open) {
     if (v != v || (lo_open ? !(v > lo) : !(v >= lo)) || !(v <= hi)) {
-        PyErr_Format(PyExc_ValueError, "config '%s' must be in %s%g, %g], got %g", key,
+        af_errorf(PyExc_ValueError, "config '%s' must be in %s%g, %g], got %g", key,
                      lo_open ? "(" : "[", lo, hi, v);
         return -1;
     }

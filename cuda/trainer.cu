@@ -461,6 +461,30 @@ extern "C" af_status af_cuda_trainer_anomaly(af_cuda_trainer *t, double *score, 
     return finish(t, anomaly(t, score, log_score, err, images, B));
 }
 
+// encoder output -> a caller-owned device buffer (no host copy)
+static af_status encode_device(af_cuda_trainer *t, float *dst, const uint8_t *images, int B,
+                               af_branch branch) {
+    AF_CHECK(dst != nullptr, AF_EINVAL, "encode_device: destination buffer is NULL");
+    AF_TRY(begin(t, B));
+    AF_TRY(upload_batch(t, images, nullptr, B));
+    AF_TRY(af_cuda_normalize_images(t->ctx, t->img, t->images, B, t->C, t->S));
+    AF_TRY(af_cuda_encoder_forward(t->ctx, t->model, branch, t->img, B));
+    AF_CUDA_TRY(cudaMemcpyAsync(dst, t->model->enc_acts[branch].out,
+                                (size_t)B * t->T * t->D * sizeof(float),
+                                cudaMemcpyDeviceToDevice, t->ctx->stream));
+    // the staging buffer is free again and dst is complete for consumers on any stream
+    AF_CUDA_TRY(cudaStreamSynchronize(t->ctx->stream));
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_trainer_encode_device(af_cuda_trainer *t, float *dst,
+                                                   const uint8_t *images, int B,
+                                                   af_branch branch) {
+    return finish(t, encode_device(t, dst, images, B, branch));
+}
+
+extern "C" int af_cuda_trainer_device(const af_cuda_trainer *t) { return t->ctx->device; }
+
 // ------------------------------------------------------------------ state transfer
 
 extern "C" float *af_cuda_trainer_buffer(af_cuda_trainer *t, const char *prefix, int net,

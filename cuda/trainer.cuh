@@ -70,6 +70,14 @@ af_status af_cuda_trainer_restore(af_cuda_trainer *t, float *pred, float *target
                                   const uint8_t *images, const uint8_t *token_mask, int B);
 af_status af_cuda_trainer_anomaly(af_cuda_trainer *t, double *score, double *log_score,
                                   double *err, const uint8_t *images, int B);
+/* As af_cuda_trainer_encode, but the tokens [B,T,D] stay on the GPU: copied into `dst`, a
+ * DEVICE buffer of B*T*D floats on this trainer's device (af_cuda_trainer_device) that the
+ * caller owns. Returns after the copy has finished (one stream synchronisation), so `dst` is
+ * ready on every stream and the trainer's scratch may be reused at once. */
+af_status af_cuda_trainer_encode_device(af_cuda_trainer *t, float *dst, const uint8_t *images,
+                                        int B, af_branch branch);
+/* The CUDA device index the trainer runs on. */
+int af_cuda_trainer_device(const af_cuda_trainer *t);
 
 /* Device buffer of the state: prefix "student" | "teacher" | "adam_m" | "adam_v" | "grad"
  * and network, or "prototypes" (net ignored). NULL when there is none (teacher.decoder). */

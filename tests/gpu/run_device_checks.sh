@@ -3,7 +3,8 @@
 #   bash tests/gpu/run_device_checks.sh
 # 1. OpenBLAS wheel from .whl/ (if present) into /tmp/site; 2. build with nvcc for sm_90 (all
 # cores); 3. nvidia-smi; 4. the GPU tests (tests/gpu, -m gpu); 5. the GPU op benchmark and
-# 6. the training-step benchmark in fp32 and bf16 (JSON, with the bf16 speed-up).
+# 6. the training-step benchmark in fp32 and bf16 (JSON, with the bf16 speed-up) and
+# 7. afire vs the same step in PyTorch (JSON).
 # Logs and JSON go to $OUT (or /tmp/afire_device_checks). Every step runs even if an earlier one
 # failed where that still makes sense; the exit status is non-zero at the END if any step
 # failed or no GPU was visible. Budget: under 8 minutes on 16 cores.
@@ -86,6 +87,16 @@ if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
             "import json; print(json.load(open('$DEST/bench_gpu_step.json')).get('speedup_bf16_over_fp32'))" 2>&1))"
     else
         step_fail "training-step benchmark (see bench_gpu_step.log)"
+    fi
+fi
+
+# 7. the same step in PyTorch (fp32 TF32 off, bf16 autocast) vs afire, one process (JSON)
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
+    if timeout 180 python3 benchmarks/bench_gpu_vs_torch.py --out "$DEST/bench_gpu_vs_torch.json" \
+        2>&1 | tee "$DEST/bench_gpu_vs_torch.log"; then
+        step_ok "afire vs PyTorch step benchmark -> bench_gpu_vs_torch.json"
+    else
+        step_fail "afire vs PyTorch step benchmark (see bench_gpu_vs_torch.log)"
     fi
 fi
 
