@@ -325,38 +325,10 @@ static PyObject *py_adamw_update(PyObject *self, PyObject *args, PyObject *kw) {
 
 #define F(name, doc) {#name, KW py_##name, METH_VARARGS | METH_KEYWORDS, doc}
 static PyMethodDef ops_methods[] = {
-    F(linear_forward, "linear_forward(inp[N,C], weight[OC,C], bias[OC]=None) -> out[N,OC]"),
-    F(linear_backward, "linear_backward(dout[N,OC], inp[N,C], weight[OC,C], has_bias=True) -> "
-                       "(dinp[N,C], dweight[OC,C], dbias[OC] or None)"),
-    F(layernorm_forward, "layernorm_forward(inp[N,C], weight[C], bias[C], eps=1e-6) -> "
-                         "(out[N,C], mean[N], rstd[N])"),
-    F(layernorm_backward, "layernorm_backward(dout, inp, weight, mean, rstd) -> "
-                          "(dinp[N,C], dweight[C], dbias[C])"),
-    F(gelu_forward, "gelu_forward(inp) -> out (exact erf GELU, any shape)"),
-    F(gelu_backward, "gelu_backward(dout, inp) -> (dinp,)"),
-    F(softmax_forward, "softmax_forward(inp[N,C]) -> out[N,C] (row softmax)"),
-    F(softmax_backward, "softmax_backward(dout[N,C], out[N,C]) -> (dinp,)"),
-    F(attention_forward, "attention_forward(qkv[B,T,3D], H) -> (out[B,T,D], att[B,H,T,T])"),
-    F(attention_backward, "attention_backward(dout[B,T,D], qkv[B,T,3D], att[B,H,T,T], H) -> "
-                          "(dqkv[B,T,3D],)"),
-    F(residual_forward, "residual_forward(a, b) -> a + b"),
-    F(residual_backward, "residual_backward(dout) -> (da, db)"),
-    F(patchify_forward, "patchify_forward(img[B,C,S,S], P, order=PATCH_PQC) -> "
-                        "patches[B,(S/P)^2,P*P*C]"),
-    F(patchify_backward, "patchify_backward(dpatches[B,L,P*P*C], C, S, P, order=PATCH_PQC) -> "
-                         "(dimg[B,C,S,S],)"),
-    F(unpatchify, "unpatchify(patches[B,L,P*P*C], C, S, P, order=PATCH_PQC) -> img[B,C,S,S]"),
+    AF_OP_METHODS(F),
     F(sincos_2d_embed, "sincos_2d_embed(D, G, cls=False) -> out[(1 if cls) + G*G, D] (MAE)"),
-    F(l2norm_forward, "l2norm_forward(inp[N,C], eps=1e-12) -> (out[N,C], norm[N])"),
-    F(l2norm_backward, "l2norm_backward(dout, inp, norm, eps=1e-12) -> (dinp,)"),
-    F(wn_linear_forward, "wn_linear_forward(inp[N,C], v[K,C]) -> (out[N,K], w_eff[K,C], "
-                         "vnorm[K])"),
-    F(wn_linear_backward, "wn_linear_backward(dout[N,K], inp, w_eff, vnorm) -> "
-                          "(dinp[N,C], dv[K,C])"),
     F(_wn_linear_backward_dv_lowmem, "test hook: dv0 + the dv of wn_linear_backward, computed "
                                       "without a K x C buffer (the out-of-memory path)"),
-    F(adamw_update, "adamw_update(params, grads, m, v, *, lr, t, beta1=0.9, beta2=0.999, "
-                    "eps=1e-8, weight_decay=0.0) -> None; updates params, m, v in place"),
     {NULL}};
 #undef F
 
