@@ -57,6 +57,8 @@ if SANITIZE:
 CUDA_ONLY = ["csrc/py_cuda.c", "csrc/cuda_module.c", "csrc/py_cuda_objective.c",
              "csrc/py_cuda_trainer.c", "csrc/py_cuda_tensor.c"]
 CUDA_BINDING = CUDA_ONLY + ["csrc/error.c", "csrc/py_util.c", "csrc/slm.c",
+                             # argument checks shared with the CPU bindings
+                             "csrc/py_args.c",
                              # the GPU trainer: config parsing, layouts + init, schedules
                              "csrc/trainer_config.c", "csrc/params.c", "csrc/ops/sincos.c",
                              "csrc/schedule.c"]

@@ -10,7 +10,7 @@
 #include <limits.h>
 #include <math.h>
 
-#include "py_util.h"
+#include "py_args.h"
 #ifdef AFIRE_HAVE_CUDA
 #include "cuda_api.h"
 #endif
@@ -163,76 +163,15 @@ static int job_run(job_t *j, af_cuda_fn fn, const args_t *a) {
     return 0;
 }
 
-/* ------------------------------------------------------------------ argument checks
- * The same rules and messages as afire._C.ops (csrc/py_ops.c), so one test can feed both. */
-
-static PyArrayObject *f32_arg(PyObject *obj, const char *name, int ndim) {
-    PyArrayObject *a = af_arg_array(obj, name, NPY_FLOAT32, ndim);
-    if (a == NULL) return NULL;
-    if (PyArray_NDIM(a) == 0) {
-        PyErr_Format(PyExc_ValueError, "%s must have at least one dimension", name);
-        goto fail;
-    }
-    for (int i = 0; i < PyArray_NDIM(a); i++) {
-        npy_intp d = PyArray_DIM(a, i);
-        if (d < 1) {
-            PyErr_Format(PyExc_ValueError, "%s must be non-empty, dimension %d is 0", name, i);
-            goto fail;
-        }
-        if (d > INT_MAX) {
-            PyErr_Format(PyExc_ValueError, "%s: dimension %d is too large (%zd)", name, i,
-                         (Py_ssize_t)d);
-            goto fail;
-        }
-    }
-    return a;
-fail:
-    Py_DECREF(a);
-    return NULL;
-}
-
-static int same_shape(PyArrayObject *a, const char *name, PyArrayObject *ref, const char *ref_name) {
-    if (PyArray_NDIM(a) == PyArray_NDIM(ref) &&
-        PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(ref), PyArray_NDIM(a)))
-        return 0;
-    PyErr_Format(PyExc_ValueError, "%s must have the same shape as %s", name, ref_name);
-    return -1;
-}
-
-static int positive(long v, const char *name) {
-    if (v >= 1 && v <= INT_MAX) return 0;
-    PyErr_Format(PyExc_ValueError, "%s must be a positive int, got %ld", name, v);
-    return -1;
-}
-
-static int check_eps(double eps, const char *name) {
-    if (isfinite(eps) && eps >= 0.0) return 0;
-    af_errorf(PyExc_ValueError, "%s must be finite and >= 0, got %g", name, eps);
-    return -1;
-}
-
-static PyArrayObject *zeros2(npy_intp a, npy_intp b) {
-    npy_intp s[2] = {a, b};
-    return af_new_array(2, s, NPY_FLOAT32);
-}
-
-static PyArrayObject *zeros1(npy_intp a) { return af_new_array(1, &a, NPY_FLOAT32); }
-
-static PyArrayObject *zeros_like(PyArrayObject *ref) {
-    return af_new_array(PyArray_NDIM(ref), PyArray_DIMS(ref), NPY_FLOAT32);
-}
-
-#define D_(a, i) ((int)PyArray_DIM((a), (i)))
-#define GET(var, obj, name, nd) \
-    if ((var = f32_arg((obj), (name), (nd))) == NULL) goto done
-#define DIM(arr, name, axis, expected) \
-    if (af_check_dim((arr), (name), (axis), (expected)) < 0) goto done
-#define ALLOC(var, expr) \
-    if ((var = (expr)) == NULL) goto done
 #define RUN(job, fn, a) \
     if (job_run((job), (fn), (a)) < 0) goto done
 #define ADAPTER(name) static af_status k_##name(af_cuda_context *c, float *const *d, const void *u)
 #define A ((const args_t *)u)
+/* af_parse_<op> (py_args.h, shared with afire._C.ops) reads and checks the arguments, so one
+ * test can feed both twins; a function here queues the arrays in the kernel's order, runs
+ * it, builds the result and releases what the parser took. */
+#define PARSE(op, a) \
+    if (af_parse_##op(args, kw, &(a)) < 0) return NULL
 
 /* ------------------------------------------------------------------ linear */
 
@@ -245,65 +184,38 @@ ADAPTER(linear_backward) {
 }
 
 static PyObject *py_linear_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"inp", "weight", "bias", NULL};
-    PyObject *oi, *ow, *ob = Py_None, *res = NULL;
-    PyArrayObject *inp = NULL, *w = NULL, *b = NULL, *out = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:linear_forward", kwl, &oi, &ow, &ob))
-        return NULL;
-    GET(inp, oi, "inp", 2);
-    GET(w, ow, "weight", 2);
-    int N = D_(inp, 0), C = D_(inp, 1), OC = D_(w, 0);
-    DIM(w, "weight", 1, C);
-    if (ob != Py_None) {
-        GET(b, ob, "bias", 1);
-        DIM(b, "bias", 0, OC);
-    }
-    ALLOC(out, zeros2(N, OC));
+    af_linear_forward_args p;
+    PARSE(linear_forward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, out, AF_CUDA_OUT);
-    job_add(&j, inp, AF_CUDA_IN);
-    job_add(&j, w, AF_CUDA_IN);
-    job_add(&j, b, AF_CUDA_IN);
-    args_t a = {{N, C, OC}};
+    job_add(&j, p.out, AF_CUDA_OUT);
+    job_add(&j, p.inp, AF_CUDA_IN);
+    job_add(&j, p.weight, AF_CUDA_IN);
+    job_add(&j, p.bias, AF_CUDA_IN);
+    args_t a = {{p.N, p.C, p.OC}};
     RUN(&j, k_linear_forward, &a);
-    res = (PyObject *)out;
-    out = NULL;
+    res = Py_NewRef(p.out);
 done:
-    Py_XDECREF(inp); Py_XDECREF(w); Py_XDECREF(b); Py_XDECREF(out);
+    af_owned_release(&p.own);
     return res;
 }
 
 static PyObject *py_linear_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"dout", "inp", "weight", "has_bias", NULL};
-    PyObject *od, *oi, *ow, *res = NULL;
-    int has_bias = 1;
-    PyArrayObject *dout = NULL, *inp = NULL, *w = NULL, *dinp = NULL, *dw = NULL, *db = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|p:linear_backward", kwl, &od, &oi, &ow,
-                                     &has_bias))
-        return NULL;
-    GET(dout, od, "dout", 2);
-    GET(inp, oi, "inp", 2);
-    GET(w, ow, "weight", 2);
-    int N = D_(inp, 0), C = D_(inp, 1), OC = D_(w, 0);
-    DIM(w, "weight", 1, C);
-    DIM(dout, "dout", 0, N);
-    DIM(dout, "dout", 1, OC);
-    ALLOC(dinp, zeros2(N, C));
-    ALLOC(dw, zeros2(OC, C));
-    if (has_bias) ALLOC(db, zeros1(OC));
+    af_linear_backward_args p;
+    PARSE(linear_backward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, dinp, AF_CUDA_OUT);
-    job_add(&j, dw, AF_CUDA_OUT);
-    job_add(&j, db, AF_CUDA_OUT);
-    job_add(&j, dout, AF_CUDA_IN);
-    job_add(&j, inp, AF_CUDA_IN);
-    job_add(&j, w, AF_CUDA_IN);
-    args_t a = {{N, C, OC}};
+    job_add(&j, p.dinp, AF_CUDA_OUT);
+    job_add(&j, p.dweight, AF_CUDA_OUT);
+    job_add(&j, p.dbias, AF_CUDA_OUT);
+    job_add(&j, p.dout, AF_CUDA_IN);
+    job_add(&j, p.inp, AF_CUDA_IN);
+    job_add(&j, p.weight, AF_CUDA_IN);
+    args_t a = {{p.N, p.C, p.OC}};
     RUN(&j, k_linear_backward, &a);
-    res = PyTuple_Pack(3, dinp, dw, db ? (PyObject *)db : Py_None);
+    res = PyTuple_Pack(3, p.dinp, p.dweight, p.dbias ? (PyObject *)p.dbias : Py_None);
 done:
-    Py_XDECREF(dout); Py_XDECREF(inp); Py_XDECREF(w);
-    Py_XDECREF(dinp); Py_XDECREF(dw); Py_XDECREF(db);
+    af_owned_release(&p.own);
     return res;
 }
 
@@ -319,75 +231,42 @@ ADAPTER(layernorm_backward) {
 }
 
 static PyObject *py_layernorm_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"inp", "weight", "bias", "eps", NULL};
-    PyObject *oi, *ow, *ob, *res = NULL;
-    double eps = 1e-6;
-    PyArrayObject *inp = NULL, *w = NULL, *b = NULL, *out = NULL, *mean = NULL, *rstd = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|d:layernorm_forward", kwl, &oi, &ow, &ob,
-                                     &eps))
-        return NULL;
-    if (check_eps(eps, "eps") < 0) return NULL;
-    GET(inp, oi, "inp", 2);
-    GET(w, ow, "weight", 1);
-    GET(b, ob, "bias", 1);
-    int N = D_(inp, 0), C = D_(inp, 1);
-    DIM(w, "weight", 0, C);
-    DIM(b, "bias", 0, C);
-    ALLOC(out, zeros_like(inp));
-    ALLOC(mean, zeros1(N));
-    ALLOC(rstd, zeros1(N));
+    af_layernorm_forward_args p;
+    PARSE(layernorm_forward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, out, AF_CUDA_OUT);
-    job_add(&j, mean, AF_CUDA_OUT);
-    job_add(&j, rstd, AF_CUDA_OUT);
-    job_add(&j, inp, AF_CUDA_IN);
-    job_add(&j, w, AF_CUDA_IN);
-    job_add(&j, b, AF_CUDA_IN);
-    args_t a = {{N, C}, {(float)eps}};
+    job_add(&j, p.out, AF_CUDA_OUT);
+    job_add(&j, p.mean, AF_CUDA_OUT);
+    job_add(&j, p.rstd, AF_CUDA_OUT);
+    job_add(&j, p.inp, AF_CUDA_IN);
+    job_add(&j, p.weight, AF_CUDA_IN);
+    job_add(&j, p.bias, AF_CUDA_IN);
+    args_t a = {{p.N, p.C}, {p.eps}};
     RUN(&j, k_layernorm_forward, &a);
-    res = PyTuple_Pack(3, out, mean, rstd);
+    res = PyTuple_Pack(3, p.out, p.mean, p.rstd);
 done:
-    Py_XDECREF(inp); Py_XDECREF(w); Py_XDECREF(b);
-    Py_XDECREF(out); Py_XDECREF(mean); Py_XDECREF(rstd);
+    af_owned_release(&p.own);
     return res;
 }
 
 static PyObject *py_layernorm_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"dout", "inp", "weight", "mean", "rstd", NULL};
-    PyObject *od, *oi, *ow, *om, *orr, *res = NULL;
-    PyArrayObject *dout = NULL, *inp = NULL, *w = NULL, *mean = NULL, *rstd = NULL;
-    PyArrayObject *dinp = NULL, *dw = NULL, *db = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO:layernorm_backward", kwl, &od, &oi, &ow,
-                                     &om, &orr))
-        return NULL;
-    GET(dout, od, "dout", 2);
-    GET(inp, oi, "inp", 2);
-    GET(w, ow, "weight", 1);
-    GET(mean, om, "mean", 1);
-    GET(rstd, orr, "rstd", 1);
-    int N = D_(inp, 0), C = D_(inp, 1);
-    if (same_shape(dout, "dout", inp, "inp") < 0) goto done;
-    DIM(w, "weight", 0, C);
-    DIM(mean, "mean", 0, N);
-    DIM(rstd, "rstd", 0, N);
-    ALLOC(dinp, zeros_like(inp));
-    ALLOC(dw, zeros_like(w));
-    ALLOC(db, zeros_like(w));
+    af_layernorm_backward_args p;
+    PARSE(layernorm_backward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, dinp, AF_CUDA_OUT);
-    job_add(&j, dw, AF_CUDA_OUT);
-    job_add(&j, db, AF_CUDA_OUT);
-    job_add(&j, dout, AF_CUDA_IN);
-    job_add(&j, inp, AF_CUDA_IN);
-    job_add(&j, w, AF_CUDA_IN);
-    job_add(&j, mean, AF_CUDA_IN);
-    job_add(&j, rstd, AF_CUDA_IN);
-    args_t a = {{N, C}};
+    job_add(&j, p.dinp, AF_CUDA_OUT);
+    job_add(&j, p.dweight, AF_CUDA_OUT);
+    job_add(&j, p.dbias, AF_CUDA_OUT);
+    job_add(&j, p.dout, AF_CUDA_IN);
+    job_add(&j, p.inp, AF_CUDA_IN);
+    job_add(&j, p.weight, AF_CUDA_IN);
+    job_add(&j, p.mean, AF_CUDA_IN);
+    job_add(&j, p.rstd, AF_CUDA_IN);
+    args_t a = {{p.N, p.C}};
     RUN(&j, k_layernorm_backward, &a);
-    res = PyTuple_Pack(3, dinp, dw, db);
+    res = PyTuple_Pack(3, p.dinp, p.dweight, p.dbias);
 done:
-    Py_XDECREF(dout); Py_XDECREF(inp); Py_XDECREF(w); Py_XDECREF(mean); Py_XDECREF(rstd);
-    Py_XDECREF(dinp); Py_XDECREF(dw); Py_XDECREF(db);
+    af_owned_release(&p.own);
     return res;
 }
 
@@ -398,86 +277,49 @@ ADAPTER(gelu_backward) { return af_cuda_gelu_backward(c, d[0], d[1], d[2], A->n)
 ADAPTER(residual_forward) { return af_cuda_residual_forward(c, d[0], d[1], d[2], A->n); }
 ADAPTER(residual_backward) { return af_cuda_residual_backward(c, d[0], d[1], d[2], A->n); }
 
-static PyObject *py_gelu_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"inp", NULL};
-    PyObject *oi, *res = NULL;
-    PyArrayObject *inp = NULL, *out = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:gelu_forward", kwl, &oi)) return NULL;
-    GET(inp, oi, "inp", -1);
-    ALLOC(out, zeros_like(inp));
+/* The element-wise ops: two outputs at most, then two inputs at most (NULL: absent), n
+ * values each. `single` returns the first output alone instead of a tuple. */
+static PyObject *run_elementwise(af_owned *own, af_cuda_fn fn, PyArrayObject *out0,
+                                 PyArrayObject *out1, PyArrayObject *in0, PyArrayObject *in1,
+                                 size_t n, int single) {
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, out, AF_CUDA_OUT);
-    job_add(&j, inp, AF_CUDA_IN);
-    args_t a = {.n = (size_t)PyArray_SIZE(inp)};
-    RUN(&j, k_gelu_forward, &a);
-    res = (PyObject *)out;
-    out = NULL;
+    job_add(&j, out0, AF_CUDA_OUT);
+    if (out1) job_add(&j, out1, AF_CUDA_OUT);
+    job_add(&j, in0, AF_CUDA_IN);
+    if (in1) job_add(&j, in1, AF_CUDA_IN);
+    args_t a = {.n = n};
+    RUN(&j, fn, &a);
+    if (single) res = Py_NewRef(out0);
+    else if (out1) res = PyTuple_Pack(2, out0, out1);
+    else res = PyTuple_Pack(1, out0);
 done:
-    Py_XDECREF(inp); Py_XDECREF(out);
+    af_owned_release(own);
     return res;
+}
+
+static PyObject *py_gelu_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    af_gelu_forward_args p;
+    PARSE(gelu_forward, p);
+    return run_elementwise(&p.own, k_gelu_forward, p.out, NULL, p.inp, NULL, p.n, 1);
 }
 
 static PyObject *py_gelu_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"dout", "inp", NULL};
-    PyObject *od, *oi, *res = NULL;
-    PyArrayObject *dout = NULL, *inp = NULL, *dinp = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:gelu_backward", kwl, &od, &oi)) return NULL;
-    GET(dout, od, "dout", -1);
-    GET(inp, oi, "inp", -1);
-    if (same_shape(dout, "dout", inp, "inp") < 0) goto done;
-    ALLOC(dinp, zeros_like(inp));
-    job_t j = {0};
-    job_add(&j, dinp, AF_CUDA_OUT);
-    job_add(&j, dout, AF_CUDA_IN);
-    job_add(&j, inp, AF_CUDA_IN);
-    args_t a = {.n = (size_t)PyArray_SIZE(inp)};
-    RUN(&j, k_gelu_backward, &a);
-    res = PyTuple_Pack(1, dinp);
-done:
-    Py_XDECREF(dout); Py_XDECREF(inp); Py_XDECREF(dinp);
-    return res;
+    af_gelu_backward_args p;
+    PARSE(gelu_backward, p);
+    return run_elementwise(&p.own, k_gelu_backward, p.dinp, NULL, p.dout, p.inp, p.n, 0);
 }
 
 static PyObject *py_residual_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"a", "b", NULL};
-    PyObject *oa, *ob, *res = NULL;
-    PyArrayObject *x = NULL, *y = NULL, *out = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:residual_forward", kwl, &oa, &ob)) return NULL;
-    GET(x, oa, "a", -1);
-    GET(y, ob, "b", -1);
-    if (same_shape(y, "b", x, "a") < 0) goto done;
-    ALLOC(out, zeros_like(x));
-    job_t j = {0};
-    job_add(&j, out, AF_CUDA_OUT);
-    job_add(&j, x, AF_CUDA_IN);
-    job_add(&j, y, AF_CUDA_IN);
-    args_t a = {.n = (size_t)PyArray_SIZE(x)};
-    RUN(&j, k_residual_forward, &a);
-    res = (PyObject *)out;
-    out = NULL;
-done:
-    Py_XDECREF(x); Py_XDECREF(y); Py_XDECREF(out);
-    return res;
+    af_residual_forward_args p;
+    PARSE(residual_forward, p);
+    return run_elementwise(&p.own, k_residual_forward, p.out, NULL, p.a, p.b, p.n, 1);
 }
 
 static PyObject *py_residual_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"dout", NULL};
-    PyObject *od, *res = NULL;
-    PyArrayObject *dout = NULL, *da = NULL, *db = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:residual_backward", kwl, &od)) return NULL;
-    GET(dout, od, "dout", -1);
-    ALLOC(da, zeros_like(dout));
-    ALLOC(db, zeros_like(dout));
-    job_t j = {0};
-    job_add(&j, da, AF_CUDA_OUT);
-    job_add(&j, db, AF_CUDA_OUT);
-    job_add(&j, dout, AF_CUDA_IN);
-    args_t a = {.n = (size_t)PyArray_SIZE(dout)};
-    RUN(&j, k_residual_backward, &a);
-    res = PyTuple_Pack(2, da, db);
-done:
-    Py_XDECREF(dout); Py_XDECREF(da); Py_XDECREF(db);
-    return res;
+    af_residual_backward_args p;
+    PARSE(residual_backward, p);
+    return run_elementwise(&p.own, k_residual_backward, p.da, p.db, p.dout, NULL, p.n, 0);
 }
 
 /* ------------------------------------------------------------------ softmax */
@@ -488,42 +330,33 @@ ADAPTER(softmax_backward) {
 }
 
 static PyObject *py_softmax_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"inp", NULL};
-    PyObject *oi, *res = NULL;
-    PyArrayObject *inp = NULL, *out = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:softmax_forward", kwl, &oi)) return NULL;
-    GET(inp, oi, "inp", 2);
-    ALLOC(out, zeros_like(inp));
+    af_softmax_forward_args p;
+    PARSE(softmax_forward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, out, AF_CUDA_OUT);
-    job_add(&j, inp, AF_CUDA_IN);
-    args_t a = {{D_(inp, 0), D_(inp, 1)}};
+    job_add(&j, p.out, AF_CUDA_OUT);
+    job_add(&j, p.inp, AF_CUDA_IN);
+    args_t a = {{p.N, p.C}};
     RUN(&j, k_softmax_forward, &a);
-    res = (PyObject *)out;
-    out = NULL;
+    res = Py_NewRef(p.out);
 done:
-    Py_XDECREF(inp); Py_XDECREF(out);
+    af_owned_release(&p.own);
     return res;
 }
 
 static PyObject *py_softmax_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"dout", "out", NULL};
-    PyObject *od, *oo, *res = NULL;
-    PyArrayObject *dout = NULL, *out = NULL, *dinp = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:softmax_backward", kwl, &od, &oo)) return NULL;
-    GET(dout, od, "dout", 2);
-    GET(out, oo, "out", 2);
-    if (same_shape(dout, "dout", out, "out") < 0) goto done;
-    ALLOC(dinp, zeros_like(out));
+    af_softmax_backward_args p;
+    PARSE(softmax_backward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, dinp, AF_CUDA_OUT);
-    job_add(&j, dout, AF_CUDA_IN);
-    job_add(&j, out, AF_CUDA_IN);
-    args_t a = {{D_(out, 0), D_(out, 1)}};
+    job_add(&j, p.dinp, AF_CUDA_OUT);
+    job_add(&j, p.dout, AF_CUDA_IN);
+    job_add(&j, p.out, AF_CUDA_IN);
+    args_t a = {{p.N, p.C}};
     RUN(&j, k_softmax_backward, &a);
-    res = PyTuple_Pack(1, dinp);
+    res = PyTuple_Pack(1, p.dinp);
 done:
-    Py_XDECREF(dout); Py_XDECREF(out); Py_XDECREF(dinp);
+    af_owned_release(&p.own);
     return res;
 }
 
@@ -537,76 +370,37 @@ ADAPTER(attention_backward) {
                                       A->i[3]);
 }
 
-static int attn_sizes(PyArrayObject *qkv, int H, int *B, int *T, int *D) {
-    if (positive(H, "H") < 0) return -1;
-    *B = D_(qkv, 0);
-    *T = D_(qkv, 1);
-    int D3 = D_(qkv, 2);
-    if (D3 % 3 != 0) {
-        PyErr_Format(PyExc_ValueError, "qkv: last dimension must be 3*D, got %d", D3);
-        return -1;
-    }
-    *D = D3 / 3;
-    if (*D % H != 0) {
-        PyErr_Format(PyExc_ValueError, "H=%d must divide the width D=%d", H, *D);
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *py_attention_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"qkv", "H", NULL};
-    PyObject *oq, *res = NULL;
-    int H, B, T, D;
-    PyArrayObject *qkv = NULL, *out = NULL, *att = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oi:attention_forward", kwl, &oq, &H)) return NULL;
-    GET(qkv, oq, "qkv", 3);
-    if (attn_sizes(qkv, H, &B, &T, &D) < 0) goto done;
-    npy_intp so[3] = {B, T, D}, sa[4] = {B, H, T, T};
-    ALLOC(out, af_new_array(3, so, NPY_FLOAT32));
-    ALLOC(att, af_new_array(4, sa, NPY_FLOAT32));
+    af_attention_forward_args p;
+    PARSE(attention_forward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, out, AF_CUDA_OUT);
-    job_add(&j, att, AF_CUDA_OUT);
-    job_add(&j, qkv, AF_CUDA_IN);
-    args_t a = {{B, T, D, H}};
+    job_add(&j, p.out, AF_CUDA_OUT);
+    job_add(&j, p.att, AF_CUDA_OUT);
+    job_add(&j, p.qkv, AF_CUDA_IN);
+    args_t a = {{p.B, p.T, p.D, p.H}};
     RUN(&j, k_attention_forward, &a);
-    res = PyTuple_Pack(2, out, att);
+    res = PyTuple_Pack(2, p.out, p.att);
 done:
-    Py_XDECREF(qkv); Py_XDECREF(out); Py_XDECREF(att);
+    af_owned_release(&p.own);
     return res;
 }
 
 static PyObject *py_attention_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"dout", "qkv", "att", "H", NULL};
-    PyObject *od, *oq, *oa, *res = NULL;
-    int H, B, T, D;
-    PyArrayObject *dout = NULL, *qkv = NULL, *att = NULL, *dqkv = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOi:attention_backward", kwl, &od, &oq, &oa, &H))
-        return NULL;
-    GET(dout, od, "dout", 3);
-    GET(qkv, oq, "qkv", 3);
-    GET(att, oa, "att", 4);
-    if (attn_sizes(qkv, H, &B, &T, &D) < 0) goto done;
-    DIM(dout, "dout", 0, B);
-    DIM(dout, "dout", 1, T);
-    DIM(dout, "dout", 2, D);
-    DIM(att, "att", 0, B);
-    DIM(att, "att", 1, H);
-    DIM(att, "att", 2, T);
-    DIM(att, "att", 3, T);
-    ALLOC(dqkv, zeros_like(qkv));
+    af_attention_backward_args p;
+    PARSE(attention_backward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, dqkv, AF_CUDA_OUT);
-    job_scratch(&j, (size_t)PyArray_SIZE(att));
-    job_add(&j, dout, AF_CUDA_IN);
-    job_add(&j, qkv, AF_CUDA_IN);
-    job_add(&j, att, AF_CUDA_IN);
-    args_t a = {{B, T, D, H}};
+    job_add(&j, p.dqkv, AF_CUDA_OUT);
+    job_scratch(&j, (size_t)PyArray_SIZE(p.att));
+    job_add(&j, p.dout, AF_CUDA_IN);
+    job_add(&j, p.qkv, AF_CUDA_IN);
+    job_add(&j, p.att, AF_CUDA_IN);
+    args_t a = {{p.B, p.T, p.D, p.H}};
     RUN(&j, k_attention_backward, &a);
-    res = PyTuple_Pack(1, dqkv);
+    res = PyTuple_Pack(1, p.dqkv);
 done:
-    Py_XDECREF(dout); Py_XDECREF(qkv); Py_XDECREF(att); Py_XDECREF(dqkv);
+    af_owned_release(&p.own);
     return res;
 }
 
@@ -622,85 +416,38 @@ ADAPTER(unpatchify) {
     return af_cuda_unpatchify(c, d[0], d[1], A->i[0], A->i[1], A->i[2], A->i[3], A->i[4]);
 }
 
-static int patch_sizes(int C, int S, int P, int order) {
-    if (positive(C, "C") < 0 || positive(S, "S") < 0 || positive(P, "P") < 0) return -1;
-    if (S % P != 0) {
-        PyErr_Format(PyExc_ValueError, "patch side P=%d must divide the image side S=%d", P, S);
-        return -1;
-    }
-    if ((long long)P * P * C > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "P*P*C is too large");
-        return -1;
-    }
-    if (order != 0 && order != 1) {
-        PyErr_Format(PyExc_ValueError, "order must be PATCH_PQC (0) or PATCH_CPQ (1), got %d",
-                     order);
-        return -1;
-    }
-    return 0;
+/* forward: img -> patches; backward / unpatchify: patches -> img. `tuple`: wrap the output
+ * in a 1-tuple (the backward's convention). */
+static PyObject *run_patchify(af_patchify_args *p, af_cuda_fn fn, int to_image, int tuple) {
+    PyObject *res = NULL;
+    PyArrayObject *out = to_image ? p->img : p->patches, *in = to_image ? p->patches : p->img;
+    job_t j = {0};
+    job_add(&j, out, AF_CUDA_OUT);
+    job_add(&j, in, AF_CUDA_IN);
+    args_t a = {{p->B, p->C, p->S, p->P, p->order}};
+    RUN(&j, fn, &a);
+    res = tuple ? PyTuple_Pack(1, out) : Py_NewRef(out);
+done:
+    af_owned_release(&p->own);
+    return res;
 }
 
 static PyObject *py_patchify_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"img", "P", "order", NULL};
-    PyObject *oi, *res = NULL;
-    int P, order = 0;
-    PyArrayObject *img = NULL, *out = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oi|i:patchify_forward", kwl, &oi, &P, &order))
-        return NULL;
-    GET(img, oi, "img", 4);
-    int B = D_(img, 0), C = D_(img, 1), S = D_(img, 2);
-    DIM(img, "img", 3, S);
-    if (patch_sizes(C, S, P, order) < 0) goto done;
-    int G = S / P;
-    npy_intp so[3] = {B, (npy_intp)G * G, (npy_intp)P * P * C};
-    ALLOC(out, af_new_array(3, so, NPY_FLOAT32));
-    job_t j = {0};
-    job_add(&j, out, AF_CUDA_OUT);
-    job_add(&j, img, AF_CUDA_IN);
-    args_t a = {{B, C, S, P, order}};
-    RUN(&j, k_patchify_forward, &a);
-    res = (PyObject *)out;
-    out = NULL;
-done:
-    Py_XDECREF(img); Py_XDECREF(out);
-    return res;
-}
-
-static PyObject *patches_to_image(PyObject *args, PyObject *kw, const char *fmt, int backward) {
-    static char *kwl[] = {"patches", "C", "S", "P", "order", NULL};
-    PyObject *op, *res = NULL;
-    int C, S, P, order = 0;
-    PyArrayObject *pt = NULL, *img = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwl, &op, &C, &S, &P, &order)) return NULL;
-    if (patch_sizes(C, S, P, order) < 0) return NULL;
-    GET(pt, op, "patches", 3);
-    int B = D_(pt, 0), G = S / P;
-    DIM(pt, "patches", 1, (npy_intp)G * G);
-    DIM(pt, "patches", 2, (npy_intp)P * P * C);
-    npy_intp si[4] = {B, C, S, S};
-    ALLOC(img, af_new_array(4, si, NPY_FLOAT32));
-    job_t j = {0};
-    job_add(&j, img, AF_CUDA_OUT);
-    job_add(&j, pt, AF_CUDA_IN);
-    args_t a = {{B, C, S, P, order}};
-    RUN(&j, backward ? k_patchify_backward : k_unpatchify, &a);
-    if (backward) {
-        res = PyTuple_Pack(1, img);
-    } else {
-        res = (PyObject *)img;
-        img = NULL;
-    }
-done:
-    Py_XDECREF(pt); Py_XDECREF(img);
-    return res;
+    af_patchify_args p;
+    PARSE(patchify_forward, p);
+    return run_patchify(&p, k_patchify_forward, 0, 0);
 }
 
 static PyObject *py_patchify_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    return patches_to_image(args, kw, "Oiii|i:patchify_backward", 1);
+    af_patchify_args p;
+    if (af_parse_patches_to_image(args, kw, "Oiii|i:patchify_backward", &p) < 0) return NULL;
+    return run_patchify(&p, k_patchify_backward, 1, 1);
 }
 
 static PyObject *py_unpatchify(PyObject *self, PyObject *args, PyObject *kw) {
-    return patches_to_image(args, kw, "Oiii|i:unpatchify", 0);
+    af_patchify_args p;
+    if (af_parse_patches_to_image(args, kw, "Oiii|i:unpatchify", &p) < 0) return NULL;
+    return run_patchify(&p, k_unpatchify, 1, 0);
 }
 
 /* ------------------------------------------------------------------ l2norm */
@@ -713,62 +460,35 @@ ADAPTER(l2norm_backward) {
 }
 
 static PyObject *py_l2norm_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"inp", "eps", NULL};
-    PyObject *oi, *res = NULL;
-    double eps = 1e-12;
-    PyArrayObject *inp = NULL, *out = NULL, *norm = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|d:l2norm_forward", kwl, &oi, &eps)) return NULL;
-    if (check_eps(eps, "eps") < 0) return NULL;
-    GET(inp, oi, "inp", 2);
-    int N = D_(inp, 0), C = D_(inp, 1);
-    ALLOC(out, zeros_like(inp));
-    ALLOC(norm, zeros1(N));
+    af_l2norm_forward_args p;
+    PARSE(l2norm_forward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, out, AF_CUDA_OUT);
-    job_add(&j, norm, AF_CUDA_OUT);
-    job_add(&j, inp, AF_CUDA_IN);
-    args_t a = {{N, C}, {(float)eps}};
+    job_add(&j, p.out, AF_CUDA_OUT);
+    job_add(&j, p.norm, AF_CUDA_OUT);
+    job_add(&j, p.inp, AF_CUDA_IN);
+    args_t a = {{p.N, p.C}, {p.eps}};
     RUN(&j, k_l2norm_forward, &a);
-    res = PyTuple_Pack(2, out, norm);
+    res = PyTuple_Pack(2, p.out, p.norm);
 done:
-    Py_XDECREF(inp); Py_XDECREF(out); Py_XDECREF(norm);
+    af_owned_release(&p.own);
     return res;
 }
 
 static PyObject *py_l2norm_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"dout", "inp", "norm", "eps", NULL};
-    PyObject *od, *oi, *on, *res = NULL;
-    double eps = 1e-12;
-    PyArrayObject *dout = NULL, *inp = NULL, *norm = NULL, *dinp = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|d:l2norm_backward", kwl, &od, &oi, &on, &eps))
-        return NULL;
-    if (check_eps(eps, "eps") < 0) return NULL;
-    GET(dout, od, "dout", 2);
-    GET(inp, oi, "inp", 2);
-    GET(norm, on, "norm", 1);
-    int N = D_(inp, 0), C = D_(inp, 1);
-    if (same_shape(dout, "dout", inp, "inp") < 0) goto done;
-    DIM(norm, "norm", 0, N);
-    if (eps == 0.0) {
-        const float *pn = AF_F32(norm);
-        for (int n = 0; n < N; n++) {
-            if (!(pn[n] > 0.0f)) {
-                PyErr_Format(PyExc_ValueError, "norm[%d] is 0 and eps is 0: gradient undefined", n);
-                goto done;
-            }
-        }
-    }
-    ALLOC(dinp, zeros_like(inp));
+    af_l2norm_backward_args p;
+    PARSE(l2norm_backward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, dinp, AF_CUDA_OUT);
-    job_add(&j, dout, AF_CUDA_IN);
-    job_add(&j, inp, AF_CUDA_IN);
-    job_add(&j, norm, AF_CUDA_IN);
-    args_t a = {{N, C}, {(float)eps}};
+    job_add(&j, p.dinp, AF_CUDA_OUT);
+    job_add(&j, p.dout, AF_CUDA_IN);
+    job_add(&j, p.inp, AF_CUDA_IN);
+    job_add(&j, p.norm, AF_CUDA_IN);
+    args_t a = {{p.N, p.C}, {p.eps}};
     RUN(&j, k_l2norm_backward, &a);
-    res = PyTuple_Pack(1, dinp);
+    res = PyTuple_Pack(1, p.dinp);
 done:
-    Py_XDECREF(dout); Py_XDECREF(inp); Py_XDECREF(norm); Py_XDECREF(dinp);
+    af_owned_release(&p.own);
     return res;
 }
 
@@ -783,79 +503,40 @@ ADAPTER(wn_linear_backward) {
 }
 
 static PyObject *py_wn_linear_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"inp", "v", NULL};
-    PyObject *oi, *ov, *res = NULL;
-    PyArrayObject *inp = NULL, *v = NULL, *out = NULL, *weff = NULL, *vnorm = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:wn_linear_forward", kwl, &oi, &ov))
-        return NULL;
-    GET(inp, oi, "inp", 2);
-    GET(v, ov, "v", 2);
-    int N = D_(inp, 0), C = D_(inp, 1), K = D_(v, 0);
-    DIM(v, "v", 1, C);
-    const float *pv = AF_F32(v);
-    for (int k = 0; k < K; k++) { /* a zero row has no direction */
-        int nz = 0;
-        for (int c = 0; c < C && !nz; c++) nz = pv[(size_t)k * C + c] != 0.0f;
-        if (!nz) {
-            PyErr_Format(PyExc_ValueError, "v: row %d is all zeros (its norm is 0)", k);
-            goto done;
-        }
-    }
-    ALLOC(out, zeros2(N, K));
-    ALLOC(weff, zeros_like(v));
-    ALLOC(vnorm, zeros1(K));
+    af_wn_linear_forward_args p;
+    PARSE(wn_linear_forward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, out, AF_CUDA_OUT);
-    job_add(&j, weff, AF_CUDA_OUT);
-    job_add(&j, vnorm, AF_CUDA_OUT);
-    job_add(&j, inp, AF_CUDA_IN);
-    job_add(&j, v, AF_CUDA_IN);
-    args_t a = {{N, C, K}};
+    job_add(&j, p.out, AF_CUDA_OUT);
+    job_add(&j, p.w_eff, AF_CUDA_OUT);
+    job_add(&j, p.vnorm, AF_CUDA_OUT);
+    job_add(&j, p.inp, AF_CUDA_IN);
+    job_add(&j, p.v, AF_CUDA_IN);
+    args_t a = {{p.N, p.C, p.K}};
     RUN(&j, k_wn_linear_forward, &a);
-    res = PyTuple_Pack(3, out, weff, vnorm);
+    res = PyTuple_Pack(3, p.out, p.w_eff, p.vnorm);
 done:
-    Py_XDECREF(inp); Py_XDECREF(v); Py_XDECREF(out); Py_XDECREF(weff); Py_XDECREF(vnorm);
+    af_owned_release(&p.own);
     return res;
 }
 
 static PyObject *py_wn_linear_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"dout", "inp", "w_eff", "vnorm", NULL};
-    PyObject *od, *oi, *ow, *on, *res = NULL;
-    PyArrayObject *dout = NULL, *inp = NULL, *weff = NULL, *vnorm = NULL, *dinp = NULL, *dv = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:wn_linear_backward", kwl, &od, &oi, &ow, &on))
-        return NULL;
-    GET(dout, od, "dout", 2);
-    GET(inp, oi, "inp", 2);
-    GET(weff, ow, "w_eff", 2);
-    GET(vnorm, on, "vnorm", 1);
-    int N = D_(inp, 0), C = D_(inp, 1), K = D_(weff, 0);
-    DIM(weff, "w_eff", 1, C);
-    DIM(vnorm, "vnorm", 0, K);
-    DIM(dout, "dout", 0, N);
-    DIM(dout, "dout", 1, K);
-    const float *pn = AF_F32(vnorm);
-    for (int k = 0; k < K; k++) {
-        if (!(pn[k] > 0.0f)) {
-            PyErr_Format(PyExc_ValueError, "vnorm[%d] must be > 0", k);
-            goto done;
-        }
-    }
-    ALLOC(dinp, zeros_like(inp));
-    ALLOC(dv, zeros_like(weff));
+    af_wn_linear_backward_args p;
+    PARSE(wn_linear_backward, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, dinp, AF_CUDA_OUT);
-    job_add(&j, dv, AF_CUDA_OUT);
-    job_scratch(&j, (size_t)K * C);
-    job_add(&j, dout, AF_CUDA_IN);
-    job_add(&j, inp, AF_CUDA_IN);
-    job_add(&j, weff, AF_CUDA_IN);
-    job_add(&j, vnorm, AF_CUDA_IN);
-    args_t a = {{N, C, K}};
+    job_add(&j, p.dinp, AF_CUDA_OUT);
+    job_add(&j, p.dv, AF_CUDA_OUT);
+    job_scratch(&j, (size_t)p.K * p.C);
+    job_add(&j, p.dout, AF_CUDA_IN);
+    job_add(&j, p.inp, AF_CUDA_IN);
+    job_add(&j, p.w_eff, AF_CUDA_IN);
+    job_add(&j, p.vnorm, AF_CUDA_IN);
+    args_t a = {{p.N, p.C, p.K}};
     RUN(&j, k_wn_linear_backward, &a);
-    res = PyTuple_Pack(2, dinp, dv);
+    res = PyTuple_Pack(2, p.dinp, p.dv);
 done:
-    Py_XDECREF(dout); Py_XDECREF(inp); Py_XDECREF(weff); Py_XDECREF(vnorm);
-    Py_XDECREF(dinp); Py_XDECREF(dv);
+    af_owned_release(&p.own);
     return res;
 }
 
@@ -866,71 +547,20 @@ ADAPTER(adamw_update) {
                                 A->f[3], A->f[4], A->i[0]);
 }
 
-static int inplace_arg(PyObject *obj, const char *name) {
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of float32", name);
-        return -1;
-    }
-    PyArrayObject *a = (PyArrayObject *)obj;
-    if (PyArray_TYPE(a) != NPY_FLOAT32) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype float32 (it is updated in place)", name);
-        return -1;
-    }
-    if (!PyArray_ISCARRAY(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous, aligned and writeable (it is "
-                     "updated in place)", name);
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *py_adamw_update(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwl[] = {"params", "grads", "m", "v", "lr", "t", "beta1", "beta2", "eps",
-                          "weight_decay", NULL};
-    PyObject *op, *og, *om, *ov, *res = NULL;
-    double lr = NAN, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0;
-    int t = 0; /* lr and t are required keywords: the sentinels are rejected below */
-    PyArrayObject *grads = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|$didddd:adamw_update", kwl, &op, &og, &om,
-                                     &ov, &lr, &t, &beta1, &beta2, &eps, &wd))
-        return NULL;
-    if (inplace_arg(op, "params") < 0 || inplace_arg(om, "m") < 0 || inplace_arg(ov, "v") < 0)
-        return NULL;
-    if (!(isfinite(lr) && lr >= 0.0)) {
-        af_errorf(PyExc_ValueError, "lr (keyword, required) must be finite and >= 0, got %g",
-                     lr);
-        return NULL;
-    }
-    if (t < 1) {
-        PyErr_Format(PyExc_ValueError, "t (keyword, required: the step count) must be >= 1, got %d", t);
-        return NULL;
-    }
-    if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0)) {
-        af_errorf(PyExc_ValueError, "beta1 and beta2 must be in [0, 1), got %g, %g", beta1,
-                     beta2);
-        return NULL;
-    }
-    if (check_eps(eps, "eps") < 0 || check_eps(wd, "weight_decay") < 0) return NULL;
-    PyArrayObject *p = (PyArrayObject *)op, *m = (PyArrayObject *)om, *v = (PyArrayObject *)ov;
-    GET(grads, og, "grads", -1);
-    if (same_shape(grads, "grads", p, "params") < 0 || same_shape(m, "m", p, "params") < 0 ||
-        same_shape(v, "v", p, "params") < 0)
-        goto done;
-    if (op == om || op == ov || om == ov) {
-        PyErr_SetString(PyExc_ValueError, "params, m and v must be distinct arrays");
-        goto done;
-    }
+    af_adamw_args p;
+    PARSE(adamw_update, p);
+    PyObject *res = NULL;
     job_t j = {0};
-    job_add(&j, p, AF_CUDA_INOUT);
-    job_add(&j, grads, AF_CUDA_IN);
-    job_add(&j, m, AF_CUDA_INOUT);
-    job_add(&j, v, AF_CUDA_INOUT);
-    args_t a = {{t}, {(float)lr, (float)beta1, (float)beta2, (float)eps, (float)wd},
-                (size_t)PyArray_SIZE(p)};
+    job_add(&j, p.params, AF_CUDA_INOUT);
+    job_add(&j, p.grads, AF_CUDA_IN);
+    job_add(&j, p.m, AF_CUDA_INOUT);
+    job_add(&j, p.v, AF_CUDA_INOUT);
+    args_t a = {{p.t}, {p.lr, p.beta1, p.beta2, p.eps, p.weight_decay}, p.n};
     RUN(&j, k_adamw_update, &a);
     res = Py_NewRef(Py_None);
 done:
-    Py_XDECREF(grads);
+    af_owned_release(&p.own);
     return res;
 }
 
@@ -992,8 +622,8 @@ static PyObject *py_time_linear(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iii|iip:time_linear", kwl, &N, &C, &OC, &warmup,
                                      &iters, &tf32))
         return NULL;
-    if (positive(N, "N") < 0 || positive(C, "C") < 0 || positive(OC, "OC") < 0 ||
-        positive(iters, "iters") < 0)
+    if (af_check_positive_int(N, "N") < 0 || af_check_positive_int(C, "C") < 0 ||
+        af_check_positive_int(OC, "OC") < 0 || af_check_positive_int(iters, "iters") < 0)
         return NULL;
     if (warmup < 0) {
         PyErr_SetString(PyExc_ValueError, "warmup must be >= 0");
@@ -1015,8 +645,9 @@ static PyObject *py_time_attention(PyObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iiii|iip:time_attention", kwl, &B, &T, &D, &H,
                                      &warmup, &iters, &tf32))
         return NULL;
-    if (positive(B, "B") < 0 || positive(T, "T") < 0 || positive(D, "D") < 0 ||
-        positive(H, "H") < 0 || positive(iters, "iters") < 0)
+    if (af_check_positive_int(B, "B") < 0 || af_check_positive_int(T, "T") < 0 ||
+        af_check_positive_int(D, "D") < 0 || af_check_positive_int(H, "H") < 0 ||
+        af_check_positive_int(iters, "iters") < 0)
         return NULL;
     if (D % H != 0 || warmup < 0) {
         PyErr_Format(PyExc_ValueError, "need D %% H == 0 and warmup >= 0 (D=%d H=%d)", D, H);
@@ -1060,35 +691,7 @@ static PyMethodDef cuda_methods[] = {
     {"set_tf32", py_set_tf32, METH_O,
      "set_tf32(on): let the shared context's GEMMs use TF32 (off by default: exact fp32)"},
 #define F(name, doc) {#name, (PyCFunction)(void (*)(void))OPFN(name), METH_VARARGS | METH_KEYWORDS, doc}
-    F(linear_forward, "linear_forward(inp[N,C], weight[OC,C], bias[OC]=None) -> out[N,OC]"),
-    F(linear_backward, "linear_backward(dout[N,OC], inp[N,C], weight[OC,C], has_bias=True) -> "
-                       "(dinp[N,C], dweight[OC,C], dbias[OC] or None)"),
-    F(layernorm_forward, "layernorm_forward(inp[N,C], weight[C], bias[C], eps=1e-6) -> "
-                         "(out[N,C], mean[N], rstd[N])"),
-    F(layernorm_backward, "layernorm_backward(dout, inp, weight, mean, rstd) -> "
-                          "(dinp[N,C], dweight[C], dbias[C])"),
-    F(gelu_forward, "gelu_forward(inp) -> out (exact erf GELU, any shape)"),
-    F(gelu_backward, "gelu_backward(dout, inp) -> (dinp,)"),
-    F(softmax_forward, "softmax_forward(inp[N,C]) -> out[N,C] (row softmax)"),
-    F(softmax_backward, "softmax_backward(dout[N,C], out[N,C]) -> (dinp,)"),
-    F(attention_forward, "attention_forward(qkv[B,T,3D], H) -> (out[B,T,D], att[B,H,T,T])"),
-    F(attention_backward, "attention_backward(dout[B,T,D], qkv[B,T,3D], att[B,H,T,T], H) -> "
-                          "(dqkv[B,T,3D],)"),
-    F(residual_forward, "residual_forward(a, b) -> a + b"),
-    F(residual_backward, "residual_backward(dout) -> (da, db)"),
-    F(patchify_forward, "patchify_forward(img[B,C,S,S], P, order=PATCH_PQC) -> "
-                        "patches[B,(S/P)^2,P*P*C]"),
-    F(patchify_backward, "patchify_backward(dpatches[B,L,P*P*C], C, S, P, order=PATCH_PQC) -> "
-                         "(dimg[B,C,S,S],)"),
-    F(unpatchify, "unpatchify(patches[B,L,P*P*C], C, S, P, order=PATCH_PQC) -> img[B,C,S,S]"),
-    F(l2norm_forward, "l2norm_forward(inp[N,C], eps=1e-12) -> (out[N,C], norm[N])"),
-    F(l2norm_backward, "l2norm_backward(dout, inp, norm, eps=1e-12) -> (dinp,)"),
-    F(wn_linear_forward, "wn_linear_forward(inp[N,C], v[K,C]) -> (out[N,K], w_eff[K,C], "
-                         "vnorm[K])"),
-    F(wn_linear_backward, "wn_linear_backward(dout[N,K], inp, w_eff, vnorm) -> "
-                          "(dinp[N,C], dv[K,C])"),
-    F(adamw_update, "adamw_update(params, grads, m, v, *, lr, t, beta1=0.9, beta2=0.999, "
-                    "eps=1e-8, weight_decay=0.0) -> None; updates params, m, v in place"),
+    AF_OP_METHODS(F),
     F(time_linear, "time_linear(N, C, OC, warmup=3, iters=20, tf32=False) -> "
                    "{'forward_ms', 'backward_ms'}: mean GPU ms per call (CUDA events)"),
     F(time_attention, "time_attention(B, T, D, H, warmup=3, iters=20, tf32=False) -> "

@@ -2,16 +2,13 @@
  * cuda/objective.cu), registered into the afire._C_cuda.cuda submodule.
  *
  * Each function takes exactly the arguments of its CPU twin (afire._C.slm.slm_generate,
- * afire._C.objective.*), with the same checks and messages, so a test feeds both the same
- * inputs. The data checks the device code leaves to its caller (finite values, C >= 0 with
- * positive row sums) are made here. Every call uploads, runs on one context of this file
+ * afire._C.objective.*), checked by the same code (csrc/py_args.c), so a test feeds both the
+ * same inputs and gets the same errors. The data checks the device code leaves to its caller
+ * (finite values, C >= 0 with positive row sums) are made there too. Every call uploads, runs on one context of this file
  * (device 0, exact fp32) and downloads: for tests and small jobs, not for training. */
-#include "py_util.h"
+#include "py_args.h"
 
-#include <limits.h>
 #include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <string.h>
 
 #include "common.h"
@@ -88,132 +85,9 @@ static int job_run(job_t *j, af_cuda_bytes_fn fn, const args_t *a) {
 #define U8(k) ((uint8_t *)d[k])
 #define F64(k) ((double *)d[k])
 
-/* ------------------------------------------------------------------ argument checks
- * The rules and messages of csrc/py_objective.c and csrc/py_slm.c. */
-
-static PyArrayObject *arg_f32(PyObject *obj, const char *name, int ndim) {
-    PyArrayObject *a = af_arg_array(obj, name, NPY_FLOAT32, ndim);
-    if (a == NULL) return NULL;
-    if (af_check_finite(a, name) < 0) {
-        Py_DECREF(a);
-        return NULL;
-    }
-    return a;
-}
-
-static int check_int_dims(PyArrayObject *a, const char *name) {
-    for (int d = 0; d < PyArray_NDIM(a); d++) {
-        if (PyArray_DIM(a, d) <= 0 || PyArray_DIM(a, d) > INT32_MAX) {
-            PyErr_Format(PyExc_ValueError, "%s: dimension %d must be in [1, 2^31), got %zd",
-                         name, d, (Py_ssize_t)PyArray_DIM(a, d));
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static int check_positive(double v, const char *name) {
-    if (!(isfinite(v) && v > 0.0)) {
-        af_errorf(PyExc_ValueError, "%s must be a finite number > 0, got %g", name, v);
-        return -1;
-    }
-    return 0;
-}
-
-/* Token labels abn[B,L]: uint8 (or bool) holding only 0/1. */
-static PyArrayObject *arg_abn(PyObject *obj, npy_intp B, npy_intp L) {
-    int type = PyArray_Check(obj) && PyArray_TYPE((PyArrayObject *)obj) == NPY_BOOL
-                   ? NPY_BOOL : NPY_UINT8;
-    PyArrayObject *a = af_arg_array(obj, "abn", type, 2);
-    if (a == NULL) return NULL;
-    if (af_check_dim(a, "abn", 0, B) < 0 || af_check_dim(a, "abn", 1, L) < 0) goto fail;
-    const uint8_t *p = AF_U8(a);
-    for (npy_intp i = 0, n = PyArray_SIZE(a); i < n; i++) {
-        if (p[i] > 1) {
-            PyErr_Format(PyExc_ValueError, "abn must hold only 0 (normal) and 1 (abnormal), "
-                         "got %d at flat index %zd", (int)p[i], (Py_ssize_t)i);
-            goto fail;
-        }
-    }
-    return a;
-fail:
-    Py_DECREF(a);
-    return NULL;
-}
-
-/* C[L,K] as the paper loss needs it (prototype_logs of objective.c): >= 0, rows > 0. */
-static int check_protos(PyArrayObject *C) {
-    int L = (int)PyArray_DIM(C, 0), K = (int)PyArray_DIM(C, 1);
-    const float *c = AF_F32(C);
-    for (int l = 0; l < L; l++) {
-        double rs = 0.0;
-        for (int k = 0; k < K; k++) {
-            float v = c[(size_t)l * K + k];
-            if (!(v >= 0.0f)) {
-                af_errorf(PyExc_ValueError,
-                             "C must be finite and >= 0 (probabilities), got %g at [%d, %d]",
-                             (double)v, l, k);
-                return -1;
-            }
-            rs += v;
-        }
-        if (!(rs > 0.0 && isfinite(rs))) {
-            af_errorf(PyExc_ValueError, "C: row %d must have a positive finite sum, got %g",
-                         l, rs);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* y and x: float32 [B,L,PPC] of the same shape. */
-static int arg_patches(PyObject *o_y, PyObject *o_x, PyArrayObject **y, PyArrayObject **x) {
-    if (!(*y = arg_f32(o_y, "y", 3)) || check_int_dims(*y, "y") < 0) return -1;
-    if (!(*x = arg_f32(o_x, "x", 3))) return -1;
-    for (int d = 0; d < 3; d++)
-        if (af_check_dim(*x, "x", d, PyArray_DIM(*y, d)) < 0) return -1;
-    return 0;
-}
+/* The argument checks, shared with the CPU twins, are in py_args.c. */
 
 /* ------------------------------------------------------------------ SLM */
-
-#define CFG_KWLIST "lesions_min", "lesions_max", "size_min", "size_max", "crop_max", "gamma2", \
-                   "strength", "token_rule", "region_rule"
-#define CFG_FORMAT "$iiiiiffss"
-#define CFG_ARGS(c, tok, reg) &(c).lesions_min, &(c).lesions_max, &(c).size_min, &(c).size_max, \
-                              &(c).crop_max, &(c).gamma2, &(c).strength, &(tok), &(reg)
-
-static int to_u64(PyObject *obj, void *out) {
-    if (!PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "expected an int, got %s", Py_TYPE(obj)->tp_name);
-        return 0;
-    }
-    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) return 0;
-    *(uint64_t *)out = (uint64_t)v;
-    return 1;
-}
-
-static int finish_config(af_slm_config *c, const char *tok, const char *reg) {
-    if (tok == NULL || strcmp(tok, "paper") == 0) c->token_rule = AF_SLM_TOKENS_MEAN;
-    else if (strcmp(tok, "released") == 0) c->token_rule = AF_SLM_TOKENS_ANY;
-    else {
-        PyErr_Format(PyExc_ValueError, "token_rule must be 'paper' or 'released', got '%s'", tok);
-        return -1;
-    }
-    if (reg == NULL || strcmp(reg, "random") == 0) c->region_rule = AF_SLM_REGION_RANDOM;
-    else if (strcmp(reg, "largest") == 0) c->region_rule = AF_SLM_REGION_LARGEST;
-    else {
-        PyErr_Format(PyExc_ValueError, "region_rule must be 'random' or 'largest', got '%s'", reg);
-        return -1;
-    }
-    af_status st = slm_config_check(c);
-    if (st != AF_OK) {
-        af_raise(st);
-        return -1;
-    }
-    return 0;
-}
 
 ADAPTER(slm_generate) {
     return af_cuda_slm_generate(c, U8(0), U8(1), U8(2), U8(3), A->i[0], A->i[1], A->i[2], &A->cfg,
@@ -221,58 +95,21 @@ ADAPTER(slm_generate) {
 }
 
 static PyObject *py_slm_generate(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"images", "seed", "step", "first_index", "patch", CFG_KWLIST, NULL};
-    PyObject *images_obj;
-    uint64_t seed = 0, step = 0, first = 0;
-    int P = 16;
-    const char *tok = NULL, *reg = NULL;
-    af_slm_config c = af_slm_config_default();
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO&|O&O&i" CFG_FORMAT ":slm_generate", kwlist,
-                                     &images_obj, to_u64, &seed, to_u64, &step, to_u64, &first,
-                                     &P, CFG_ARGS(c, tok, reg)))
-        return NULL;
-    if (finish_config(&c, tok, reg) < 0) return NULL;
-    PyArrayObject *images = af_arg_array(images_obj, "images", NPY_UINT8, 3);
-    if (images == NULL) return NULL;
-    PyArrayObject *xp = NULL, *masks = NULL, *labels = NULL;
+    af_slm_generate_args p;
+    if (af_parse_slm_generate(args, kw, &p) < 0) return NULL;
     PyObject *result = NULL;
-    npy_intp B = PyArray_DIM(images, 0), S = PyArray_DIM(images, 1);
-    if (PyArray_DIM(images, 2) != S) {
-        PyErr_Format(PyExc_ValueError, "images must be square [B, S, S], got [%zd, %zd, %zd]",
-                     (Py_ssize_t)B, (Py_ssize_t)S, (Py_ssize_t)PyArray_DIM(images, 2));
-        goto done;
-    }
-    if (S < 1 || S > AF_SLM_MAX_SIDE || B > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "images: need 1 <= S <= %d and B < 2**31, got B=%zd S=%zd",
-                     AF_SLM_MAX_SIDE, (Py_ssize_t)B, (Py_ssize_t)S);
-        goto done;
-    }
-    if (P < 1 || S % P != 0) {
-        PyErr_Format(PyExc_ValueError, "patch must be >= 1 and divide the image side %zd, got %d",
-                     (Py_ssize_t)S, P);
-        goto done;
-    }
-    npy_intp G = S / P;
-    npy_intp img_shape[3] = {B, S, S}, lab_shape[2] = {B, G * G};
-    xp = af_new_array(3, img_shape, NPY_UINT8);
-    masks = af_new_array(3, img_shape, NPY_UINT8);
-    labels = af_new_array(2, lab_shape, NPY_UINT8);
-    if (xp == NULL || masks == NULL || labels == NULL) goto done;
-    if (B > 0) {
+    if (p.B > 0) {
         job_t j = {0};
-        add_arr(&j, xp, AF_CUDA_OUT);
-        add_arr(&j, masks, AF_CUDA_OUT);
-        add_arr(&j, labels, AF_CUDA_OUT);
-        add_arr(&j, images, AF_CUDA_IN);
-        args_t a = {{(int)B, (int)S, P}, {0}, {seed, step, first}, c};
+        add_arr(&j, p.xp, AF_CUDA_OUT);
+        add_arr(&j, p.masks, AF_CUDA_OUT);
+        add_arr(&j, p.labels, AF_CUDA_OUT);
+        add_arr(&j, p.images, AF_CUDA_IN);
+        args_t a = {{p.B, p.S, p.P}, {0}, {p.seed, p.step, p.first}, p.cfg};
         if (job_run(&j, k_slm_generate, &a) < 0) goto done;
     }
-    result = Py_BuildValue("(OOO)", xp, masks, labels);
+    result = Py_BuildValue("(OOO)", p.xp, p.masks, p.labels);
 done:
-    Py_XDECREF(xp);
-    Py_XDECREF(masks);
-    Py_XDECREF(labels);
-    Py_DECREF(images);
+    af_owned_release(&p.own);
     return result;
 }
 
@@ -290,26 +127,15 @@ static PyObject *py_sinkhorn_knopp(PyObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|di:sinkhorn_knopp", kwlist, &o_logits, &eps,
                                      &iters))
         return NULL;
-    if (check_positive(eps, "eps") < 0) return NULL;
-    if (iters < 0) {
-        PyErr_Format(PyExc_ValueError, "iters must be >= 0, got %d", iters);
-        return NULL;
-    }
-    PyArrayObject *logits = NULL, *q = NULL;
+    af_sinkhorn_args p;
+    if (af_check_sinkhorn(o_logits, eps, iters, &p) < 0) return NULL;
     PyObject *ret = NULL;
-    if (!(logits = arg_f32(o_logits, "logits", 2))) goto done;
-    if (check_int_dims(logits, "logits") < 0) goto done;
-    if (!(q = af_new_array(2, PyArray_DIMS(logits), NPY_FLOAT32))) goto done;
     job_t j = {0};
-    add_arr(&j, q, AF_CUDA_OUT);
-    add_arr(&j, logits, AF_CUDA_IN);
-    args_t a = {{(int)PyArray_DIM(logits, 0), (int)PyArray_DIM(logits, 1), iters}, {(float)eps}};
-    if (job_run(&j, k_sinkhorn, &a) < 0) goto done;
-    ret = (PyObject *)q;
-    q = NULL;
-done:
-    Py_XDECREF(logits);
-    Py_XDECREF(q);
+    add_arr(&j, p.q, AF_CUDA_OUT);
+    add_arr(&j, p.logits, AF_CUDA_IN);
+    args_t a = {{p.N, p.K, p.iters}, {p.eps}};
+    if (job_run(&j, k_sinkhorn, &a) == 0) ret = Py_NewRef(p.q);
+    af_owned_release(&p.own);
     return ret;
 }
 
@@ -326,33 +152,15 @@ static PyObject *py_prototypes_update(PyObject *self, PyObject *args, PyObject *
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|dp:prototypes_update", kwlist, &o_C, &o_src,
                                      &m, &overwrite))
         return NULL;
-    if (!(isfinite(m) && m >= 0.0 && m <= 1.0)) {
-        af_errorf(PyExc_ValueError, "m must be in [0, 1], got %g", m);
-        return NULL;
-    }
-    PyArrayObject *C = NULL, *src = NULL;
+    af_prototypes_args p;
+    if (af_check_prototypes_update(o_C, o_src, m, &p) < 0) return NULL;
     PyObject *ret = NULL;
-    if (!(C = arg_f32(o_C, "C", 2))) goto done;
-    if ((PyObject *)C != o_C || !PyArray_ISWRITEABLE(C)) {
-        PyErr_SetString(PyExc_ValueError, "C must be a writeable C-contiguous float32 array "
-                        "(it is updated in place)");
-        goto done;
-    }
-    if (!(src = arg_f32(o_src, "src", 3))) goto done;
-    if (check_int_dims(src, "src") < 0 || check_int_dims(C, "C") < 0) goto done;
-    if (af_check_dim(src, "src", 1, PyArray_DIM(C, 0)) < 0 ||
-        af_check_dim(src, "src", 2, PyArray_DIM(C, 1)) < 0)
-        goto done;
     job_t j = {0};
-    add_arr(&j, C, AF_CUDA_INOUT);
-    add_arr(&j, src, AF_CUDA_IN);
-    args_t a = {{(int)PyArray_DIM(src, 0), (int)PyArray_DIM(C, 0), (int)PyArray_DIM(C, 1),
-                 overwrite}, {(float)m}};
-    if (job_run(&j, k_prototypes, &a) < 0) goto done;
-    ret = Py_NewRef(Py_None);
-done:
-    Py_XDECREF(C);
-    Py_XDECREF(src);
+    add_arr(&j, p.C, AF_CUDA_INOUT);
+    add_arr(&j, p.src, AF_CUDA_IN);
+    args_t a = {{p.B, p.L, p.K, overwrite}, {p.m}};
+    if (job_run(&j, k_prototypes, &a) == 0) ret = Py_NewRef(Py_None);
+    af_owned_release(&p.own);
     return ret;
 }
 
@@ -375,7 +183,8 @@ static PyObject *py_paper_loss(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|dd$ddpO:paper_loss", kwlist, &o_s, &o_C,
                                      &o_abn, &tau_s, &tau, &w_stru, &w_cate, &combined, &o_ds))
         return NULL;
-    if (check_positive(tau_s, "tau_s") < 0 || check_positive(tau, "tau") < 0) return NULL;
+    if (af_check_positive_real(tau_s, "tau_s") < 0 || af_check_positive_real(tau, "tau") < 0)
+        return NULL;
     if (!isfinite(w_stru) || !isfinite(w_cate)) {
         PyErr_SetString(PyExc_ValueError, "w_stru and w_cate must be finite");
         return NULL;
@@ -384,22 +193,19 @@ static PyObject *py_paper_loss(PyObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "ds (a gradient to accumulate into) needs combined=True");
         return NULL;
     }
-    PyArrayObject *s = NULL, *C = NULL, *abn = NULL, *ds_stru = NULL, *ds_cate = NULL, *ds0 = NULL;
+    af_paper_loss_args p;
+    if (af_check_paper_loss(o_s, o_C, o_abn, 1, &p) < 0) return NULL; /* C checked here */
+    int B = p.B, L = p.L, K = p.K;
+    PyArrayObject *ds_stru = NULL, *ds_cate = NULL, *ds0 = NULL;
     PyObject *ret = NULL;
-    if (!(s = arg_f32(o_s, "s", 3)) || check_int_dims(s, "s") < 0) goto done;
-    int B = (int)PyArray_DIM(s, 0), L = (int)PyArray_DIM(s, 1), K = (int)PyArray_DIM(s, 2);
-    if (!(C = arg_f32(o_C, "C", 2))) goto done;
-    if (af_check_dim(C, "C", 0, L) < 0 || af_check_dim(C, "C", 1, K) < 0) goto done;
-    if (check_protos(C) < 0) goto done;
-    if (!(abn = arg_abn(o_abn, B, L))) goto done;
-    if (!(ds_stru = af_new_array(3, PyArray_DIMS(s), NPY_FLOAT32))) goto done;
+    if (!(ds_stru = af_new_array(3, PyArray_DIMS(p.s), NPY_FLOAT32))) goto done;
     if (o_ds != Py_None) {
-        if (!(ds0 = arg_f32(o_ds, "ds", 3))) goto done;
+        if (!(ds0 = af_arg_f32_finite(o_ds, "ds", 3))) goto done;
         for (int d = 0; d < 3; d++)
-            if (af_check_dim(ds0, "ds", d, PyArray_DIM(s, d)) < 0) goto done;
-        memcpy(PyArray_DATA(ds_stru), PyArray_DATA(ds0), (size_t)PyArray_NBYTES(s));
+            if (af_check_dim(ds0, "ds", d, PyArray_DIM(p.s, d)) < 0) goto done;
+        memcpy(PyArray_DATA(ds_stru), PyArray_DATA(ds0), (size_t)PyArray_NBYTES(p.s));
     }
-    if (!combined && !(ds_cate = af_new_array(3, PyArray_DIMS(s), NPY_FLOAT32))) goto done;
+    if (!combined && !(ds_cate = af_new_array(3, PyArray_DIMS(p.s), NPY_FLOAT32))) goto done;
     size_t nscratch = af_cuda_paper_loss_scratch_floats(B, L, K);
     if (nscratch == 0) {
         PyErr_Format(PyExc_MemoryError, "paper_loss: B=%d, L=%d, K=%d need too much scratch", B,
@@ -412,17 +218,15 @@ static PyObject *py_paper_loss(PyObject *self, PyObject *args, PyObject *kw) {
     add_arr(&j, ds_stru, o_ds != Py_None ? AF_CUDA_INOUT : AF_CUDA_OUT);
     add_arr(&j, ds_cate, AF_CUDA_OUT);
     add_host(&j, NULL, nscratch * sizeof(float), AF_CUDA_SCRATCH);
-    add_arr(&j, s, AF_CUDA_IN);
-    add_arr(&j, C, AF_CUDA_IN);
-    add_arr(&j, abn, AF_CUDA_IN);
+    add_arr(&j, p.s, AF_CUDA_IN);
+    add_arr(&j, p.C, AF_CUDA_IN);
+    add_arr(&j, p.abn, AF_CUDA_IN);
     args_t a = {{B, L, K, combined}, {(float)tau_s, (float)tau, (float)w_stru, (float)w_cate}};
     if (job_run(&j, k_paper_loss, &a) < 0) goto done;
     ret = Py_BuildValue("ddOO", (double)losses[0], (double)losses[1], ds_stru,
                         combined ? Py_None : (PyObject *)ds_cate);
 done:
-    Py_XDECREF(s);
-    Py_XDECREF(C);
-    Py_XDECREF(abn);
+    af_owned_release(&p.own);
     Py_XDECREF(ds_stru);
     Py_XDECREF(ds_cate);
     Py_XDECREF(ds0);
@@ -444,35 +248,24 @@ static PyObject *py_recon_loss(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|d$d:recon_loss", kwlist, &o_y, &o_x, &o_abn,
                                      &w_abn, &weight))
         return NULL;
-    if (!(isfinite(w_abn) && w_abn >= 0.0)) {
-        af_errorf(PyExc_ValueError, "w_abn must be finite and >= 0, got %g", w_abn);
-        return NULL;
-    }
+    if (af_check_w_abn(w_abn) < 0) return NULL;
     if (!isfinite(weight)) {
         PyErr_SetString(PyExc_ValueError, "weight must be finite");
         return NULL;
     }
-    PyArrayObject *y = NULL, *x = NULL, *abn = NULL, *dy = NULL;
+    af_recon_loss_args p;
+    if (af_check_recon_loss(o_y, o_x, o_abn, &p) < 0) return NULL;
     PyObject *ret = NULL;
-    if (arg_patches(o_y, o_x, &y, &x) < 0) goto done;
-    int B = (int)PyArray_DIM(y, 0), L = (int)PyArray_DIM(y, 1), PPC = (int)PyArray_DIM(y, 2);
-    if (!(abn = arg_abn(o_abn, B, L))) goto done;
-    if (!(dy = af_new_array(3, PyArray_DIMS(y), NPY_FLOAT32))) goto done;
     float loss = 0.0f;
     job_t j = {0};
     add_host(&j, &loss, sizeof(float), AF_CUDA_OUT);
-    add_arr(&j, dy, AF_CUDA_OUT);
-    add_arr(&j, y, AF_CUDA_IN);
-    add_arr(&j, x, AF_CUDA_IN);
-    add_arr(&j, abn, AF_CUDA_IN);
-    args_t a = {{B, L, PPC}, {(float)w_abn, (float)weight}};
-    if (job_run(&j, k_recon_loss, &a) < 0) goto done;
-    ret = Py_BuildValue("dO", (double)loss, dy);
-done:
-    Py_XDECREF(y);
-    Py_XDECREF(x);
-    Py_XDECREF(abn);
-    Py_XDECREF(dy);
+    add_arr(&j, p.dy, AF_CUDA_OUT);
+    add_arr(&j, p.y, AF_CUDA_IN);
+    add_arr(&j, p.x, AF_CUDA_IN);
+    add_arr(&j, p.abn, AF_CUDA_IN);
+    args_t a = {{p.B, p.L, p.PPC}, {(float)w_abn, (float)weight}};
+    if (job_run(&j, k_recon_loss, &a) == 0) ret = Py_BuildValue("dO", (double)loss, p.dy);
+    af_owned_release(&p.own);
     return ret;
 }
 
@@ -493,46 +286,26 @@ static PyObject *py_released_loss(PyObject *self, PyObject *args, PyObject *kw) 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|ddi:released_loss", kwlist, &o_s, &o_C,
                                      &o_abn, &o_y, &o_x, &tau_s, &eps, &iters))
         return NULL;
-    if (check_positive(tau_s, "tau_s") < 0 || check_positive(eps, "eps") < 0) return NULL;
-    if (iters < 0) {
-        PyErr_Format(PyExc_ValueError, "iters must be >= 0, got %d", iters);
+    af_released_loss_args p;
+    if (af_check_released_loss(o_s, o_C, o_abn, o_y, o_x, tau_s, eps, iters, &p) < 0)
         return NULL;
-    }
-    PyArrayObject *s = NULL, *C = NULL, *abn = NULL, *y = NULL, *x = NULL, *ds = NULL, *dy = NULL;
     PyObject *ret = NULL;
-    if (!(s = arg_f32(o_s, "s", 3)) || check_int_dims(s, "s") < 0) goto done;
-    int B = (int)PyArray_DIM(s, 0), L = (int)PyArray_DIM(s, 1), K = (int)PyArray_DIM(s, 2);
-    if (!(C = arg_f32(o_C, "C", 2))) goto done;
-    if (af_check_dim(C, "C", 0, L) < 0 || af_check_dim(C, "C", 1, K) < 0) goto done;
-    if (!(abn = arg_abn(o_abn, B, L))) goto done;
-    if (arg_patches(o_y, o_x, &y, &x) < 0) goto done;
-    if (af_check_dim(y, "y", 0, B) < 0 || af_check_dim(y, "y", 1, L) < 0) goto done;
-    int PPC = (int)PyArray_DIM(y, 2);
-    if (!(ds = af_new_array(3, PyArray_DIMS(s), NPY_FLOAT32))) goto done;
-    if (!(dy = af_new_array(3, PyArray_DIMS(y), NPY_FLOAT32))) goto done;
     float losses[2] = {0.0f, 0.0f};
     job_t j = {0};
     add_host(&j, losses, sizeof(losses), AF_CUDA_OUT);
-    add_arr(&j, ds, AF_CUDA_OUT);
-    add_arr(&j, dy, AF_CUDA_OUT);
-    add_host(&j, NULL, af_cuda_released_loss_scratch_floats(L, K) * sizeof(float),
+    add_arr(&j, p.ds, AF_CUDA_OUT);
+    add_arr(&j, p.dy, AF_CUDA_OUT);
+    add_host(&j, NULL, af_cuda_released_loss_scratch_floats(p.L, p.K) * sizeof(float),
              AF_CUDA_SCRATCH);
-    add_arr(&j, s, AF_CUDA_IN);
-    add_arr(&j, C, AF_CUDA_IN);
-    add_arr(&j, abn, AF_CUDA_IN);
-    add_arr(&j, y, AF_CUDA_IN);
-    add_arr(&j, x, AF_CUDA_IN);
-    args_t a = {{B, L, K, PPC, iters}, {(float)tau_s, (float)eps}};
-    if (job_run(&j, k_released_loss, &a) < 0) goto done;
-    ret = Py_BuildValue("ddOO", (double)losses[0], (double)losses[1], ds, dy);
-done:
-    Py_XDECREF(s);
-    Py_XDECREF(C);
-    Py_XDECREF(abn);
-    Py_XDECREF(y);
-    Py_XDECREF(x);
-    Py_XDECREF(ds);
-    Py_XDECREF(dy);
+    add_arr(&j, p.s, AF_CUDA_IN);
+    add_arr(&j, p.C, AF_CUDA_IN);
+    add_arr(&j, p.abn, AF_CUDA_IN);
+    add_arr(&j, p.y, AF_CUDA_IN);
+    add_arr(&j, p.x, AF_CUDA_IN);
+    args_t a = {{p.B, p.L, p.K, p.PPC, p.iters}, {p.tau_s, p.eps}};
+    if (job_run(&j, k_released_loss, &a) == 0)
+        ret = Py_BuildValue("ddOO", (double)losses[0], (double)losses[1], p.ds, p.dy);
+    af_owned_release(&p.own);
     return ret;
 }
 
@@ -549,28 +322,19 @@ static PyObject *py_anomaly_score(PyObject *self, PyObject *args, PyObject *kw) 
     PyObject *o_y, *o_x;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:anomaly_score", kwlist, &o_y, &o_x))
         return NULL;
-    PyArrayObject *y = NULL, *x = NULL, *score = NULL, *log_score = NULL, *err = NULL;
+    af_anomaly_args p;
+    if (af_check_anomaly_score(o_y, o_x, &p) < 0) return NULL;
     PyObject *ret = NULL;
-    if (arg_patches(o_y, o_x, &y, &x) < 0) goto done;
-    int B = (int)PyArray_DIM(y, 0), L = (int)PyArray_DIM(y, 1), PPC = (int)PyArray_DIM(y, 2);
-    if (!(score = af_new_array(1, PyArray_DIMS(y), NPY_FLOAT64))) goto done;
-    if (!(log_score = af_new_array(1, PyArray_DIMS(y), NPY_FLOAT64))) goto done;
-    if (!(err = af_new_array(2, PyArray_DIMS(y), NPY_FLOAT64))) goto done;
     job_t j = {0};
-    add_arr(&j, score, AF_CUDA_OUT);
-    add_arr(&j, log_score, AF_CUDA_OUT);
-    add_arr(&j, err, AF_CUDA_OUT);
-    add_arr(&j, y, AF_CUDA_IN);
-    add_arr(&j, x, AF_CUDA_IN);
-    args_t a = {{B, L, PPC}};
-    if (job_run(&j, k_anomaly, &a) < 0) goto done;
-    ret = Py_BuildValue("OOO", score, log_score, err);
-done:
-    Py_XDECREF(y);
-    Py_XDECREF(x);
-    Py_XDECREF(score);
-    Py_XDECREF(log_score);
-    Py_XDECREF(err);
+    add_arr(&j, p.score, AF_CUDA_OUT);
+    add_arr(&j, p.log_score, AF_CUDA_OUT);
+    add_arr(&j, p.err, AF_CUDA_OUT);
+    add_arr(&j, p.y, AF_CUDA_IN);
+    add_arr(&j, p.x, AF_CUDA_IN);
+    args_t a = {{p.B, p.L, p.PPC}};
+    if (job_run(&j, k_anomaly, &a) == 0)
+        ret = Py_BuildValue("OOO", p.score, p.log_score, p.err);
+    af_owned_release(&p.own);
     return ret;
 }
 

@@ -1,65 +1,15 @@
 /* afire._C.objective: bindings of objective.h (Sinkhorn, prototypes, the paper and released
- * losses, the anomaly score). Every array is checked here (dtype -> TypeError, shape or
- * value -> ValueError naming the argument); the C core then runs without the GIL. */
-#include "py_util.h"
-
-#include <math.h>
+ * losses, the anomaly score). Every array is checked before the core runs (dtype ->
+ * TypeError, shape or value -> ValueError naming the argument); the core then runs without
+ * the GIL. */
+#include "py_args.h"
 
 #include "common.h"
 #include "objective.h"
 
-/* A float32 array of rank `ndim`, all finite. New reference or NULL. */
-static PyArrayObject *arg_f32(PyObject *obj, const char *name, int ndim) {
-    PyArrayObject *a = af_arg_array(obj, name, NPY_FLOAT32, ndim);
-    if (a == NULL) return NULL;
-    if (af_check_finite(a, name) < 0) {
-        Py_DECREF(a);
-        return NULL;
-    }
-    return a;
-}
-
-/* Token labels abn[B,L]: uint8 (or bool) holding only 0/1. New reference or NULL. */
-static PyArrayObject *arg_abn(PyObject *obj, npy_intp B, npy_intp L) {
-    int type = PyArray_Check(obj) && PyArray_TYPE((PyArrayObject *)obj) == NPY_BOOL
-                   ? NPY_BOOL : NPY_UINT8;
-    PyArrayObject *a = af_arg_array(obj, "abn", type, 2);
-    if (a == NULL) return NULL;
-    if (af_check_dim(a, "abn", 0, B) < 0 || af_check_dim(a, "abn", 1, L) < 0) goto fail;
-    const uint8_t *p = AF_U8(a);
-    for (npy_intp i = 0, n = PyArray_SIZE(a); i < n; i++) {
-        if (p[i] > 1) {
-            PyErr_Format(PyExc_ValueError, "abn must hold only 0 (normal) and 1 (abnormal), "
-                         "got %d at flat index %zd", (int)p[i], (Py_ssize_t)i);
-            goto fail;
-        }
-    }
-    return a;
-fail:
-    Py_DECREF(a);
-    return NULL;
-}
-
-static int check_int_dims(PyArrayObject *a, const char *name) {
-    for (int d = 0; d < PyArray_NDIM(a); d++) {
-        if (PyArray_DIM(a, d) <= 0 || PyArray_DIM(a, d) > INT32_MAX) {
-            PyErr_Format(PyExc_ValueError, "%s: dimension %d must be in [1, 2^31), got %zd",
-                         name, d, (Py_ssize_t)PyArray_DIM(a, d));
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static int check_positive(double v, const char *name) {
-    if (!(isfinite(v) && v > 0.0)) {
-        af_errorf(PyExc_ValueError, "%s must be a finite number > 0, got %g", name, v);
-        return -1;
-    }
-    return 0;
-}
-
-/* ---------------------------------------------------------------------------------- */
+/* The arguments are checked by af_check_<fn> (py_args.h, shared with the GPU twins in
+ * py_cuda_objective.c); each function here runs the C core and builds the result. The
+ * keyword lists stay here because the GPU twins take extra keywords. */
 
 static PyObject *py_sinkhorn_knopp(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"logits", "eps", "iters", NULL};
@@ -68,30 +18,14 @@ static PyObject *py_sinkhorn_knopp(PyObject *self, PyObject *args, PyObject *kw)
     int iters = AF_SINKHORN_ITERS;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|di", kwlist, &o_logits, &eps, &iters))
         return NULL;
-    PyArrayObject *logits = NULL, *q = NULL;
-    PyObject *ret = NULL;
-    if (check_positive(eps, "eps") < 0) return NULL;
-    if (iters < 0) {
-        PyErr_Format(PyExc_ValueError, "iters must be >= 0, got %d", iters);
-        return NULL;
-    }
-    if (!(logits = arg_f32(o_logits, "logits", 2))) goto done;
-    if (check_int_dims(logits, "logits") < 0) goto done;
-    int N = (int)PyArray_DIM(logits, 0), K = (int)PyArray_DIM(logits, 1);
-    if (!(q = af_new_array(2, PyArray_DIMS(logits), NPY_FLOAT32))) goto done;
+    af_sinkhorn_args a;
+    if (af_check_sinkhorn(o_logits, eps, iters, &a) < 0) return NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = sinkhorn_knopp(AF_F32(q), AF_F32(logits), N, K, (float)eps, iters);
+    st = sinkhorn_knopp(AF_F32(a.q), AF_F32(a.logits), a.N, a.K, a.eps, a.iters);
     Py_END_ALLOW_THREADS
-    if (st != AF_OK) {
-        af_raise(st);
-        goto done;
-    }
-    ret = (PyObject *)q;
-    q = NULL;
-done:
-    Py_XDECREF(logits);
-    Py_XDECREF(q);
+    PyObject *ret = st == AF_OK ? Py_NewRef(a.q) : af_raise(st);
+    af_owned_release(&a.own);
     return ret;
 }
 
@@ -102,37 +36,14 @@ static PyObject *py_prototypes_update(PyObject *self, PyObject *args, PyObject *
     int overwrite = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|dp", kwlist, &o_C, &o_src, &m, &overwrite))
         return NULL;
-    if (!(isfinite(m) && m >= 0.0 && m <= 1.0)) {
-        af_errorf(PyExc_ValueError, "m must be in [0, 1], got %g", m);
-        return NULL;
-    }
-    PyArrayObject *C = NULL, *src = NULL;
-    PyObject *ret = NULL;
-    if (!(C = arg_f32(o_C, "C", 2))) goto done;
-    /* updated in place: a copy made for contiguity would silently drop the update */
-    if ((PyObject *)C != o_C || !PyArray_ISWRITEABLE(C)) {
-        PyErr_SetString(PyExc_ValueError, "C must be a writeable C-contiguous float32 array "
-                        "(it is updated in place)");
-        goto done;
-    }
-    if (!(src = arg_f32(o_src, "src", 3))) goto done;
-    if (check_int_dims(src, "src") < 0 || check_int_dims(C, "C") < 0) goto done;
-    if (af_check_dim(src, "src", 1, PyArray_DIM(C, 0)) < 0 ||
-        af_check_dim(src, "src", 2, PyArray_DIM(C, 1)) < 0)
-        goto done;
-    int B = (int)PyArray_DIM(src, 0), L = (int)PyArray_DIM(C, 0), K = (int)PyArray_DIM(C, 1);
+    af_prototypes_args a;
+    if (af_check_prototypes_update(o_C, o_src, m, &a) < 0) return NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = prototypes_update(AF_F32(C), AF_F32(src), B, L, K, (float)m, overwrite);
+    st = prototypes_update(AF_F32(a.C), AF_F32(a.src), a.B, a.L, a.K, a.m, overwrite);
     Py_END_ALLOW_THREADS
-    if (st != AF_OK) {
-        af_raise(st);
-        goto done;
-    }
-    ret = Py_NewRef(Py_None);
-done:
-    Py_XDECREF(C);
-    Py_XDECREF(src);
+    PyObject *ret = st == AF_OK ? Py_NewRef(Py_None) : af_raise(st);
+    af_owned_release(&a.own);
     return ret;
 }
 
@@ -143,17 +54,16 @@ static PyObject *py_paper_loss(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|dd", kwlist, &o_s, &o_C, &o_abn, &tau_s,
                                      &tau))
         return NULL;
-    if (check_positive(tau_s, "tau_s") < 0 || check_positive(tau, "tau") < 0) return NULL;
-    PyArrayObject *s = NULL, *C = NULL, *abn = NULL, *ds_stru = NULL, *ds_cate = NULL;
+    if (af_check_positive_real(tau_s, "tau_s") < 0 || af_check_positive_real(tau, "tau") < 0)
+        return NULL;
+    af_paper_loss_args a;
+    if (af_check_paper_loss(o_s, o_C, o_abn, 0, &a) < 0) return NULL; /* the core checks C */
+    int B = a.B, L = a.L, K = a.K;
+    PyArrayObject *ds_stru = NULL, *ds_cate = NULL;
     float *scratch = NULL;
     PyObject *ret = NULL;
-    if (!(s = arg_f32(o_s, "s", 3)) || check_int_dims(s, "s") < 0) goto done;
-    int B = (int)PyArray_DIM(s, 0), L = (int)PyArray_DIM(s, 1), K = (int)PyArray_DIM(s, 2);
-    if (!(C = arg_f32(o_C, "C", 2))) goto done;
-    if (af_check_dim(C, "C", 0, L) < 0 || af_check_dim(C, "C", 1, K) < 0) goto done;
-    if (!(abn = arg_abn(o_abn, B, L))) goto done;
-    if (!(ds_stru = af_new_array(3, PyArray_DIMS(s), NPY_FLOAT32))) goto done;
-    if (!(ds_cate = af_new_array(3, PyArray_DIMS(s), NPY_FLOAT32))) goto done;
+    if (!(ds_stru = af_new_array(3, PyArray_DIMS(a.s), NPY_FLOAT32))) goto done;
+    if (!(ds_cate = af_new_array(3, PyArray_DIMS(a.s), NPY_FLOAT32))) goto done;
     size_t nscratch = paper_loss_scratch_floats(B, L, K);
     if (nscratch == 0 || !(scratch = af_calloc(nscratch, sizeof(float)))) {
         PyErr_Format(PyExc_MemoryError, "paper_loss: cannot allocate scratch for B=%d, L=%d, "
@@ -163,8 +73,8 @@ static PyObject *py_paper_loss(PyObject *self, PyObject *args, PyObject *kw) {
     float l_stru = 0.0f, l_cate = 0.0f;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = paper_loss(&l_stru, &l_cate, AF_F32(ds_stru), AF_F32(ds_cate), AF_F32(s), AF_F32(C),
-                    AF_U8(abn), B, L, K, (float)tau_s, (float)tau, 1.0f, 1.0f, scratch);
+    st = paper_loss(&l_stru, &l_cate, AF_F32(ds_stru), AF_F32(ds_cate), AF_F32(a.s), AF_F32(a.C),
+                    AF_U8(a.abn), B, L, K, (float)tau_s, (float)tau, 1.0f, 1.0f, scratch);
     Py_END_ALLOW_THREADS
     if (st != AF_OK) {
         af_raise(st);
@@ -173,21 +83,10 @@ static PyObject *py_paper_loss(PyObject *self, PyObject *args, PyObject *kw) {
     ret = Py_BuildValue("ddOO", (double)l_stru, (double)l_cate, ds_stru, ds_cate);
 done:
     af_free(scratch);
-    Py_XDECREF(s);
-    Py_XDECREF(C);
-    Py_XDECREF(abn);
+    af_owned_release(&a.own);
     Py_XDECREF(ds_stru);
     Py_XDECREF(ds_cate);
     return ret;
-}
-
-/* y and x: float32 [B,L,PPC] of the same shape. Returns 0/-1. */
-static int arg_patches(PyObject *o_y, PyObject *o_x, PyArrayObject **y, PyArrayObject **x) {
-    if (!(*y = arg_f32(o_y, "y", 3)) || check_int_dims(*y, "y") < 0) return -1;
-    if (!(*x = arg_f32(o_x, "x", 3))) return -1;
-    for (int d = 0; d < 3; d++)
-        if (af_check_dim(*x, "x", d, PyArray_DIM(*y, d)) < 0) return -1;
-    return 0;
 }
 
 static PyObject *py_recon_loss(PyObject *self, PyObject *args, PyObject *kw) {
@@ -196,32 +95,17 @@ static PyObject *py_recon_loss(PyObject *self, PyObject *args, PyObject *kw) {
     double w_abn = AF_W_ABN;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|d", kwlist, &o_y, &o_x, &o_abn, &w_abn))
         return NULL;
-    if (!(isfinite(w_abn) && w_abn >= 0.0)) {
-        af_errorf(PyExc_ValueError, "w_abn must be finite and >= 0, got %g", w_abn);
-        return NULL;
-    }
-    PyArrayObject *y = NULL, *x = NULL, *abn = NULL, *dy = NULL;
-    PyObject *ret = NULL;
-    if (arg_patches(o_y, o_x, &y, &x) < 0) goto done;
-    int B = (int)PyArray_DIM(y, 0), L = (int)PyArray_DIM(y, 1), PPC = (int)PyArray_DIM(y, 2);
-    if (!(abn = arg_abn(o_abn, B, L))) goto done;
-    if (!(dy = af_new_array(3, PyArray_DIMS(y), NPY_FLOAT32))) goto done;
+    if (af_check_w_abn(w_abn) < 0) return NULL;
+    af_recon_loss_args a;
+    if (af_check_recon_loss(o_y, o_x, o_abn, &a) < 0) return NULL;
     float loss = 0.0f;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = recon_loss(&loss, AF_F32(dy), AF_F32(y), AF_F32(x), AF_U8(abn), B, L, PPC,
+    st = recon_loss(&loss, AF_F32(a.dy), AF_F32(a.y), AF_F32(a.x), AF_U8(a.abn), a.B, a.L, a.PPC,
                     (float)w_abn, 1.0f);
     Py_END_ALLOW_THREADS
-    if (st != AF_OK) {
-        af_raise(st);
-        goto done;
-    }
-    ret = Py_BuildValue("dO", (double)loss, dy);
-done:
-    Py_XDECREF(y);
-    Py_XDECREF(x);
-    Py_XDECREF(abn);
-    Py_XDECREF(dy);
+    PyObject *ret = st == AF_OK ? Py_BuildValue("dO", (double)loss, a.dy) : af_raise(st);
+    af_owned_release(&a.own);
     return ret;
 }
 
@@ -233,49 +117,30 @@ static PyObject *py_released_loss(PyObject *self, PyObject *args, PyObject *kw) 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|ddi", kwlist, &o_s, &o_C, &o_abn, &o_y,
                                      &o_x, &tau_s, &eps, &iters))
         return NULL;
-    if (check_positive(tau_s, "tau_s") < 0 || check_positive(eps, "eps") < 0) return NULL;
-    if (iters < 0) {
-        PyErr_Format(PyExc_ValueError, "iters must be >= 0, got %d", iters);
+    af_released_loss_args a;
+    if (af_check_released_loss(o_s, o_C, o_abn, o_y, o_x, tau_s, eps, iters, &a) < 0)
         return NULL;
-    }
-    PyArrayObject *s = NULL, *C = NULL, *abn = NULL, *y = NULL, *x = NULL, *ds = NULL, *dy = NULL;
-    float *scratch = NULL;
     PyObject *ret = NULL;
-    if (!(s = arg_f32(o_s, "s", 3)) || check_int_dims(s, "s") < 0) goto done;
-    int B = (int)PyArray_DIM(s, 0), L = (int)PyArray_DIM(s, 1), K = (int)PyArray_DIM(s, 2);
-    if (!(C = arg_f32(o_C, "C", 2))) goto done;
-    if (af_check_dim(C, "C", 0, L) < 0 || af_check_dim(C, "C", 1, K) < 0) goto done;
-    if (!(abn = arg_abn(o_abn, B, L))) goto done;
-    if (arg_patches(o_y, o_x, &y, &x) < 0) goto done;
-    if (af_check_dim(y, "y", 0, B) < 0 || af_check_dim(y, "y", 1, L) < 0) goto done;
-    int PPC = (int)PyArray_DIM(y, 2);
-    if (!(ds = af_new_array(3, PyArray_DIMS(s), NPY_FLOAT32))) goto done;
-    if (!(dy = af_new_array(3, PyArray_DIMS(y), NPY_FLOAT32))) goto done;
-    if (!(scratch = af_calloc(released_loss_scratch_floats(L, K), sizeof(float)))) {
+    float *scratch = af_calloc(released_loss_scratch_floats(a.L, a.K), sizeof(float));
+    if (scratch == NULL) {
         af_raise(AF_ENOMEM);
         goto done;
     }
     float l_cst = 0.0f, l_recon = 0.0f;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = released_loss(&l_cst, &l_recon, AF_F32(ds), AF_F32(dy), AF_F32(s), AF_F32(C),
-                       AF_U8(abn), AF_F32(y), AF_F32(x), B, L, K, PPC, (float)tau_s,
-                       (float)eps, iters, 1.0f, 1.0f, scratch);
+    st = released_loss(&l_cst, &l_recon, AF_F32(a.ds), AF_F32(a.dy), AF_F32(a.s), AF_F32(a.C),
+                       AF_U8(a.abn), AF_F32(a.y), AF_F32(a.x), a.B, a.L, a.K, a.PPC, a.tau_s,
+                       a.eps, a.iters, 1.0f, 1.0f, scratch);
     Py_END_ALLOW_THREADS
     if (st != AF_OK) {
         af_raise(st);
         goto done;
     }
-    ret = Py_BuildValue("ddOO", (double)l_cst, (double)l_recon, ds, dy);
+    ret = Py_BuildValue("ddOO", (double)l_cst, (double)l_recon, a.ds, a.dy);
 done:
     af_free(scratch);
-    Py_XDECREF(s);
-    Py_XDECREF(C);
-    Py_XDECREF(abn);
-    Py_XDECREF(y);
-    Py_XDECREF(x);
-    Py_XDECREF(ds);
-    Py_XDECREF(dy);
+    af_owned_release(&a.own);
     return ret;
 }
 
@@ -283,29 +148,16 @@ static PyObject *py_anomaly_score(PyObject *self, PyObject *args, PyObject *kw) 
     static char *kwlist[] = {"y", "x", NULL};
     PyObject *o_y, *o_x;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", kwlist, &o_y, &o_x)) return NULL;
-    PyArrayObject *y = NULL, *x = NULL, *score = NULL, *log_score = NULL, *err = NULL;
-    PyObject *ret = NULL;
-    if (arg_patches(o_y, o_x, &y, &x) < 0) goto done;
-    int B = (int)PyArray_DIM(y, 0), L = (int)PyArray_DIM(y, 1), PPC = (int)PyArray_DIM(y, 2);
-    if (!(score = af_new_array(1, PyArray_DIMS(y), NPY_FLOAT64))) goto done;
-    if (!(log_score = af_new_array(1, PyArray_DIMS(y), NPY_FLOAT64))) goto done;
-    if (!(err = af_new_array(2, PyArray_DIMS(y), NPY_FLOAT64))) goto done;
+    af_anomaly_args a;
+    if (af_check_anomaly_score(o_y, o_x, &a) < 0) return NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = anomaly_score((double *)PyArray_DATA(score), (double *)PyArray_DATA(log_score),
-                       (double *)PyArray_DATA(err), AF_F32(y), AF_F32(x), B, L, PPC);
+    st = anomaly_score((double *)PyArray_DATA(a.score), (double *)PyArray_DATA(a.log_score),
+                       (double *)PyArray_DATA(a.err), AF_F32(a.y), AF_F32(a.x), a.B, a.L, a.PPC);
     Py_END_ALLOW_THREADS
-    if (st != AF_OK) {
-        af_raise(st);
-        goto done;
-    }
-    ret = Py_BuildValue("OOO", score, log_score, err);
-done:
-    Py_XDECREF(y);
-    Py_XDECREF(x);
-    Py_XDECREF(score);
-    Py_XDECREF(log_score);
-    Py_XDECREF(err);
+    PyObject *ret = st == AF_OK ? Py_BuildValue("OOO", a.score, a.log_score, a.err)
+                                : af_raise(st);
+    af_owned_release(&a.own);
     return ret;
 }
 

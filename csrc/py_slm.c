@@ -1,117 +1,34 @@
 /* afire._C.slm: Synthetic Lesion Masks (csrc/slm.h states the rules). */
-#include "py_util.h"
+#include "py_args.h"
 
-#include <string.h>
-#include "slm.h"
-
-/* Keyword-only config arguments shared by every function of this module. */
-#define CFG_KWLIST "lesions_min", "lesions_max", "size_min", "size_max", "crop_max", "gamma2", \
-                   "strength", "token_rule", "region_rule"
-#define CFG_FORMAT "$iiiiiffss"
-#define CFG_ARGS(c, tok, reg) &(c).lesions_min, &(c).lesions_max, &(c).size_min, &(c).size_max, \
-                              &(c).crop_max, &(c).gamma2, &(c).strength, &(tok), &(reg)
-
-/* Converter for "O&": a Python int in [0, 2**64) (OverflowError otherwise). */
-static int to_u64(PyObject *obj, void *out) {
-    if (!PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "expected an int, got %s", Py_TYPE(obj)->tp_name);
-        return 0;
-    }
-    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) return 0;
-    *(uint64_t *)out = (uint64_t)v;
-    return 1;
-}
-
-/* Rule names -> enum values, then the C-side range checks as ValueError. */
-static int finish_config(af_slm_config *c, const char *tok, const char *reg) {
-    if (tok == NULL || strcmp(tok, "paper") == 0) c->token_rule = AF_SLM_TOKENS_MEAN;
-    else if (strcmp(tok, "released") == 0) c->token_rule = AF_SLM_TOKENS_ANY;
-    else {
-        PyErr_Format(PyExc_ValueError, "token_rule must be 'paper' or 'released', got '%s'", tok);
-        return -1;
-    }
-    if (reg == NULL || strcmp(reg, "random") == 0) c->region_rule = AF_SLM_REGION_RANDOM;
-    else if (strcmp(reg, "largest") == 0) c->region_rule = AF_SLM_REGION_LARGEST;
-    else {
-        PyErr_Format(PyExc_ValueError, "region_rule must be 'random' or 'largest', got '%s'", reg);
-        return -1;
-    }
-    af_status st = slm_config_check(c);
-    if (st != AF_OK) {
-        af_raise(st);
-        return -1;
-    }
-    return 0;
-}
+/* The config keywords (AF_SLM_CFG_*, af_slm_config_finish) and slm_generate's checks live
+ * in py_args.c, shared with the GPU twin in py_cuda_objective.c. */
 
 static PyObject *py_slm_generate(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"images", "seed", "step", "first_index", "patch", CFG_KWLIST, NULL};
-    PyObject *images_obj;
-    uint64_t seed = 0, step = 0, first = 0;
-    int P = 16;
-    const char *tok = NULL, *reg = NULL;
-    af_slm_config c = af_slm_config_default();
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO&|O&O&i" CFG_FORMAT ":slm_generate", kwlist,
-                                     &images_obj, to_u64, &seed, to_u64, &step, to_u64, &first,
-                                     &P, CFG_ARGS(c, tok, reg)))
-        return NULL;
-    if (finish_config(&c, tok, reg) < 0) return NULL;
-    PyArrayObject *images = af_arg_array(images_obj, "images", NPY_UINT8, 3);
-    if (images == NULL) return NULL;
-    PyArrayObject *xp = NULL, *masks = NULL, *labels = NULL;
-    PyObject *result = NULL;
-    npy_intp B = PyArray_DIM(images, 0), S = PyArray_DIM(images, 1);
-    if (PyArray_DIM(images, 2) != S) {
-        PyErr_Format(PyExc_ValueError, "images must be square [B, S, S], got [%zd, %zd, %zd]",
-                     (Py_ssize_t)B, (Py_ssize_t)S, (Py_ssize_t)PyArray_DIM(images, 2));
-        goto done;
-    }
-    if (S < 1 || S > AF_SLM_MAX_SIDE || B > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "images: need 1 <= S <= %d and B < 2**31, got B=%zd S=%zd",
-                     AF_SLM_MAX_SIDE, (Py_ssize_t)B, (Py_ssize_t)S);
-        goto done;
-    }
-    if (P < 1 || S % P != 0) {
-        PyErr_Format(PyExc_ValueError, "patch must be >= 1 and divide the image side %zd, got %d",
-                     (Py_ssize_t)S, P);
-        goto done;
-    }
-    npy_intp G = S / P;
-    npy_intp img_shape[3] = {B, S, S}, lab_shape[2] = {B, G * G};
-    xp = af_new_array(3, img_shape, NPY_UINT8);
-    masks = af_new_array(3, img_shape, NPY_UINT8);
-    labels = af_new_array(2, lab_shape, NPY_UINT8);
-    if (xp == NULL || masks == NULL || labels == NULL) goto done;
+    af_slm_generate_args a;
+    if (af_parse_slm_generate(args, kw, &a) < 0) return NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = slm_generate(AF_U8(xp), AF_U8(masks), AF_U8(labels), AF_U8(images), (int)B, (int)S, P,
-                      &c, seed, step, first);
+    st = slm_generate(AF_U8(a.xp), AF_U8(a.masks), AF_U8(a.labels), AF_U8(a.images), a.B, a.S,
+                      a.P, &a.cfg, a.seed, a.step, a.first);
     Py_END_ALLOW_THREADS
-    if (st != AF_OK) {
-        af_raise(st);
-        goto done;
-    }
-    result = Py_BuildValue("(OOO)", xp, masks, labels);
-done:
-    Py_XDECREF(xp);
-    Py_XDECREF(masks);
-    Py_XDECREF(labels);
-    Py_DECREF(images);
+    PyObject *result = st == AF_OK ? Py_BuildValue("(OOO)", a.xp, a.masks, a.labels)
+                                   : af_raise(st);
+    af_owned_release(&a.own);
     return result;
 }
 
 static PyObject *py_slm_lesions(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"image", "seed", "step", "index", CFG_KWLIST, NULL};
+    static char *kwlist[] = {"image", "seed", "step", "index", AF_SLM_CFG_KWLIST, NULL};
     PyObject *image_obj;
     uint64_t seed = 0, step = 0, index = 0;
     const char *tok = NULL, *reg = NULL;
     af_slm_config c = af_slm_config_default();
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO&|O&O&" CFG_FORMAT ":slm_lesions", kwlist,
-                                     &image_obj, to_u64, &seed, to_u64, &step, to_u64, &index,
-                                     CFG_ARGS(c, tok, reg)))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO&|O&O&" AF_SLM_CFG_FORMAT ":slm_lesions",
+                                     kwlist, &image_obj, af_conv_u64, &seed, af_conv_u64, &step,
+                                     af_conv_u64, &index, AF_SLM_CFG_ARGS(c, tok, reg)))
         return NULL;
-    if (finish_config(&c, tok, reg) < 0) return NULL;
+    if (af_slm_config_finish(&c, tok, reg) < 0) return NULL;
     PyArrayObject *image = af_arg_array(image_obj, "image", NPY_UINT8, 2);
     if (image == NULL) return NULL;
     PyObject *result = NULL;
@@ -177,14 +94,14 @@ static PyObject *py_otsu(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_size_range(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"S", CFG_KWLIST, NULL};
+    static char *kwlist[] = {"S", AF_SLM_CFG_KWLIST, NULL};
     int S;
     const char *tok = NULL, *reg = NULL;
     af_slm_config c = af_slm_config_default();
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|" CFG_FORMAT ":size_range", kwlist, &S,
-                                     CFG_ARGS(c, tok, reg)))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|" AF_SLM_CFG_FORMAT ":size_range", kwlist,
+                                     &S, AF_SLM_CFG_ARGS(c, tok, reg)))
         return NULL;
-    if (finish_config(&c, tok, reg) < 0) return NULL;
+    if (af_slm_config_finish(&c, tok, reg) < 0) return NULL;
     if (S < 1) {
         PyErr_Format(PyExc_ValueError, "S must be >= 1, got %d", S);
         return NULL;
