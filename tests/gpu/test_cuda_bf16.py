@@ -87,7 +87,9 @@ def test_one_step_losses_and_gradients_match_fp32(objective):
     assert sh["abnormal_fraction"] == sf["abnormal_fraction"]
     for k in LOSSES:
         assert np.isfinite(sh[k]), k
-        assert sh[k] == pytest.approx(sf[k], rel=2e-2, abs=1e-6), k
+        # relative 2e-2 of the term, or 2e-3 of the total: a term near zero (L_stru ~1e-3 on
+        # this tiny model) moves by bf16 rounding of the logits (~1e-3 rms) in absolute terms
+        assert sh[k] == pytest.approx(sf[k], rel=2e-2, abs=2e-3 * max(1.0, abs(sf["loss"]))), k
     assert sh["grad_norm"] == pytest.approx(sf["grad_norm"], rel=5e-2)
     bf, bh = f._t.buffers(), h._t.buffers()
     for net in NETS:
