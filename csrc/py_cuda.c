@@ -12,7 +12,7 @@
 
 #include "py_args.h"
 #ifdef AFIRE_HAVE_CUDA
-#include "cuda_api.h"
+#include "py_cuda_ctx.h"
 #endif
 
 #ifndef AFIRE_HAVE_CUDA
@@ -92,31 +92,34 @@ static PyObject *py_rand_uniform(PyObject *self, PyObject *args, PyObject *kw) {
 #ifdef AFIRE_HAVE_CUDA
 /* ------------------------------------------------------------------ shared context */
 
-/* One context (device 0, exact fp32 GEMMs) for the whole process, created on first use.
- * The test entry points use it one call at a time: a second thread gets AF_EBUSY. */
-static af_cuda_context *g_ctx = NULL;
-static int g_busy = 0;
+/* The op entry points' context (py_cuda_ctx.h); py_cuda_objective.c keeps its own. The
+ * helpers are defined here, once, for both files. */
+static af_test_ctx g_test = {NULL, 0, "CUDA test context"};
 
-static af_cuda_context *get_ctx(void) {
-    if (g_ctx == NULL) {
-        af_status st = af_cuda_context_create(&g_ctx, 0, 0);
+af_cuda_context *af_test_ctx_get(af_test_ctx *t) {
+    if (t->ctx == NULL) {
+        af_status st = af_cuda_context_create(&t->ctx, 0, 0);
         if (st != AF_OK) {
-            g_ctx = NULL;
+            t->ctx = NULL;
             af_raise(st);
             return NULL;
         }
     }
-    return g_ctx;
+    return t->ctx;
 }
 
-static int acquire(void) {
-    if (g_busy) {
-        af_raise(af_error(AF_EBUSY, "the CUDA test context is in use by another thread"));
-        return -1;
+af_cuda_context *af_test_ctx_acquire(af_test_ctx *t) {
+    af_cuda_context *ctx = af_test_ctx_get(t);
+    if (ctx == NULL) return NULL;
+    if (t->busy) {
+        af_raise(af_error(AF_EBUSY, "the %s is in use by another thread", t->what));
+        return NULL;
     }
-    g_busy = 1;
-    return 0;
+    t->busy = 1;
+    return ctx;
 }
+
+void af_test_ctx_release(af_test_ctx *t) { t->busy = 0; }
 
 /* The arrays of one call, in the order the kernel adapter reads them from dev[]. */
 typedef struct {
@@ -149,13 +152,13 @@ static void job_scratch(job_t *j, size_t count) {
 
 /* Uploads, runs fn, downloads, with the GIL released. 0, or -1 with an exception set. */
 static int job_run(job_t *j, af_cuda_fn fn, const args_t *a) {
-    af_cuda_context *ctx = get_ctx();
-    if (ctx == NULL || acquire() < 0) return -1;
+    af_cuda_context *ctx = af_test_ctx_acquire(&g_test);
+    if (ctx == NULL) return -1;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
     st = af_cuda_run_host(ctx, j->n, j->host, j->count, j->role, fn, a);
     Py_END_ALLOW_THREADS
-    g_busy = 0;
+    af_test_ctx_release(&g_test);
     if (st != AF_OK) {
         af_raise(st);
         return -1;
@@ -589,8 +592,8 @@ static void bufs_free(bufs_t *b) {
 static PyObject *time_pair(const size_t *sizes, const int *random, int nbuf, af_cuda_fn fwd,
                            af_cuda_fn bwd, int nf, const args_t *a, int warmup, int iters,
                            int tf32) {
-    af_cuda_context *ctx = get_ctx();
-    if (ctx == NULL || acquire() < 0) return NULL;
+    af_cuda_context *ctx = af_test_ctx_acquire(&g_test);
+    if (ctx == NULL) return NULL;
     bufs_t b = {{NULL}, 0};
     float fms = 0.0f, bms = 0.0f;
     af_status st = AF_OK;
@@ -604,7 +607,7 @@ static PyObject *time_pair(const size_t *sizes, const int *random, int nbuf, af_
     af_status st_reset = af_cuda_context_set_tf32(ctx, 0); /* back to the exact check path */
     if (st == AF_OK) st = st_reset;
     Py_END_ALLOW_THREADS
-    g_busy = 0;
+    af_test_ctx_release(&g_test);
     if (st != AF_OK) return af_raise(st);
     return Py_BuildValue("{s:d,s:d}", "forward_ms", (double)fms, "backward_ms", (double)bms);
 }
@@ -667,7 +670,7 @@ static PyObject *py_time_attention(PyObject *self, PyObject *args, PyObject *kw)
 static PyObject *py_set_tf32(PyObject *self, PyObject *arg) {
     int on = PyObject_IsTrue(arg);
     if (on < 0) return NULL;
-    af_cuda_context *ctx = get_ctx();
+    af_cuda_context *ctx = af_test_ctx_get(&g_test);
     if (ctx == NULL) return NULL;
     af_status st = af_cuda_context_set_tf32(ctx, on);
     if (st != AF_OK) return af_raise(st);

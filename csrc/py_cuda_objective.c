@@ -13,26 +13,14 @@
 
 #include "common.h"
 #include "cuda_api.h"
+#include "py_cuda_ctx.h"
 #include "objective.h"
 #include "slm.h"
 #include "../cuda/objective.cuh"
 
 /* ------------------------------------------------------------------ context and jobs */
 
-static af_cuda_context *g_ctx = NULL;
-static int g_busy = 0;
-
-static af_cuda_context *get_ctx(void) {
-    if (g_ctx == NULL) {
-        af_status st = af_cuda_context_create(&g_ctx, 0, 0);
-        if (st != AF_OK) {
-            g_ctx = NULL;
-            af_raise(st);
-            return NULL;
-        }
-    }
-    return g_ctx;
-}
+static af_test_ctx g_test = {NULL, 0, "CUDA objective test context"};
 
 typedef struct {
     af_cuda_buf b[AF_CUDA_MAX_ARGS];
@@ -60,18 +48,13 @@ static void add_arr(job_t *j, PyArrayObject *a, int role) {
 
 /* Uploads, runs fn, downloads, with the GIL released. 0, or -1 with an exception set. */
 static int job_run(job_t *j, af_cuda_bytes_fn fn, const args_t *a) {
-    af_cuda_context *ctx = get_ctx();
+    af_cuda_context *ctx = af_test_ctx_acquire(&g_test);
     if (ctx == NULL) return -1;
-    if (g_busy) {
-        af_raise(af_error(AF_EBUSY, "the CUDA objective test context is in use by another thread"));
-        return -1;
-    }
-    g_busy = 1;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
     st = af_cuda_run_host_bytes(ctx, j->n, j->b, fn, a);
     Py_END_ALLOW_THREADS
-    g_busy = 0;
+    af_test_ctx_release(&g_test);
     if (st != AF_OK) {
         af_raise(st);
         return -1;
