@@ -49,6 +49,11 @@ static inline unsigned af_grid_1d(int64_t n, int threads) {
     return (unsigned)b;
 }
 
+// Grid-stride loop over [0, n) with an index of type T:  AF_GRID_STRIDE(int64_t, i, n) { ... }
+#define AF_GRID_STRIDE(T, i, n)                                            \
+    for (T i = (T)blockIdx.x * blockDim.x + threadIdx.x; i < (n);          \
+         i += (T)gridDim.x * blockDim.x)
+
 // Sum over a warp with a fixed butterfly pattern: deterministic.
 __device__ __forceinline__ float af_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

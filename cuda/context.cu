@@ -101,8 +101,7 @@ extern "C" af_status af_cuda_zero(af_cuda_context *ctx, float *dst, size_t count
 }
 
 __global__ void fill_uniform_kernel(float *dst, size_t n, uint64_t seed) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
+    AF_GRID_STRIDE(size_t, i, n)
         dst[i] = af_rand_uniform(seed, 0, (uint64_t)i) * 2.0f - 1.0f;
 }
 

@@ -10,6 +10,7 @@
 
 #include "common.cuh"
 #include "model.cuh"
+#include "ops_internal.cuh"
 #include "ops/ops.h"
 
 #define ENC_EPS 1e-6f  // vit.c
@@ -20,12 +21,22 @@
 
 // ------------------------------------------------------------------ small kernels
 
+// The coordinates of flat index i = (b*T + t)*D + d of a [B,T,D] array.
+struct btd {
+    int64_t b;
+    int t, d;
+};
+__device__ __forceinline__ btd split_btd(int64_t i, int T, int D) {
+    int64_t bt = i / D;
+    btd r = {bt / T, (int)(bt % T), (int)(i % D)};
+    return r;
+}
+
 // twin of af_normalize_images: out[b,ch,k] = (x/255 - mean[ch]) * (1/std[ch])
 __global__ void normalize_kernel(float *out, const uint8_t *img, int64_t B, int C, int64_t SS,
                                  float m0, float m1, float m2, float i0, float i1, float i2) {
     int64_t total = B * C * SS;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(int64_t, i, total) {
         int64_t k = i % SS, bc = i / SS;
         int ch = (int)(bc % C);
         int64_t b = bc / C;
@@ -59,12 +70,10 @@ extern "C" af_status af_cuda_normalize_images(af_cuda_context *ctx, float *out, 
 __global__ void encoder_embed_kernel(float *x0, const float *emb, const float *cls, const float *pos,
                                      int64_t B, int T, int D) {
     int64_t total = B * T * D;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        int d = (int)(i % D);
-        int64_t bt = i / D;
-        int t = (int)(bt % T);
-        int64_t b = bt / T;
+    AF_GRID_STRIDE(int64_t, i, total) {
+        btd x = split_btd(i, T, D);
+        int64_t b = x.b;
+        int t = x.t, d = x.d;
         float v = t == 0 ? cls[d] : emb[(b * (T - 1) + t - 1) * D + d];
         x0[i] = v + pos[(int64_t)t * D + d];
     }
@@ -74,8 +83,7 @@ __global__ void encoder_embed_kernel(float *x0, const float *emb, const float *c
 // pos gradient loops of af_encoder_backward).
 __global__ void strided_colsum_kernel(float *out, const float *x, int rows, int64_t cols,
                                       int64_t stride) {
-    for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < cols;
-         c += (int64_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(int64_t, c, cols) {
         float s = 0.0f;
         for (int r = 0; r < rows; r++) s += x[(int64_t)r * stride + c];
         out[c] += s;
@@ -88,12 +96,10 @@ __global__ void decoder_mask_pos_kernel(float *x0, const uint8_t *mask, const fl
                                         const float *pos, int64_t B, int T, int Dd, int shared) {
     int L = T - 1;
     int64_t total = B * T * Dd;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        int d = (int)(i % Dd);
-        int64_t bt = i / Dd;
-        int t = (int)(bt % T);
-        int64_t b = bt / T;
+    AF_GRID_STRIDE(int64_t, i, total) {
+        btd x = split_btd(i, T, Dd);
+        int64_t b = x.b;
+        int t = x.t, d = x.d;
         float v = x0[i];
         if (t > 0 && mask[b * L + t - 1]) v = mask_token[(shared ? 0 : (int64_t)(t - 1) * Dd) + d];
         x0[i] = v + pos[(int64_t)t * Dd + d];
@@ -106,8 +112,7 @@ __global__ void mask_token_grad_kernel(float *g, const float *dres, const uint8_
                                        int T, int Dd, int shared) {
     int L = T - 1, rows = shared ? 1 : L;
     int64_t total = (int64_t)rows * Dd;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(int64_t, i, total) {
         int d = (int)(i % Dd), j0 = (int)(i / Dd);
         float s = 0.0f;
         for (int b = 0; b < B; b++)
@@ -121,21 +126,16 @@ __global__ void mask_token_grad_kernel(float *g, const float *dres, const uint8_
 __global__ void zero_masked_rows_kernel(float *dres, const uint8_t *mask, int64_t B, int T, int Dd) {
     int L = T - 1;
     int64_t total = B * L * Dd;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        int d = (int)(i % Dd);
-        int64_t bj = i / Dd;
-        int j = (int)(bj % L);
-        int64_t b = bj / L;
-        if (mask[bj]) dres[(b * T + 1 + j) * Dd + d] = 0.0f;
+    AF_GRID_STRIDE(int64_t, i, total) {
+        btd x = split_btd(i, L, Dd);  // (b, j, d)
+        if (mask[i / Dd]) dres[(x.b * T + 1 + x.t) * Dd + x.d] = 0.0f;
     }
 }
 
 // twin of head.c transpose_bl: dst[j,b,:] = src[b,j,:] for src [B,L,C]
 __global__ void transpose_bl_kernel(float *dst, const float *src, int B, int L, int C) {
     int64_t total = (int64_t)B * L * C;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(int64_t, i, total) {
         int c = (int)(i % C);
         int64_t r = i / C;  // dst row j*B + b
         int64_t j = r / B, b = r % B;
@@ -146,43 +146,10 @@ __global__ void transpose_bl_kernel(float *dst, const float *src, int B, int L, 
 // dtokens[b,1+j,:] += dx[b,j,:] (the last loop of af_head_backward)
 __global__ void add_rows_kernel(float *dtokens, const float *dx, int64_t B, int L, int D) {
     int64_t total = B * L * D;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        int64_t bj = i / D;
-        int d = (int)(i % D);
-        int64_t b = bj / L, j = bj % L;
-        dtokens[(b * (L + 1) + 1 + j) * D + d] += dx[i];
+    AF_GRID_STRIDE(int64_t, i, total) {
+        btd x = split_btd(i, L, D);  // (b, j, d)
+        dtokens[(x.b * (L + 1) + 1 + x.t) * D + x.d] += dx[i];
     }
-}
-
-// twin of wn_linear's weight normalisation over R rows of C: w_eff = v / ||v||
-__global__ void wn_normalise_rows_kernel(float *w_eff, float *vnorm, const float *v, int R, int C) {
-    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= R) return;
-    const float *x = v + (int64_t)row * C;
-    float s = 0.0f;
-    for (int c = lane; c < C; c += 32) s += x[c] * x[c];
-    float n = sqrtf(af_warp_sum(s));
-    float inv = 1.0f / n;
-    float *w = w_eff + (int64_t)row * C;
-    for (int c = lane; c < C; c += 32) w[c] = x[c] * inv;
-    if (lane == 0) vnorm[row] = n;
-}
-
-// twin of wn_linear_backward's dv: dv += (G - w_eff (G . w_eff)) / ||v|| per row
-__global__ void wn_dv_rows_kernel(float *dv, const float *G, const float *w_eff, const float *vnorm,
-                                  int R, int C) {
-    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    int lane = threadIdx.x % 32;
-    if (row >= R) return;
-    const float *g = G + (int64_t)row * C, *w = w_eff + (int64_t)row * C;
-    float d = 0.0f;
-    for (int c = lane; c < C; c += 32) d += g[c] * w[c];
-    d = af_warp_sum(d);
-    float inv = 1.0f / vnorm[row];
-    float *o = dv + (int64_t)row * C;
-    for (int c = lane; c < C; c += 32) o[c] += (g[c] - w[c] * d) * inv;
 }
 
 // ------------------------------------------------------------------ small helpers
@@ -498,9 +465,7 @@ static af_status last_layer_forward(af_cuda_context *ctx, af_cuda_model *m, af_h
     const af_config *c = &m->cfg;
     int L = m->L, Bn = c->head_bottleneck, K = c->K, nlast = c->shared_last_layer ? 1 : L;
     int rows = c->shared_last_layer ? B * L : B;
-    wn_normalise_rows_kernel<<<(nlast * K + 7) / 8, TPB, 0, ctx->stream>>>(a->w_eff, a->vnorm, v,
-                                                                           nlast * K, Bn);
-    AF_CUDA_LAUNCHED();
+    AF_TRY(af_wn_normalise_rows(ctx, a->w_eff, a->vnorm, v, nlast * K, Bn));
     const float one = 1.0f, zero = 0.0f;
     AF_CUBLAS_TRY(cublasSgemmStridedBatched(ctx->cublas, CUBLAS_OP_T, CUBLAS_OP_N, K, rows, Bn, &one,
                                             a->w_eff, Bn, (long long)K * Bn, a->zn_t, Bn,
@@ -524,10 +489,7 @@ static af_status last_layer_backward(af_cuda_context *ctx, af_cuda_model *m, flo
                                             a->zn_t, Bn, (long long)rows * Bn, dlogits_t, K,
                                             (long long)rows * K, &zero, m->wn_grad, Bn,
                                             (long long)K * Bn, nlast));
-    wn_dv_rows_kernel<<<(nlast * K + 7) / 8, TPB, 0, ctx->stream>>>(dv, m->wn_grad, a->w_eff,
-                                                                    a->vnorm, nlast * K, Bn);
-    AF_CUDA_LAUNCHED();
-    return AF_OK;
+    return af_wn_dv_rows(ctx, dv, m->wn_grad, a->w_eff, a->vnorm, nlast * K, Bn);
 }
 
 extern "C" af_status af_cuda_head_forward(af_cuda_context *ctx, af_cuda_model *m, af_branch br,

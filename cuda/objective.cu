@@ -155,8 +155,7 @@ extern "C" af_status af_cuda_sinkhorn_knopp(af_cuda_context *ctx, float *q, cons
 
 __global__ void prototypes_kernel(float *C, const float *src, int B, size_t LK, float m,
                                   int overwrite) {
-    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < LK;
-         e += (size_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(size_t, e, LK) {
         double acc = 0.0;
         for (int b = 0; b < B; b++) acc += (double)src[(size_t)b * LK + e];
         double qbar = acc / B;
@@ -568,8 +567,7 @@ extern "C" af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, flo
 // dy += 2 w / (B L PPC) * weight * (y - x): the CPU's operations in its order (bit-identical).
 __global__ void recon_grad_kernel(float *dy, const float *y, const float *x, const uint8_t *abn,
                                   size_t n, int PPC, double inv_n, float w_abn, float weight) {
-    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n;
-         e += (size_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(size_t, e, n) {
         const double w = (abn && abn[e / PPC]) ? (double)w_abn : 1.0;
         const double c = __dmul_rn(__dmul_rn(__dmul_rn(2.0, w), inv_n), (double)weight);
         dy[e] = __fadd_rn(dy[e], (float)__dmul_rn(c, __dsub_rn((double)y[e], (double)x[e])));

@@ -9,3 +9,9 @@ af_status af_softmax_rows(af_cuda_context *ctx, float *out, const float *inp, in
 // when accumulate == 0.
 af_status af_softmax_rows_backward(af_cuda_context *ctx, float *dinp, const float *dout,
                                    const float *out, int64_t N, int C, int accumulate);
+// Weight normalisation of K rows of C (wn_linear.cu): w_eff = v / ||v||, vnorm = ||v||.
+af_status af_wn_normalise_rows(af_cuda_context *ctx, float *w_eff, float *vnorm, const float *v,
+                               int K, int C);
+// The dv of wn_linear_backward from G = dL/dw_eff [K,C]: dv += (G - w_eff (G . w_eff)) / vnorm.
+af_status af_wn_dv_rows(af_cuda_context *ctx, float *dv, const float *G, const float *w_eff,
+                        const float *vnorm, int K, int C);

@@ -52,8 +52,7 @@ __global__ void scale_kernel(const af_cuda_tensor *ts, const float *coef) {
     const af_cuda_tensor t = ts[blockIdx.y];
     float f = coef[blockIdx.y];
     if (f == 1.0f) return;  // optim.c scales only when the factor is < 1
-    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < t.n;
-         k += (size_t)gridDim.x * blockDim.x)
+    AF_GRID_STRIDE(size_t, k, t.n)
         t.g[k] *= f;
 }
 
@@ -65,8 +64,7 @@ __global__ void adamw_multi_kernel(const af_cuda_tensor *ts, const int *ok, floa
     const af_cuda_tensor t = ts[blockIdx.y];
     if (freeze_last && t.last_layer) return;
     float decay = t.decay ? decay_on : 1.0f;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < t.n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(size_t, i, t.n) {
         float g = t.g[i];
         float mi = beta1 * t.m[i] + (1.0f - beta1) * g;
         float vi = beta2 * t.v[i] + (1.0f - beta2) * g * g;
@@ -82,8 +80,7 @@ __global__ void ema_multi_kernel(const af_cuda_tensor *ts, const int *ok, float 
     if (ok != nullptr && !*ok) return;
     const af_cuda_tensor t = ts[blockIdx.y];
     if (t.t == nullptr) return;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < t.n;
-         i += (size_t)gridDim.x * blockDim.x)
+    AF_GRID_STRIDE(size_t, i, t.n)
         t.t[i] = keep * t.t[i] + take * t.p[i];
 }
 

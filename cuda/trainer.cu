@@ -56,8 +56,7 @@ __global__ void finalize_kernel(af_cuda_step_scalars *s, int paper, float w_stru
 // protos <- protos_next, only when the step is accepted
 __global__ void commit_kernel(float *dst, const float *src, int64_t n, const int *ok) {
     if (!*ok) return;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x)
+    AF_GRID_STRIDE(int64_t, i, n)
         dst[i] = src[i];
 }
 

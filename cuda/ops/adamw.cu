@@ -6,8 +6,7 @@
 __global__ void adamw_kernel(float *params, const float *grads, float *m, float *v, size_t n,
                              float beta1, float beta2, float eps, float decay, float step_size,
                              float bc2_sqrt) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(size_t, i, n) {
         float g = grads[i];
         float mi = beta1 * m[i] + (1.0f - beta1) * g;
         float vi = beta2 * v[i] + (1.0f - beta2) * g * g;

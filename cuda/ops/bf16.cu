@@ -12,16 +12,14 @@
 #include "ops_internal.cuh"
 
 __global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
+    AF_GRID_STRIDE(size_t, i, n)
         dst[i] = __float2bfloat16_rn(src[i]);
 }
 
 // out[n, oc] = bias[oc] (the GEMM adds its product with beta = 1), as linear.cu
 __global__ void bias_rows_kernel(float *out, const float *bias, int64_t N, int OC) {
     int64_t total = N * OC;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x)
+    AF_GRID_STRIDE(int64_t, i, total)
         out[i] = bias[i % OC];
 }
 

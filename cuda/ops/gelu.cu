@@ -5,8 +5,7 @@
 #define AF_INV_SQRT_2PI 0.39894228040143268f
 
 __global__ void gelu_forward_kernel(float *out, const float *inp, size_t n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(size_t, i, n) {
         float x = inp[i];
         out[i] = 0.5f * x * (1.0f + erff(x * AF_INV_SQRT2));
     }
@@ -14,8 +13,7 @@ __global__ void gelu_forward_kernel(float *out, const float *inp, size_t n) {
 
 // d/dx [x Phi(x)] = Phi(x) + x phi(x).
 __global__ void gelu_backward_kernel(float *dinp, const float *dout, const float *inp, size_t n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(size_t, i, n) {
         float x = inp[i];
         float cdf = 0.5f * (1.0f + erff(x * AF_INV_SQRT2));
         float pdf = AF_INV_SQRT_2PI * expf(-0.5f * x * x);

@@ -8,8 +8,7 @@
 // out[n, oc] = bias[oc]: the GEMM then adds its product with beta = 1.
 __global__ void broadcast_rows_kernel(float *out, const float *bias, int64_t N, int OC) {
     int64_t total = N * OC;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x)
+    AF_GRID_STRIDE(int64_t, i, total)
         out[i] = bias[i % OC];
 }
 

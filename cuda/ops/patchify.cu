@@ -9,8 +9,7 @@ enum { MODE_PATCHIFY = 0, MODE_SCATTER_ADD = 1, MODE_UNPATCHIFY = 2 };
 __global__ void patch_kernel(float *patches, float *img, int64_t total, int C, int S, int P,
                              int order, int mode) {
     const int G = S / P, K = P * P * C;
-    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < total;
-         j += (int64_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(int64_t, j, total) {
         int k = (int)(j % K);
         int64_t bl = j / K;
         int l = (int)(bl % ((int64_t)G * G));

@@ -2,14 +2,12 @@
 #include "common.cuh"
 
 __global__ void residual_forward_kernel(float *out, const float *a, const float *b, size_t n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
+    AF_GRID_STRIDE(size_t, i, n)
         out[i] = a[i] + b[i];
 }
 
 __global__ void residual_backward_kernel(float *da, float *db, const float *dout, size_t n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    AF_GRID_STRIDE(size_t, i, n) {
         float g = dout[i];
         if (da) da[i] += g;
         if (db) db[i] += g;

@@ -1,7 +1,7 @@
 // Weight-normalised linear without bias, gain 1 (weight_norm, dim=0): the twin of
 // csrc/ops/wn_linear.c. w_eff[K,C] = v / ||v_k||, out[N,K] = inp @ w_eff^T.
 // Backward: G = dout^T inp (into scratch[K,C]), dv_k += (G_k - w_eff_k (G_k . w_eff_k)) / ||v_k||.
-#include "common.cuh"
+#include "ops_internal.cuh"
 
 __global__ void wn_normalise_kernel(float *w_eff, float *vnorm, const float *v, int K, int C) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -31,13 +31,26 @@ __global__ void wn_dv_kernel(float *dv, const float *G, const float *w_eff, cons
     for (int c = lane; c < C; c += 32) o[c] += (g[c] - w[c] * d) * inv;
 }
 
+af_status af_wn_normalise_rows(af_cuda_context *ctx, float *w_eff, float *vnorm, const float *v,
+                               int K, int C) {
+    wn_normalise_kernel<<<(K + 7) / 8, 256, 0, ctx->stream>>>(w_eff, vnorm, v, K, C);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
+}
+
+af_status af_wn_dv_rows(af_cuda_context *ctx, float *dv, const float *G, const float *w_eff,
+                        const float *vnorm, int K, int C) {
+    wn_dv_kernel<<<(K + 7) / 8, 256, 0, ctx->stream>>>(dv, G, w_eff, vnorm, K, C);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
+}
+
 extern "C" af_status af_cuda_wn_linear_forward(af_cuda_context *ctx, float *out, float *w_eff,
                                                float *vnorm, const float *inp, const float *v,
                                                int N, int C, int K) {
     AF_CUDA_CHECK(N > 0 && C > 0 && K > 0, "wn_linear_forward: bad sizes N=%d C=%d K=%d", N, C, K);
     AF_CUDA_CHECK(out && w_eff && vnorm && inp && v, "wn_linear_forward: NULL pointer");
-    wn_normalise_kernel<<<(K + 7) / 8, 256, 0, ctx->stream>>>(w_eff, vnorm, v, K, C);
-    AF_CUDA_LAUNCHED();
+    AF_TRY(af_wn_normalise_rows(ctx, w_eff, vnorm, v, K, C));
     return af_cuda_linear_forward(ctx, out, inp, w_eff, nullptr, N, C, K);
 }
 
@@ -53,8 +66,7 @@ extern "C" af_status af_cuda_wn_linear_backward(af_cuda_context *ctx, float *din
         AF_CUDA_CHECK(scratch != nullptr, "wn_linear_backward: dv needs scratch[K*C]");
         AF_CUDA_TRY(cudaMemsetAsync(scratch, 0, (size_t)K * C * sizeof(float), ctx->stream));
         AF_TRY(af_cuda_linear_backward(ctx, nullptr, scratch, nullptr, dout, inp, w_eff, N, C, K));
-        wn_dv_kernel<<<(K + 7) / 8, 256, 0, ctx->stream>>>(dv, scratch, w_eff, vnorm, K, C);
-        AF_CUDA_LAUNCHED();
+        AF_TRY(af_wn_dv_rows(ctx, dv, scratch, w_eff, vnorm, K, C));
     }
     return AF_OK;
 }
