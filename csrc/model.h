@@ -189,6 +189,17 @@ typedef struct {
     float *dz_t;             /* [L, B, Bn]                             */
 } af_scratch;
 
+/* One activation block for `cap` images, shared by the CPU and GPU models: carve it (from
+ * base; NULL only counts) into both encoder and head branches, the decoder and the backward
+ * scratch, every array starting at a multiple of `align` floats (a power of two). Returns
+ * the floats used. The decoder mask is separate (uint8). */
+enum { AF_ACTS_ALIGN_CPU = 16 /* 64 bytes */, AF_ACTS_ALIGN_CUDA = 64 /* 256 bytes */ };
+size_t af_acts_carve(const af_config *cfg, int cap, float *base, size_t align,
+                     af_encoder_acts enc[2], af_head_acts head[2], af_decoder_acts *dec,
+                     af_scratch *scratch);
+/* Floats of that block; AF_EINVAL when cap images are too many for the int-indexed kernels. */
+af_status af_acts_size(const af_config *cfg, int cap, size_t align, size_t *floats);
+
 /* ------------------------------------------------------------------ the model */
 
 typedef struct {

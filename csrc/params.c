@@ -361,12 +361,12 @@ af_status af_normalize_images(float *out, const uint8_t *img, int B, int C, int 
 /* Bump allocator over one activation block: counts when base is NULL. */
 typedef struct {
     float *base;
-    size_t used;
+    size_t used, align; /* align: floats, a power of two */
 } bump;
 
 static float *take(bump *b, size_t n) {
     float *p = b->base ? b->base + b->used : NULL;
-    b->used += (n + 15) & ~(size_t)15; /* keep every array 64-byte aligned */
+    b->used += (n + b->align - 1) & ~(b->align - 1); /* every array starts aligned */
     return p;
 }
 
@@ -385,19 +385,22 @@ static void blocks_acts_carve(af_blocks_acts *a, bump *b, int NL, int cap, int T
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 
-static void acts_carve(af_model *m, bump *b, int cap) {
-    const af_config *c = &m->cfg;
-    size_t L = (size_t)m->L, T = (size_t)m->T, Bc = (size_t)cap, Q = (size_t)m->Q;
+size_t af_acts_carve(const af_config *c, int cap, float *base, size_t align,
+                     af_encoder_acts enc[2], af_head_acts head[2], af_decoder_acts *d,
+                     af_scratch *s) {
+    bump bb = {base, 0, align}, *b = &bb;
+    int Ti = (c->S / c->P) * (c->S / c->P) + 1;
+    size_t L = (size_t)Ti - 1, T = (size_t)Ti, Bc = (size_t)cap, Q = (size_t)c->P * c->P * c->C;
     size_t D = (size_t)c->D, Dd = (size_t)c->Dd, R = (size_t)c->mlp_ratio;
     size_t Hh = (size_t)c->head_hidden, Bn = (size_t)c->head_bottleneck, K = (size_t)c->K;
     size_t nlast = c->shared_last_layer ? 1 : L;
     for (int br = 0; br < 2; br++) {
-        af_encoder_acts *e = &m->enc_acts[br];
+        af_encoder_acts *e = &enc[br];
         e->patches = take(b, Bc * L * c->C * c->P * c->P);
         e->x0 = take(b, Bc * T * D);
-        blocks_acts_carve(&e->blocks, b, c->depth, cap, m->T, c->D, c->mlp_ratio, c->H);
+        blocks_acts_carve(&e->blocks, b, c->depth, cap, Ti, c->D, c->mlp_ratio, c->H);
         e->out = take(b, Bc * T * D), e->lnf_mean = take(b, Bc * T), e->lnf_rstd = take(b, Bc * T);
-        af_head_acts *h = &m->head_acts[br];
+        af_head_acts *h = &head[br];
         size_t N = Bc * L;
         h->x = take(b, N * D);
         h->h1 = take(b, N * Hh), h->g1 = take(b, N * Hh), h->h2 = take(b, N * Hh), h->g2 = take(b, N * Hh);
@@ -405,13 +408,11 @@ static void acts_carve(af_model *m, bump *b, int cap) {
         h->w_eff = take(b, nlast * K * Bn), h->vnorm = take(b, nlast * K);
         h->logits_t = take(b, N * K), h->logits = take(b, N * K);
     }
-    af_decoder_acts *d = &m->dec_acts;
     d->tokens = take(b, Bc * T * D);
     d->x0 = take(b, Bc * T * Dd);
-    blocks_acts_carve(&d->blocks, b, c->depth_d, cap, m->T, c->Dd, c->mlp_ratio, c->Hd);
+    blocks_acts_carve(&d->blocks, b, c->depth_d, cap, Ti, c->Dd, c->mlp_ratio, c->Hd);
     d->lnf = take(b, Bc * T * Dd), d->lnf_mean = take(b, Bc * T), d->lnf_rstd = take(b, Bc * T);
     d->pred_full = take(b, Bc * T * Q), d->pred = take(b, Bc * L * Q);
-    af_scratch *s = &m->scratch;
     size_t W = max_sz(D, Dd), NH = (size_t)(c->H > c->Hd ? c->H : c->Hd);
     size_t wide = max_sz(max_sz(Hh, Bn), max_sz(max_sz(D, Q), K));
     s->dres = take(b, Bc * T * W), s->dres2 = take(b, Bc * T * W);
@@ -421,20 +422,30 @@ static void acts_carve(af_model *m, bump *b, int cap) {
     s->datt = take(b, Bc * NH * T * T);
     s->dh_a = take(b, Bc * T * wide), s->dh_b = take(b, Bc * T * wide);
     s->dz_t = take(b, Bc * L * Bn);
+    return bb.used;
+}
+
+af_status af_acts_size(const af_config *c, int cap, size_t align, size_t *floats) {
+    /* size check in double first: the int-indexed kernels need B*H*T*T < 2^31 */
+    double T = (c->S / c->P) * (c->S / c->P) + 1, NH = c->H > c->Hd ? c->H : c->Hd;
+    double W = c->D > c->Dd ? c->D : c->Dd;
+    AF_CHECK((double)cap * NH * T * T < 2147483647.0 && (double)cap * T * W * c->mlp_ratio < 2147483647.0,
+             AF_EINVAL, "batch size %d too large for this model", cap);
+    af_encoder_acts enc[2];
+    af_head_acts head[2];
+    af_decoder_acts dec;
+    af_scratch s;
+    *floats = af_acts_carve(c, cap, NULL, align, enc, head, &dec, &s);
+    return AF_OK;
 }
 
 af_status af_model_reserve(af_model *m, int B) {
     AF_CHECK(m != NULL, AF_EINVAL, "reserve: model is NULL");
     AF_CHECK(B >= 1, AF_EINVAL, "batch size must be >= 1, got %d", B);
     if (B <= m->capacity) return AF_OK;
-    /* size check in double first: the int-indexed kernels need B*H*T*T < 2^31 */
-    double T = m->T, NH = m->cfg.H > m->cfg.Hd ? m->cfg.H : m->cfg.Hd;
-    double W = m->cfg.D > m->cfg.Dd ? m->cfg.D : m->cfg.Dd;
-    AF_CHECK((double)B * NH * T * T < 2147483647.0 && (double)B * T * W * m->cfg.mlp_ratio < 2147483647.0,
-             AF_EINVAL, "batch size %d too large for this model", B);
-    bump count = {NULL, 0};
-    acts_carve(m, &count, B);
-    float *mem = af_calloc(count.used, sizeof(float));
+    size_t floats;
+    AF_TRY(af_acts_size(&m->cfg, B, AF_ACTS_ALIGN_CPU, &floats));
+    float *mem = af_calloc(floats, sizeof(float));
     if (mem == NULL) return AF_ENOMEM;
     uint8_t *mask = af_calloc((size_t)B * m->L, 1);
     if (mask == NULL) {
@@ -444,9 +455,9 @@ af_status af_model_reserve(af_model *m, int B) {
     af_free(m->act_mem);
     af_free(m->dec_acts.mask);
     m->act_mem = mem;
-    m->act_floats = count.used;
-    bump real = {mem, 0};
-    acts_carve(m, &real, B);
+    m->act_floats = floats;
+    af_acts_carve(&m->cfg, B, mem, AF_ACTS_ALIGN_CPU, m->enc_acts, m->head_acts, &m->dec_acts,
+                  &m->scratch);
     m->dec_acts.mask = mask;
     m->capacity = B;
     m->enc_B[0] = m->enc_B[1] = m->head_B[0] = m->head_B[1] = m->dec_B = 0;

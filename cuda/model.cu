@@ -653,82 +653,14 @@ extern "C" af_status af_cuda_model_set_bf16(af_cuda_context *ctx, af_cuda_model 
     return af_cuda_model_refresh_bf16(ctx, m);
 }
 
-// Bump allocator over the activation block (counts when base is NULL), as params.c.
-typedef struct {
-    float *base;
-    size_t used;
-} bump;
-
-static float *take(bump *b, size_t n) {
-    float *p = b->base ? b->base + b->used : nullptr;
-    b->used += (n + 63) & ~(size_t)63;  // 256-byte aligned arrays
-    return p;
-}
-
-static void blocks_acts_carve(af_blocks_acts *a, bump *b, int NL, int cap, int T, int W, int R,
-                              int NH) {
-    size_t N = (size_t)NL * cap * T, w = (size_t)W, m = (size_t)R * W;
-    a->ln1 = take(b, N * w), a->ln1_mean = take(b, N), a->ln1_rstd = take(b, N);
-    a->qkv = take(b, N * 3 * w);
-    a->att = take(b, (size_t)NL * cap * NH * T * T);
-    a->atty = take(b, N * w), a->res2 = take(b, N * w);
-    a->ln2 = take(b, N * w), a->ln2_mean = take(b, N), a->ln2_rstd = take(b, N);
-    a->fch = take(b, N * m), a->fch_gelu = take(b, N * m);
-    a->res3 = take(b, N * w);
-    a->cap = cap;
-}
-
-static void acts_carve(af_cuda_model *m, bump *b, int cap) {
-    const af_config *c = &m->cfg;
-    size_t L = (size_t)m->L, T = (size_t)m->T, Bc = (size_t)cap, Q = (size_t)m->Q;
-    size_t D = (size_t)c->D, Dd = (size_t)c->Dd, R = (size_t)c->mlp_ratio;
-    size_t Hh = (size_t)c->head_hidden, Bn = (size_t)c->head_bottleneck, K = (size_t)c->K;
-    size_t nlast = c->shared_last_layer ? 1 : L;
-    for (int br = 0; br < 2; br++) {
-        af_encoder_acts *e = &m->enc_acts[br];
-        e->patches = take(b, Bc * L * c->C * c->P * c->P);
-        e->x0 = take(b, Bc * T * D);
-        blocks_acts_carve(&e->blocks, b, c->depth, cap, m->T, c->D, c->mlp_ratio, c->H);
-        e->out = take(b, Bc * T * D), e->lnf_mean = take(b, Bc * T), e->lnf_rstd = take(b, Bc * T);
-        af_head_acts *h = &m->head_acts[br];
-        size_t N = Bc * L;
-        h->x = take(b, N * D);
-        h->h1 = take(b, N * Hh), h->g1 = take(b, N * Hh), h->h2 = take(b, N * Hh), h->g2 = take(b, N * Hh);
-        h->z = take(b, N * Bn), h->zn_t = take(b, N * Bn), h->znorm = take(b, N);
-        h->w_eff = take(b, nlast * K * Bn), h->vnorm = take(b, nlast * K);
-        h->logits_t = take(b, N * K), h->logits = take(b, N * K);
-    }
-    af_decoder_acts *d = &m->dec_acts;
-    d->tokens = take(b, Bc * T * D);
-    d->x0 = take(b, Bc * T * Dd);
-    blocks_acts_carve(&d->blocks, b, c->depth_d, cap, m->T, c->Dd, c->mlp_ratio, c->Hd);
-    d->lnf = take(b, Bc * T * Dd), d->lnf_mean = take(b, Bc * T), d->lnf_rstd = take(b, Bc * T);
-    d->pred_full = take(b, Bc * T * Q), d->pred = take(b, Bc * L * Q);
-    af_scratch *s = &m->scratch;
-    size_t W = max_sz(D, Dd), NH = (size_t)(c->H > c->Hd ? c->H : c->Hd);
-    size_t wide = max_sz(max_sz(Hh, Bn), max_sz(max_sz(D, Q), K));
-    s->dres = take(b, Bc * T * W), s->dres2 = take(b, Bc * T * W);
-    s->dln = take(b, Bc * T * W), s->datty = take(b, Bc * T * W);
-    s->dqkv = take(b, Bc * T * 3 * W);
-    s->dfch = take(b, Bc * T * R * W), s->dfch_gelu = take(b, Bc * T * R * W);
-    s->datt = take(b, Bc * NH * T * T);
-    s->dh_a = take(b, Bc * T * wide), s->dh_b = take(b, Bc * T * wide);
-    s->dz_t = take(b, Bc * L * Bn);
-}
-
 extern "C" af_status af_cuda_model_reserve(af_cuda_context *ctx, af_cuda_model *m, int B) {
     AF_CUDA_CHECK(m != nullptr, "reserve: model is NULL");
     AF_CUDA_CHECK(B >= 1, "batch size must be >= 1, got %d", B);
     if (B <= m->capacity) return AF_OK;
-    double T = m->T, NH = m->cfg.H > m->cfg.Hd ? m->cfg.H : m->cfg.Hd;
-    double W = m->cfg.D > m->cfg.Dd ? m->cfg.D : m->cfg.Dd;
-    AF_CUDA_CHECK((double)B * NH * T * T < 2147483647.0 &&
-                      (double)B * T * W * m->cfg.mlp_ratio < 2147483647.0,
-                  "batch size %d too large for this model", B);
-    bump count = {nullptr, 0};
-    acts_carve(m, &count, B);
+    size_t floats;
+    AF_TRY(af_acts_size(&m->cfg, B, AF_ACTS_ALIGN_CUDA, &floats));  // the checks of params.c
     float *mem = nullptr;
-    AF_TRY(af_cuda_malloc(ctx, &mem, count.used));
+    AF_TRY(af_cuda_malloc(ctx, &mem, floats));
     uint8_t *mask = nullptr;
     cudaError_t e = cudaMalloc((void **)&mask, (size_t)B * m->L);
     if (e != cudaSuccess) {
@@ -737,7 +669,7 @@ extern "C" af_status af_cuda_model_reserve(af_cuda_context *ctx, af_cuda_model *
         return af_error(AF_ENOMEM, "cudaMalloc of the token mask failed: %s", cudaGetErrorString(e));
     }
     // zero once so a first read of an unused tail is defined (as the CPU's calloc)
-    af_status st = af_cuda_zero(ctx, mem, count.used);
+    af_status st = af_cuda_zero(ctx, mem, floats);
     if (st == AF_OK) st = dzero(ctx, mask, (size_t)B * m->L);
     af_bf16 *hs[3] = {nullptr, nullptr, nullptr};
     size_t hn = 0;
@@ -756,9 +688,9 @@ extern "C" af_status af_cuda_model_reserve(af_cuda_context *ctx, af_cuda_model *
         m->hscratch_n = hn;
     }
     m->act_mem = mem;
-    m->act_floats = count.used;
-    bump real = {mem, 0};
-    acts_carve(m, &real, B);
+    m->act_floats = floats;
+    af_acts_carve(&m->cfg, B, mem, AF_ACTS_ALIGN_CUDA, m->enc_acts, m->head_acts, &m->dec_acts,
+                  &m->scratch);
     m->dec_acts.mask = mask;
     m->capacity = B;
     m->enc_B[0] = m->enc_B[1] = m->head_B[0] = m->head_B[1] = m->dec_B = 0;
