@@ -58,6 +58,23 @@ __device__ long long block_sum_ll(long long v, long long *sh) {
     return warp_sum_ll(lane < nw ? sh[lane] : 0ll);
 }
 
+// Warp-per-row helpers: every lane of the warp gets the same value.
+// sum_k x[k] over a row of K floats, in double
+__device__ __forceinline__ double warp_row_sum_d(const float *x, int K, int lane) {
+    double rs = 0.0;
+    for (int k = lane; k < K; k += 32) rs += x[k];
+    return warp_sum_d(rs);
+}
+// log sum_k exp(s[k] / tau_s), max-shifted, in double
+__device__ __forceinline__ double warp_row_lse_d(const float *st, int K, float tau_s, int lane) {
+    double mx = -INFINITY;
+    for (int k = lane; k < K; k += 32) mx = fmax(mx, (double)st[k] / tau_s);
+    mx = warp_max_d(mx);
+    double se = 0.0;
+    for (int k = lane; k < K; k += 32) se += exp((double)st[k] / tau_s - mx);
+    return mx + log(warp_sum_d(se));
+}
+
 static inline int positive_finite(float v) { return isfinite(v) && v > 0.0f; }
 static inline unsigned warp_rows_grid(int64_t rows) {
     return (unsigned)((rows + WARP_BLOCK / 32 - 1) / (WARP_BLOCK / 32));
@@ -113,9 +130,7 @@ sinkhorn_kernel(float *q, const float *logits, int N, int K, float eps, int iter
         // rows -> 1/N: one warp per row
         for (int r = grp; r < N; r += ngrp) {
             float *qr = q + (size_t)r * K;
-            double rs = 0.0;
-            for (int k = lane; k < K; k += 32) rs += qr[k];
-            rs = warp_sum_d(rs);
+            const double rs = warp_row_sum_d(qr, K, lane);
             if (rs > 0.0) {
                 const double sc = 1.0 / (rs * N);
                 for (int k = lane; k < K; k += 32) qr[k] = (float)((double)qr[k] * sc);
@@ -126,9 +141,7 @@ sinkhorn_kernel(float *q, const float *logits, int N, int K, float eps, int iter
     // rows become distributions; a row with no mass becomes uniform
     for (int r = grp; r < N; r += ngrp) {
         float *qr = q + (size_t)r * K;
-        double rs = 0.0;
-        for (int k = lane; k < K; k += 32) rs += qr[k];
-        rs = warp_sum_d(rs);
+        const double rs = warp_row_sum_d(qr, K, lane);
         for (int k = lane; k < K; k += 32)
             qr[k] = rs > 0.0 ? (float)((double)qr[k] / rs) : 1.0f / (float)K;
     }
@@ -229,12 +242,7 @@ __global__ void student_kernel(float *q, float *logq, const float *s, int64_t NT
     const int lane = threadIdx.x & 31;
     if (t >= NT) return;
     const float *st = s + t * K;
-    double mx = -INFINITY;
-    for (int k = lane; k < K; k += 32) mx = fmax(mx, (double)st[k] / tau_s);
-    mx = warp_max_d(mx);
-    double se = 0.0;
-    for (int k = lane; k < K; k += 32) se += exp((double)st[k] / tau_s - mx);
-    const double lse = mx + log(warp_sum_d(se));
+    const double lse = warp_row_lse_d(st, K, tau_s, lane);
     for (int k = lane; k < K; k += 32) {
         double lq = (double)st[k] / tau_s - lse;
         logq[t * K + k] = (float)lq;
@@ -247,9 +255,7 @@ __global__ void logc_kernel(float *logc, const float *C, int L, int K) {
     const int l = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (l >= L) return;
     const float *cl = C + (size_t)l * K;
-    double rs = 0.0;
-    for (int k = lane; k < K; k += 32) rs += cl[k];
-    rs = warp_sum_d(rs);
+    const double rs = warp_row_sum_d(cl, K, lane);
     for (int k = lane; k < K; k += 32)
         logc[(size_t)l * K + k] = (float)log(fmax((double)cl[k] / rs, (double)AF_LOGC_FLOOR));
 }
@@ -628,12 +634,7 @@ extern "C" af_status af_cuda_recon_loss(af_cuda_context *ctx, float *loss, float
 __device__ __forceinline__ void released_token(const float *st, const float *Pj, int K,
                                                float tau_s, int lane, double *lse_out,
                                                double *ce_out, double *psum_out) {
-    double mx = -INFINITY;
-    for (int k = lane; k < K; k += 32) mx = fmax(mx, (double)st[k] / tau_s);
-    mx = warp_max_d(mx);
-    double se = 0.0;
-    for (int k = lane; k < K; k += 32) se += exp((double)st[k] / tau_s - mx);
-    const double lse = mx + log(warp_sum_d(se));
+    const double lse = warp_row_lse_d(st, K, tau_s, lane);
     double ce = 0.0, ps = 0.0;
     for (int k = lane; k < K; k += 32) {
         ce -= (double)Pj[k] * ((double)st[k] / tau_s - lse);

@@ -13,11 +13,12 @@
 
 // ------------------------------------------------------------------ small kernels
 
-// Count of abnormal tokens (the abnormal_fraction of the stats). One block, integer sums.
-__global__ void count_nonzero_kernel(long long *out, const uint8_t *x, int64_t n) {
-    __shared__ long long part[TPB];
-    long long s = 0;
-    for (int64_t i = threadIdx.x; i < n; i += TPB) s += x[i] != 0;
+// *out = how many of x[0..n) satisfy pred. One block of TPB threads, integer tree sum.
+template <typename Count, typename T, typename Pred>
+__global__ void count_kernel(Count *out, const T *x, int64_t n, Pred pred) {
+    __shared__ Count part[TPB];
+    Count s = 0;
+    for (int64_t i = threadIdx.x; i < n; i += TPB) s += pred(x[i]);
     part[threadIdx.x] = s;
     __syncthreads();
     for (int w = TPB / 2; w > 0; w >>= 1) {
@@ -27,19 +28,14 @@ __global__ void count_nonzero_kernel(long long *out, const uint8_t *x, int64_t n
     if (threadIdx.x == 0) *out = part[0];
 }
 
-// Count of non-finite values (af_trainer_restore's all_finite). One block.
-__global__ void count_nonfinite_kernel(int *out, const float *x, int64_t n) {
-    __shared__ int part[TPB];
-    int s = 0;
-    for (int64_t i = threadIdx.x; i < n; i += TPB) s += !isfinite(x[i]);
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int w = TPB / 2; w > 0; w >>= 1) {
-        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) *out = part[0];
-}
+// abnormal tokens (the abnormal_fraction of the stats)
+struct is_nonzero {
+    __device__ bool operator()(uint8_t v) const { return v != 0; }
+};
+// non-finite values (af_trainer_restore's all_finite)
+struct is_nonfinite {
+    __device__ bool operator()(float v) const { return !isfinite(v); }
+};
 
 // The total loss (as af_trainer_grads, in double) and the update flag: finite loss and
 // finite gradient norm.
@@ -261,7 +257,7 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
     // 1. synthetic lesions, determined by (seed, step, image index)
     AF_TRY(af_cuda_slm_generate(ctx, t->x_prime, t->mask, t->abn, t->images, B, t->S, c->net.P,
                                 &c->slm, c->seed, (uint64_t)t->step, 0));
-    count_nonzero_kernel<<<1, TPB, 0, ctx->stream>>>(&d->n_abn, t->abn, (int64_t)BL);
+    count_kernel<<<1, TPB, 0, ctx->stream>>>(&d->n_abn, t->abn, (int64_t)BL, is_nonzero());
     AF_CUDA_LAUNCHED();
     AF_TRY(prepare_inputs(t, B));
     AF_TRY(af_cuda_normalize_images(ctx, t->img_prime, t->x_prime, B, t->C, t->S));
@@ -401,8 +397,8 @@ static af_status queue_restore(af_cuda_trainer *t, const uint8_t *images,
     AF_TRY(prepare_inputs(t, B));
     AF_TRY(af_cuda_encoder_forward(ctx, t->model, AF_STUDENT, t->img, B));
     AF_TRY(af_cuda_decoder_forward(ctx, t->model, t->model->enc_acts[AF_STUDENT].out, t->abn, B));
-    count_nonfinite_kernel<<<1, TPB, 0, ctx->stream>>>(&t->dev->nonfinite, t->model->dec_acts.pred,
-                                                       (int64_t)B * t->L * t->Q);
+    count_kernel<<<1, TPB, 0, ctx->stream>>>(&t->dev->nonfinite, t->model->dec_acts.pred,
+                                             (int64_t)B * t->L * t->Q, is_nonfinite());
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }
