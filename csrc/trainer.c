@@ -29,16 +29,7 @@ void af_trainer_free(af_trainer *t) {
 
 af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int batch) {
     *out = NULL;
-    AF_CHECK(batch >= 1, AF_EINVAL, "batch size must be >= 1, got %d", batch);
-    AF_TRY(af_config_validate(&cfg->net));
-    AF_TRY(slm_config_check(&cfg->slm));
-    AF_CHECK(cfg->objective == AF_OBJECTIVE_PAPER || cfg->objective == AF_OBJECTIVE_RELEASED,
-             AF_EINVAL, "objective must be 'paper' or 'released'");
-    AF_CHECK(cfg->tau_s > 0 && cfg->tau > 0 && cfg->sinkhorn_eps > 0, AF_EINVAL,
-             "temperatures must be > 0");
-    AF_CHECK(cfg->sinkhorn_iters >= 0, AF_EINVAL, "sinkhorn_iters must be >= 0");
-    AF_CHECK(cfg->sched.total_steps >= 1 && cfg->sched.steps_per_epoch >= 1, AF_EINVAL,
-             "total_steps and steps_per_epoch must be >= 1");
+    AF_TRY(af_trainer_config_check(cfg, batch));
     af_trainer *t = af_calloc(1, sizeof *t);
     if (t == NULL) return AF_ENOMEM;
     t->cfg = *cfg;

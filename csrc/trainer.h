@@ -66,6 +66,9 @@ typedef struct {
 } af_trainer;
 
 af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int batch);
+/* The checks of af_trainer_create on its arguments (trainer_config.c; the GPU trainer makes
+ * them too). AF_EINVAL naming the first bad one. */
+af_status af_trainer_config_check(const af_trainer_config *cfg, int batch);
 void af_trainer_free(af_trainer *t);
 
 /* One step on images[B,S,S] (uint8 normal images, B <= capacity). On AF_ENONFINITE the

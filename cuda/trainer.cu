@@ -106,17 +106,7 @@ extern "C" void af_cuda_trainer_free(af_cuda_trainer *t) {
 extern "C" af_status af_cuda_trainer_create(af_cuda_trainer **out, const af_trainer_config *cfg,
                                             int batch, int device) {
     *out = nullptr;
-    // the checks of af_trainer_create, in its order
-    AF_CHECK(batch >= 1, AF_EINVAL, "batch size must be >= 1, got %d", batch);
-    AF_TRY(af_config_validate(&cfg->net));
-    AF_TRY(slm_config_check(&cfg->slm));
-    AF_CHECK(cfg->objective == AF_OBJECTIVE_PAPER || cfg->objective == AF_OBJECTIVE_RELEASED,
-             AF_EINVAL, "objective must be 'paper' or 'released'");
-    AF_CHECK(cfg->tau_s > 0 && cfg->tau > 0 && cfg->sinkhorn_eps > 0, AF_EINVAL,
-             "temperatures must be > 0");
-    AF_CHECK(cfg->sinkhorn_iters >= 0, AF_EINVAL, "sinkhorn_iters must be >= 0");
-    AF_CHECK(cfg->sched.total_steps >= 1 && cfg->sched.steps_per_epoch >= 1, AF_EINVAL,
-             "total_steps and steps_per_epoch must be >= 1");
+    AF_TRY(af_trainer_config_check(cfg, batch));  // the checks of af_trainer_create
     AF_CHECK(cfg->precision == AF_PRECISION_FP32 || cfg->precision == AF_PRECISION_BF16,
              AF_EINVAL, "precision must be 'bf16' or 'fp32'");
     af_cuda_trainer *t = (af_cuda_trainer *)af_calloc(1, sizeof *t);
