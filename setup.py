@@ -184,7 +184,8 @@ if USE_CUDA:
         libraries=cuda_libs + ["stdc++", "m"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
-        depends=glob.glob("csrc/*.h") + glob.glob("cuda/*.cuh"),
+        # the .cu files too, so that editing one relinks the extension
+        depends=glob.glob("csrc/*.h") + glob.glob("cuda/*.cuh") + cuda_sources,
     ))
 
 setup(ext_modules=exts, cmdclass={"build_ext": BuildExt})
