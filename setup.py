@@ -61,6 +61,8 @@ CUDA_BINDING = CUDA_ONLY + ["csrc/error.c", "csrc/py_util.c", "csrc/slm.c",
                              "csrc/py_args.c",
                              # the Trainer methods shared with the CPU binding
                              "csrc/py_trainer_common.c",
+                             # DLPack export shared with afire._C.Tensor
+                             "csrc/py_dlpack.c",
                              # the GPU trainer: config parsing, layouts + init, schedules
                              "csrc/trainer_config.c", "csrc/params.c", "csrc/ops/sincos.c",
                              "csrc/schedule.c"]

@@ -230,18 +230,26 @@ PyObject *af_py_trainer_param_table(PyObject *self, PyObject *arg) {
         api_->release(t);                                                \
     } while (0)
 
+/* The trainer behind self for the setter of `name`, or NULL with an exception set (not
+ * initialised; deletion). */
+static void *setter_target(PyObject *self, PyObject *value, const char *name,
+                           af_py_trainer_view *v) {
+    void *t = ready_view(self, v);
+    if (t != NULL && value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "%s cannot be deleted", name);
+        return NULL;
+    }
+    return t;
+}
+
 static PyObject *get_step(PyObject *self, void *c) {
     af_py_trainer_view v;
     return ready_view(self, &v) ? PyLong_FromLongLong(*v.step) : NULL;
 }
 static int set_step(PyObject *self, PyObject *value, void *c) {
     af_py_trainer_view v;
-    void *t = ready_view(self, &v);
+    void *t = setter_target(self, value, "step", &v);
     if (t == NULL) return -1;
-    if (value == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "step cannot be deleted");
-        return -1;
-    }
     long long s = PyLong_AsLongLong(value);
     if (s == -1 && PyErr_Occurred()) return -1;
     if (s < 0) {
@@ -257,12 +265,8 @@ static PyObject *get_protos_set(PyObject *self, void *c) {
 }
 static int set_protos_set(PyObject *self, PyObject *value, void *c) {
     af_py_trainer_view v;
-    void *t = ready_view(self, &v);
+    void *t = setter_target(self, value, "prototypes_set", &v);
     if (t == NULL) return -1;
-    if (value == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "prototypes_set cannot be deleted");
-        return -1;
-    }
     int r = PyObject_IsTrue(value);
     if (r < 0) return -1;
     SET_HELD(self, t, v.protos_set, r);
