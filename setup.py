@@ -59,6 +59,10 @@ CUDA_ONLY = ["csrc/py_cuda.c", "csrc/cuda_module.c", "csrc/py_cuda_objective.c",
 CUDA_BINDING = CUDA_ONLY + ["csrc/error.c", "csrc/py_util.c", "csrc/slm.c",
                              # argument checks shared with the CPU bindings
                              "csrc/py_args.c",
+                             # the Trainer methods shared with the CPU binding
+                             "csrc/py_trainer_common.c",
+                             # DLPack export shared with afire._C.Tensor
+                             "csrc/py_dlpack.c",
                              # the GPU trainer: config parsing, layouts + init, schedules
                              "csrc/trainer_config.c", "csrc/params.c", "csrc/ops/sincos.c",
                              "csrc/schedule.c"]

@@ -19,6 +19,7 @@ except Exception:  # noqa: BLE001 - the benchmark reports "no torch" below
 from afire import _C
 
 from afire import cuda  # noqa: E402
+from _report import report  # noqa: E402
 
 
 
@@ -126,12 +127,7 @@ def main(argv=None):
             row["torch"] = torch_attention(torch, B, T, D, H, a.warmup, a.iters)
             row.update(ratios(row["afire"], row["torch"]))
         res["attention"][mode] = row
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return report(res, a.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ except Exception:  # noqa: BLE001 - memory then comes from nvidia-smi
 import numpy as np
 
 from afire import AFiRe, Config, cuda  # noqa: E402
+from _report import report  # noqa: E402
 
 
 def used_bytes():
@@ -104,12 +105,7 @@ def main():
     res["speedup_bf16_over_fp32"] = {p.strip(): ms[(p.strip(), "fp32")] / ms[(p.strip(), "bf16")]
                                      for p in a.presets.split(",")
                                      if (p.strip(), "fp32") in ms and (p.strip(), "bf16") in ms}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return 0 if all("error" not in r for r in res["rows"]) else 1
+    return report(res, a.out)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from afire import AFiRe, Config, cuda  # noqa: E402
 from afire import _C  # noqa: E402
+from _report import report  # noqa: E402
 
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
 
@@ -439,12 +440,7 @@ def main():
                                 if rows[ours]["gpu_mem_gib"] and rows[ref]["gpu_mem_gib"]
                                 else None)}
         res["ratios"][preset] = ratios
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return 0 if all("error" not in r for r in res["rows"]) else 1
+    return report(res, a.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@
 #include "../cuda/device_tensor.cuh"
 #include "common.h"
 #include "cuda_api.h"
-#include "dlpack.h"
+#include "py_dlpack.h"
 
 #define DT_MAX_DIMS 8
 
@@ -270,36 +270,11 @@ static PyObject *dt_cai(DeviceTensorObject *t, void *c) {
                          "stream", Py_None, "version", 3);
 }
 
-/* ---- DLPack (legacy "dltensor" capsule, which every consumer accepts) ---- */
-
-typedef struct {
-    DLManagedTensor managed;
-    int64_t shape[DT_MAX_DIMS];
-    PyObject *tensor; /* the exporting DeviceTensor: keeps the memory alive */
-} dl_ctx;
-
-static void dl_deleter(DLManagedTensor *m) {
-    dl_ctx *ctx = (dl_ctx *)m->manager_ctx;
-    PyGILState_STATE g = PyGILState_Ensure(); /* consumers may delete from any thread */
-    Py_XDECREF(ctx->tensor);
-    PyGILState_Release(g);
-    free(ctx);
-}
-
-static void dl_capsule_destructor(PyObject *cap) {
-    /* a consumer renames the capsule when it takes ownership; otherwise it is still ours */
-    if (PyCapsule_IsValid(cap, "dltensor")) {
-        DLManagedTensor *m = (DLManagedTensor *)PyCapsule_GetPointer(cap, "dltensor");
-        if (m != NULL && m->deleter != NULL) m->deleter(m);
-    }
-}
+/* ---- DLPack (legacy "dltensor" capsule, which every consumer accepts: py_dlpack.c) ---- */
 
 static PyObject *dt_dlpack(DeviceTensorObject *t, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"stream", "max_version", "dl_device", "copy", NULL};
-    PyObject *stream = Py_None, *max_version = Py_None, *dl_device = Py_None, *copy = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$OOOO:__dlpack__", kwlist, &stream,
-                                     &max_version, &dl_device, &copy))
-        return NULL;
+    PyObject *stream, *dl_device, *copy;
+    if (af_dlpack_args(args, kw, &stream, &dl_device, &copy) < 0) return NULL;
     /* stream: the consumer's stream (an int; -1: no synchronisation wanted; 1, 2: the legacy
      * and per-thread default streams; 0 is disallowed by the standard as ambiguous). The
      * data is complete before any export, so no stream needs to wait for anything. */
@@ -321,32 +296,11 @@ static PyObject *dt_dlpack(DeviceTensorObject *t, PyObject *args, PyObject *kw) 
             return NULL;
         }
     }
-    if (copy == Py_True) {
-        PyErr_SetString(PyExc_BufferError, "__dlpack__(copy=True) is not supported; export is "
-                                           "zero-copy");
-        return NULL;
-    }
-    dl_ctx *ctx = (dl_ctx *)calloc(1, sizeof *ctx);
-    if (ctx == NULL) return PyErr_NoMemory();
-    DLTensor *d = &ctx->managed.dl_tensor;
-    for (int i = 0; i < t->ndim; i++) ctx->shape[i] = t->shape[i];
-    d->data = t->data;
-    d->device.device_type = kDLCUDA;
-    d->device.device_id = t->device;
-    d->ndim = t->ndim;
-    d->dtype.code = t->dtype == AF_DT_FLOAT32 ? kDLFloat : t->dtype == AF_DT_INT32 ? kDLInt : kDLUInt;
-    d->dtype.bits = (uint8_t)(8 * dtype_size(t->dtype));
-    d->dtype.lanes = 1;
-    d->shape = ctx->shape;
-    d->strides = NULL; /* C-contiguous */
-    d->byte_offset = 0;
-    ctx->managed.manager_ctx = ctx;
-    ctx->managed.deleter = dl_deleter;
-    Py_INCREF(t);
-    ctx->tensor = (PyObject *)t;
-    PyObject *cap = PyCapsule_New(&ctx->managed, "dltensor", dl_capsule_destructor);
-    if (cap == NULL) dl_deleter(&ctx->managed);
-    return cap;
+    if (af_dlpack_refuse_copy(copy) < 0) return NULL;
+    DLDevice device = {kDLCUDA, t->device};
+    DLDataType dtype = {t->dtype == AF_DT_FLOAT32 ? kDLFloat : t->dtype == AF_DT_INT32 ? kDLInt : kDLUInt,
+                        (uint8_t)(8 * dtype_size(t->dtype)), 1};
+    return af_dlpack_capsule((PyObject *)t, t->data, device, dtype, t->ndim, t->shape, NULL);
 }
 
 static PyObject *dt_dlpack_device(DeviceTensorObject *t, PyObject *unused) {

@@ -3,7 +3,7 @@
 #include "tensor.h"
 
 #include "common.h"
-#include "dlpack.h"
+#include "py_dlpack.h"
 
 size_t af_dtype_size(af_dtype t) {
     switch (t) {
@@ -250,66 +250,20 @@ static PyBufferProcs tensor_as_buffer = {(getbufferproc)tensor_getbuffer, NULL};
 
 /* ---- DLPack ---- */
 
-typedef struct {
-    DLManagedTensor managed;
-    int64_t shape[AF_MAX_DIMS];
-    int64_t strides[AF_MAX_DIMS];
-    PyObject *tensor; /* keeps the exporting Tensor (and so the memory) alive */
-} af_dl_ctx;
-
-static void dl_deleter(DLManagedTensor *self) {
-    af_dl_ctx *ctx = (af_dl_ctx *)self->manager_ctx;
-    PyGILState_STATE g = PyGILState_Ensure(); /* consumers may call this from any thread */
-    Py_XDECREF(ctx->tensor);
-    PyGILState_Release(g);
-    free(ctx);
-}
-
-static void dl_capsule_destructor(PyObject *capsule) {
-    /* Only an unconsumed capsule still owns its DLManagedTensor. */
-    if (PyCapsule_IsValid(capsule, "dltensor")) {
-        DLManagedTensor *m = (DLManagedTensor *)PyCapsule_GetPointer(capsule, "dltensor");
-        if (m != NULL && m->deleter != NULL) m->deleter(m);
-    }
-}
-
 static PyObject *tensor_dlpack(AfTensor *t, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"stream", "max_version", "dl_device", "copy", NULL};
-    PyObject *stream = Py_None, *max_version = Py_None, *dl_device = Py_None, *copy = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOO:__dlpack__", kwlist, &stream,
-                                     &max_version, &dl_device, &copy))
+    PyObject *stream, *dl_device, *copy;
+    if (af_dlpack_args(args, kwds, &stream, &dl_device, &copy) < 0 ||
+        af_dlpack_refuse_copy(copy) < 0)
         return NULL;
-    if (copy == Py_True) {
-        PyErr_SetString(PyExc_BufferError, "__dlpack__(copy=True) is not supported; export is zero-copy");
-        return NULL;
-    }
-    af_dl_ctx *ctx = (af_dl_ctx *)calloc(1, sizeof *ctx);
-    if (ctx == NULL) return PyErr_NoMemory();
     size_t isz = af_dtype_size(t->dtype);
-    for (int i = 0; i < t->ndim; i++) {
-        ctx->shape[i] = t->shape[i];
-        ctx->strides[i] = t->strides[i] / (int64_t)isz;
-    }
-    DLTensor *d = &ctx->managed.dl_tensor;
-    d->data = t->data;
-    d->device.device_type = t->device == AF_DEVICE_CUDA ? kDLCUDA : kDLCPU;
-    d->device.device_id = t->device_id;
-    d->ndim = t->ndim;
-    d->dtype.code = t->dtype == AF_FLOAT32 ? kDLFloat
-                    : t->dtype == AF_INT32 ? kDLInt
-                    : t->dtype == AF_UINT8 ? kDLUInt : kDLBfloat;
-    d->dtype.bits = (uint8_t)(8 * isz);
-    d->dtype.lanes = 1;
-    d->shape = ctx->shape;
-    d->strides = ctx->strides;
-    d->byte_offset = 0;
-    ctx->managed.manager_ctx = ctx;
-    ctx->managed.deleter = dl_deleter;
-    Py_INCREF(t);
-    ctx->tensor = (PyObject *)t;
-    PyObject *cap = PyCapsule_New(&ctx->managed, "dltensor", dl_capsule_destructor);
-    if (cap == NULL) dl_deleter(&ctx->managed);
-    return cap;
+    int64_t strides[AF_MAX_DIMS];
+    for (int i = 0; i < t->ndim; i++) strides[i] = t->strides[i] / (int64_t)isz;
+    DLDevice device = {t->device == AF_DEVICE_CUDA ? kDLCUDA : kDLCPU, t->device_id};
+    DLDataType dtype = {t->dtype == AF_FLOAT32 ? kDLFloat
+                        : t->dtype == AF_INT32 ? kDLInt
+                        : t->dtype == AF_UINT8 ? kDLUInt : kDLBfloat,
+                        (uint8_t)(8 * isz), 1};
+    return af_dlpack_capsule((PyObject *)t, t->data, device, dtype, t->ndim, t->shape, strides);
 }
 
 static PyObject *tensor_dlpack_device(AfTensor *t, PyObject *unused) {

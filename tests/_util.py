@@ -1,7 +1,7 @@
 """Helpers shared by the model tests (imported as a plain module: tests/ is on sys.path)."""
 import numpy as np
 
-from afire import Config
+from afire import AFiRe, Config
 
 
 def phantom_like(n, s=32, seed=0):
@@ -22,3 +22,17 @@ def small_cfg(**kw):
     base = dict(epochs=2, warmup_epochs=1, batch_size=4)
     base.update(kw)
     return Config.preset_config("test", **base)
+
+
+def assert_runs_bit_identical(device, precision):
+    """Two 5-step runs from the same seed: equal losses, state tensors and encodings."""
+    def run():
+        m = AFiRe(small_cfg(seed=5, precision=precision), device=device, steps_per_epoch=2)
+        return [m.train_step(phantom_like(4, seed=i)) for i in range(5)], m
+    a, ma = run()
+    b, mb = run()
+    assert a == b
+    ta, tb = ma.state_tensors(), mb.state_tensors()
+    for k in ta:
+        np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
+    np.testing.assert_array_equal(ma.encode(phantom_like(2)), mb.encode(phantom_like(2)))

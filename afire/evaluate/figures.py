@@ -82,19 +82,25 @@ def _upsample(m: np.ndarray, size: int) -> np.ndarray:
     return np.kron(m, np.ones((r, r)))
 
 
-def overlay_figure(images: np.ndarray, maps: np.ndarray, path, titles: Sequence[str] | None = None,
-                   title: str = "", alpha: float = 0.45, cmap: str = "jet") -> str:
-    """Images with per-token maps ([B, g, g], e.g. Grad-CAM or restoration errors) laid
-    over them, each map scaled to its own [min, max]."""
+def _image_grid(b: int):
+    """A figure with b axes (at most 4 a row), every axis frame off; (fig, flat axes)."""
     plt = _plt()
-    b = len(images)
     cols = min(b, 4)
     rows = -(-b // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
+    return fig, axes.ravel()
+
+
+def overlay_figure(images: np.ndarray, maps: np.ndarray, path, titles: Sequence[str] | None = None,
+                   title: str = "", alpha: float = 0.45, cmap: str = "jet") -> str:
+    """Images with per-token maps ([B, g, g], e.g. Grad-CAM or restoration errors) laid
+    over them, each map scaled to its own [min, max]."""
+    b = len(images)
+    fig, axes = _image_grid(b)
     for i in range(b):
-        ax = axes.ravel()[i]
+        ax = axes[i]
         m = np.asarray(maps[i], np.float64)
         m = (m - m.min()) / (m.max() - m.min() + 1e-12)
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
@@ -138,15 +144,10 @@ def grid_figure(columns: Mapping[str, np.ndarray], path, title: str = "",
 def mask_figure(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, path,
                 title: str = "", titles: Sequence[str] | None = None) -> str:
     """Segmentation: image, ground-truth contour (green) and predicted mask (red)."""
-    plt = _plt()
     b = len(images)
-    cols = min(b, 4)
-    rows = -(-b // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    fig, axes = _image_grid(b)
     for i in range(b):
-        ax = axes.ravel()[i]
+        ax = axes[i]
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
         p = np.ma.masked_where(pred[i] < 0.5, np.zeros_like(pred[i], float))  # red
         ax.imshow(p, cmap="autumn", alpha=0.45, vmin=0, vmax=1)

@@ -98,6 +98,15 @@ def train_early_stopping(net, n_train: int, batch_args: Callable, val_score: Cal
             "best_val": best if best > -math.inf else float("nan"), "steps": step}
 
 
+def train_then_test(d: EvalData, t: EvalData) -> tuple[EvalData, list]:
+    """`d` then `t` in one EvalData (images, abnormal, groups) and the single split that
+    trains (and validates) on all of `d` and tests on all of `t`."""
+    both = EvalData(images=np.concatenate([d.images, t.images]),
+                    abnormal=np.concatenate([d.abnormal, t.abnormal]),
+                    groups=np.concatenate([d.groups, t.groups]), source=d.source)
+    return both, [(np.arange(len(d)), len(d) + np.arange(len(t)))]
+
+
 def split_folds(d: EvalData, folds: int, test_fraction: float, seed: int):
     """[(train+val indices, test indices)] by group: k folds, or one hold-out."""
     if folds > 1:
@@ -146,12 +155,8 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     fractions = _as_fractions(label_fractions)
     if test_data is not None:
         t = load_data(test_data, S)
-        both = EvalData(images=np.concatenate([d.images, t.images]),
-                        abnormal=np.concatenate([d.abnormal, t.abnormal]),
-                        groups=np.concatenate([d.groups, t.groups]), source=d.source)
         y = np.concatenate([y, t.targets(target)[0]])
-        splits = [(np.arange(len(d)), len(d) + np.arange(len(t)))]
-        d = both
+        d, splits = train_then_test(d, t)
     else:
         splits = split_folds(d, folds, test_fraction, seed)
     cfg = model.cfg.to_dict()

@@ -26,7 +26,7 @@ from . import metrics as M
 from .common import (EvalData, copy_teacher_encoder, downstream, load_data, load_model,
                      mean_std, subsample, try_figures, write_results)
 from .finetune import (_as_fractions, predict_padded, split_folds, split_val,
-                       train_early_stopping)
+                       train_early_stopping, train_then_test)
 
 
 def masks_of(d: EvalData, mask: str) -> tuple[EvalData, np.ndarray]:
@@ -68,10 +68,7 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     fractions = _as_fractions(label_fractions)
     if test_data is not None:
         t, mt = masks_of(load_data(test_data, S), mask)
-        splits = [(np.arange(len(d)), len(d) + np.arange(len(t)))]
-        d = EvalData(images=np.concatenate([d.images, t.images]),
-                     abnormal=np.concatenate([d.abnormal, t.abnormal]),
-                     groups=np.concatenate([d.groups, t.groups]), source=d.source)
+        d, splits = train_then_test(d, t)
         m = np.concatenate([m, mt])
     else:
         splits = split_folds(d, folds, test_fraction, seed)

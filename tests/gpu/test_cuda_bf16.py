@@ -23,8 +23,8 @@ Config checks at the top run everywhere).
 import numpy as np
 import pytest
 
-from _util import phantom_like, small_cfg
-from afire import AFiRe, Config, cuda
+from _util import assert_runs_bit_identical, phantom_like, small_cfg
+from afire import AFiRe, Config
 
 pytestmark = pytest.mark.gpu
 
@@ -46,15 +46,6 @@ def test_cpu_ignores_precision():
     a = AFiRe(small_cfg(precision="bf16"), device="cpu", steps_per_epoch=2)
     b = AFiRe(small_cfg(precision="fp32"), device="cpu", steps_per_epoch=2)
     assert a._t.gradients(x) == b._t.gradients(x)
-
-
-@pytest.fixture
-def gpu():
-    if not cuda.compiled():
-        pytest.skip("no CUDA GPU visible: afire was built without the CUDA backend "
-                    "(rebuild with AFIRE_CUDA=1 and nvcc)")
-    if cuda.device_count() == 0:
-        pytest.skip("no CUDA GPU visible: afire.cuda.device_count() == 0 (no driver or no GPU)")
 
 
 def pair(**kw):
@@ -151,16 +142,7 @@ def test_bf16_sees_uploaded_weights():
 
 @pytest.mark.usefixtures("gpu")
 def test_two_bf16_runs_are_bit_identical():
-    def run():
-        m = AFiRe(small_cfg(seed=5, precision="bf16"), device="cuda", steps_per_epoch=2)
-        return [m.train_step(phantom_like(4, seed=i)) for i in range(5)], m
-    a, ma = run()
-    b, mb = run()
-    assert a == b
-    ta, tb = ma.state_tensors(), mb.state_tensors()
-    for k in ta:
-        np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
-    np.testing.assert_array_equal(ma.encode(phantom_like(2)), mb.encode(phantom_like(2)))
+    assert_runs_bit_identical(device="cuda", precision="bf16")
 
 
 @pytest.mark.usefixtures("gpu")

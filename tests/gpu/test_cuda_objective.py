@@ -20,24 +20,9 @@ from afire import cuda
 
 from _util import phantom_like
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu")]
 slm = _C.slm
 obj = _C.objective
-
-
-def _no_gpu_reason():
-    if not cuda.compiled():
-        return "afire was built without the CUDA backend (rebuild with AFIRE_CUDA=1 and nvcc)"
-    if cuda.device_count() == 0:
-        return "afire.cuda.device_count() == 0 (no driver or no GPU)"
-    return None
-
-
-@pytest.fixture(autouse=True)
-def _need_gpu():
-    reason = _no_gpu_reason()
-    if reason is not None:
-        pytest.skip("no CUDA GPU visible: " + reason)
 
 
 def assert_grad_close(got, want, rel=1e-4, atol=1e-6):

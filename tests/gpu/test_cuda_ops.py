@@ -15,22 +15,7 @@ from afire import _C
 from afire import cuda  # noqa: E402
 
 ops = _C.ops
-pytestmark = pytest.mark.gpu
-
-
-def _no_gpu_reason():
-    if not cuda.compiled():
-        return "afire was built without the CUDA backend (rebuild with AFIRE_CUDA=1 and nvcc)"
-    if cuda.device_count() == 0:
-        return "afire.cuda.device_count() == 0 (no driver or no GPU)"
-    return None
-
-
-@pytest.fixture(autouse=True)
-def _need_gpu():
-    reason = _no_gpu_reason()
-    if reason is not None:
-        pytest.skip("no CUDA GPU visible: " + reason)
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu")]
 
 
 RNG = np.random.default_rng(20250301)

@@ -31,26 +31,7 @@ if cuda.compiled():
     except Exception:  # noqa: BLE001 - the cupy tests skip
         cupy = None
 
-pytestmark = pytest.mark.gpu
-
-
-def _no_gpu_reason():
-    if not cuda.compiled():
-        return "afire was built without the CUDA backend (rebuild with AFIRE_CUDA=1 and nvcc)"
-    if cuda.device_count() == 0:
-        return "afire.cuda.device_count() == 0 (no driver or no GPU)"
-    return None
-
-
-def _skip_without_gpu():
-    reason = _no_gpu_reason()
-    if reason is not None:
-        pytest.skip("no CUDA GPU visible: " + reason)
-
-
-@pytest.fixture(autouse=True)
-def _need_gpu():
-    _skip_without_gpu()
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu")]
 
 
 def need_torch():
@@ -68,8 +49,7 @@ def need_cupy():
 
 
 @pytest.fixture(scope="module")
-def model():
-    _skip_without_gpu()  # module fixtures run before the autouse one
+def model(gpu):  # module fixtures run before the per-test one: ask for it here too
     # batch capacity 4: six images are encoded as 4 + 2, as encode() splits them
     return AFiRe(small_cfg(), device="cuda", steps_per_epoch=2)
 

@@ -17,27 +17,12 @@ Skipped with a visible reason when the build has no CUDA backend or no GPU is vi
 import numpy as np
 import pytest
 
-from _util import phantom_like, small_cfg
-from afire import AFiRe, cuda
+from _util import assert_runs_bit_identical, phantom_like, small_cfg
+from afire import AFiRe
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu")]
 
 NETS = ("encoder", "head", "decoder")
-
-
-def _no_gpu_reason():
-    if not cuda.compiled():
-        return "afire was built without the CUDA backend (rebuild with AFIRE_CUDA=1 and nvcc)"
-    if cuda.device_count() == 0:
-        return "afire.cuda.device_count() == 0 (no driver or no GPU)"
-    return None
-
-
-@pytest.fixture(autouse=True)
-def _need_gpu():
-    reason = _no_gpu_reason()
-    if reason is not None:
-        pytest.skip("no CUDA GPU visible: " + reason)
 
 
 def pair(**kw):
@@ -122,16 +107,7 @@ def test_fifty_steps_track_the_cpu_loss_curve():
 
 
 def test_two_gpu_runs_are_bit_identical():
-    def run():
-        m = AFiRe(small_cfg(seed=5, precision="fp32"), device="cuda", steps_per_epoch=2)
-        return [m.train_step(phantom_like(4, seed=i)) for i in range(5)], m
-    a, ma = run()
-    b, mb = run()
-    assert a == b
-    ta, tb = ma.state_tensors(), mb.state_tensors()
-    for k in ta:
-        np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
-    np.testing.assert_array_equal(ma.encode(phantom_like(2)), mb.encode(phantom_like(2)))
+    assert_runs_bit_identical(device="cuda", precision="fp32")
 
 
 def test_inference_matches_cpu(tmp_path):
