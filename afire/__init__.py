@@ -15,7 +15,7 @@ _lib = os.path.join(_openblas.get_lib_dir(), "lib" + _openblas.get_library() + "
 if os.path.exists(_lib):
     ctypes.CDLL(_lib, mode=ctypes.RTLD_GLOBAL)
 
-from . import _C  # noqa: E402
+from . import _C  # noqa: E402,F401  (afire._C: the C core, public for tests and tools)
 from ._C import Tensor  # noqa: E402
 from .config import Config  # noqa: E402
 from .device import cuda_available, require_device  # noqa: E402
@@ -23,4 +23,5 @@ from .model import AFiRe  # noqa: E402
 from .pretrain import pretrain  # noqa: E402  (the function; the module stays importable)
 
 __version__ = "0.1.0"
-__all__ = ["AFiRe", "Config", "pretrain", "Tensor", "cuda_available", "require_device", "__version__"]
+__all__ = ["AFiRe", "Config", "pretrain", "Tensor", "cuda_available", "require_device",
+           "__version__"]

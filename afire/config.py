@@ -139,7 +139,8 @@ class Config:
         need(1 <= lo <= hi, f"slm_size must satisfy 1 <= lo <= hi, got {self.slm_size}")
         need(self.token_rule in ("paper", "released"), "token_rule must be 'paper' or 'released'")
         need(self.objective in ("paper", "released"), "objective must be 'paper' or 'released'")
-        need(self.clip_mode in ("per_tensor", "global"), "clip_mode must be 'per_tensor' or 'global'")
+        need(self.clip_mode in ("per_tensor", "global"),
+             "clip_mode must be 'per_tensor' or 'global'")
         need(self.precision in ("bf16", "fp32"),
              f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         need(self.batch_size >= 1, "batch_size must be >= 1")

@@ -12,7 +12,8 @@ def cuda_available() -> bool:
 def require_device(device: str) -> str:
     """Validate a device string ('cpu', 'cuda' or 'cuda:N'); raise a clear error otherwise."""
     if not isinstance(device, str):
-        raise TypeError(f"device must be a string such as 'cpu' or 'cuda', got {type(device).__name__}")
+        raise TypeError("device must be a string such as 'cpu' or 'cuda', "
+                        f"got {type(device).__name__}")
     if device == "cpu":
         return device
     if device == "cuda" or device.startswith("cuda:"):
@@ -21,7 +22,8 @@ def require_device(device: str) -> str:
         n = cuda.device_count()
         idx = 0 if device == "cuda" else int(device.split(":", 1)[1])
         if n == 0:
-            raise RuntimeError("device='cuda' was requested but no CUDA GPU is visible on this machine")
+            raise RuntimeError("device='cuda' was requested but no CUDA GPU is visible on this "
+                               "machine")
         if not 0 <= idx < n:
             raise ValueError(f"device={device!r}: only {n} CUDA device(s) visible")
         return device

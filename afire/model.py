@@ -178,7 +178,8 @@ class AFiRe:
                 flat = bufs[f"{prefix}.{net}"]
                 for p in tables[net]:
                     n = int(np.prod(p["shape"]))
-                    out[f"{prefix}.{net}.{p['name']}"] = flat[p["offset"]:p["offset"] + n].reshape(p["shape"])
+                    view = flat[p["offset"]:p["offset"] + n]
+                    out[f"{prefix}.{net}.{p['name']}"] = view.reshape(p["shape"])
         out["prototypes"] = bufs["prototypes"].reshape(self.num_patches, self.cfg.num_prototypes)
         return bufs, out
 

@@ -16,7 +16,6 @@ try:  # torch first: its CUDA libraries are newer than the toolkit's; loaded lat
 except Exception:  # noqa: BLE001 - the benchmark reports "no torch" below
     pass
 
-from afire import _C
 
 from afire import cuda  # noqa: E402
 from _report import report  # noqa: E402

@@ -349,7 +349,7 @@ def bench_afire(preset, batch, precision, x, steps, warmup):
     before = used_bytes()
     m = AFiRe(cfg, device="cuda", steps_per_epoch=1)
     m._t.step = 20  # past warm-up and the last-layer freeze: every tensor is updated
-    times, out = timed(lambda: m.train_step(x), steps, warmup, lambda: None)
+    times, out = timed(lambda: m.train_step(x), steps, warmup, lambda: None)  # noqa: F821
     mem = used_bytes() - before
     del m
     return row(f"afire_{precision}", preset, batch, times, out["loss"], mem)
@@ -370,7 +370,7 @@ def bench_torch(preset, batch, bf16, x, xp, abn, steps, warmup, device, compile_
     if pin:
         xs = [a.pin_memory() for a in xs]
     sync = torch.cuda.synchronize if cuda_dev else (lambda: None)
-    times, loss = timed(lambda: t.step(*xs), steps, warmup, sync)
+    times, loss = timed(lambda: t.step(*xs), steps, warmup, sync)  # noqa: F821
     extra = {"compiled": compile_}
     mem = None
     if cuda_dev:

@@ -271,8 +271,8 @@ def test_augment_crop_is_a_bilinear_resize_of_a_window():
 
     for i in range(3):
         best = min(
-            (np.abs(np.floor(resize(x[i, t:t + w, l:l + w]) + 0.5) - out[i]).max(), t, l)
-            for t in range(S - w + 1) for l in range(S - w + 1))
+            (np.abs(np.floor(resize(x[i, t:t + w, c:c + w]) + 0.5) - out[i]).max(), t, c)
+            for t in range(S - w + 1) for c in range(S - w + 1))
         assert best[0] <= 1  # one window reproduces the output (rounding aside)
 
 

@@ -20,6 +20,8 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .image import DICOM_EXTS, IMAGE_EXTS, list_image_files
 
 NIH_FINDINGS = (
@@ -394,8 +396,6 @@ def decode_rle(rle: str, height: int, width: int, relative: bool = True) -> "np.
     (the original train-rle.csv) each run's start counts from the end of the previous run;
     with relative=False starts are absolute (standard Kaggle RLE, 1-based). "-1" or ""
     is an empty mask."""
-    import numpy as np
-
     flat = np.zeros(height * width, np.uint8)
     s = rle.strip()
     if s in ("", "-1"):

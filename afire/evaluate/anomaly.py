@@ -164,7 +164,8 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
         "metrics": metrics,
         "adaptation": {"steps": len(log),
                        "loss_first": float(np.mean([r["loss"] for r in log[:10]])) if log else None,
-                       "loss_last": float(np.mean([r["loss"] for r in log[-10:]])) if log else None},
+                       "loss_last": (float(np.mean([r["loss"] for r in log[-10:]]))
+                                     if log else None)},
         "arrays": arrays,
         "figures": [],
     }
