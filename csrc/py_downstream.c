@@ -510,7 +510,7 @@ static int classifier_init(ClassifierObject *self, PyObject *args, PyObject *kw)
         af_raise(st);
         return -1;
     }
-    c->aug = ac;
+    c->net.aug = ac;
     af_classifier_free(self->c);
     self->c = c;
     return 0;
@@ -563,7 +563,7 @@ static PyObject *cls_run(ClassifierObject *self, PyObject *args, PyObject *kw, i
     if (!ok || check_seed_step(0, step) < 0) return NULL;
     af_classifier *c = cls_ready(self);
     if (c == NULL) return NULL;
-    PyArrayObject *img = images_arg(io, "images", c->S, 1, c->B), *tg = NULL;
+    PyArrayObject *img = images_arg(io, "images", c->net.S, 1, c->net.B), *tg = NULL;
     if (img == NULL) return NULL;
     tg = targets_arg(to, PyArray_DIM(img, 0), c->NC);
     if (tg == NULL) {
@@ -574,7 +574,7 @@ static PyObject *cls_run(ClassifierObject *self, PyObject *args, PyObject *kw, i
     af_ft_step_args a = {(float)lr, (float)wd, BETA1, BETA2, ADAM_EPS, step};
     double loss = 0;
     af_status st;
-    RUN_LOCKED(af_classifier_acquire, af_classifier_release, c, st,
+    RUN_LOCKED(af_ft_acquire, af_ft_release, &c->net, st,
                update ? af_classifier_step(c, &loss, AF_U8(img), AF_F32(tg), B, augment, &a)
                       : af_classifier_grads(c, &loss, AF_U8(img), AF_F32(tg), B, augment, step));
     Py_DECREF(img);
@@ -593,12 +593,12 @@ static PyObject *cls_gradients(ClassifierObject *self, PyObject *args, PyObject 
 static PyObject *cls_predict(ClassifierObject *self, PyObject *arg) {
     af_classifier *c = cls_ready(self);
     if (c == NULL) return NULL;
-    PyArrayObject *img = images_arg(arg, "images", c->S, 0, 0);
+    PyArrayObject *img = images_arg(arg, "images", c->net.S, 0, 0);
     if (img == NULL) return NULL;
     npy_intp shape[2] = {PyArray_DIM(img, 0), c->NC};
     PyArrayObject *out = af_new_array(2, shape, NPY_FLOAT32);
     af_status st = AF_ENOMEM;
-    if (out) RUN_LOCKED(af_classifier_acquire, af_classifier_release, c, st,
+    if (out) RUN_LOCKED(af_ft_acquire, af_ft_release, &c->net, st,
                         af_classifier_predict(c, AF_F32(out), AF_U8(img), (int)shape[0]));
     Py_DECREF(img);
     if (st != AF_OK) {
@@ -619,12 +619,12 @@ static PyObject *cls_gradcam(ClassifierObject *self, PyObject *args, PyObject *k
         PyErr_Format(PyExc_ValueError, "class_index must be in [0, %d), got %d", c->NC, k);
         return NULL;
     }
-    PyArrayObject *img = images_arg(io, "images", c->S, 0, 0);
+    PyArrayObject *img = images_arg(io, "images", c->net.S, 0, 0);
     if (img == NULL) return NULL;
-    npy_intp shape[3] = {PyArray_DIM(img, 0), c->G, c->G};
+    npy_intp shape[3] = {PyArray_DIM(img, 0), c->net.G, c->net.G};
     PyArrayObject *out = af_new_array(3, shape, NPY_FLOAT32);
     af_status st = AF_ENOMEM;
-    if (out) RUN_LOCKED(af_classifier_acquire, af_classifier_release, c, st,
+    if (out) RUN_LOCKED(af_ft_acquire, af_ft_release, &c->net, st,
                         af_classifier_gradcam(c, AF_F32(out), AF_U8(img), (int)shape[0], k));
     Py_DECREF(img);
     if (st != AF_OK) {
@@ -636,23 +636,23 @@ static PyObject *cls_gradcam(ClassifierObject *self, PyObject *args, PyObject *k
 
 static PyObject *cls_encoder_params(ClassifierObject *self, PyObject *unused) {
     af_classifier *c = cls_ready(self);
-    return c ? flat_view((PyObject *)self, c->model->params[AF_NET_ENCODER],
-                         c->model->numel[AF_NET_ENCODER]) : NULL;
+    return c ? flat_view((PyObject *)self, c->net.model->params[AF_NET_ENCODER],
+                         c->net.model->numel[AF_NET_ENCODER]) : NULL;
 }
 static PyObject *cls_encoder_grads(ClassifierObject *self, PyObject *unused) {
     af_classifier *c = cls_ready(self);
-    return c ? flat_view((PyObject *)self, c->model->grads[AF_NET_ENCODER],
-                         c->model->numel[AF_NET_ENCODER]) : NULL;
+    return c ? flat_view((PyObject *)self, c->net.model->grads[AF_NET_ENCODER],
+                         c->net.model->numel[AF_NET_ENCODER]) : NULL;
 }
 static PyObject *cls_param_table(ClassifierObject *self, PyObject *unused) {
     af_classifier *c = cls_ready(self);
-    return c ? encoder_table(c->model) : NULL;
+    return c ? encoder_table(c->net.model) : NULL;
 }
 
 /* dict(norm_w [D], norm_b [D], fc_w [C,D], fc_b [C]) views of `base` (params or grads). */
 static PyObject *cls_head_dict(ClassifierObject *self, float *base) {
     af_classifier *c = self->c;
-    npy_intp D = c->D, NC = c->NC, s1[1] = {D}, s2[2] = {NC, D}, s3[1] = {NC};
+    npy_intp D = c->net.D, NC = c->NC, s1[1] = {D}, s2[2] = {NC, D}, s3[1] = {NC};
     PyObject *d = PyDict_New();
     if (d == NULL) return NULL;
     if (set_steal(d, "norm_w", view((PyObject *)self, base, 1, s1)) < 0 ||
@@ -665,18 +665,18 @@ static PyObject *cls_head_dict(ClassifierObject *self, float *base) {
     return d;
 }
 static PyObject *cls_head_params(ClassifierObject *self, PyObject *unused) {
-    return cls_ready(self) ? cls_head_dict(self, self->c->head) : NULL;
+    return cls_ready(self) ? cls_head_dict(self, self->c->net.head) : NULL;
 }
 static PyObject *cls_head_grads(ClassifierObject *self, PyObject *unused) {
-    return cls_ready(self) ? cls_head_dict(self, self->c->head_grad) : NULL;
+    return cls_ready(self) ? cls_head_dict(self, self->c->net.head_grad) : NULL;
 }
 
 static PyObject *cls_dims(ClassifierObject *self, void *unused) {
     af_classifier *c = cls_ready(self);
     if (c == NULL) return NULL;
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:O}", "batch", c->B, "S", c->S, "C",
-                         c->C, "P", c->P, "L", c->L, "T", c->T, "D", c->D, "num_classes", c->NC,
-                         "freeze_encoder", c->freeze_encoder ? Py_True : Py_False);
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:O}", "batch", c->net.B, "S", c->net.S, "C",
+                         c->net.C, "P", c->net.P, "L", c->net.L, "T", c->net.T, "D", c->net.D, "num_classes", c->NC,
+                         "freeze_encoder", c->net.freeze_encoder ? Py_True : Py_False);
 }
 
 static PyGetSetDef cls_getset[] = {
@@ -759,7 +759,7 @@ static int segmenter_init(SegmenterObject *self, PyObject *args, PyObject *kw) {
         af_raise(st);
         return -1;
     }
-    s->aug = ac;
+    s->net.aug = ac;
     s->smooth = (float)smooth;
     af_segmenter_free(self->s);
     self->s = s;
@@ -790,9 +790,9 @@ static PyObject *seg_run(SegmenterObject *self, PyObject *args, PyObject *kw, in
     if (!ok || check_seed_step(0, step) < 0) return NULL;
     af_segmenter *s = seg_ready(self);
     if (s == NULL) return NULL;
-    PyArrayObject *img = images_arg(io, "images", s->S, 1, s->B), *mask = NULL;
+    PyArrayObject *img = images_arg(io, "images", s->net.S, 1, s->net.B), *mask = NULL;
     if (img == NULL) return NULL;
-    mask = images_arg(mo, "masks", s->S, 1, s->B);
+    mask = images_arg(mo, "masks", s->net.S, 1, s->net.B);
     if (mask == NULL || af_check_dim(mask, "masks", 0, PyArray_DIM(img, 0)) < 0) {
         Py_DECREF(img);
         Py_XDECREF(mask);
@@ -802,7 +802,7 @@ static PyObject *seg_run(SegmenterObject *self, PyObject *args, PyObject *kw, in
     af_ft_step_args a = {(float)lr, (float)wd, BETA1, BETA2, ADAM_EPS, step};
     double loss = 0, bce = 0, dice = 0;
     af_status st;
-    RUN_LOCKED(af_segmenter_acquire, af_segmenter_release, s, st,
+    RUN_LOCKED(af_ft_acquire, af_ft_release, &s->net, st,
                update ? af_segmenter_step(s, &loss, &bce, &dice, AF_U8(img), AF_U8(mask), B,
                                           augment, &a)
                       : af_segmenter_grads(s, &loss, &bce, &dice, AF_U8(img), AF_U8(mask), B,
@@ -823,12 +823,12 @@ static PyObject *seg_gradients(SegmenterObject *self, PyObject *args, PyObject *
 static PyObject *seg_predict(SegmenterObject *self, PyObject *arg) {
     af_segmenter *s = seg_ready(self);
     if (s == NULL) return NULL;
-    PyArrayObject *img = images_arg(arg, "images", s->S, 0, 0);
+    PyArrayObject *img = images_arg(arg, "images", s->net.S, 0, 0);
     if (img == NULL) return NULL;
-    npy_intp shape[3] = {PyArray_DIM(img, 0), s->S, s->S};
+    npy_intp shape[3] = {PyArray_DIM(img, 0), s->net.S, s->net.S};
     PyArrayObject *out = af_new_array(3, shape, NPY_FLOAT32);
     af_status st = AF_ENOMEM;
-    if (out) RUN_LOCKED(af_segmenter_acquire, af_segmenter_release, s, st,
+    if (out) RUN_LOCKED(af_ft_acquire, af_ft_release, &s->net, st,
                         af_segmenter_predict(s, AF_F32(out), AF_U8(img), (int)shape[0]));
     Py_DECREF(img);
     if (st != AF_OK) {
@@ -840,45 +840,45 @@ static PyObject *seg_predict(SegmenterObject *self, PyObject *arg) {
 
 static PyObject *seg_encoder_params(SegmenterObject *self, PyObject *unused) {
     af_segmenter *s = seg_ready(self);
-    return s ? flat_view((PyObject *)self, s->model->params[AF_NET_ENCODER],
-                         s->model->numel[AF_NET_ENCODER]) : NULL;
+    return s ? flat_view((PyObject *)self, s->net.model->params[AF_NET_ENCODER],
+                         s->net.model->numel[AF_NET_ENCODER]) : NULL;
 }
 static PyObject *seg_encoder_grads(SegmenterObject *self, PyObject *unused) {
     af_segmenter *s = seg_ready(self);
-    return s ? flat_view((PyObject *)self, s->model->grads[AF_NET_ENCODER],
-                         s->model->numel[AF_NET_ENCODER]) : NULL;
+    return s ? flat_view((PyObject *)self, s->net.model->grads[AF_NET_ENCODER],
+                         s->net.model->numel[AF_NET_ENCODER]) : NULL;
 }
 static PyObject *seg_param_table(SegmenterObject *self, PyObject *unused) {
     af_segmenter *s = seg_ready(self);
-    return s ? encoder_table(s->model) : NULL;
+    return s ? encoder_table(s->net.model) : NULL;
 }
 
 static PyObject *seg_head_dict(SegmenterObject *self, float *base) {
     af_segmenter *s = self->s;
-    npy_intp PP = s->PP, sw[2] = {PP, s->D}, sb[1] = {PP};
+    npy_intp PP = s->PP, sw[2] = {PP, s->net.D}, sb[1] = {PP};
     PyObject *d = PyDict_New();
     if (d == NULL) return NULL;
     if (set_steal(d, "weight", view((PyObject *)self, base, 2, sw)) < 0 ||
-        set_steal(d, "bias", view((PyObject *)self, base + PP * s->D, 1, sb)) < 0) {
+        set_steal(d, "bias", view((PyObject *)self, base + PP * s->net.D, 1, sb)) < 0) {
         Py_DECREF(d);
         return NULL;
     }
     return d;
 }
 static PyObject *seg_head_params(SegmenterObject *self, PyObject *unused) {
-    return seg_ready(self) ? seg_head_dict(self, self->s->head) : NULL;
+    return seg_ready(self) ? seg_head_dict(self, self->s->net.head) : NULL;
 }
 static PyObject *seg_head_grads(SegmenterObject *self, PyObject *unused) {
-    return seg_ready(self) ? seg_head_dict(self, self->s->head_grad) : NULL;
+    return seg_ready(self) ? seg_head_dict(self, self->s->net.head_grad) : NULL;
 }
 
 static PyObject *seg_dims(SegmenterObject *self, void *unused) {
     af_segmenter *s = seg_ready(self);
     if (s == NULL) return NULL;
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:O}", "batch", s->B, "S", s->S, "C",
-                         s->C, "P", s->P, "L", s->L, "T", s->T, "D", s->D, "smooth",
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:O}", "batch", s->net.B, "S", s->net.S, "C",
+                         s->net.C, "P", s->net.P, "L", s->net.L, "T", s->net.T, "D", s->net.D, "smooth",
                          (double)s->smooth, "freeze_encoder",
-                         s->freeze_encoder ? Py_True : Py_False);
+                         s->net.freeze_encoder ? Py_True : Py_False);
 }
 
 static PyGetSetDef seg_getset[] = {
