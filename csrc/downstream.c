@@ -95,6 +95,11 @@ af_status af_ft_load(af_ft_net *n, const uint8_t **used_masks, const uint8_t *im
     return af_normalize_images(n->img, src, B, n->C, n->S);
 }
 
+af_status af_ft_load_chunk(af_ft_net *n, int *B, const uint8_t *images, int N, int first) {
+    *B = N - first < n->B ? N - first : n->B;
+    return af_normalize_images(n->img, images + (size_t)first * n->S * n->S, *B, n->C, n->S);
+}
+
 af_status af_ft_encoder_backward(af_ft_net *n) {
     if (n->freeze_encoder) return AF_OK;
     af_model *m = n->model;

@@ -131,6 +131,9 @@ af_status af_ft_check_step_args(const af_ft_step_args *a);
  * the masks that go with the images (the augmented ones or `masks`). */
 af_status af_ft_load(af_ft_net *n, const uint8_t **used_masks, const uint8_t *images,
                      const uint8_t *masks, int B, int augment, int64_t step);
+/* Inference in chunks of the batch capacity: *B = min(capacity, N - first) images from
+ * `first` of images[N,S,S] -> n->img, not augmented. */
+af_status af_ft_load_chunk(af_ft_net *n, int *B, const uint8_t *images, int N, int first);
 /* Encoder gradients (overwritten) from n->dtokens, unless the encoder is frozen. */
 af_status af_ft_encoder_backward(af_ft_net *n);
 /* AdamW over head segments of numel[i] floats laid out in order (decayed where decay[i]),

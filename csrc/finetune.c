@@ -154,10 +154,8 @@ af_status af_classifier_step(af_classifier *c, double *loss, const uint8_t *imag
 af_status af_classifier_predict(af_classifier *c, float *logits, const uint8_t *images, int N) {
     AF_CHECK(c && logits && images, AF_EINVAL, "classifier predict: NULL argument");
     AF_CHECK(N >= 0, AF_EINVAL, "classifier predict: N must be >= 0");
-    size_t SS = (size_t)c->net.S * c->net.S;
-    for (int s = 0; s < N; s += c->net.B) {
-        int B = N - s < c->net.B ? N - s : c->net.B;
-        AF_TRY(af_normalize_images(c->net.img, images + (size_t)s * SS, B, c->net.C, c->net.S));
+    for (int s = 0, B; s < N; s += B) {
+        AF_TRY(af_ft_load_chunk(&c->net, &B, images, N, s));
         AF_TRY(classifier_forward(c, B));
         memcpy(logits + (size_t)s * c->NC, c->logits, (size_t)B * c->NC * sizeof(float));
     }
@@ -175,11 +173,9 @@ af_status af_classifier_gradcam(af_classifier *c, float *cam, const uint8_t *ima
     af_model *m = c->net.model;
     const af_encoder_params *ep = &m->enc[AF_STUDENT];
     const af_encoder_acts *ea = &m->enc_acts[AF_STUDENT];
-    size_t SS = (size_t)c->net.S * c->net.S;
     int T = c->net.T, L = c->net.L, D = c->net.D, NC = c->NC;
-    for (int s = 0; s < N; s += c->net.B) {
-        int B = N - s < c->net.B ? N - s : c->net.B;
-        AF_TRY(af_normalize_images(c->net.img, images + (size_t)s * SS, B, c->net.C, c->net.S));
+    for (int s = 0, B; s < N; s += B) {
+        AF_TRY(af_ft_load_chunk(&c->net, &B, images, N, s));
         AF_TRY(classifier_forward(c, B));
         memset(c->dlogits, 0, (size_t)B * NC * sizeof(float));
         for (int b = 0; b < B; b++) c->dlogits[(size_t)b * NC + k] = 1.0f;

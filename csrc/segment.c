@@ -165,9 +165,8 @@ af_status af_segmenter_predict(af_segmenter *s, float *prob, const uint8_t *imag
     AF_CHECK(s && prob && images, AF_EINVAL, "segmenter predict: NULL argument");
     AF_CHECK(N >= 0, AF_EINVAL, "segmenter predict: N must be >= 0");
     size_t SS = (size_t)s->net.S * s->net.S;
-    for (int i = 0; i < N; i += s->net.B) {
-        int B = N - i < s->net.B ? N - i : s->net.B;
-        AF_TRY(af_normalize_images(s->net.img, images + (size_t)i * SS, B, s->net.C, s->net.S));
+    for (int i = 0, B; i < N; i += B) {
+        AF_TRY(af_ft_load_chunk(&s->net, &B, images, N, i));
         AF_TRY(segmenter_forward(s, B));
         float *o = prob + (size_t)i * SS;
         for (size_t k = 0; k < (size_t)B * SS; k++) {
