@@ -89,21 +89,9 @@ static int check_seed_step(long long seed, long long step) {
     return 0;
 }
 
-/* A zero-copy float32 view of `data` that keeps `owner` alive. */
-static PyObject *view(PyObject *owner, float *data, int ndim, const npy_intp *shape) {
-    PyObject *arr = PyArray_SimpleNewFromData(ndim, (npy_intp *)shape, NPY_FLOAT32, data);
-    if (arr == NULL) return NULL;
-    Py_INCREF(owner);
-    if (PyArray_SetBaseObject((PyArrayObject *)arr, owner) < 0) {
-        Py_DECREF(arr);
-        return NULL;
-    }
-    return arr;
-}
-
 static PyObject *flat_view(PyObject *owner, float *data, size_t n) {
     npy_intp shape[1] = {(npy_intp)n};
-    return view(owner, data, 1, shape);
+    return af_view_f32(owner, data, 1, shape);
 }
 
 /* d[key] = value, stealing the value reference. */
@@ -619,7 +607,7 @@ static PyObject *ft_head_dict(FtObject *self, float *base) {
     for (int i = 0; i < np; i++) {
         npy_intp shape[2] = {parts[i].rows, parts[i].cols};
         if (set_steal(d, parts[i].name,
-                      view((PyObject *)self, base, parts[i].cols ? 2 : 1, shape)) < 0) {
+                      af_view_f32((PyObject *)self, base, parts[i].cols ? 2 : 1, shape)) < 0) {
             Py_DECREF(d);
             return NULL;
         }
@@ -964,17 +952,9 @@ int af_register_downstream(PyObject *m) {
     PyObject *sub = af_add_submodule(m, "downstream", downstream_methods,
                                      "Downstream compute: augmentation, linear probe, "
                                      "fine-tuning classifier and segmenter (METHOD §6).");
-    if (sub == NULL || PyType_Ready(&ClassifierType) < 0 || PyType_Ready(&SegmenterType) < 0)
+    /* PyModule_AddType readies each type and adds it under its short name */
+    if (sub == NULL || PyModule_AddType(sub, &ClassifierType) < 0 ||
+        PyModule_AddType(sub, &SegmenterType) < 0)
         return -1;
-    Py_INCREF(&ClassifierType);
-    if (PyModule_AddObject(sub, "Classifier", (PyObject *)&ClassifierType) < 0) {
-        Py_DECREF(&ClassifierType);
-        return -1;
-    }
-    Py_INCREF(&SegmenterType);
-    if (PyModule_AddObject(sub, "Segmenter", (PyObject *)&SegmenterType) < 0) {
-        Py_DECREF(&SegmenterType);
-        return -1;
-    }
     return 0;
 }

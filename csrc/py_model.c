@@ -120,14 +120,7 @@ static void Networks_dealloc(NetworksObject *self) {
 
 static PyObject *view(NetworksObject *self, float *data, size_t n) {
     npy_intp shape[1] = {(npy_intp)n};
-    PyObject *arr = PyArray_SimpleNewFromData(1, shape, NPY_FLOAT32, data);
-    if (arr == NULL) return NULL;
-    Py_INCREF(self);
-    if (PyArray_SetBaseObject((PyArrayObject *)arr, (PyObject *)self) < 0) {
-        Py_DECREF(arr);
-        return NULL;
-    }
-    return arr;
+    return af_view_f32((PyObject *)self, data, 1, shape);
 }
 
 static PyObject *Networks_params(NetworksObject *self, PyObject *args, PyObject *kw) {
@@ -599,12 +592,7 @@ static PyMethodDef model_methods[] = {
 int af_register_model(PyObject *m) {
     PyObject *sub = af_add_submodule(m, "model", model_methods,
                                      "ViT encoder, projection head, restoration decoder, AdamW/EMA");
-    if (sub == NULL) return -1;
-    if (PyType_Ready(&NetworksType) < 0) return -1;
-    Py_INCREF(&NetworksType);
-    if (PyModule_AddObject(sub, "Networks", (PyObject *)&NetworksType) < 0) {
-        Py_DECREF(&NetworksType);
-        return -1;
-    }
+    /* PyModule_AddType readies the type and adds it under its short name */
+    if (sub == NULL || PyModule_AddType(sub, &NetworksType) < 0) return -1;
     return 0;
 }
