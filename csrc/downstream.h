@@ -99,10 +99,47 @@ typedef struct {
     int64_t step;              /* 0-based; Adam's t = step + 1, augmentation key */
 } af_ft_step_args;
 
+/* What the classifier and the segmenter both hold: the encoder, the sizes, one flat head
+ * buffer with its gradient and AdamW moments, the input buffers and the busy flag. It is
+ * the first member of both, so either converts to an af_ft_net pointer. */
+typedef struct {
+    af_model *model;           /* student encoder                                 */
+    const char *what;          /* "Classifier" / "Segmenter", for messages        */
+    int B, S, C, P, G, L, T, D;
+    int freeze_encoder;
+    uint64_t seed;             /* augmentation                                     */
+    af_augment_config aug;
+    size_t head_numel;
+    float *head, *head_grad, *head_m, *head_v;
+    uint8_t *aug_img, *aug_mask; /* [B,S,S]; aug_mask only when masks are augmented */
+    float *img;                /* [B,C,S,S] normalised                            */
+    float *dtokens;            /* [B,T,D]  d loss / d encoder output              */
+    int busy;
+} af_ft_net;
+
 /* Internal to downstream.c / finetune.c / segment.c. */
+/* Encoder (seed = the network seed), sizes and the buffers above (zeroed); on failure
+ * everything allocated is freed by af_ft_net_free. */
+af_status af_ft_net_init(af_ft_net *n, const char *what, const af_config *cfg, int batch,
+                         uint64_t seed, int freeze_encoder, size_t head_numel, int with_mask);
+void af_ft_net_free(af_ft_net *n);
+af_status af_ft_acquire(af_ft_net *n);
+void af_ft_release(af_ft_net *n);
+af_status af_ft_check_batch(const af_ft_net *n, int B);
 af_status af_ft_check_step_args(const af_ft_step_args *a);
-/* AdamW over the trainable tensors of the student encoder (table order, decay per table). */
-void af_ft_encoder_adamw(af_model *m, const af_ft_step_args *a);
+/* images (and masks, nullable) [B,S,S] -> n->img, augmented when `augment`; *used_masks =
+ * the masks that go with the images (the augmented ones or `masks`). */
+af_status af_ft_load(af_ft_net *n, const uint8_t **used_masks, const uint8_t *images,
+                     const uint8_t *masks, int B, int augment, int64_t step);
+/* Inference in chunks of the batch capacity: *B = min(capacity, N - first) images from
+ * `first` of images[N,S,S] -> n->img, not augmented. */
+af_status af_ft_load_chunk(af_ft_net *n, int *B, const uint8_t *images, int N, int first);
+/* Encoder gradients (overwritten) from n->dtokens, unless the encoder is frozen. */
+af_status af_ft_encoder_backward(af_ft_net *n);
+/* AdamW over head segments of numel[i] floats laid out in order (decayed where decay[i]),
+ * then over the encoder's trainable tensors (table order, decay per table) unless frozen. */
+void af_ft_adamw(af_ft_net *n, const af_ft_step_args *a, int nseg, const size_t *numel,
+                 const int *decay);
 /* Pointer to the last transformer block's output (before the final norm) [B,T,D] of the
  * last student encoder forward. */
 const float *af_ft_last_block(const af_model *m);
@@ -110,31 +147,20 @@ const float *af_ft_last_block(const af_model *m);
 /* ------------------------------------------------------------------ classifier */
 
 typedef struct {
-    af_model *model;           /* student encoder                                 */
-    int B, S, C, P, G, L, T, D, NC;
-    int freeze_encoder;
-    uint64_t seed;             /* augmentation                                     */
-    af_augment_config aug;
-    size_t head_numel;         /* 2D + NC*D + NC                                  */
-    float *head, *head_grad, *head_m, *head_v;
-    float *norm_w, *norm_b;    /* [D]      views into head                        */
+    af_ft_net net;             /* head_numel = 2D + NC*D + NC                     */
+    int NC;
+    float *norm_w, *norm_b;    /* [D]      views into net.head                    */
     float *fc_w, *fc_b;        /* [NC, D], [NC]                                   */
-    uint8_t *aug_img;          /* [B,S,S]                                         */
-    float *img;                /* [B,C,S,S] normalised                            */
     float *pooled;             /* [B,D]  mean of patch tokens                     */
     float *normed, *ln_mean, *ln_rstd; /* [B,D], [B], [B]                         */
     float *logits, *dlogits;   /* [B,NC]                                          */
     float *dnormed, *dpooled;  /* [B,D]                                           */
-    float *dtokens;            /* [B,T,D]                                         */
     float *dlast;              /* [B,T,D]  Grad-CAM: d logit / d last block out   */
-    int busy;
 } af_classifier;
 
 af_status af_classifier_create(af_classifier **out, const af_config *cfg, int num_classes,
                                int batch, uint64_t seed, int freeze_encoder);
 void af_classifier_free(af_classifier *c);
-af_status af_classifier_acquire(af_classifier *c);
-void af_classifier_release(af_classifier *c);
 
 /* Forward + backward on images[B,S,S] (augmented when `augment`), targets[B,NC]: fills
  * the head gradients and (unless frozen) the encoder gradients, overwriting them; no
@@ -154,30 +180,19 @@ af_status af_classifier_gradcam(af_classifier *c, float *cam, const uint8_t *ima
 /* ------------------------------------------------------------------ segmenter */
 
 typedef struct {
-    af_model *model;
-    int B, S, C, P, G, L, T, D, PP;
-    int freeze_encoder;
-    uint64_t seed;
+    af_ft_net net;             /* head_numel = PP*D + PP; masks augmented too     */
+    int PP;
     float smooth;              /* Dice smoothing constant (1.0)                   */
-    af_augment_config aug;
-    size_t head_numel;         /* PP*D + PP                                       */
-    float *head, *head_grad, *head_m, *head_v;
-    float *w, *b;              /* [PP, D], [PP] views into head                   */
-    uint8_t *aug_img, *aug_mask; /* [B,S,S]                                       */
-    float *img;                /* [B,C,S,S]                                       */
+    float *w, *b;              /* [PP, D], [PP] views into net.head               */
     float *tok;                /* [B*L, D]  patch tokens                          */
     float *plogits, *dplogits; /* [B*L, PP]                                       */
     float *logits, *dlogits;   /* [B, S*S]                                        */
     float *dtok;               /* [B*L, D]                                        */
-    float *dtokens;            /* [B,T,D]                                         */
-    int busy;
 } af_segmenter;
 
 af_status af_segmenter_create(af_segmenter **out, const af_config *cfg, int batch,
                               uint64_t seed, int freeze_encoder);
 void af_segmenter_free(af_segmenter *s);
-af_status af_segmenter_acquire(af_segmenter *s);
-void af_segmenter_release(af_segmenter *s);
 
 /* Forward + backward on images[B,S,S], masks[B,S,S] (0/1), gradients overwritten. */
 af_status af_segmenter_grads(af_segmenter *s, double *loss, double *bce, double *dice_loss,

@@ -14,13 +14,7 @@
 
 void af_classifier_free(af_classifier *c) {
     if (c == NULL) return;
-    af_model_free(c->model);
-    af_free(c->head);
-    af_free(c->head_grad);
-    af_free(c->head_m);
-    af_free(c->head_v);
-    af_free(c->aug_img);
-    af_free(c->img);
+    af_ft_net_free(&c->net);
     af_free(c->pooled);
     af_free(c->normed);
     af_free(c->ln_mean);
@@ -29,18 +23,9 @@ void af_classifier_free(af_classifier *c) {
     af_free(c->dlogits);
     af_free(c->dnormed);
     af_free(c->dpooled);
-    af_free(c->dtokens);
     af_free(c->dlast);
     af_free(c);
 }
-
-af_status af_classifier_acquire(af_classifier *c) {
-    if (__atomic_exchange_n(&c->busy, 1, __ATOMIC_ACQUIRE))
-        return af_error(AF_EBUSY, "this Classifier is being used by another thread");
-    return AF_OK;
-}
-
-void af_classifier_release(af_classifier *c) { __atomic_store_n(&c->busy, 0, __ATOMIC_RELEASE); }
 
 /* head layout: norm_w [D], norm_b [D], fc_w [NC,D], fc_b [NC] */
 typedef struct {
@@ -60,26 +45,15 @@ af_status af_classifier_create(af_classifier **out, const af_config *cfg, int NC
     AF_CHECK(batch >= 1, AF_EINVAL, "batch must be >= 1, got %d", batch);
     af_classifier *c = af_calloc(1, sizeof *c);
     if (c == NULL) return AF_ENOMEM;
-    af_config ec = *cfg;
-    ec.seed = seed;
-    af_status st = af_downstream_model(&c->model, &ec, batch);
+    size_t B = (size_t)batch, D = (size_t)cfg->D;
+    af_status st = af_ft_net_init(&c->net, "Classifier", cfg, batch, seed, freeze_encoder,
+                                  2 * D + (size_t)NC * D + (size_t)NC, 0);
     if (st != AF_OK) {
         af_classifier_free(c);
         return st;
     }
-    c->B = batch, c->S = cfg->S, c->C = cfg->C, c->P = cfg->P, c->G = cfg->S / cfg->P;
-    c->L = c->G * c->G, c->T = c->L + 1, c->D = cfg->D, c->NC = NC;
-    c->freeze_encoder = freeze_encoder != 0;
-    c->seed = seed;
-    c->aug = af_augment_default();
-    size_t B = (size_t)batch, D = (size_t)c->D, SS = (size_t)c->S * c->S;
-    c->head_numel = 2 * D + (size_t)NC * D + (size_t)NC;
-    c->head = af_calloc(c->head_numel, sizeof(float));
-    c->head_grad = af_calloc(c->head_numel, sizeof(float));
-    c->head_m = af_calloc(c->head_numel, sizeof(float));
-    c->head_v = af_calloc(c->head_numel, sizeof(float));
-    c->aug_img = af_calloc(B * SS, 1);
-    c->img = af_calloc(B * c->C * SS, sizeof(float));
+    c->NC = NC;
+    size_t T = (size_t)c->net.T;
     c->pooled = af_calloc(B * D, sizeof(float));
     c->normed = af_calloc(B * D, sizeof(float));
     c->ln_mean = af_calloc(B, sizeof(float));
@@ -88,15 +62,13 @@ af_status af_classifier_create(af_classifier **out, const af_config *cfg, int NC
     c->dlogits = af_calloc(B * NC, sizeof(float));
     c->dnormed = af_calloc(B * D, sizeof(float));
     c->dpooled = af_calloc(B * D, sizeof(float));
-    c->dtokens = af_calloc(B * c->T * D, sizeof(float));
-    c->dlast = af_calloc(B * c->T * D, sizeof(float));
-    if (!c->head || !c->head_grad || !c->head_m || !c->head_v || !c->aug_img || !c->img ||
-        !c->pooled || !c->normed || !c->ln_mean || !c->ln_rstd || !c->logits || !c->dlogits ||
-        !c->dnormed || !c->dpooled || !c->dtokens || !c->dlast) {
+    c->dlast = af_calloc(B * T * D, sizeof(float));
+    if (!c->pooled || !c->normed || !c->ln_mean || !c->ln_rstd || !c->logits || !c->dlogits ||
+        !c->dnormed || !c->dpooled || !c->dlast) {
         af_classifier_free(c);
         return AF_ENOMEM;
     }
-    head_view h = carve_head(c->head, c->D, NC);
+    head_view h = carve_head(c->net.head, (int)D, NC);
     c->norm_w = h.norm_w, c->norm_b = h.norm_b, c->fc_w = h.fc_w, c->fc_b = h.fc_b;
     for (size_t d = 0; d < D; d++) c->norm_w[d] = 1.0f;
     uint64_t stream = af_stream(AF_RNG_INIT, 0, HEAD_INIT_ITEM);
@@ -108,12 +80,12 @@ af_status af_classifier_create(af_classifier **out, const af_config *cfg, int NC
 
 /* ------------------------------------------------------------------ forward / backward */
 
-/* c->img[B,C,S,S] -> c->logits[B,NC] (encoder activations saved for the backward). */
+/* c->net.img[B,C,S,S] -> c->logits[B,NC] (encoder activations saved for the backward). */
 static af_status classifier_forward(af_classifier *c, int B) {
-    af_model *m = c->model;
-    AF_TRY(af_encoder_forward(m, AF_STUDENT, c->img, B));
+    af_model *m = c->net.model;
+    AF_TRY(af_encoder_forward(m, AF_STUDENT, c->net.img, B));
     const float *tok = m->enc_acts[AF_STUDENT].out;
-    int T = c->T, L = c->L, D = c->D;
+    int T = c->net.T, L = c->net.L, D = c->net.D;
     float inv = 1.0f / (float)L;
     for (int b = 0; b < B; b++) {
         float *p = c->pooled + (size_t)b * D;
@@ -130,9 +102,9 @@ static af_status classifier_forward(af_classifier *c, int B) {
     return AF_OK;
 }
 
-/* c->dlogits -> c->dtokens[B,T,D] (overwritten; cls row 0); head grads (+=) when `hg`. */
+/* c->dlogits -> c->net.dtokens[B,T,D] (overwritten; cls row 0); head grads (+=) when `hg`. */
 static void classifier_head_backward(af_classifier *c, float *hg, int B) {
-    int D = c->D, T = c->T, L = c->L, NC = c->NC;
+    int D = c->net.D, T = c->net.T, L = c->net.L, NC = c->NC;
     head_view g = {NULL, NULL, NULL, NULL};
     if (hg) g = carve_head(hg, D, NC);
     memset(c->dnormed, 0, (size_t)B * D * sizeof(float));
@@ -142,7 +114,7 @@ static void classifier_head_backward(af_classifier *c, float *hg, int B) {
                        c->ln_mean, c->ln_rstd, B, D);
     float inv = 1.0f / (float)L; /* d mean / d token_j */
     for (int b = 0; b < B; b++) {
-        float *dt = c->dtokens + (size_t)b * T * D;
+        float *dt = c->net.dtokens + (size_t)b * T * D;
         const float *dp = c->dpooled + (size_t)b * D;
         memset(dt, 0, (size_t)D * sizeof(float));
         for (int j = 1; j <= L; j++)
@@ -150,33 +122,17 @@ static void classifier_head_backward(af_classifier *c, float *hg, int B) {
     }
 }
 
-static af_status check_batch(const af_classifier *c, int B) {
-    AF_CHECK(B >= 1 && B <= c->B, AF_EINVAL, "batch of %d images: must be between 1 and the "
-             "batch capacity %d", B, c->B);
-    return AF_OK;
-}
-
 af_status af_classifier_grads(af_classifier *c, double *loss, const uint8_t *images,
                               const float *targets, int B, int augment, int64_t step) {
     AF_CHECK(c && loss && images && targets, AF_EINVAL, "classifier: NULL argument");
-    AF_TRY(check_batch(c, B));
+    AF_TRY(af_ft_check_batch(&c->net, B));
     AF_CHECK(step >= 0, AF_EINVAL, "step must be >= 0");
-    const uint8_t *src = images;
-    if (augment) {
-        AF_TRY(af_augment(c->aug_img, NULL, images, NULL, B, c->S, c->seed, step, &c->aug));
-        src = c->aug_img;
-    }
-    AF_TRY(af_normalize_images(c->img, src, B, c->C, c->S));
+    AF_TRY(af_ft_load(&c->net, NULL, images, NULL, B, augment, step));
     AF_TRY(classifier_forward(c, B));
     AF_TRY(af_bce_logits(loss, c->dlogits, NULL, c->logits, targets, B, c->NC));
-    memset(c->head_grad, 0, c->head_numel * sizeof(float));
-    classifier_head_backward(c, c->head_grad, B);
-    if (!c->freeze_encoder) {
-        af_model *m = c->model;
-        memset(m->grads[AF_NET_ENCODER], 0, m->numel[AF_NET_ENCODER] * sizeof(float));
-        AF_TRY(af_encoder_backward(m, c->dtokens));
-    }
-    return AF_OK;
+    memset(c->net.head_grad, 0, c->net.head_numel * sizeof(float));
+    classifier_head_backward(c, c->net.head_grad, B);
+    return af_ft_encoder_backward(&c->net);
 }
 
 af_status af_classifier_step(af_classifier *c, double *loss, const uint8_t *images,
@@ -184,19 +140,12 @@ af_status af_classifier_step(af_classifier *c, double *loss, const uint8_t *imag
     AF_TRY(af_ft_check_step_args(a));
     /* a non-finite loss returns here, before anything is updated */
     AF_TRY(af_classifier_grads(c, loss, images, targets, B, augment, a->step));
-    int t = (int)a->step + 1, D = c->D, NC = c->NC;
-    head_view p = carve_head(c->head, D, NC), g = carve_head(c->head_grad, D, NC);
-    head_view mm = carve_head(c->head_m, D, NC), vv = carve_head(c->head_v, D, NC);
-    /* only the classifier weight is decayed: LayerNorm and biases are 1-D */
-    adamw_update(p.norm_w, g.norm_w, mm.norm_w, vv.norm_w, (size_t)D, a->lr, a->beta1, a->beta2,
-                 a->eps, 0.0f, t);
-    adamw_update(p.norm_b, g.norm_b, mm.norm_b, vv.norm_b, (size_t)D, a->lr, a->beta1, a->beta2,
-                 a->eps, 0.0f, t);
-    adamw_update(p.fc_w, g.fc_w, mm.fc_w, vv.fc_w, (size_t)NC * D, a->lr, a->beta1, a->beta2,
-                 a->eps, a->weight_decay, t);
-    adamw_update(p.fc_b, g.fc_b, mm.fc_b, vv.fc_b, (size_t)NC, a->lr, a->beta1, a->beta2,
-                 a->eps, 0.0f, t);
-    if (!c->freeze_encoder) af_ft_encoder_adamw(c->model, a);
+    size_t D = (size_t)c->net.D, NC = (size_t)c->NC;
+    /* head layout of carve_head; only the classifier weight is decayed: LayerNorm and
+     * biases are 1-D */
+    const size_t numel[4] = {D, D, NC * D, NC};
+    const int decay[4] = {0, 0, 1, 0};
+    af_ft_adamw(&c->net, a, 4, numel, decay);
     return AF_OK;
 }
 
@@ -205,10 +154,8 @@ af_status af_classifier_step(af_classifier *c, double *loss, const uint8_t *imag
 af_status af_classifier_predict(af_classifier *c, float *logits, const uint8_t *images, int N) {
     AF_CHECK(c && logits && images, AF_EINVAL, "classifier predict: NULL argument");
     AF_CHECK(N >= 0, AF_EINVAL, "classifier predict: N must be >= 0");
-    size_t SS = (size_t)c->S * c->S;
-    for (int s = 0; s < N; s += c->B) {
-        int B = N - s < c->B ? N - s : c->B;
-        AF_TRY(af_normalize_images(c->img, images + (size_t)s * SS, B, c->C, c->S));
+    for (int s = 0, B; s < N; s += B) {
+        AF_TRY(af_ft_load_chunk(&c->net, &B, images, N, s));
         AF_TRY(classifier_forward(c, B));
         memcpy(logits + (size_t)s * c->NC, c->logits, (size_t)B * c->NC * sizeof(float));
     }
@@ -223,21 +170,19 @@ af_status af_classifier_gradcam(af_classifier *c, float *cam, const uint8_t *ima
     AF_CHECK(c && cam && images, AF_EINVAL, "gradcam: NULL argument");
     AF_CHECK(N >= 0, AF_EINVAL, "gradcam: N must be >= 0");
     AF_CHECK(k >= 0 && k < c->NC, AF_EINVAL, "class_index must be in [0, %d), got %d", c->NC, k);
-    af_model *m = c->model;
+    af_model *m = c->net.model;
     const af_encoder_params *ep = &m->enc[AF_STUDENT];
     const af_encoder_acts *ea = &m->enc_acts[AF_STUDENT];
-    size_t SS = (size_t)c->S * c->S;
-    int T = c->T, L = c->L, D = c->D, NC = c->NC;
-    for (int s = 0; s < N; s += c->B) {
-        int B = N - s < c->B ? N - s : c->B;
-        AF_TRY(af_normalize_images(c->img, images + (size_t)s * SS, B, c->C, c->S));
+    int T = c->net.T, L = c->net.L, D = c->net.D, NC = c->NC;
+    for (int s = 0, B; s < N; s += B) {
+        AF_TRY(af_ft_load_chunk(&c->net, &B, images, N, s));
         AF_TRY(classifier_forward(c, B));
         memset(c->dlogits, 0, (size_t)B * NC * sizeof(float));
         for (int b = 0; b < B; b++) c->dlogits[(size_t)b * NC + k] = 1.0f;
         classifier_head_backward(c, NULL, B); /* d logit_k / d tokens, no param grads */
         const float *last = af_ft_last_block(m);
         memset(c->dlast, 0, (size_t)B * T * D * sizeof(float));
-        layernorm_backward(c->dlast, NULL, NULL, c->dtokens, last, ep->norm_w, ea->lnf_mean,
+        layernorm_backward(c->dlast, NULL, NULL, c->net.dtokens, last, ep->norm_w, ea->lnf_mean,
                            ea->lnf_rstd, B * T, D);
         float *w = c->dnormed; /* [D] scratch, free after the head backward */
         for (int b = 0; b < B; b++) {

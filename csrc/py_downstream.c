@@ -89,21 +89,9 @@ static int check_seed_step(long long seed, long long step) {
     return 0;
 }
 
-/* A zero-copy float32 view of `data` that keeps `owner` alive. */
-static PyObject *view(PyObject *owner, float *data, int ndim, const npy_intp *shape) {
-    PyObject *arr = PyArray_SimpleNewFromData(ndim, (npy_intp *)shape, NPY_FLOAT32, data);
-    if (arr == NULL) return NULL;
-    Py_INCREF(owner);
-    if (PyArray_SetBaseObject((PyArrayObject *)arr, owner) < 0) {
-        Py_DECREF(arr);
-        return NULL;
-    }
-    return arr;
-}
-
 static PyObject *flat_view(PyObject *owner, float *data, size_t n) {
     npy_intp shape[1] = {(npy_intp)n};
-    return view(owner, data, 1, shape);
+    return af_view_f32(owner, data, 1, shape);
 }
 
 /* d[key] = value, stealing the value reference. */
@@ -471,16 +459,202 @@ fail:
     return NULL;
 }
 
-/* ------------------------------------------------------------------ Classifier */
+/* ------------------------------------------------------------------ Classifier, Segmenter */
 
+/* What differs between the two networks where the shared methods below need it. */
+typedef struct head_part head_part;
+typedef struct {
+    void (*free)(void *net);
+    /* the named views of the flat head buffer, in layout order; returns how many (<= 4) */
+    int (*head_parts)(const void *net, head_part *parts);
+} ft_kind;
+
+/* Both Python types hold their C network (af_classifier / af_segmenter), whose first member
+ * is the shared af_ft_net, so the methods that only need that serve both types. */
 typedef struct {
     PyObject_HEAD
-    af_classifier *c;
-} ClassifierObject;
+    void *net;
+    const ft_kind *kind;       /* set first thing in __init__ */
+} FtObject;
 
-static int classifier_init(ClassifierObject *self, PyObject *args, PyObject *kw) {
+/* "Classifier" / "Segmenter", for messages. */
+static const char *ft_name(FtObject *self) {
+    const char *n = Py_TYPE(self)->tp_name, *dot = strrchr(n, '.');
+    return dot ? dot + 1 : n;
+}
+
+static af_ft_net *ft_ready(FtObject *self) {
+    if (self->net == NULL)
+        PyErr_Format(PyExc_RuntimeError, "%s is not initialised", ft_name(self));
+    return self->net;
+}
+
+static void ft_dealloc(FtObject *self) {
+    if (self->net) self->kind->free(self->net);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The constructors' first checks: config, seed, augmentation. */
+static int ft_init_args(PyObject *d, long long seed, PyObject *scale, PyObject *ratio, int flip,
+                        double rot, af_config *cfg, af_augment_config *ac) {
+    if (config_arg(d, cfg) < 0 || check_seed_step(seed, 0) < 0 ||
+        parse_augment(ac, scale, ratio, flip, rot) < 0)
+        return -1;
+    return 0;
+}
+
+static int check_batch_arg(int batch) {
+    if (batch < 1) {
+        PyErr_SetString(PyExc_ValueError, "batch must be >= 1");
+        return -1;
+    }
+    return 0;
+}
+
+/* Replaces the network (a repeated __init__) by `net`, created with the defaults, now given
+ * the parsed augmentation. */
+static void ft_install(FtObject *self, af_ft_net *net, const af_augment_config *ac) {
+    net->aug = *ac;
+    if (self->net) self->kind->free(self->net);
+    self->net = net;
+}
+
+#define RUN_LOCKED(n, st, call)      \
+    do {                             \
+        Py_BEGIN_ALLOW_THREADS       \
+        st = af_ft_acquire(n);       \
+        if (st == AF_OK) {           \
+            st = (call);             \
+            af_ft_release(n);        \
+        }                            \
+        Py_END_ALLOW_THREADS         \
+    } while (0)
+
+/* The arguments of train_step (update = 1) or gradients (update = 0), whose second
+ * argument is `second` ("targets" / "masks"): *img = the checked images batch (a new
+ * reference), *so = the second argument as given. */
+static af_ft_net *ft_run_args(FtObject *self, PyObject *args, PyObject *kw, int update,
+                              char *second, PyArrayObject **img, PyObject **so,
+                              af_ft_step_args *a, int *augment) {
+    char *kw_step[] = {"images", second, "lr", "weight_decay", "step", "augment", NULL};
+    char *kw_grad[] = {"images", second, "augment", "step", NULL};
+    PyObject *io;
+    double lr = 0, wd = 0;
+    long long step = 0;
+    *augment = update;
+    int ok = update ? PyArg_ParseTupleAndKeywords(args, kw, "OOddL|p:train_step", kw_step, &io,
+                                                  so, &lr, &wd, &step, augment)
+                    : PyArg_ParseTupleAndKeywords(args, kw, "OO|pL:gradients", kw_grad, &io, so,
+                                                  augment, &step);
+    if (!ok || check_seed_step(0, step) < 0) return NULL;
+    af_ft_net *n = ft_ready(self);
+    if (n == NULL) return NULL;
+    *img = images_arg(io, "images", n->S, 1, n->B);
+    if (*img == NULL) return NULL;
+    *a = (af_ft_step_args){(float)lr, (float)wd, BETA1, BETA2, ADAM_EPS, step};
+    return n;
+}
+
+/* Inference on images u8[N,S,S] (any N): a new f32 array [N, tail...] filled by
+ * fn(net, out, images, N, k) while holding the network. */
+typedef af_status (*ft_infer_fn)(void *net, float *out, const uint8_t *images, int N, int k);
+
+static PyObject *ft_infer(FtObject *self, PyObject *io, int ndim, npy_intp t1, npy_intp t2,
+                          ft_infer_fn fn, int k) {
+    af_ft_net *n = ft_ready(self);
+    if (n == NULL) return NULL;
+    PyArrayObject *img = images_arg(io, "images", n->S, 0, 0);
+    if (img == NULL) return NULL;
+    npy_intp shape[3] = {PyArray_DIM(img, 0), t1, t2};
+    PyArrayObject *out = af_new_array(ndim, shape, NPY_FLOAT32);
+    af_status st = AF_ENOMEM;
+    if (out) RUN_LOCKED(n, st, fn(self->net, AF_F32(out), AF_U8(img), (int)shape[0], k));
+    Py_DECREF(img);
+    if (st != AF_OK) {
+        Py_XDECREF(out);
+        return PyErr_Occurred() ? NULL : af_raise(st);
+    }
+    return (PyObject *)out;
+}
+
+static PyObject *ft_encoder_params(FtObject *self, PyObject *unused) {
+    af_ft_net *n = ft_ready(self);
+    return n ? flat_view((PyObject *)self, n->model->params[AF_NET_ENCODER],
+                         n->model->numel[AF_NET_ENCODER]) : NULL;
+}
+static PyObject *ft_encoder_grads(FtObject *self, PyObject *unused) {
+    af_ft_net *n = ft_ready(self);
+    return n ? flat_view((PyObject *)self, n->model->grads[AF_NET_ENCODER],
+                         n->model->numel[AF_NET_ENCODER]) : NULL;
+}
+static PyObject *ft_param_table(FtObject *self, PyObject *unused) {
+    af_ft_net *n = ft_ready(self);
+    return n ? encoder_table(n->model) : NULL;
+}
+
+/* One view of the flat head buffer: [rows, cols], or [rows] when cols == 0. */
+struct head_part {
+    const char *name;
+    npy_intp rows, cols;
+};
+
+/* dict(name: view) of `base` (the head's params or grads). */
+static PyObject *ft_head_dict(FtObject *self, float *base) {
+    head_part parts[4];
+    int np = self->kind->head_parts(self->net, parts);
+    PyObject *d = PyDict_New();
+    if (d == NULL) return NULL;
+    for (int i = 0; i < np; i++) {
+        npy_intp shape[2] = {parts[i].rows, parts[i].cols};
+        if (set_steal(d, parts[i].name,
+                      af_view_f32((PyObject *)self, base, parts[i].cols ? 2 : 1, shape)) < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+        base += parts[i].rows * (parts[i].cols ? parts[i].cols : 1);
+    }
+    return d;
+}
+static PyObject *ft_head_params(FtObject *self, PyObject *unused) {
+    af_ft_net *n = ft_ready(self);
+    return n ? ft_head_dict(self, n->head) : NULL;
+}
+static PyObject *ft_head_grads(FtObject *self, PyObject *unused) {
+    af_ft_net *n = ft_ready(self);
+    return n ? ft_head_dict(self, n->head_grad) : NULL;
+}
+
+#define FT_SHARED_METHODS(head_doc)                                                              \
+    {"encoder_params", (PyCFunction)ft_encoder_params, METH_NOARGS,                              \
+     "encoder_params() -> writable float32 view of the flat encoder buffer"},                    \
+    {"encoder_grads", (PyCFunction)ft_encoder_grads, METH_NOARGS,                                \
+     "encoder_grads() -> float32 view of the encoder gradients (same layout)"},                  \
+    {"param_table", (PyCFunction)ft_param_table, METH_NOARGS,                                    \
+     "param_table() -> list of dict(name, offset, shape, decay, trainable) for the encoder"},    \
+    {"head_params", (PyCFunction)ft_head_params, METH_NOARGS,                                    \
+     "head_params() -> dict(" head_doc ") writable views"},                                      \
+    {"head_grads", (PyCFunction)ft_head_grads, METH_NOARGS,                                      \
+     "head_grads() -> dict(" head_doc ") gradient views"}
+
+/* ------------------------------------------------------------------ Classifier */
+
+static void cls_free(void *net) { af_classifier_free(net); }
+
+/* norm_w [D], norm_b [D], fc_w [C,D], fc_b [C] */
+static int cls_head_parts(const void *net, head_part *p) {
+    const af_classifier *c = net;
+    npy_intp D = c->net.D, NC = c->NC;
+    p[0] = (head_part){"norm_w", D, 0}, p[1] = (head_part){"norm_b", D, 0};
+    p[2] = (head_part){"fc_w", NC, D}, p[3] = (head_part){"fc_b", NC, 0};
+    return 4;
+}
+
+static const ft_kind cls_kind = {cls_free, cls_head_parts};
+
+static int classifier_init(FtObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"config", "num_classes", "batch", "seed", "freeze_encoder",
                              "crop_scale", "crop_ratio", "flip", "max_rotation", NULL};
+    self->kind = &cls_kind;
     PyObject *d, *scale = NULL, *ratio = NULL;
     int NC, batch, freeze = 0, flip = 1;
     long long seed = 0;
@@ -490,17 +664,12 @@ static int classifier_init(ClassifierObject *self, PyObject *args, PyObject *kw)
         return -1;
     af_config cfg;
     af_augment_config ac;
-    if (config_arg(d, &cfg) < 0 || check_seed_step(seed, 0) < 0 ||
-        parse_augment(&ac, scale, ratio, flip, rot) < 0)
-        return -1;
+    if (ft_init_args(d, seed, scale, ratio, flip, rot, &cfg, &ac) < 0) return -1;
     if (NC < 1) {
         PyErr_SetString(PyExc_ValueError, "num_classes must be >= 1");
         return -1;
     }
-    if (batch < 1) {
-        PyErr_SetString(PyExc_ValueError, "batch must be >= 1");
-        return -1;
-    }
+    if (check_batch_arg(batch) < 0) return -1;
     af_classifier *c = NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -510,32 +679,9 @@ static int classifier_init(ClassifierObject *self, PyObject *args, PyObject *kw)
         af_raise(st);
         return -1;
     }
-    c->aug = ac;
-    af_classifier_free(self->c);
-    self->c = c;
+    ft_install(self, &c->net, &ac);
     return 0;
 }
-
-static void classifier_dealloc(ClassifierObject *self) {
-    af_classifier_free(self->c);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static af_classifier *cls_ready(ClassifierObject *self) {
-    if (self->c == NULL) PyErr_SetString(PyExc_RuntimeError, "Classifier is not initialised");
-    return self->c;
-}
-
-#define RUN_LOCKED(acq, rel, obj, st, call) \
-    do {                                    \
-        Py_BEGIN_ALLOW_THREADS              \
-        st = acq(obj);                      \
-        if (st == AF_OK) {                  \
-            st = (call);                    \
-            rel(obj);                       \
-        }                                   \
-        Py_END_ALLOW_THREADS                \
-    } while (0)
 
 /* targets f32[B,C]. */
 static PyArrayObject *targets_arg(PyObject *obj, npy_intp B, int NC) {
@@ -549,134 +695,71 @@ static PyArrayObject *targets_arg(PyObject *obj, npy_intp B, int NC) {
 }
 
 /* train_step (update = 1) or gradients (update = 0). */
-static PyObject *cls_run(ClassifierObject *self, PyObject *args, PyObject *kw, int update) {
-    static char *kw_step[] = {"images", "targets", "lr", "weight_decay", "step", "augment", NULL};
-    static char *kw_grad[] = {"images", "targets", "augment", "step", NULL};
-    PyObject *io, *to;
-    double lr = 0, wd = 0;
-    long long step = 0;
-    int augment = update;
-    int ok = update ? PyArg_ParseTupleAndKeywords(args, kw, "OOddL|p:train_step", kw_step, &io,
-                                                  &to, &lr, &wd, &step, &augment)
-                    : PyArg_ParseTupleAndKeywords(args, kw, "OO|pL:gradients", kw_grad, &io, &to,
-                                                  &augment, &step);
-    if (!ok || check_seed_step(0, step) < 0) return NULL;
-    af_classifier *c = cls_ready(self);
-    if (c == NULL) return NULL;
-    PyArrayObject *img = images_arg(io, "images", c->S, 1, c->B), *tg = NULL;
-    if (img == NULL) return NULL;
+static PyObject *cls_run(FtObject *self, PyObject *args, PyObject *kw, int update) {
+    PyArrayObject *img, *tg;
+    PyObject *to;
+    af_ft_step_args a;
+    int augment;
+    if (ft_run_args(self, args, kw, update, "targets", &img, &to, &a, &augment) == NULL)
+        return NULL;
+    af_classifier *c = self->net;
     tg = targets_arg(to, PyArray_DIM(img, 0), c->NC);
     if (tg == NULL) {
         Py_DECREF(img);
         return NULL;
     }
     int B = (int)PyArray_DIM(img, 0);
-    af_ft_step_args a = {(float)lr, (float)wd, BETA1, BETA2, ADAM_EPS, step};
     double loss = 0;
     af_status st;
-    RUN_LOCKED(af_classifier_acquire, af_classifier_release, c, st,
+    RUN_LOCKED(&c->net, st,
                update ? af_classifier_step(c, &loss, AF_U8(img), AF_F32(tg), B, augment, &a)
-                      : af_classifier_grads(c, &loss, AF_U8(img), AF_F32(tg), B, augment, step));
+                      : af_classifier_grads(c, &loss, AF_U8(img), AF_F32(tg), B, augment, a.step));
     Py_DECREF(img);
     Py_DECREF(tg);
     if (st != AF_OK) return af_raise(st);
     return PyFloat_FromDouble(loss);
 }
 
-static PyObject *cls_train_step(ClassifierObject *self, PyObject *args, PyObject *kw) {
+static PyObject *cls_train_step(FtObject *self, PyObject *args, PyObject *kw) {
     return cls_run(self, args, kw, 1);
 }
-static PyObject *cls_gradients(ClassifierObject *self, PyObject *args, PyObject *kw) {
+static PyObject *cls_gradients(FtObject *self, PyObject *args, PyObject *kw) {
     return cls_run(self, args, kw, 0);
 }
 
-static PyObject *cls_predict(ClassifierObject *self, PyObject *arg) {
-    af_classifier *c = cls_ready(self);
-    if (c == NULL) return NULL;
-    PyArrayObject *img = images_arg(arg, "images", c->S, 0, 0);
-    if (img == NULL) return NULL;
-    npy_intp shape[2] = {PyArray_DIM(img, 0), c->NC};
-    PyArrayObject *out = af_new_array(2, shape, NPY_FLOAT32);
-    af_status st = AF_ENOMEM;
-    if (out) RUN_LOCKED(af_classifier_acquire, af_classifier_release, c, st,
-                        af_classifier_predict(c, AF_F32(out), AF_U8(img), (int)shape[0]));
-    Py_DECREF(img);
-    if (st != AF_OK) {
-        Py_XDECREF(out);
-        return PyErr_Occurred() ? NULL : af_raise(st);
-    }
-    return (PyObject *)out;
+static af_status cls_predict_fn(void *c, float *out, const uint8_t *images, int N, int k) {
+    return af_classifier_predict(c, out, images, N);
+}
+static af_status cls_gradcam_fn(void *c, float *out, const uint8_t *images, int N, int k) {
+    return af_classifier_gradcam(c, out, images, N, k);
 }
 
-static PyObject *cls_gradcam(ClassifierObject *self, PyObject *args, PyObject *kw) {
+static PyObject *cls_predict(FtObject *self, PyObject *arg) {
+    af_classifier *c = (af_classifier *)ft_ready(self);
+    return c ? ft_infer(self, arg, 2, c->NC, 0, cls_predict_fn, 0) : NULL;
+}
+
+static PyObject *cls_gradcam(FtObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"images", "class_index", NULL};
     PyObject *io;
     int k;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "Oi:gradcam", kwlist, &io, &k)) return NULL;
-    af_classifier *c = cls_ready(self);
+    af_classifier *c = (af_classifier *)ft_ready(self);
     if (c == NULL) return NULL;
     if (k < 0 || k >= c->NC) {
         PyErr_Format(PyExc_ValueError, "class_index must be in [0, %d), got %d", c->NC, k);
         return NULL;
     }
-    PyArrayObject *img = images_arg(io, "images", c->S, 0, 0);
-    if (img == NULL) return NULL;
-    npy_intp shape[3] = {PyArray_DIM(img, 0), c->G, c->G};
-    PyArrayObject *out = af_new_array(3, shape, NPY_FLOAT32);
-    af_status st = AF_ENOMEM;
-    if (out) RUN_LOCKED(af_classifier_acquire, af_classifier_release, c, st,
-                        af_classifier_gradcam(c, AF_F32(out), AF_U8(img), (int)shape[0], k));
-    Py_DECREF(img);
-    if (st != AF_OK) {
-        Py_XDECREF(out);
-        return PyErr_Occurred() ? NULL : af_raise(st);
-    }
-    return (PyObject *)out;
+    return ft_infer(self, io, 3, c->net.G, c->net.G, cls_gradcam_fn, k);
 }
 
-static PyObject *cls_encoder_params(ClassifierObject *self, PyObject *unused) {
-    af_classifier *c = cls_ready(self);
-    return c ? flat_view((PyObject *)self, c->model->params[AF_NET_ENCODER],
-                         c->model->numel[AF_NET_ENCODER]) : NULL;
-}
-static PyObject *cls_encoder_grads(ClassifierObject *self, PyObject *unused) {
-    af_classifier *c = cls_ready(self);
-    return c ? flat_view((PyObject *)self, c->model->grads[AF_NET_ENCODER],
-                         c->model->numel[AF_NET_ENCODER]) : NULL;
-}
-static PyObject *cls_param_table(ClassifierObject *self, PyObject *unused) {
-    af_classifier *c = cls_ready(self);
-    return c ? encoder_table(c->model) : NULL;
-}
-
-/* dict(norm_w [D], norm_b [D], fc_w [C,D], fc_b [C]) views of `base` (params or grads). */
-static PyObject *cls_head_dict(ClassifierObject *self, float *base) {
-    af_classifier *c = self->c;
-    npy_intp D = c->D, NC = c->NC, s1[1] = {D}, s2[2] = {NC, D}, s3[1] = {NC};
-    PyObject *d = PyDict_New();
-    if (d == NULL) return NULL;
-    if (set_steal(d, "norm_w", view((PyObject *)self, base, 1, s1)) < 0 ||
-        set_steal(d, "norm_b", view((PyObject *)self, base + D, 1, s1)) < 0 ||
-        set_steal(d, "fc_w", view((PyObject *)self, base + 2 * D, 2, s2)) < 0 ||
-        set_steal(d, "fc_b", view((PyObject *)self, base + 2 * D + NC * D, 1, s3)) < 0) {
-        Py_DECREF(d);
-        return NULL;
-    }
-    return d;
-}
-static PyObject *cls_head_params(ClassifierObject *self, PyObject *unused) {
-    return cls_ready(self) ? cls_head_dict(self, self->c->head) : NULL;
-}
-static PyObject *cls_head_grads(ClassifierObject *self, PyObject *unused) {
-    return cls_ready(self) ? cls_head_dict(self, self->c->head_grad) : NULL;
-}
-
-static PyObject *cls_dims(ClassifierObject *self, void *unused) {
-    af_classifier *c = cls_ready(self);
+static PyObject *cls_dims(FtObject *self, void *unused) {
+    af_classifier *c = (af_classifier *)ft_ready(self);
     if (c == NULL) return NULL;
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:O}", "batch", c->B, "S", c->S, "C",
-                         c->C, "P", c->P, "L", c->L, "T", c->T, "D", c->D, "num_classes", c->NC,
-                         "freeze_encoder", c->freeze_encoder ? Py_True : Py_False);
+    const af_ft_net *n = &c->net;
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:O}", "batch", n->B, "S", n->S, "C",
+                         n->C, "P", n->P, "L", n->L, "T", n->T, "D", n->D, "num_classes", c->NC,
+                         "freeze_encoder", n->freeze_encoder ? Py_True : Py_False);
 }
 
 static PyGetSetDef cls_getset[] = {
@@ -694,22 +777,13 @@ static PyMethodDef cls_methods[] = {
      "predict(images u8[N,S,S]) -> logits f32[N,C] (any N, no augmentation)"},
     {"gradcam", (PyCFunction)(void (*)(void))cls_gradcam, METH_VARARGS | METH_KEYWORDS,
      "gradcam(images u8[N,S,S], class_index) -> f32[N,S/P,S/P] in [0,1]"},
-    {"encoder_params", (PyCFunction)cls_encoder_params, METH_NOARGS,
-     "encoder_params() -> writable float32 view of the flat encoder buffer"},
-    {"encoder_grads", (PyCFunction)cls_encoder_grads, METH_NOARGS,
-     "encoder_grads() -> float32 view of the encoder gradients (same layout)"},
-    {"param_table", (PyCFunction)cls_param_table, METH_NOARGS,
-     "param_table() -> list of dict(name, offset, shape, decay, trainable) for the encoder"},
-    {"head_params", (PyCFunction)cls_head_params, METH_NOARGS,
-     "head_params() -> dict(norm_w, norm_b, fc_w, fc_b) writable views"},
-    {"head_grads", (PyCFunction)cls_head_grads, METH_NOARGS,
-     "head_grads() -> dict(norm_w, norm_b, fc_w, fc_b) gradient views"},
+    FT_SHARED_METHODS("norm_w, norm_b, fc_w, fc_b"),
     {NULL}};
 
 static PyTypeObject ClassifierType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "afire._C.downstream.Classifier",
-    .tp_basicsize = sizeof(ClassifierObject),
-    .tp_dealloc = (destructor)classifier_dealloc,
+    .tp_basicsize = sizeof(FtObject),
+    .tp_dealloc = (destructor)ft_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Classifier(config: dict, num_classes, batch, seed=0, freeze_encoder=False, *, "
               "crop_scale=(0.8, 1.0), crop_ratio=(0.75, 1.333), flip=True, max_rotation=10.0)"
@@ -722,14 +796,21 @@ static PyTypeObject ClassifierType = {
 
 /* ------------------------------------------------------------------ Segmenter */
 
-typedef struct {
-    PyObject_HEAD
-    af_segmenter *s;
-} SegmenterObject;
+static void seg_free(void *net) { af_segmenter_free(net); }
 
-static int segmenter_init(SegmenterObject *self, PyObject *args, PyObject *kw) {
+/* weight [P*P, D], bias [P*P] */
+static int seg_head_parts(const void *net, head_part *p) {
+    const af_segmenter *s = net;
+    p[0] = (head_part){"weight", s->PP, s->net.D}, p[1] = (head_part){"bias", s->PP, 0};
+    return 2;
+}
+
+static const ft_kind seg_kind = {seg_free, seg_head_parts};
+
+static int segmenter_init(FtObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"config", "batch", "seed", "freeze_encoder", "smooth", "crop_scale",
                              "crop_ratio", "flip", "max_rotation", NULL};
+    self->kind = &seg_kind;
     PyObject *d, *scale = NULL, *ratio = NULL;
     int batch, freeze = 0, flip = 1;
     long long seed = 0;
@@ -739,13 +820,8 @@ static int segmenter_init(SegmenterObject *self, PyObject *args, PyObject *kw) {
         return -1;
     af_config cfg;
     af_augment_config ac;
-    if (config_arg(d, &cfg) < 0 || check_seed_step(seed, 0) < 0 ||
-        parse_augment(&ac, scale, ratio, flip, rot) < 0)
+    if (ft_init_args(d, seed, scale, ratio, flip, rot, &cfg, &ac) < 0 || check_batch_arg(batch) < 0)
         return -1;
-    if (batch < 1) {
-        PyErr_SetString(PyExc_ValueError, "batch must be >= 1");
-        return -1;
-    }
     if (!(smooth > 0) || !isfinite(smooth)) {
         PyErr_SetString(PyExc_ValueError, "smooth must be finite and > 0");
         return -1;
@@ -759,126 +835,63 @@ static int segmenter_init(SegmenterObject *self, PyObject *args, PyObject *kw) {
         af_raise(st);
         return -1;
     }
-    s->aug = ac;
     s->smooth = (float)smooth;
-    af_segmenter_free(self->s);
-    self->s = s;
+    ft_install(self, &s->net, &ac);
     return 0;
 }
 
-static void segmenter_dealloc(SegmenterObject *self) {
-    af_segmenter_free(self->s);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static af_segmenter *seg_ready(SegmenterObject *self) {
-    if (self->s == NULL) PyErr_SetString(PyExc_RuntimeError, "Segmenter is not initialised");
-    return self->s;
-}
-
-static PyObject *seg_run(SegmenterObject *self, PyObject *args, PyObject *kw, int update) {
-    static char *kw_step[] = {"images", "masks", "lr", "weight_decay", "step", "augment", NULL};
-    static char *kw_grad[] = {"images", "masks", "augment", "step", NULL};
-    PyObject *io, *mo;
-    double lr = 0, wd = 0;
-    long long step = 0;
-    int augment = update;
-    int ok = update ? PyArg_ParseTupleAndKeywords(args, kw, "OOddL|p:train_step", kw_step, &io,
-                                                  &mo, &lr, &wd, &step, &augment)
-                    : PyArg_ParseTupleAndKeywords(args, kw, "OO|pL:gradients", kw_grad, &io, &mo,
-                                                  &augment, &step);
-    if (!ok || check_seed_step(0, step) < 0) return NULL;
-    af_segmenter *s = seg_ready(self);
-    if (s == NULL) return NULL;
-    PyArrayObject *img = images_arg(io, "images", s->S, 1, s->B), *mask = NULL;
-    if (img == NULL) return NULL;
-    mask = images_arg(mo, "masks", s->S, 1, s->B);
+static PyObject *seg_run(FtObject *self, PyObject *args, PyObject *kw, int update) {
+    PyArrayObject *img, *mask;
+    PyObject *mo;
+    af_ft_step_args a;
+    int augment;
+    if (ft_run_args(self, args, kw, update, "masks", &img, &mo, &a, &augment) == NULL)
+        return NULL;
+    af_segmenter *s = self->net;
+    mask = images_arg(mo, "masks", s->net.S, 1, s->net.B);
     if (mask == NULL || af_check_dim(mask, "masks", 0, PyArray_DIM(img, 0)) < 0) {
         Py_DECREF(img);
         Py_XDECREF(mask);
         return NULL;
     }
     int B = (int)PyArray_DIM(img, 0);
-    af_ft_step_args a = {(float)lr, (float)wd, BETA1, BETA2, ADAM_EPS, step};
     double loss = 0, bce = 0, dice = 0;
     af_status st;
-    RUN_LOCKED(af_segmenter_acquire, af_segmenter_release, s, st,
+    RUN_LOCKED(&s->net, st,
                update ? af_segmenter_step(s, &loss, &bce, &dice, AF_U8(img), AF_U8(mask), B,
                                           augment, &a)
                       : af_segmenter_grads(s, &loss, &bce, &dice, AF_U8(img), AF_U8(mask), B,
-                                           augment, step));
+                                           augment, a.step));
     Py_DECREF(img);
     Py_DECREF(mask);
     if (st != AF_OK) return af_raise(st);
     return Py_BuildValue("{s:d,s:d,s:d}", "loss", loss, "bce", bce, "dice_loss", dice);
 }
 
-static PyObject *seg_train_step(SegmenterObject *self, PyObject *args, PyObject *kw) {
+static PyObject *seg_train_step(FtObject *self, PyObject *args, PyObject *kw) {
     return seg_run(self, args, kw, 1);
 }
-static PyObject *seg_gradients(SegmenterObject *self, PyObject *args, PyObject *kw) {
+static PyObject *seg_gradients(FtObject *self, PyObject *args, PyObject *kw) {
     return seg_run(self, args, kw, 0);
 }
 
-static PyObject *seg_predict(SegmenterObject *self, PyObject *arg) {
-    af_segmenter *s = seg_ready(self);
+static af_status seg_predict_fn(void *s, float *out, const uint8_t *images, int N, int k) {
+    return af_segmenter_predict(s, out, images, N);
+}
+
+static PyObject *seg_predict(FtObject *self, PyObject *arg) {
+    af_ft_net *n = ft_ready(self);
+    return n ? ft_infer(self, arg, 3, n->S, n->S, seg_predict_fn, 0) : NULL;
+}
+
+static PyObject *seg_dims(FtObject *self, void *unused) {
+    af_segmenter *s = (af_segmenter *)ft_ready(self);
     if (s == NULL) return NULL;
-    PyArrayObject *img = images_arg(arg, "images", s->S, 0, 0);
-    if (img == NULL) return NULL;
-    npy_intp shape[3] = {PyArray_DIM(img, 0), s->S, s->S};
-    PyArrayObject *out = af_new_array(3, shape, NPY_FLOAT32);
-    af_status st = AF_ENOMEM;
-    if (out) RUN_LOCKED(af_segmenter_acquire, af_segmenter_release, s, st,
-                        af_segmenter_predict(s, AF_F32(out), AF_U8(img), (int)shape[0]));
-    Py_DECREF(img);
-    if (st != AF_OK) {
-        Py_XDECREF(out);
-        return PyErr_Occurred() ? NULL : af_raise(st);
-    }
-    return (PyObject *)out;
-}
-
-static PyObject *seg_encoder_params(SegmenterObject *self, PyObject *unused) {
-    af_segmenter *s = seg_ready(self);
-    return s ? flat_view((PyObject *)self, s->model->params[AF_NET_ENCODER],
-                         s->model->numel[AF_NET_ENCODER]) : NULL;
-}
-static PyObject *seg_encoder_grads(SegmenterObject *self, PyObject *unused) {
-    af_segmenter *s = seg_ready(self);
-    return s ? flat_view((PyObject *)self, s->model->grads[AF_NET_ENCODER],
-                         s->model->numel[AF_NET_ENCODER]) : NULL;
-}
-static PyObject *seg_param_table(SegmenterObject *self, PyObject *unused) {
-    af_segmenter *s = seg_ready(self);
-    return s ? encoder_table(s->model) : NULL;
-}
-
-static PyObject *seg_head_dict(SegmenterObject *self, float *base) {
-    af_segmenter *s = self->s;
-    npy_intp PP = s->PP, sw[2] = {PP, s->D}, sb[1] = {PP};
-    PyObject *d = PyDict_New();
-    if (d == NULL) return NULL;
-    if (set_steal(d, "weight", view((PyObject *)self, base, 2, sw)) < 0 ||
-        set_steal(d, "bias", view((PyObject *)self, base + PP * s->D, 1, sb)) < 0) {
-        Py_DECREF(d);
-        return NULL;
-    }
-    return d;
-}
-static PyObject *seg_head_params(SegmenterObject *self, PyObject *unused) {
-    return seg_ready(self) ? seg_head_dict(self, self->s->head) : NULL;
-}
-static PyObject *seg_head_grads(SegmenterObject *self, PyObject *unused) {
-    return seg_ready(self) ? seg_head_dict(self, self->s->head_grad) : NULL;
-}
-
-static PyObject *seg_dims(SegmenterObject *self, void *unused) {
-    af_segmenter *s = seg_ready(self);
-    if (s == NULL) return NULL;
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:O}", "batch", s->B, "S", s->S, "C",
-                         s->C, "P", s->P, "L", s->L, "T", s->T, "D", s->D, "smooth",
+    const af_ft_net *n = &s->net;
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:O}", "batch", n->B, "S", n->S, "C",
+                         n->C, "P", n->P, "L", n->L, "T", n->T, "D", n->D, "smooth",
                          (double)s->smooth, "freeze_encoder",
-                         s->freeze_encoder ? Py_True : Py_False);
+                         n->freeze_encoder ? Py_True : Py_False);
 }
 
 static PyGetSetDef seg_getset[] = {
@@ -894,22 +907,13 @@ static PyMethodDef seg_methods[] = {
      "gradients(images, masks, augment=False, step=0) -> dict; fills the gradient views"},
     {"predict", (PyCFunction)seg_predict, METH_O,
      "predict(images u8[N,S,S]) -> probabilities f32[N,S,S] (any N)"},
-    {"encoder_params", (PyCFunction)seg_encoder_params, METH_NOARGS,
-     "encoder_params() -> writable float32 view of the flat encoder buffer"},
-    {"encoder_grads", (PyCFunction)seg_encoder_grads, METH_NOARGS,
-     "encoder_grads() -> float32 view of the encoder gradients"},
-    {"param_table", (PyCFunction)seg_param_table, METH_NOARGS,
-     "param_table() -> list of dict(name, offset, shape, decay, trainable) for the encoder"},
-    {"head_params", (PyCFunction)seg_head_params, METH_NOARGS,
-     "head_params() -> dict(weight f32[P*P,D], bias f32[P*P]) writable views"},
-    {"head_grads", (PyCFunction)seg_head_grads, METH_NOARGS,
-     "head_grads() -> dict(weight, bias) gradient views"},
+    FT_SHARED_METHODS("weight f32[P*P,D], bias f32[P*P]"),
     {NULL}};
 
 static PyTypeObject SegmenterType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "afire._C.downstream.Segmenter",
-    .tp_basicsize = sizeof(SegmenterObject),
-    .tp_dealloc = (destructor)segmenter_dealloc,
+    .tp_basicsize = sizeof(FtObject),
+    .tp_dealloc = (destructor)ft_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Segmenter(config: dict, batch, seed=0, freeze_encoder=False, *, smooth=1.0, "
               "crop_scale=(0.8, 1.0), crop_ratio=(0.75, 1.333), flip=True, max_rotation=10.0)"
@@ -948,17 +952,9 @@ int af_register_downstream(PyObject *m) {
     PyObject *sub = af_add_submodule(m, "downstream", downstream_methods,
                                      "Downstream compute: augmentation, linear probe, "
                                      "fine-tuning classifier and segmenter (METHOD §6).");
-    if (sub == NULL || PyType_Ready(&ClassifierType) < 0 || PyType_Ready(&SegmenterType) < 0)
+    /* PyModule_AddType readies each type and adds it under its short name */
+    if (sub == NULL || PyModule_AddType(sub, &ClassifierType) < 0 ||
+        PyModule_AddType(sub, &SegmenterType) < 0)
         return -1;
-    Py_INCREF(&ClassifierType);
-    if (PyModule_AddObject(sub, "Classifier", (PyObject *)&ClassifierType) < 0) {
-        Py_DECREF(&ClassifierType);
-        return -1;
-    }
-    Py_INCREF(&SegmenterType);
-    if (PyModule_AddObject(sub, "Segmenter", (PyObject *)&SegmenterType) < 0) {
-        Py_DECREF(&SegmenterType);
-        return -1;
-    }
     return 0;
 }

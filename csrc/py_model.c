@@ -10,6 +10,7 @@
  * `net` is "encoder", "head" or "decoder"; `branch` "student" or "teacher".
  */
 #include "py_util.h"
+#include "common.h"
 #include "model.h"
 
 typedef struct {
@@ -119,14 +120,7 @@ static void Networks_dealloc(NetworksObject *self) {
 
 static PyObject *view(NetworksObject *self, float *data, size_t n) {
     npy_intp shape[1] = {(npy_intp)n};
-    PyObject *arr = PyArray_SimpleNewFromData(1, shape, NPY_FLOAT32, data);
-    if (arr == NULL) return NULL;
-    Py_INCREF(self);
-    if (PyArray_SetBaseObject((PyArrayObject *)arr, (PyObject *)self) < 0) {
-        Py_DECREF(arr);
-        return NULL;
-    }
-    return arr;
+    return af_view_f32((PyObject *)self, data, 1, shape);
 }
 
 static PyObject *Networks_params(NetworksObject *self, PyObject *args, PyObject *kw) {
@@ -229,6 +223,83 @@ static af_status reserve(NetworksObject *self, npy_intp B) {
     return af_model_reserve(self->m, (int)B);
 }
 
+/* The forward passes in one signature: x [B, ...] (mask only for the decoder) -> *out, the
+ * network's output activation [B, d1, d2] (read after the call: reserve may move it). */
+typedef af_status (*forward_fn)(af_model *m, af_branch br, const float *x, const uint8_t *mask,
+                                int B, const float **out);
+
+static af_status encoder_fwd(af_model *m, af_branch br, const float *x, const uint8_t *mask, int B,
+                             const float **out) {
+    AF_TRY(af_encoder_forward(m, br, x, B));
+    *out = m->enc_acts[br].out;
+    return AF_OK;
+}
+static af_status head_fwd(af_model *m, af_branch br, const float *x, const uint8_t *mask, int B,
+                          const float **out) {
+    AF_TRY(af_head_forward(m, br, x, B));
+    *out = m->head_acts[br].logits;
+    return AF_OK;
+}
+static af_status decoder_fwd(af_model *m, af_branch br, const float *x, const uint8_t *mask, int B,
+                             const float **out) {
+    AF_TRY(af_decoder_forward(m, x, mask, B));
+    *out = m->dec_acts.pred;
+    return AF_OK;
+}
+
+/* Holds the networks, reserves B images and runs fn without the GIL; returns a copy of its
+ * output [B, d1, d2], or NULL with the exception set. */
+static PyArrayObject *run_forward(NetworksObject *self, forward_fn fn, af_branch br, const float *x,
+                                  const uint8_t *mask, npy_intp B, npy_intp d1, npy_intp d2) {
+    if (enter(self) < 0) return NULL;
+    const float *act = NULL;
+    af_status st = reserve(self, B);
+    if (st == AF_OK) {
+        Py_BEGIN_ALLOW_THREADS
+        st = fn(self->m, br, x, mask, (int)B, &act);
+        Py_END_ALLOW_THREADS
+    }
+    self->busy = 0;
+    if (st != AF_OK) return (PyArrayObject *)af_raise(st);
+    PyArrayObject *out = new_f32(3, B, d1, d2);
+    if (out) memcpy(PyArray_DATA(out), act, PyArray_NBYTES(out));
+    return out;
+}
+
+/* The head and decoder backward: grad [B, L, n] of the last forward, whose batch is B
+ * (0: no forward yet, ValueError `first`) -> a new dtokens [B, T, D]. */
+static PyObject *run_backward(NetworksObject *self, PyObject *o, const char *name, int B,
+                              npy_intp n, const char *first,
+                              af_status (*fn)(af_model *, const float *, float *)) {
+    PyArrayObject *d = af_arg_array(o, name, NPY_FLOAT32, 3);
+    if (d == NULL) return NULL;
+    PyArrayObject *out = NULL;
+    if (B == 0) {
+        PyErr_SetString(PyExc_ValueError, first);
+        goto done;
+    }
+    if (af_check_dim(d, name, 0, B) < 0 || af_check_dim(d, name, 1, self->m->L) < 0 ||
+        af_check_dim(d, name, 2, n) < 0)
+        goto done;
+    out = new_f32(3, B, self->m->T, self->m->cfg.D);
+    if (out == NULL || enter(self) < 0) {
+        Py_CLEAR(out);
+        goto done;
+    }
+    af_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = fn(self->m, AF_F32(d), AF_F32(out));
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (st != AF_OK) {
+        Py_CLEAR(out);
+        af_raise(st);
+    }
+done:
+    Py_DECREF(d);
+    return (PyObject *)out;
+}
+
 static PyObject *Networks_encoder_forward(NetworksObject *self, PyObject *args, PyObject *kw) {
     if (!ready(self)) return NULL;
     static char *kwlist[] = {"images", "branch", NULL};
@@ -242,27 +313,11 @@ static PyObject *Networks_encoder_forward(NetworksObject *self, PyObject *args, 
     if (img == NULL) return NULL;
     PyArrayObject *out = NULL;
     npy_intp B = PyArray_DIM(img, 0);
-    if (B < 1) {
+    if (B < 1)
         PyErr_SetString(PyExc_ValueError, "images: batch dimension must be >= 1");
-        goto done;
-    }
-    if (af_check_dim(img, "images", 1, c->C) < 0 || af_check_dim(img, "images", 2, c->S) < 0 ||
-        af_check_dim(img, "images", 3, c->S) < 0 || enter(self) < 0)
-        goto done;
-    af_status st = reserve(self, B);
-    if (st == AF_OK) {
-        Py_BEGIN_ALLOW_THREADS
-        st = af_encoder_forward(self->m, br, AF_F32(img), (int)B);
-        Py_END_ALLOW_THREADS
-    }
-    self->busy = 0;
-    if (st != AF_OK) {
-        af_raise(st);
-        goto done;
-    }
-    out = new_f32(3, B, self->m->T, c->D);
-    if (out) memcpy(PyArray_DATA(out), self->m->enc_acts[br].out, PyArray_NBYTES(out));
-done:
+    else if (af_check_dim(img, "images", 1, c->C) == 0 && af_check_dim(img, "images", 2, c->S) == 0 &&
+             af_check_dim(img, "images", 3, c->S) == 0)
+        out = run_forward(self, encoder_fwd, br, AF_F32(img), NULL, B, self->m->T, c->D);
     Py_DECREF(img);
     return (PyObject *)out;
 }
@@ -300,57 +355,17 @@ static PyObject *Networks_head_forward(NetworksObject *self, PyObject *args, PyO
     if (branch_from(bs, &br) < 0) return NULL;
     PyArrayObject *t = tokens_arg(self, o, "tokens");
     if (t == NULL) return NULL;
-    PyArrayObject *out = NULL;
-    npy_intp B = PyArray_DIM(t, 0);
-    if (enter(self) < 0) goto done;
-    af_status st = reserve(self, B);
-    if (st == AF_OK) {
-        Py_BEGIN_ALLOW_THREADS
-        st = af_head_forward(self->m, br, AF_F32(t), (int)B);
-        Py_END_ALLOW_THREADS
-    }
-    self->busy = 0;
-    if (st != AF_OK) {
-        af_raise(st);
-        goto done;
-    }
-    out = new_f32(3, B, self->m->L, self->m->cfg.K);
-    if (out) memcpy(PyArray_DATA(out), self->m->head_acts[br].logits, PyArray_NBYTES(out));
-done:
+    PyArrayObject *out = run_forward(self, head_fwd, br, AF_F32(t), NULL, PyArray_DIM(t, 0),
+                                     self->m->L, self->m->cfg.K);
     Py_DECREF(t);
     return (PyObject *)out;
 }
 
 static PyObject *Networks_head_backward(NetworksObject *self, PyObject *o) {
     if (!ready(self)) return NULL;
-    PyArrayObject *d = af_arg_array(o, "dlogits", NPY_FLOAT32, 3);
-    if (d == NULL) return NULL;
-    PyArrayObject *out = NULL;
-    int B = self->m->head_B[AF_STUDENT];
-    if (B == 0) {
-        PyErr_SetString(PyExc_ValueError, "head_backward: call head_forward(branch='student') first");
-        goto done;
-    }
-    if (af_check_dim(d, "dlogits", 0, B) < 0 || af_check_dim(d, "dlogits", 1, self->m->L) < 0 ||
-        af_check_dim(d, "dlogits", 2, self->m->cfg.K) < 0)
-        goto done;
-    out = new_f32(3, B, self->m->T, self->m->cfg.D);
-    if (out == NULL || enter(self) < 0) {
-        Py_CLEAR(out);
-        goto done;
-    }
-    af_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = af_head_backward(self->m, AF_F32(d), AF_F32(out));
-    Py_END_ALLOW_THREADS
-    self->busy = 0;
-    if (st != AF_OK) {
-        Py_CLEAR(out);
-        af_raise(st);
-    }
-done:
-    Py_DECREF(d);
-    return (PyObject *)out;
+    return run_backward(self, o, "dlogits", self->m->head_B[AF_STUDENT], self->m->cfg.K,
+                        "head_backward: call head_forward(branch='student') first",
+                        af_head_backward);
 }
 
 static PyObject *Networks_decoder_forward(NetworksObject *self, PyObject *args, PyObject *kw) {
@@ -371,22 +386,10 @@ static PyObject *Networks_decoder_forward(NetworksObject *self, PyObject *args, 
         PyErr_SetString(PyExc_ValueError, "token_mask must have 2 dimensions");
         goto done;
     }
-    if (af_check_dim(mask, "token_mask", 0, B) < 0 ||
-        af_check_dim(mask, "token_mask", 1, self->m->L) < 0 || enter(self) < 0)
-        goto done;
-    af_status st = reserve(self, B);
-    if (st == AF_OK) {
-        Py_BEGIN_ALLOW_THREADS
-        st = af_decoder_forward(self->m, AF_F32(t), AF_U8(mask), (int)B);
-        Py_END_ALLOW_THREADS
-    }
-    self->busy = 0;
-    if (st != AF_OK) {
-        af_raise(st);
-        goto done;
-    }
-    out = new_f32(3, B, self->m->L, self->m->Q);
-    if (out) memcpy(PyArray_DATA(out), self->m->dec_acts.pred, PyArray_NBYTES(out));
+    if (af_check_dim(mask, "token_mask", 0, B) == 0 &&
+        af_check_dim(mask, "token_mask", 1, self->m->L) == 0)
+        out = run_forward(self, decoder_fwd, AF_STUDENT, AF_F32(t), AF_U8(mask), B, self->m->L,
+                          self->m->Q);
 done:
     Py_DECREF(t);
     Py_XDECREF(mask);
@@ -395,34 +398,8 @@ done:
 
 static PyObject *Networks_decoder_backward(NetworksObject *self, PyObject *o) {
     if (!ready(self)) return NULL;
-    PyArrayObject *d = af_arg_array(o, "dpred", NPY_FLOAT32, 3);
-    if (d == NULL) return NULL;
-    PyArrayObject *out = NULL;
-    int B = self->m->dec_B;
-    if (B == 0) {
-        PyErr_SetString(PyExc_ValueError, "decoder_backward: call decoder_forward first");
-        goto done;
-    }
-    if (af_check_dim(d, "dpred", 0, B) < 0 || af_check_dim(d, "dpred", 1, self->m->L) < 0 ||
-        af_check_dim(d, "dpred", 2, self->m->Q) < 0)
-        goto done;
-    out = new_f32(3, B, self->m->T, self->m->cfg.D);
-    if (out == NULL || enter(self) < 0) {
-        Py_CLEAR(out);
-        goto done;
-    }
-    af_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = af_decoder_backward(self->m, AF_F32(d), AF_F32(out));
-    Py_END_ALLOW_THREADS
-    self->busy = 0;
-    if (st != AF_OK) {
-        Py_CLEAR(out);
-        af_raise(st);
-    }
-done:
-    Py_DECREF(d);
-    return (PyObject *)out;
+    return run_backward(self, o, "dpred", self->m->dec_B, self->m->Q,
+                        "decoder_backward: call decoder_forward first", af_decoder_backward);
 }
 
 /* ------------------------------------------------------------------ optimisation */
@@ -615,12 +592,7 @@ static PyMethodDef model_methods[] = {
 int af_register_model(PyObject *m) {
     PyObject *sub = af_add_submodule(m, "model", model_methods,
                                      "ViT encoder, projection head, restoration decoder, AdamW/EMA");
-    if (sub == NULL) return -1;
-    if (PyType_Ready(&NetworksType) < 0) return -1;
-    Py_INCREF(&NetworksType);
-    if (PyModule_AddObject(sub, "Networks", (PyObject *)&NetworksType) < 0) {
-        Py_DECREF(&NetworksType);
-        return -1;
-    }
+    /* PyModule_AddType readies the type and adds it under its short name */
+    if (sub == NULL || PyModule_AddType(sub, &NetworksType) < 0) return -1;
     return 0;
 }

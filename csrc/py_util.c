@@ -82,6 +82,17 @@ PyArrayObject *af_new_array(int ndim, const npy_intp *shape, int npy_type) {
     return (PyArrayObject *)PyArray_ZEROS(ndim, (npy_intp *)shape, npy_type, 0);
 }
 
+PyObject *af_view_f32(PyObject *owner, float *data, int ndim, const npy_intp *shape) {
+    PyObject *arr = PyArray_SimpleNewFromData(ndim, (npy_intp *)shape, NPY_FLOAT32, data);
+    if (arr == NULL) return NULL;
+    Py_INCREF(owner);
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, owner) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
 PyObject *af_add_submodule(PyObject *parent, const char *name, PyMethodDef *methods,
                            const char *doc) {
     char full[128];

@@ -44,6 +44,9 @@ int af_check_finite(PyArrayObject *arr, const char *name);
 /* A new zero-filled C-contiguous ndarray. */
 PyArrayObject *af_new_array(int ndim, const npy_intp *shape, int npy_type);
 
+/* A zero-copy float32 ndarray over `data` that keeps `owner` alive (its base). */
+PyObject *af_view_f32(PyObject *owner, float *data, int ndim, const npy_intp *shape);
+
 #define AF_F32(a) ((float *)PyArray_DATA(a))
 #define AF_I32(a) ((int32_t *)PyArray_DATA(a))
 #define AF_U8(a) ((uint8_t *)PyArray_DATA(a))

@@ -98,6 +98,32 @@ def train_early_stopping(net, n_train: int, batch_args: Callable, val_score: Cal
             "best_val": best if best > -math.inf else float("nan"), "steps": step}
 
 
+def train_folds(model, d: EvalData, splits: list, frac: float, make_net: Callable,
+                batch_args: Callable, val_score: Callable, *, val_fraction: float,
+                batch: int, seed: int, **train_kw):
+    """The fold loop of both fine-tuning protocols at one label fraction. For each split k
+    (train+val, test): a ``val_fraction`` of the train+val groups validates, the rest is
+    sub-sampled to ``frac``; a fresh network ``make_net(capacity, seed + k)`` gets the
+    teacher encoder and is trained by :func:`train_early_stopping` on
+    ``batch_args(indices into d)`` with ``val_score(predict, val indices)``.
+    Yields (k, net, predict, tr, va, te, history); predict(indices into d) -> outputs."""
+    for k, (trval, te) in enumerate(splits):
+        tr, va = split_val(d, trval, val_fraction, seed + 100 + k)
+        tr = subsample(tr, frac, seed + k)
+        cap = min(batch, len(tr))
+        net = make_net(cap, seed + k)
+        copy_teacher_encoder(net, model)
+
+        def predict(idx, net=net, cap=cap):
+            return predict_padded(net.predict, d.images[idx], cap)
+
+        hist = train_early_stopping(
+            net, len(tr), lambda idx, tr=tr: batch_args(tr[idx]),
+            lambda va=va, predict=predict: val_score(predict, va),
+            capacity=cap, seed=seed + k, **train_kw)
+        yield k, net, predict, tr, va, te, hist
+
+
 def train_then_test(d: EvalData, t: EvalData) -> tuple[EvalData, list]:
     """`d` then `t` in one EvalData (images, abnormal, groups) and the single split that
     trains (and validates) on all of `d` and tests on all of `t`."""
@@ -160,33 +186,29 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     else:
         splits = split_folds(d, folds, test_fraction, seed)
     cfg = model.cfg.to_dict()
+    y32 = y.astype(np.float32)   # NaN = missing: the C BCE skips it
+
+    def make_net(cap, net_seed):
+        return ds.Classifier(cfg, len(names), cap, seed=net_seed, freeze_encoder=freeze_encoder)
+
+    def batch_args(sel):
+        return np.ascontiguousarray(d.images[sel]), np.ascontiguousarray(y32[sel])
+
+    def val_auc(predict, va):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return M.multilabel_auc(y[va], predict(va).astype(np.float64), names,
+                                    warn=False)["mean_auc"]
+
     runs, cam_fig_data = [], None
     for frac in fractions:
         fold_res = []
-        for k, (trval, te) in enumerate(splits):
-            tr, va = split_val(d, trval, val_fraction, seed + 100 + k)
-            tr = subsample(tr, frac, seed + k)
-            cap = min(batch, len(tr))
-            net = ds.Classifier(cfg, len(names), cap, seed=seed + k,
-                                freeze_encoder=freeze_encoder)
-            copy_teacher_encoder(net, model)
-            y_tr = y[tr].astype(np.float32)   # NaN = missing: the C BCE skips it
-
-            def predict(idx, net=net, cap=cap):
-                return predict_padded(net.predict, d.images[idx], cap).astype(np.float64)
-
-            def val_auc(net=net, va=va):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    return M.multilabel_auc(y[va], predict(va), names, warn=False)["mean_auc"]
-
-            hist = train_early_stopping(
-                net, len(tr), lambda idx, tr=tr, y_tr=y_tr: (
-                    np.ascontiguousarray(d.images[tr[idx]]), np.ascontiguousarray(y_tr[idx])),
-                val_auc, capacity=cap, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                patience=patience, seed=seed + k, warmup_epochs=warmup_epochs,
-                augment=augment, freeze_encoder=freeze_encoder)
-            logits = predict(te)
+        for k, net, predict, tr, va, te, hist in train_folds(
+                model, d, splits, frac, make_net, batch_args, val_auc,
+                val_fraction=val_fraction, batch=batch, seed=seed, epochs=epochs, lr=lr,
+                weight_decay=weight_decay, patience=patience, warmup_epochs=warmup_epochs,
+                augment=augment, freeze_encoder=freeze_encoder):
+            logits = predict(te).astype(np.float64)
             r = M.multilabel_auc(y[te], logits, names)
             fold_res.append({"fold": k, "mean_auc": r["mean_auc"], "per_class_auc":
                              r["per_class"], "excluded_classes": r["excluded"],

@@ -23,10 +23,9 @@ import numpy as np
 from ..data import ORGAN_LABELS
 from . import figures as F
 from . import metrics as M
-from .common import (EvalData, copy_teacher_encoder, downstream, load_data, load_model,
-                     mean_std, subsample, try_figures, write_results)
-from .finetune import (_as_fractions, predict_padded, split_folds, split_val,
-                       train_early_stopping, train_then_test)
+from .common import (EvalData, downstream, load_data, load_model, mean_std, try_figures,
+                     write_results)
+from .finetune import _as_fractions, split_folds, train_folds, train_then_test
 
 
 def masks_of(d: EvalData, mask: str) -> tuple[EvalData, np.ndarray]:
@@ -73,27 +72,24 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     else:
         splits = split_folds(d, folds, test_fraction, seed)
     cfg = model.cfg.to_dict()
+
+    def make_net(cap, net_seed):
+        return ds.Segmenter(cfg, cap, seed=net_seed, freeze_encoder=freeze_encoder)
+
+    def batch_args(sel):
+        return np.ascontiguousarray(d.images[sel]), np.ascontiguousarray(m[sel])
+
+    def val_dice(predict, va):
+        return M.dice(predict(va), m[va]).mean() if len(va) else float("nan")
+
     runs, show_data = [], None
     for frac in fractions:
         fold_res = []
-        for k, (trval, te) in enumerate(splits):
-            tr, va = split_val(d, trval, val_fraction, seed + 100 + k)
-            tr = subsample(tr, frac, seed + k)
-            cap = min(batch, len(tr))
-            net = ds.Segmenter(cfg, cap, seed=seed + k, freeze_encoder=freeze_encoder)
-            copy_teacher_encoder(net, model)
-
-            def predict(idx, net=net, cap=cap):
-                return predict_padded(net.predict, d.images[idx], cap)
-
-            hist = train_early_stopping(
-                net, len(tr), lambda idx, tr=tr: (np.ascontiguousarray(d.images[tr[idx]]),
-                                                  np.ascontiguousarray(m[tr[idx]])),
-                lambda va=va, predict=predict: M.dice(predict(va), m[va]).mean()
-                if len(va) else float("nan"),
-                capacity=cap, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                patience=patience, seed=seed + k, warmup_epochs=warmup_epochs,
-                augment=augment, freeze_encoder=freeze_encoder)
+        for k, net, predict, tr, va, te, hist in train_folds(
+                model, d, splits, frac, make_net, batch_args, val_dice,
+                val_fraction=val_fraction, batch=batch, seed=seed, epochs=epochs, lr=lr,
+                weight_decay=weight_decay, patience=patience, warmup_epochs=warmup_epochs,
+                augment=augment, freeze_encoder=freeze_encoder):
             prob = predict(te)
             fold_res.append(dict(dice_summary(prob, m[te]), fold=k, n_train=int(len(tr)),
                                  n_val=int(len(va)), best_epoch=hist["best_epoch"],
