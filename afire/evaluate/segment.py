@@ -85,7 +85,7 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     runs, show_data = [], None
     for frac in fractions:
         fold_res = []
-        for k, net, predict, tr, va, te, hist in train_folds(
+        for k, _net, predict, tr, va, te, hist in train_folds(
                 model, d, splits, frac, make_net, batch_args, val_dice,
                 val_fraction=val_fraction, batch=batch, seed=seed, epochs=epochs, lr=lr,
                 weight_decay=weight_decay, patience=patience, warmup_epochs=warmup_epochs,
