@@ -278,18 +278,21 @@ class AFiRe:
             if b not in ("student", "teacher"):
                 raise ValueError(f"branch must be 'student', 'teacher' or 'both', got {branch!r}")
         bufs, views = self._state_views()
-        converted = self._convert_foreign(sd, Path(path))
+        prefix = "student.encoder."
+        encoder = {k[len(prefix):]: v for k, v in views.items() if k.startswith(prefix)}
+        converted = self._convert_foreign(sd, encoder, Path(path))
         for b in branches:
             for name, arr in converted.items():
                 views[f"{b}.encoder.{name}"][...] = arr
         self._push(bufs)
         return sorted(converted)
 
-    def _convert_foreign(self, sd: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
-        views = {k[len("student.encoder."):]: v for k, v in self.state_tensors().items()
-                 if k.startswith("student.encoder.")}
+    @staticmethod
+    def _convert_foreign(sd: dict[str, np.ndarray], encoder: dict[str, np.ndarray],
+                         path: Path) -> dict[str, np.ndarray]:
+        """Foreign encoder tensors, checked and reshaped to this model's `encoder` views."""
         out: dict[str, np.ndarray] = {}
-        for name, dst in views.items():
+        for name, dst in encoder.items():
             if name not in sd:
                 raise ValueError(f"{path}: encoder tensor {name!r} not found (have e.g. "
                                  f"{sorted(sd)[:6]})")
@@ -308,5 +311,5 @@ class AFiRe:
                                  f"needs {list(dst.shape)} (different size or patch?)")
             if not np.isfinite(src).all():
                 raise ValueError(f"{path}: {name} contains NaN or Inf")
-            out.setdefault(name, src.astype(np.float32))
+            out.setdefault(name, src)
         return out
