@@ -2,17 +2,24 @@
 
 Pre-train the test preset (64 px, patch 8) on the NORMAL images of a patient-wise train
 split, then on the held-out patients: a 5-fold patient-wise linear probe (pneumonia vs
-normal) of the pre-trained and of a randomly initialised encoder, and the anomaly protocol.
+normal) of the pre-trained encoder and of three randomly initialised ones, and the anomaly
+protocol from both.
 
-Measured (2 shared CPU cores, 45 s): linear-probe mean AUC over 5 folds 0.912 +- 0.033
-pre-trained vs 0.914 +- 0.036 random (pooled 0.911 vs 0.910; at 32 px 0.829 vs 0.828);
-anomaly AUC 0.12 after 100 adaptation steps (ACC 0.689 = every image called abnormal at
-both thresholds), i.e. Eq. 51 ranks pneumonia as MORE normal. At this scale (D=32, depth 2,
-242 normal images, 1500 steps) pre-training does not beat random features on the probe;
-the pneumonia images' lower contrast (an image-std-only AUC of 0.26/0.74, see
-tests/test_train_real.py) is a global cue a random ViT already exposes linearly. The
-assert below is kept as the brief states it and is marked xfail (not strict) with that
-reason, so a run that does separate them shows up as XPASS.
+Learning rate: METHOD §5 scales base_lr by batch/256, so the paper's base_lr at batch 16
+is a peak of 3e-5 and the encoder barely moves (CKA 0.99 between the features before and
+after 1500 steps at base_lr 2e-3). Here base_lr = 1.6e-2, i.e. a peak of 1e-3 — the
+paper's own peak (5e-4 x 512 / 256).
+
+Measured (2 CPU cores, ~2 min; same split, 5 folds, mean AUC): pre-trained 0.948 / 0.926 /
+0.946 for pre-training seeds 0/1/2, random init 0.845-0.917 over six seeds (mean 0.886).
+At base_lr 2e-3 it was 0.912 vs 0.914: no gain.
+
+Anomaly detection does NOT beat random init at this scale and is not asserted: Eq. 51 AUC
+0.096 (pre-trained) vs 0.24 (random), i.e. the restoration error ranks pneumonia as MORE
+normal. On these 64 px images the normal radiographs are much sharper: the mean absolute
+Laplacian alone gives AUC 0.065, image std 0.19, and a model that reconstructs better
+reconstructs the hazier pneumonia images best. Per-image z-scoring or histogram
+equalisation of the inputs moves it to 0.26 / 0.23 (random 0.45 / 0.55): still inverted.
 """
 import json
 import os
@@ -27,7 +34,8 @@ from afire.evaluate.common import group_holdout, random_init
 
 pytestmark = pytest.mark.eval
 
-SIZE, STEPS, BATCH = 64, 1500, 16
+SIZE, STEPS, BATCH, BASE_LR = 64, 3000, 16, 1.6e-2
+RANDOM_SEEDS = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +47,7 @@ def setup(kermany_dir_module):
     normals = pre.images[pre.abnormal == 0]
     spe = len(normals) // BATCH
     cfg = Config.preset_config("test", img_size=SIZE, batch_size=BATCH,
-                               epochs=STEPS // spe + 1, warmup_epochs=1, base_lr=2e-3, seed=0)
+                               epochs=STEPS // spe + 1, warmup_epochs=1, base_lr=BASE_LR, seed=0)
     model = AFiRe(cfg, steps_per_epoch=spe)
     rng = np.random.default_rng(0)
     log = [model.train_step(normals[np.sort(rng.choice(len(normals), BATCH, replace=False))])
@@ -62,29 +70,34 @@ def kermany_dir_module():
     return d
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason="measured: pre-trained 0.912 vs random 0.914 probe AUC "
-                   "at test-preset scale (see the module docstring)")
 def test_pretraining_beats_random_init_on_linear_probe(setup, tmp_path):
     model, ev = setup
+    models = [("afire", model)] + [(f"random{k}", random_init(model, seed=k))
+                                   for k in RANDOM_SEEDS]
     res = {}
-    for name, m in (("afire", model), ("random", random_init(model, seed=1))):
+    for name, m in models:
         r = linear_probe(m, ev, folds=5, epochs=200, lr=1e-2, out=tmp_path / name,
                          figures=name == "afire")
-        res[name] = r["metrics"]["mean_auc"]
-        print(f"linear probe {name}: AUC {res[name]['mean']:.3f} +- {res[name]['std']:.3f}, "
+        res[name] = r["metrics"]["mean_auc"]["mean"]
+        print(f"linear probe {name}: AUC {res[name]:.3f} +- "
+              f"{r['metrics']['mean_auc']['std']:.3f}, "
               f"pooled {r['metrics']['pooled_out_of_fold']['mean_auc']:.3f}")
     assert json.loads((tmp_path / "afire" / "results.json").read_text())["counts"]["all"][
         "images"] == len(ev)
-    assert res["afire"]["mean"] > res["random"]["mean"]
+    random_mean = np.mean([res[f"random{k}"] for k in RANDOM_SEEDS])
+    assert res["afire"] > random_mean + 0.01, (res, random_mean)
 
 
 def test_anomaly_protocol_on_held_out_patients(setup, tmp_path):
     model, ev = setup
+    base = anomaly(random_init(model, seed=1), ev, adapt_steps=100, batch=BATCH)
     r = anomaly(model, ev, adapt_steps=100, batch=BATCH, out=tmp_path)
     m = r["metrics"]
     print(f"anomaly: AUC {m['auc']:.3f}; {m['squid']['label']}: ACC {m['squid']['acc']:.3f} "
           f"F1 {m['squid']['f1']:.3f}; {m['val_threshold']['label']}: ACC "
-          f"{m['val_threshold']['acc']:.3f} F1 {m['val_threshold']['f1']:.3f}")
+          f"{m['val_threshold']['acc']:.3f} F1 {m['val_threshold']['f1']:.3f}; "
+          f"from random init: AUC {base['metrics']['auc']:.3f} (not asserted, see the "
+          "module docstring)")
     assert np.isfinite(r["arrays"]["test_log_score"]).all()
     assert r["adaptation"]["steps"] == 100
     # the test-chosen threshold is by construction at least as accurate on test
