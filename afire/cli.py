@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .device import DeviceUnavailableError
+
 FORMATS_CLI = ("folder", "kermany", "nih", "chexpert", "mimic", "siim", "shared", "phantom")
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, DeviceUnavailableError) as e:
         print(f"afire {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

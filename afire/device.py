@@ -4,6 +4,10 @@ from __future__ import annotations
 from . import cuda
 
 
+class DeviceUnavailableError(RuntimeError):
+    """A CUDA device was asked for and this build or machine has none."""
+
+
 def cuda_available() -> bool:
     """True when this build has the CUDA backend and a GPU is visible."""
     return cuda.compiled() and cuda.device_count() > 0
@@ -18,12 +22,12 @@ def require_device(device: str) -> str:
         return device
     if device == "cuda" or device.startswith("cuda:"):
         if not cuda.compiled():
-            raise RuntimeError(f"device={device!r} was requested but {cuda.NO_BUILD}")
+            raise DeviceUnavailableError(f"device={device!r} was requested but {cuda.NO_BUILD}")
         n = cuda.device_count()
         idx = 0 if device == "cuda" else int(device.split(":", 1)[1])
         if n == 0:
-            raise RuntimeError("device='cuda' was requested but no CUDA GPU is visible on this "
-                               "machine")
+            raise DeviceUnavailableError("device='cuda' was requested but no CUDA GPU is "
+                                         "visible on this machine")
         if not 0 <= idx < n:
             raise ValueError(f"device={device!r}: only {n} CUDA device(s) visible")
         return device

@@ -206,3 +206,17 @@ def test_cli_evaluate_anomaly(model, tmp_path, capsys):
                  "--data", str(tmp_path / "ph")]) == 2
     assert main(["evaluate", "finetune", "--checkpoint", str(ck), "--data",
                  str(tmp_path / "ph"), "--label-fraction", "0"]) == 2
+    assert main(["evaluate", "linear-probe", "--checkpoint", str(ck), "--data",
+                 str(tmp_path / "ph"), "--device", "gpu"]) == 2
+    assert "device must be" in capsys.readouterr().err
+
+
+def test_cli_evaluate_on_a_missing_gpu_is_a_clear_error(model, tmp_path, capsys):
+    from afire.device import cuda_available
+    if cuda_available():
+        pytest.skip("a GPU is visible here: the no-GPU error path cannot be taken")
+    ck = tmp_path / "ck.safetensors"
+    model.save(ck)
+    assert main(["evaluate", "linear-probe", "--checkpoint", str(ck), "--data",
+                 str(tmp_path), "--device", "cuda"]) == 2
+    assert "device='cuda' was requested" in capsys.readouterr().err

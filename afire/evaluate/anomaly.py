@@ -36,7 +36,8 @@ VAL_LABEL = "threshold chosen on the validation split"
 
 def adapt(model: AFiRe, normals: np.ndarray, steps: int, lr: float = 1e-4, batch: int = 64,
           seed: int = 0) -> tuple[AFiRe, list[dict]]:
-    """A copy of ``model`` adapted for ``steps`` AFiRe steps on uint8 normal images.
+    """A copy of ``model`` adapted for ``steps`` AFiRe steps on uint8 normal images, on the
+    model's device.
 
     The pre-trained model is not modified. Returns (adapted model, per-step statistics).
     """
@@ -49,11 +50,13 @@ def adapt(model: AFiRe, normals: np.ndarray, steps: int, lr: float = 1e-4, batch
                        weight_decay=0.0, weight_decay_end=0.0, freeze_last_layer_epochs=0,
                        teacher_temp=cfg.teacher_temp_final, teacher_temp_warmup_epochs=0,
                        seed=seed)
-    new = AFiRe(acfg, steps_per_epoch=1, batch_size=b)
-    dst, src = new.state_tensors(), model.state_tensors()
+    new = AFiRe(acfg, device=model.device, steps_per_epoch=1, batch_size=b)
+    bufs, dst = new._state_views()
+    src = model.state_tensors()
     for k, v in dst.items():
         if not k.startswith("adam_"):     # a fresh optimiser: moments stay zero
             v[...] = src[k]
+    new._push(bufs)                       # a GPU model: upload what was written
     rng = np.random.default_rng(seed)
     order = np.empty(0, np.int64)
     log = []

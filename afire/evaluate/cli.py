@@ -30,6 +30,9 @@ def _common(p) -> None:
                    help="baseline: the checkpoint's configuration with freshly initialised "
                         "weights")
     p.add_argument("--no-figures", action="store_true", help="write results.json only")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N: where the encoder computes features and the "
+                        "anomaly adaptation trains (finetune/segment train on the CPU)")
 
 
 def _training(p, epochs: int, batch: int, lr: float, folds: int) -> None:
@@ -126,7 +129,7 @@ def _run(a) -> int:
         kw = _kwargs(a)
     except argparse.ArgumentTypeError as e:
         raise ValueError(str(e)) from None
-    model = load_model(a.checkpoint)
+    model = load_model(a.checkpoint, device=a.device)
     if a.random_init:
         model = random_init(model, seed=a.seed)
     out = a.out or f"eval-{a.proto.replace('_', '-')}"

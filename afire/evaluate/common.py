@@ -219,22 +219,26 @@ def subsample(idx: np.ndarray, fraction: float, seed: int, minimum: int = 2) -> 
 
 
 # ---------------------------------------------------------------- models and features
-def load_model(checkpoint_or_model: Any, batch_size: int | None = None) -> AFiRe:
-    """An :class:`AFiRe` from a checkpoint path, or the model itself."""
+def load_model(checkpoint_or_model: Any, batch_size: int | None = None,
+               device: str = "cpu") -> AFiRe:
+    """An :class:`AFiRe` from a checkpoint path (loaded onto ``device``), or the model
+    itself (which keeps its own device)."""
     if isinstance(checkpoint_or_model, AFiRe):
         return checkpoint_or_model
     if isinstance(checkpoint_or_model, (str, os.PathLike)):
         p = Path(checkpoint_or_model)
         if not p.exists():
             raise FileNotFoundError(f"checkpoint {p} not found")
-        return AFiRe.load(p, batch_size=batch_size)
+        return AFiRe.load(p, device=device, batch_size=batch_size)
     raise TypeError(f"expected a checkpoint path or an AFiRe model, got "
                     f"{type(checkpoint_or_model).__name__}")
 
 
 def random_init(model: AFiRe, seed: int = 0) -> AFiRe:
-    """A freshly initialised model of the same configuration (the random baseline)."""
-    return AFiRe(model.cfg.replace(seed=seed), steps_per_epoch=model.steps_per_epoch,
+    """A freshly initialised model of the same configuration and device (the random
+    baseline)."""
+    return AFiRe(model.cfg.replace(seed=seed), device=model.device,
+                 steps_per_epoch=model.steps_per_epoch,
                  batch_size=model.batch_capacity)
 
 
