@@ -5,6 +5,9 @@
 # cores); 3. nvidia-smi; 4. the GPU tests (tests/gpu, -m gpu); 5. the GPU op benchmark and
 # 6. the training-step benchmark in fp32 and bf16 (JSON, with the bf16 speed-up) and
 # 7. afire vs the same step in PyTorch (JSON).
+# Options (environment): SKIP_BENCH=1 skips 5-7; EVAL_SCALE=1 adds 8. `afire pretrain --device
+# cuda` on phantoms (the loop, its checkpoint loaded on the CPU) and 9. benchmarks/eval_scale.py
+# (pre-training vs random init at vit_tiny 224 px) on $AFIRE_DATA/kermany_native.
 # Logs and JSON go to $OUT (or /tmp/afire_device_checks). Every step runs even if an earlier one
 # failed where that still makes sense; the exit status is non-zero at the END if any step
 # failed or no GPU was visible. Budget: under 8 minutes on 16 cores.
@@ -69,7 +72,9 @@ if [ "$built" = 1 ]; then
 fi
 
 # 5. benchmark: ours vs PyTorch on ViT-B shapes
-if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
+bench=1
+[ "${SKIP_BENCH:-0}" = 1 ] && bench=0
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "$bench" = 1 ]; then
     if timeout 150 python3 benchmarks/bench_gpu_ops.py --out "$DEST/bench_gpu_ops.json" 2>&1 |
         tee "$DEST/bench_gpu_ops.log"; then
         step_ok "benchmark -> bench_gpu_ops.json"
@@ -80,7 +85,7 @@ fi
 
 # 6. the full training step on the GPU: images/s and memory (vit_small, vit_base at B=64),
 #    precision fp32 and bf16 (each model built, timed and freed in turn)
-if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "$bench" = 1 ]; then
     if timeout 180 python3 benchmarks/bench_gpu_step.py --out "$DEST/bench_gpu_step.json" 2>&1 |
         tee "$DEST/bench_gpu_step.log"; then
         step_ok "training-step benchmark -> bench_gpu_step.json (bf16 speed-up: $(python3 -c \
@@ -91,12 +96,35 @@ if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
 fi
 
 # 7. the same step in PyTorch (fp32 TF32 off, bf16 autocast) vs afire, one process (JSON)
-if [ "$built" = 1 ] && [ "$ngpu" != 0 ]; then
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "$bench" = 1 ]; then
     if timeout 180 python3 benchmarks/bench_gpu_vs_torch.py --out "$DEST/bench_gpu_vs_torch.json" \
         2>&1 | tee "$DEST/bench_gpu_vs_torch.log"; then
         step_ok "afire vs PyTorch step benchmark -> bench_gpu_vs_torch.json"
     else
         step_fail "afire vs PyTorch step benchmark (see bench_gpu_vs_torch.log)"
+    fi
+fi
+
+# 8. the pre-training loop on the GPU: a short `afire pretrain`, its checkpoint read on the CPU
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "${EVAL_SCALE:-0}" = 1 ]; then
+    if timeout 120 python3 -m afire.cli pretrain --device cuda --epochs 3 --phantoms 256 \
+        --out /tmp/afire_pretrain_gpu --overwrite --quiet 2>&1 | tee "$DEST/pretrain_gpu.log" &&
+        python3 -c "import afire; m = afire.AFiRe.load('/tmp/afire_pretrain_gpu/last.safetensors'); print('loaded on the cpu: step', m.step)" 2>&1 | tee -a "$DEST/pretrain_gpu.log"; then
+        step_ok "afire pretrain --device cuda ($(grep -c . "$DEST/pretrain_gpu.log") log lines)"
+    else
+        step_fail "afire pretrain --device cuda (see pretrain_gpu.log)"
+    fi
+fi
+
+# 9. pre-training vs random initialisation at vit_tiny scale (JSON)
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "${EVAL_SCALE:-0}" = 1 ]; then
+    if timeout "${EVAL_SCALE_TIMEOUT:-300}" python3 benchmarks/eval_scale.py --device cuda \
+        --data "${AFIRE_DATA:-../shared/data}/kermany_native" --preset vit_tiny --size 224 \
+        --steps "${EVAL_SCALE_STEPS:-3000}" --time-budget "${EVAL_SCALE_BUDGET:-150}" --batch 64 --out "$DEST/eval_scale_vit_tiny.json" \
+        2>&1 | tee "$DEST/eval_scale.log"; then
+        step_ok "eval_scale vit_tiny -> eval_scale_vit_tiny.json"
+    else
+        step_fail "eval_scale (see eval_scale.log)"
     fi
 fi
 
