@@ -39,6 +39,9 @@ DEMO_OVERRIDES: dict[str, Any] = dict(img_size=64, slm_size=(6, 20), slm_crop=18
                                       batch_size=16, epochs=40, warmup_epochs=4,
                                       base_lr=4e-3)
 DEFAULT_PHANTOMS = 1024
+# below this peak lr a short run barely moves the encoder (README: learning rate at small
+# batches); `afire pretrain` says so
+LOW_PEAK_LR = 1e-4
 STAT_COLUMNS = ("step", "loss", "l_stru", "l_cate", "l_cst", "l_recon", "lr", "weight_decay",
                 "ema_momentum", "teacher_temp", "grad_norm", "abnormal_fraction",
                 "last_layer_frozen")
@@ -522,6 +525,11 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
         if cfg.warmup_epochs >= cfg.epochs:
             say(f"note: warmup_epochs={cfg.warmup_epochs} >= epochs={cfg.epochs}: the learning "
                 "rate never leaves its warm-up (override warmup_epochs=... to change)")
+        if cfg.lr < LOW_PEAK_LR:
+            say(f"note: peak learning rate {cfg.lr:.2g} (base_lr {cfg.base_lr:g} x batch "
+                f"{cfg.batch_size} / 256) is low for a short run; the paper's peak is 1e-3, "
+                f"i.e. base_lr={1e-3 * 256 / cfg.batch_size:.2g} at this batch (README: "
+                "learning rate at small batches)")
 
     def ckpt_meta() -> dict:
         return {"run_format": RUN_FORMAT, "epoch": epoch, "batch_in_epoch": pos,

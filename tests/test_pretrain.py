@@ -38,8 +38,10 @@ def test_cli_tiny_run_writes_everything(tmp_path, capsys):
     rc = main(["pretrain", "--preset", "test", "--epochs", "1", "--phantoms", "12",
                "--out", str(out), "--quiet", "--log-every", "1", "batch_size=4"])
     assert rc == 0
-    o = capsys.readouterr().out
+    o, e = capsys.readouterr()
     assert "done: 3/3 steps (complete)" in o and "report:" in o
+    # base_lr 5e-4 at batch 4: a peak of 7.8e-06, which the run points out
+    assert "note: peak learning rate 7.8e-06" in e and "base_lr=0.064 at this batch" in e
     for f in ("last.safetensors", "backbone.safetensors", "log.jsonl", "log.csv",
               "config.json", "report/report.json", "report/report.md", "report/losses.png",
               "report/samples.png"):
@@ -264,7 +266,8 @@ def test_tensorboard_missing_is_reported(tmp_path, images, capsys, monkeypatch):
 def test_cli_without_preset_is_the_demo(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rc = main(["pretrain", "--max-steps", "2", "--phantoms", "32", "--quiet", "--no-report"])
-    assert rc == 0 and "done: 2/80 steps (max_steps)" in capsys.readouterr().out
+    o, e = capsys.readouterr()
+    assert rc == 0 and "done: 2/80 steps (max_steps)" in o and "peak learning rate" not in e
     m = AFiRe.load(tmp_path / "runs" / "afire-demo" / "last.safetensors")
     assert (m.cfg.preset, m.cfg.img_size, m.cfg.epochs, m.step) == ("test", 64, 40, 2)
     # --resume alone picks the run up with the checkpoint's config
