@@ -21,6 +21,7 @@ af_status af_downstream_model(af_model **out, const af_config *cfg, int batch) {
     c.Dd = 4, c.depth_d = 1, c.Hd = 1, c.shared_mask_token = 1;
     af_model *m = NULL;
     AF_TRY(af_model_create(&m, &c));
+    m->branches = 1;     /* the teacher never runs here: no activations for it */
     af_status st = af_model_reserve(m, batch);
     if (st != AF_OK) {
         af_model_free(m);

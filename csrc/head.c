@@ -21,6 +21,7 @@ static void transpose_bl(float *dst, const float *src, int B, int L, int C) {
 af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B) {
     AF_CHECK(m != NULL && tokens != NULL, AF_EINVAL, "head_forward: NULL argument");
     AF_CHECK(br == AF_STUDENT || br == AF_TEACHER, AF_EINVAL, "head_forward: bad branch %d", br);
+    AF_CHECK((int)br < m->branches, AF_EINVAL, "head_forward: this model has no teacher activations");
     AF_CHECK(B >= 1 && B <= m->capacity, AF_EINVAL, "head_forward: batch %d not in [1, %d]", B,
              m->capacity);
     const af_config *c = &m->cfg;

@@ -190,15 +190,17 @@ typedef struct {
 } af_scratch;
 
 /* One activation block for `cap` images, shared by the CPU and GPU models: carve it (from
- * base; NULL only counts) into both encoder and head branches, the decoder and the backward
+ * base; NULL only counts) into `branches` encoder and head branches (2: student and teacher;
+ * 1: the student only, the teacher's structs are zeroed), the decoder and the backward
  * scratch, every array starting at a multiple of `align` floats (a power of two). Returns
  * the floats used. The decoder mask is separate (uint8). */
 enum { AF_ACTS_ALIGN_CPU = 16 /* 64 bytes */, AF_ACTS_ALIGN_CUDA = 64 /* 256 bytes */ };
-size_t af_acts_carve(const af_config *cfg, int cap, float *base, size_t align,
+size_t af_acts_carve(const af_config *cfg, int cap, int branches, float *base, size_t align,
                      af_encoder_acts enc[2], af_head_acts head[2], af_decoder_acts *dec,
                      af_scratch *scratch);
 /* Floats of that block; AF_EINVAL when cap images are too many for the int-indexed kernels. */
-af_status af_acts_size(const af_config *cfg, int cap, size_t align, size_t *floats);
+af_status af_acts_size(const af_config *cfg, int cap, int branches, size_t align,
+                       size_t *floats);
 
 /* ------------------------------------------------------------------ the model */
 
@@ -215,8 +217,10 @@ typedef struct {
     af_encoder_params enc[2], enc_grad; /* [branch] */
     af_head_params head[2], head_grad;
     af_decoder_params dec, dec_grad;
-    /* activations, sized for `capacity` images, carved for the current B */
-    int capacity;
+    /* activations, sized for `capacity` images, carved for the current B; `branches` = 2
+     * (student and teacher, the trainer) or 1 (student only: the downstream networks,
+     * which never run the teacher, need half the memory) */
+    int capacity, branches;
     float *act_mem;
     size_t act_floats;
     af_encoder_acts enc_acts[2];

@@ -2,6 +2,7 @@
  * three networks (METHOD.md §2, §7). See model.h for the layout contract. */
 #include <math.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "common.h"
 #include "model.h"
@@ -385,7 +386,7 @@ static void blocks_acts_carve(af_blocks_acts *a, bump *b, int NL, int cap, int T
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 
-size_t af_acts_carve(const af_config *c, int cap, float *base, size_t align,
+size_t af_acts_carve(const af_config *c, int cap, int branches, float *base, size_t align,
                      af_encoder_acts enc[2], af_head_acts head[2], af_decoder_acts *d,
                      af_scratch *s) {
     bump bb = {base, 0, align}, *b = &bb;
@@ -395,6 +396,11 @@ size_t af_acts_carve(const af_config *c, int cap, float *base, size_t align,
     size_t Hh = (size_t)c->head_hidden, Bn = (size_t)c->head_bottleneck, K = (size_t)c->K;
     size_t nlast = c->shared_last_layer ? 1 : L;
     for (int br = 0; br < 2; br++) {
+        if (br >= branches) {   /* no activations: NULL pointers, refused by the forwards */
+            memset(&enc[br], 0, sizeof enc[br]);
+            memset(&head[br], 0, sizeof head[br]);
+            continue;
+        }
         af_encoder_acts *e = &enc[br];
         e->patches = take(b, Bc * L * c->C * c->P * c->P);
         e->x0 = take(b, Bc * T * D);
@@ -425,7 +431,8 @@ size_t af_acts_carve(const af_config *c, int cap, float *base, size_t align,
     return bb.used;
 }
 
-af_status af_acts_size(const af_config *c, int cap, size_t align, size_t *floats) {
+af_status af_acts_size(const af_config *c, int cap, int branches, size_t align,
+                       size_t *floats) {
     /* size check in double first: the int-indexed kernels need B*H*T*T < 2^31 */
     double T = (c->S / c->P) * (c->S / c->P) + 1, NH = c->H > c->Hd ? c->H : c->Hd;
     double W = c->D > c->Dd ? c->D : c->Dd;
@@ -435,7 +442,9 @@ af_status af_acts_size(const af_config *c, int cap, size_t align, size_t *floats
     af_head_acts head[2];
     af_decoder_acts dec;
     af_scratch s;
-    *floats = af_acts_carve(c, cap, NULL, align, enc, head, &dec, &s);
+    AF_CHECK(branches == 1 || branches == 2, AF_EINVAL, "branches must be 1 or 2, got %d",
+             branches);
+    *floats = af_acts_carve(c, cap, branches, NULL, align, enc, head, &dec, &s);
     return AF_OK;
 }
 
@@ -444,7 +453,7 @@ af_status af_model_reserve(af_model *m, int B) {
     AF_CHECK(B >= 1, AF_EINVAL, "batch size must be >= 1, got %d", B);
     if (B <= m->capacity) return AF_OK;
     size_t floats;
-    AF_TRY(af_acts_size(&m->cfg, B, AF_ACTS_ALIGN_CPU, &floats));
+    AF_TRY(af_acts_size(&m->cfg, B, m->branches, AF_ACTS_ALIGN_CPU, &floats));
     float *mem = af_calloc(floats, sizeof(float));
     if (mem == NULL) return AF_ENOMEM;
     uint8_t *mask = af_calloc((size_t)B * m->L, 1);
@@ -456,8 +465,8 @@ af_status af_model_reserve(af_model *m, int B) {
     af_free(m->dec_acts.mask);
     m->act_mem = mem;
     m->act_floats = floats;
-    af_acts_carve(&m->cfg, B, mem, AF_ACTS_ALIGN_CPU, m->enc_acts, m->head_acts, &m->dec_acts,
-                  &m->scratch);
+    af_acts_carve(&m->cfg, B, m->branches, mem, AF_ACTS_ALIGN_CPU, m->enc_acts, m->head_acts,
+                  &m->dec_acts, &m->scratch);
     m->dec_acts.mask = mask;
     m->capacity = B;
     m->enc_B[0] = m->enc_B[1] = m->head_B[0] = m->head_B[1] = m->dec_B = 0;
@@ -487,6 +496,7 @@ af_status af_model_create(af_model **out, const af_config *cfg) {
     af_model *m = af_calloc(1, sizeof(af_model));
     if (m == NULL) return AF_ENOMEM;
     m->cfg = *cfg;
+    m->branches = 2;
     m->L = (cfg->S / cfg->P) * (cfg->S / cfg->P);
     m->T = m->L + 1;
     m->Q = cfg->P * cfg->P * cfg->C;

@@ -119,6 +119,8 @@ static af_status check_batch(const af_model *m, int B, const char *what) {
 af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int B) {
     AF_TRY(check_batch(m, B, "encoder_forward"));
     AF_CHECK(br == AF_STUDENT || br == AF_TEACHER, AF_EINVAL, "encoder_forward: bad branch %d", br);
+    AF_CHECK((int)br < m->branches, AF_EINVAL, "encoder_forward: this model has no activations for "
+             "the teacher (a student-only downstream network)");
     AF_CHECK(images != NULL, AF_EINVAL, "encoder_forward: images is NULL");
     const af_config *c = &m->cfg;
     const af_encoder_params *p = &m->enc[br];

@@ -658,7 +658,7 @@ extern "C" af_status af_cuda_model_reserve(af_cuda_context *ctx, af_cuda_model *
     AF_CUDA_CHECK(B >= 1, "batch size must be >= 1, got %d", B);
     if (B <= m->capacity) return AF_OK;
     size_t floats;
-    AF_TRY(af_acts_size(&m->cfg, B, AF_ACTS_ALIGN_CUDA, &floats));  // the checks of params.c
+    AF_TRY(af_acts_size(&m->cfg, B, 2, AF_ACTS_ALIGN_CUDA, &floats));  // the checks of params.c
     float *mem = nullptr;
     AF_TRY(af_cuda_malloc(ctx, &mem, floats));
     uint8_t *mask = nullptr;
@@ -689,8 +689,8 @@ extern "C" af_status af_cuda_model_reserve(af_cuda_context *ctx, af_cuda_model *
     }
     m->act_mem = mem;
     m->act_floats = floats;
-    af_acts_carve(&m->cfg, B, mem, AF_ACTS_ALIGN_CUDA, m->enc_acts, m->head_acts, &m->dec_acts,
-                  &m->scratch);
+    af_acts_carve(&m->cfg, B, 2, mem, AF_ACTS_ALIGN_CUDA, m->enc_acts, m->head_acts,
+                  &m->dec_acts, &m->scratch);
     m->dec_acts.mask = mask;
     m->capacity = B;
     m->enc_B[0] = m->enc_B[1] = m->head_B[0] = m->head_B[1] = m->dec_B = 0;
