@@ -133,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     anom = {}
     for name, m in models[:2]:
         r = anomaly(m, ev, adapt_steps=a.adapt_steps, batch=a.batch, figures=False)
-        anom[name] = {"auc": r["metrics"]["auc"], "squid_acc": r["metrics"]["squid"]["acc"],
+        anom[name] = {"auc": r["metrics"]["auc"],
+                      "feature_distance_auc": r["metrics"]["feature_distance"]["auc"],
+                      "squid_acc": r["metrics"]["squid"]["acc"],
                       "val_threshold_acc": r["metrics"]["val_threshold"].get("acc")}
-        print(f"anomaly {name}: AUC {anom[name]['auc']:.3f}", flush=True)
+        print(f"anomaly {name}: Eq. 51 AUC {anom[name]['auc']:.3f}, feature distance AUC "
+              f"{anom[name]['feature_distance_auc']:.3f}", flush=True)
     rand = [probe[f"random{k}"]["mean_auc"]["mean"] for k in range(1, a.random_inits + 1)]
     result = {
         "benchmark": "eval_scale", "device": a.device, "config": json.loads(cfg.to_json()),

@@ -14,6 +14,7 @@ from afire import AFiRe, _C
 from afire.cli import main
 from afire.data import phantom_dataset
 from afire.evaluate import anomaly, finetune, linear_probe, load_data, segment
+from afire.evaluate.anomaly import feature_distance
 from afire.evaluate.common import (group_folds, group_holdout, json_safe, random_init,
                                    subsample)
 
@@ -122,9 +123,33 @@ def test_anomaly_protocol(model, phantom, tmp_path):
     arr = np.load(tmp_path / "arrays.npz")
     assert len(arr["test_log_score"]) == c["test"]["images"]
     assert np.isfinite(arr["test_log_score"]).all()
+    fd = m["feature_distance"]
+    assert "not in the paper" in fd["label"] and 0.0 <= fd["auc"] <= 1.0
+    assert len(arr["test_feature_distance"]) == c["test"]["images"]
+    assert (arr["test_feature_distance"] >= 0).all()
     for f in ("roc.png", "heatmaps.png", "restorations.png"):
         if r["figures"]:
             assert (tmp_path / f).stat().st_size > 1000
+
+
+def test_feature_distance_is_a_shrunk_mahalanobis_distance():
+    rng = np.random.default_rng(0)
+    normals = rng.normal(size=(200, 5)) * [1.0, 2.0, 0.5, 3.0, 1.0] + 4.0
+    x = rng.normal(size=(7, 5)) * 3.0
+    mu, cov = normals.mean(0), np.cov(normals.T)
+    want = [(v - mu) @ np.linalg.inv(cov) @ (v - mu) for v in x]
+    np.testing.assert_allclose(feature_distance(normals, x, shrinkage=0.0), want, rtol=1e-9)
+    # full shrinkage: Euclidean distance over the mean variance
+    np.testing.assert_allclose(feature_distance(normals, x, shrinkage=1.0),
+                               ((x - mu) ** 2).sum(1) / np.trace(cov) * 5, rtol=1e-9)
+    # more dimensions than normals: still finite thanks to the shrinkage
+    d = feature_distance(rng.normal(size=(4, 32)), rng.normal(size=(3, 32)))
+    assert np.isfinite(d).all() and (d > 0).all()
+    # a step along a low-variance direction is farther than the same step along a wide one
+    far = feature_distance(normals, np.array([mu + [0, 0, 1, 0, 0], mu + [0, 0, 0, 1, 0]]))
+    assert far[0] > far[1]
+    with pytest.raises(ValueError, match="at least 2"):
+        feature_distance(normals[:1], x)
 
 
 def test_anomaly_scores_are_eq51(model, phantom):

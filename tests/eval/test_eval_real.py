@@ -14,12 +14,16 @@ Measured (2 CPU cores, ~2 min; same split, 5 folds, mean AUC): pre-trained 0.948
 0.946 for pre-training seeds 0/1/2, random init 0.845-0.917 over six seeds (mean 0.886).
 At base_lr 2e-3 it was 0.912 vs 0.914: no gain.
 
-Anomaly detection does NOT beat random init at this scale and is not asserted: Eq. 51 AUC
-0.096 (pre-trained) vs 0.24 (random), i.e. the restoration error ranks pneumonia as MORE
-normal. On these 64 px images the normal radiographs are much sharper: the mean absolute
+Anomaly detection with the paper's score does NOT beat random init at this scale and is not
+asserted: Eq. 51 AUC 0.096 (pre-trained) vs 0.24-0.25 (random), i.e. the restoration error
+ranks pneumonia as MORE normal. On these 64 px images the normal radiographs are much sharper: the mean absolute
 Laplacian alone gives AUC 0.065, image std 0.19, and a model that reconstructs better
 reconstructs the hazier pneumonia images best. Per-image z-scoring or histogram
 equalisation of the inputs moves it to 0.26 / 0.23 (random 0.45 / 0.55): still inverted.
+The encoder itself does separate them without labels: the Mahalanobis distance of its GAP
+features to the adaptation normals (reported by the protocol as `feature_distance`, not in
+the paper) gives AUC 0.687 (0.704 with pre-training seed 1) vs 0.467 / 0.577 / 0.596 from
+the random inits; that is asserted.
 
 Multi-label fine-tuning on NIH (the 14 findings, 3 patient-wise folds, 15 epochs, 64 px):
 mean AUC at 10% / 100% of the labels 0.524 / 0.621 from the Kermany-pre-trained encoder,
@@ -95,15 +99,21 @@ def test_pretraining_beats_random_init_on_linear_probe(setup, tmp_path):
 
 
 def test_anomaly_protocol_on_held_out_patients(setup, tmp_path):
+    """The paper's protocol end to end. Eq. 51 is reported, not asserted (inverted on this
+    data, see the module docstring); the label-free feature distance that the protocol
+    also reports is asserted to beat the three random initialisations."""
     model, ev = setup
-    base = anomaly(random_init(model, seed=1), ev, adapt_steps=100, batch=BATCH)
     r = anomaly(model, ev, adapt_steps=100, batch=BATCH, out=tmp_path)
+    base = [anomaly(random_init(model, seed=k), ev, adapt_steps=100, batch=BATCH)["metrics"]
+            for k in RANDOM_SEEDS]
     m = r["metrics"]
-    print(f"anomaly: AUC {m['auc']:.3f}; {m['squid']['label']}: ACC {m['squid']['acc']:.3f} "
-          f"F1 {m['squid']['f1']:.3f}; {m['val_threshold']['label']}: ACC "
-          f"{m['val_threshold']['acc']:.3f} F1 {m['val_threshold']['f1']:.3f}; "
-          f"from random init: AUC {base['metrics']['auc']:.3f} (not asserted, see the "
-          "module docstring)")
+    print(f"anomaly: Eq. 51 AUC {m['auc']:.3f}; {m['squid']['label']}: ACC "
+          f"{m['squid']['acc']:.3f} F1 {m['squid']['f1']:.3f}; {m['val_threshold']['label']}: "
+          f"ACC {m['val_threshold']['acc']:.3f} F1 {m['val_threshold']['f1']:.3f}; from random "
+          f"inits: Eq. 51 AUC {', '.join('%.3f' % b['auc'] for b in base)}")
+    feat, feat_random = m["feature_distance"]["auc"], [b["feature_distance"]["auc"] for b in base]
+    print(f"feature distance (not the paper's) AUC {feat:.3f}, from random inits "
+          f"{', '.join(f'{v:.3f}' for v in feat_random)}")
     assert np.isfinite(r["arrays"]["test_log_score"]).all()
     assert r["adaptation"]["steps"] == 100
     # the test-chosen threshold is by construction at least as accurate on test
@@ -111,6 +121,7 @@ def test_anomaly_protocol_on_held_out_patients(setup, tmp_path):
     c = r["counts"]
     assert c["test"]["images"] + c["val"]["images"] + c["adapt_normal"] + \
         c["adapt_abnormal_unused"] == len(ev)
+    assert feat > np.mean(feat_random) + 0.05, (feat, feat_random)
 
 
 @pytest.fixture(scope="module")
