@@ -4,6 +4,11 @@ head predicting PxP mask logits, Dice + BCE loss, trained in C
 (AdamW, cosine lr, augmentation applied to image and mask alike, early stopping on the
 validation mean Dice, label fractions, patient-wise folds).
 
+Why a per-token head and not an upsampling decoder: it is METHOD §6's first choice, it adds
+only D x P*P weights so the Dice measures the pre-trained encoder rather than a decoder
+trained on the labels, and it needs no extra architecture choices (widths, skips). Its
+limit is resolution: mask detail finer than a patch comes from the linear map alone.
+
 Masks: SIIM-ACR RLE decoded by ``afire prepare`` (a prepared directory with masks), the
 phantom's lesion masks (``mask="lesion"``), or a phantom organ (``mask="lung"``, any name
 of ``afire.data.ORGAN_LABELS``).
