@@ -162,6 +162,23 @@ class AFiRe:
         CPU, host copies on a GPU (writing to them changes nothing there)."""
         return self._state_views()[1]
 
+    def set_state_tensors(self, tensors: dict[str, np.ndarray],
+                          skip_prefixes: tuple[str, ...] = ()) -> None:
+        """Overwrite the named training-state tensors of this model (on its device) with
+        ``tensors`` (every name of `state_tensors` except those starting with one of
+        ``skip_prefixes``). Shapes must match; on an error nothing is written."""
+        bufs, views = self._state_views()
+        todo = {k: v for k, v in views.items() if not k.startswith(skip_prefixes)}
+        for name, dst in todo.items():
+            if name not in tensors:
+                raise ValueError(f"state tensor {name!r} missing")
+            if np.shape(tensors[name]) != dst.shape:
+                raise ValueError(f"state tensor {name}: shape {list(np.shape(tensors[name]))}, "
+                                 f"expected {list(dst.shape)}")
+        for name, dst in todo.items():
+            dst[...] = tensors[name]
+        self._push(bufs)
+
     def _push(self, bufs: dict[str, np.ndarray]) -> None:
         """After writing through `_state_views`: upload the state to the GPU (on the CPU the
         views already are the C buffers)."""

@@ -161,3 +161,25 @@ def test_import_dino_like_pth_without_torch():
     np.testing.assert_allclose(m.encode(ref["images"]), ref["tokens"], rtol=1e-4, atol=2e-5)
     np.testing.assert_allclose(m.encode(ref["images"], branch="student"), ref["tokens"],
                                rtol=1e-4, atol=2e-5)
+
+
+def test_set_state_tensors_copies_named_tensors_and_checks_them():
+    a = AFiRe(small_cfg(seed=1), steps_per_epoch=2)
+    b = AFiRe(small_cfg(seed=2), steps_per_epoch=2)
+    a.train_step(phantom_like(4, seed=0))          # non-zero Adam moments in a
+    b.set_state_tensors(a.state_tensors(), skip_prefixes=("adam_",))
+    for k, v in b.state_tensors().items():
+        if k.startswith("adam_"):
+            assert not v.any(), k
+        else:
+            np.testing.assert_array_equal(v, a.state_tensors()[k], err_msg=k)
+    src = dict(a.state_tensors())
+    src.pop("prototypes")
+    with pytest.raises(ValueError, match="prototypes"):
+        b.set_state_tensors(src)
+    src = dict(a.state_tensors(), prototypes=np.zeros((1, 1), np.float32))
+    before = {k: v.copy() for k, v in b.state_tensors().items()}
+    with pytest.raises(ValueError, match="shape"):
+        b.set_state_tensors(src)
+    for k, v in b.state_tensors().items():    # nothing was written
+        np.testing.assert_array_equal(v, before[k], err_msg=k)

@@ -60,12 +60,8 @@ def adapt(model: AFiRe, normals: np.ndarray, steps: int, lr: float = 1e-4, batch
                        teacher_temp=cfg.teacher_temp_final, teacher_temp_warmup_epochs=0,
                        seed=seed)
     new = AFiRe(acfg, device=model.device, steps_per_epoch=1, batch_size=b)
-    bufs, dst = new._state_views()
-    src = model.state_tensors()
-    for k, v in dst.items():
-        if not k.startswith("adam_"):     # a fresh optimiser: moments stay zero
-            v[...] = src[k]
-    new._push(bufs)                       # a GPU model: upload what was written
+    # a fresh optimiser: the Adam moments stay zero
+    new.set_state_tensors(model.state_tensors(), skip_prefixes=("adam_",))
     rng = np.random.default_rng(seed)
     order = np.empty(0, np.int64)
     log = []
@@ -157,15 +153,18 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
 
     test, s_test = score(test)
     y_test = test.abnormal
-    f_test = (feature_distance(gap_features(adapted, normals), gap_features(adapted, test.images))
-              if len(normals) >= 2 else np.full(len(test), np.nan))
+    if len(normals) >= 2:
+        f_test = feature_distance(gap_features(adapted, normals),
+                                  gap_features(adapted, test.images))
+        f_auc = M.roc_auc(y_test, f_test)
+    else:
+        f_test, f_auc = np.full(len(test), np.nan), math.nan
     fpr, tpr, _ = M.roc_curve(y_test, s_test)
     auc = M.roc_auc(y_test, s_test)
     t_squid, _ = M.best_accuracy_threshold(y_test, s_test)
     metrics = {"auc": auc,
                "squid": dict(M.binary_metrics(y_test, s_test, t_squid), label=SQUID_LABEL),
-               "feature_distance": {"auc": M.roc_auc(y_test, f_test) if len(normals) >= 2
-                                    else math.nan, "label": FEATURE_LABEL}}
+               "feature_distance": {"auc": f_auc, "label": FEATURE_LABEL}}
     counts = {"adapt_normal": int(len(normals)), "adapt_abnormal_unused":
               int((train.abnormal == 1).sum()), "test": test.counts()}
     arrays = {"test_log_score": s_test, "test_abnormal": y_test,
