@@ -132,7 +132,9 @@ class _ShardSource:
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         return self.ds.epoch_order(seed, epoch)
 
-    def _read_rows(self, k: int, rows: np.ndarray, out: np.ndarray) -> None:
+    def _read_rows(self, k: int, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+        """Read rows ``rows`` of shard ``k`` into ``out[dest[j]]`` (views of ``out``, so the
+        bytes land in the caller's batch; ``out[dest]`` would be a copy)."""
         path = self.paths[k]
         hdr, off, size = self.headers[k]
         n = self.size * self.size
@@ -143,8 +145,8 @@ class _ShardSource:
                                           f" bytes (expected {size}; truncated or rewritten?)")
                 if f.read(len(hdr)) != hdr:
                     raise DataError(path, "header changed (file rewritten or corrupt)")
-                for j, r in enumerate(rows):
-                    f.seek(off + int(r) * n)
+                for j, r in zip(dest.tolist(), rows.tolist()):
+                    f.seek(off + r * n)
                     if f.readinto(memoryview(out[j]).cast("B")) != n:
                         raise DataError(path, "short read (file truncated?)")
         except FileNotFoundError:
@@ -163,7 +165,7 @@ class _ShardSource:
             path = self.paths[k]
             if path not in self.bad:
                 try:
-                    self._read_rows(k, loc[sel, 1], out[sel])
+                    self._read_rows(k, loc[sel, 1], out, sel)
                     continue
                 except DataError as e:
                     if stop:
