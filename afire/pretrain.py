@@ -32,6 +32,7 @@ import numpy as np
 
 from .config import Config
 from .data.progress import Progress, format_seconds
+from .report import REPORT_FILES, read_log, write_report
 
 RUN_FORMAT = "afire-pretrain-1"
 # The no-argument demo: the `test` network on 64x64 phantoms (lesion sizes scaled to S=64).
@@ -297,49 +298,87 @@ def _tensorboard_writer(logdir: str, purge_step: int | None, say):
     return SummaryWriter(logdir, purge_step=purge_step)
 
 
-def read_log(path: str) -> list[dict]:
-    """The rows of a run's log.jsonl (a torn last line from a crash is ignored)."""
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break
-    return rows
+def _step_files(d: str) -> list[str]:
+    """Names of afire's step checkpoints in ``d``, oldest first."""
+    if not os.path.isdir(d):
+        return []
+    return sorted(f for f in os.listdir(d)
+                  if f.startswith("step_") and f.endswith(".safetensors"))
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+    """dst becomes an independent copy of src (temp file, fsync, rename): a corruption of
+    one never reaches the other, as it would through a hard link."""
+    import shutil
+
+    tmp = dst + ".tmp"
+    with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 20)
+        fo.flush()
+        os.fsync(fo.fileno())
+    os.replace(tmp, dst)
 
 
 def _save_checkpoint(model, out: str, meta: dict, keep_last: int) -> str:
-    """checkpoints/step_N.safetensors (atomic), last.safetensors -> it, prune to keep_last."""
+    """checkpoints/step_N.safetensors (atomic), read back to validate it, last.safetensors as
+    a copy of it, then prune the step files to the newest ``keep_last``. The file just
+    written is the newest and has validated, so the newest good checkpoint is never pruned
+    (invalid ones found by a resume were set aside as ``*.corrupt`` then)."""
+    from .model import AFiRe
+
     d = os.path.join(out, CKPT_DIR)
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"step_{model.step:08d}.safetensors")
     model.save(path, extra_metadata=meta)
-    last, tmp = os.path.join(out, LAST), os.path.join(out, LAST + ".tmp")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(path, tmp)
-    except OSError:  # no hard links here: an atomic copy instead
-        import shutil
-
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, last)
-    old = sorted(f for f in os.listdir(d) if f.startswith("step_") and f.endswith(".safetensors"))
-    for f in old[:-keep_last]:
+    AFiRe.read_metadata(path)  # validates the whole file; raises before anything is pruned
+    _copy_atomic(path, os.path.join(out, LAST))
+    for f in _step_files(d)[:-keep_last]:
         os.remove(os.path.join(d, f))
     return path
+
+
+def _set_aside(path: str, reason: str, say) -> None:
+    """A checkpoint that failed validation on resume: renamed to ``*.corrupt`` (kept for
+    inspection, out of the rotation, so pruning can never prefer it to a good one)."""
+    try:
+        os.replace(path, path + ".corrupt")
+        say(f"resume: {path} is not loadable ({reason}); renamed to {path}.corrupt")
+    except OSError as e:
+        say(f"resume: skipping {path} ({reason}; could not rename it: {e.strerror or e})")
+
+
+def _remove_run_files(out: str) -> None:
+    """--overwrite: delete what afire pretrain writes, nothing else (a user's notes in the
+    run directory or its checkpoints/ folder stay); folders only when left empty."""
+    names = [LAST, LAST + ".tmp", "log.jsonl", "log.csv", "config.json",
+             "backbone.safetensors"]
+    d = os.path.join(out, CKPT_DIR)
+    if os.path.isdir(d):
+        names += [os.path.join(CKPT_DIR, f) for f in os.listdir(d)
+                  if f.startswith("step_") and (f.endswith(".safetensors")
+                                                or f.endswith(".corrupt")
+                                                or ".safetensors.tmp" in f)]
+    names += [os.path.join("report", f) for f in REPORT_FILES]
+    tb = os.path.join(out, "tb")
+    if os.path.isdir(tb):  # TensorBoard event files (the writer's fixed prefix)
+        names += [os.path.join("tb", f) for f in os.listdir(tb)
+                  if f.startswith("events.out.tfevents.")]
+    for f in names:
+        p = os.path.join(out, f)
+        if os.path.isfile(p) or os.path.islink(p):
+            os.remove(p)
+    for sub in (CKPT_DIR, "report", "tb"):
+        try:
+            os.rmdir(os.path.join(out, sub))
+        except OSError:  # absent, or holds files afire did not write
+            pass
 
 
 def _find_resume(out: str) -> list[str]:
     """Candidates to resume from, best first: last.safetensors, then newest checkpoints."""
     d = os.path.join(out, CKPT_DIR)
-    steps = sorted((f for f in os.listdir(d) if f.startswith("step_")), reverse=True) \
-        if os.path.isdir(d) else []
     c = [os.path.join(out, LAST)] if os.path.exists(os.path.join(out, LAST)) else []
-    return c + [os.path.join(d, f) for f in steps]
+    return c + [os.path.join(d, f) for f in reversed(_step_files(d))]
 
 
 class _TrainProgress(Progress):
@@ -466,7 +505,7 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
                 model = AFiRe.load(c, device=device)
                 break
             except ValueError as e:
-                say(f"resume: skipping {c} ({e})")
+                _set_aside(c, str(e), say)
         if model is None:
             raise ValueError(f"resume: no loadable checkpoint in {out}")
         say(f"resuming from {c} (step {model.step})")
@@ -483,13 +522,7 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
             if not overwrite:
                 raise ValueError(f"{out} already holds a run; resume it (--resume), start "
                                  "afresh in it (--overwrite) or choose another --out")
-            import shutil
-
-            for f in (LAST, "log.jsonl", "log.csv", "config.json", "backbone.safetensors"):
-                if os.path.exists(os.path.join(out, f)):
-                    os.remove(os.path.join(out, f))
-            for d in (CKPT_DIR, "report", "tb"):
-                shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+            _remove_run_files(out)
 
     src = _open_data(data, cfg, say)
     B = cfg.batch_size
@@ -599,8 +632,8 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
                     # on a fixed schedule only, so that a resumed run logs the same rows
                     if s % log_every == 0 or s == cfg.epochs * nb - 1:
                         log.write(row)
-                        last_row = row
                         interval_t, interval_img = now, 0
+                    last_row = row
                     bar.update(1)
                     if ckpt_every is not None and model.step % ckpt_every == 0 and pos < nb:
                         checkpoint()
@@ -650,10 +683,10 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
         model.export_backbone(os.path.join(out, "backbone.safetensors"))
         summary["backbone"] = os.path.join(out, "backbone.safetensors")
     if report:
-        from .report import write_report
-
         sample = src.read(src.epoch_order(seed, 0)[:min(4, len(src))], stop=False)[0]
-        summary["report"] = write_report(out, model, summary, sample)
+        # the held-out phantom check says something only about a model trained on phantoms
+        summary["report"] = write_report(out, model, summary, sample,
+                                         anomaly=src.fingerprint.startswith("phantom:"))
     return summary
 
 

@@ -16,6 +16,8 @@ import numpy as np
 from . import _C
 from .model import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 
+# every file write_report puts in RUN/report (an `--overwrite` removes these and no others)
+REPORT_FILES = ("losses.png", "samples.png", "report.json", "report.md")
 CURVES = (("loss", ("loss",)), ("consistency", ("l_cst", "l_stru", "l_cate")),
           ("restoration", ("l_recon",)), ("learning rate", ("lr",)))
 COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
@@ -187,12 +189,24 @@ def anomaly_check(model, n: int = 16) -> dict:
             "mean_log_score_lesion": round(float(sl.mean()), 5)}
 
 
+def read_log(path: str) -> list[dict]:
+    """The rows of a run's log.jsonl (a torn last line from a crash is ignored)."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return rows
+
+
 def write_report(out: str, model, summary: dict, sample_images: np.ndarray,
                  anomaly: bool = True) -> dict:
     """Write RUN/report/{losses.png, samples.png, report.json, report.md}; return their paths
     and the numbers."""
-    from .pretrain import read_log
-
     d = os.path.join(out, "report")
     os.makedirs(d, exist_ok=True)
     rows = read_log(os.path.join(out, "log.jsonl"))

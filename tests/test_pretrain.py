@@ -230,7 +230,7 @@ def test_report_files(tmp_path, images):
         assert im.size[1] > 4 * 32  # one row per sample image (4)
     info = json.loads(open(r["json"]).read())
     assert info["run"]["steps"] == 8 and info["final_logged"]["step"] == 7
-    assert 0.0 <= info["anomaly"]["auc"] <= 1.0
+    assert "anomaly" not in info  # the phantom check runs only for phantom-trained models
     assert len(info["samples"]["mse_vs_x"]) == 4
     md = open(r["markdown"]).read()
     assert "losses.png" in md and "samples.png" in md

@@ -147,17 +147,18 @@ def test_shard_source_after_resume(tmp_path, kermany, record_steps):
 
 
 def test_report_samples_are_dataset_images(tmp_path, kermany, monkeypatch):
-    import afire.report
+    import importlib
 
+    mod = importlib.import_module("afire.pretrain")  # afire.pretrain is also the function
     data, _ = prepared(tmp_path, kermany, 3)
     got = {}
-    orig = afire.report.write_report
+    orig = mod.write_report
 
     def spy(out, model, summary, sample_images, **kw):
         got["x"] = np.array(sample_images, copy=True)
         return orig(out, model, summary, sample_images, **kw)
 
-    monkeypatch.setattr(afire.report, "write_report", spy)
+    monkeypatch.setattr(mod, "write_report", spy)
     train(tmp_path / "run", data, report=True, max_steps=1)
     pixels = kermany[2]
     np.testing.assert_array_equal(got["x"], pixels[perm(len(pixels), 3, 0)[:4]])
