@@ -75,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``afire`` console script. Returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may follow options (`--out RUN base_lr=8e-3`), which argparse leaves
+    # unparsed once the positional list has been matched before the options
+    if extra and hasattr(args, "overrides") and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError, DeviceUnavailableError) as e:

@@ -69,9 +69,10 @@ def sample_grid(model, images: np.ndarray, path: str, step: int | None = None) -
         err = (rest - _normalised(x)) ** 2
     scale = max(1, 128 // cfg.img_size)
     S = cfg.img_size * scale
-    pad, head = 4, 18
+    pad, head, bar_w = 4, 18, 64
     cols = ("x (normal)", "x' = x + SLM", "restored x'", "error vs x")
-    W, H = len(cols) * (S + pad) + pad, head + len(x) * (S + pad) + pad
+    W = len(cols) * (S + pad) + pad + bar_w
+    H = max(head + len(x) * (S + pad) + pad, head + 140)
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(cols):
@@ -83,8 +84,16 @@ def sample_grid(model, images: np.ndarray, path: str, step: int | None = None) -
         for c, t in enumerate(tiles):
             im = Image.fromarray(np.ascontiguousarray(t)).resize((S, S), Image.NEAREST)
             canvas.paste(im, (pad + c * (S + pad), head + r * (S + pad)))
+    # colour scale of the error column: squared error in normalised pixel units
+    x0, top, bar_h = W - bar_w + 6, head + 10, min(H - head - 30, 200)
+    ramp = _heat(np.linspace(1, 0, bar_h)[:, None].repeat(12, 1))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(ramp)), (x0, top))
+    draw.rectangle((x0, top, x0 + 11, top + bar_h - 1), outline=(0, 0, 0))
+    draw.text((x0 + 14, top - 4), f"{emax:.2g}", fill=(0, 0, 0))
+    draw.text((x0 + 14, top + bar_h - 8), "0", fill=(0, 0, 0))
+    draw.text((x0 - 4, top + bar_h + 4), "sq. error", fill=(0, 0, 0))
     canvas.save(path)
-    return {"mse_vs_x": [round(float(e.mean()), 5) for e in err],
+    return {"error_scale_max": round(emax, 6), "mse_vs_x": [round(float(e.mean()), 5) for e in err],
             "abnormal_tokens": [int(a.sum()) for a in abn]}
 
 
@@ -268,5 +277,6 @@ def _markdown(info: dict) -> str:
         lines += ["", f"![losses](losses.png) (drawn with {info['plot_backend']})"]
     if "samples_png" in info:
         lines += ["", "Columns: x, x' = x + SLM, restoration of x' (abnormal tokens masked), "
-                      "squared error against x.", "", "![samples](samples.png)"]
+                      "squared error against x (colour scale on the right, in normalised pixel "
+                      "units; its top is the 99.5th percentile).", "", "![samples](samples.png)"]
     return "\n".join(lines) + "\n"

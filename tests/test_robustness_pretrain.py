@@ -92,3 +92,16 @@ def test_phantom_anomaly_check_only_for_phantom_runs(tmp_path, images):
     assert 0.0 <= s["report"]["anomaly"]["auc"] <= 1.0
     s = run(tmp_path / "arr", images, report=True, max_steps=1)
     assert "anomaly" not in s["report"]
+
+
+def test_cli_overrides_after_options(tmp_path, capsys):
+    from afire.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--preset", "test", "--phantoms", "8", "--max-steps", "1", "--quiet",
+               "--out", str(out), "batch_size=4", "--no-report", "base_lr=1e-3", "seed=7"])
+    assert rc == 0, capsys.readouterr().err
+    cfg = AFiRe.load(out / "last.safetensors").cfg
+    assert (cfg.batch_size, cfg.base_lr, cfg.seed) == (4, 1e-3, 7)
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--out", str(out), "--bogus-flag"])
