@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _C
 from .config import Config
-from .device import require_device
+from .device import device_index, require_device
 
 CHECKPOINT_FORMAT = "afire-checkpoint"
 CHECKPOINT_VERSION = "1"
@@ -74,7 +74,7 @@ class AFiRe:
         else:
             from . import cuda
 
-            index = 0 if device == "cuda" else int(device.split(":", 1)[1])
+            index = device_index(device)
             self._t = cuda.backend().Trainer(cfg.to_dict(), batch, steps_per_epoch, index)
         d = self._t.dims
         self.num_patches, self.num_tokens = d["L"], d["T"]
