@@ -140,20 +140,29 @@ class AFiRe:
         x = x.transpose(0, 5, 1, 3, 2, 4).reshape(len(patches), c.in_chans, c.img_size, c.img_size)
         return x[:, 0] if c.in_chans == 1 else x
 
-    def anomaly_score(self, images: Any, return_map: bool = False):
-        """Eq. 51 anomaly score 1/A(x) per image (float64, higher = more abnormal).
+    def anomaly_score(self, images: Any, return_map: bool = False, log: bool = True):
+        """Anomaly score per image (B,) float64, higher = more abnormal (Eq. 51).
 
-        With ``return_map=True`` also returns the per-token squared errors (B, S/P, S/P) for
-        heat maps. For ranking (AUC), ``anomaly_log_score`` never overflows.
+        The paper scores an image by 1/A(x) = (1/L) sum_j exp(e_j), e_j the squared
+        restoration error of patch token j (normalised pixel units). At 224 px the e_j reach
+        hundreds, so that mean overflows float64 (inf, or ~1e305 with no ordering left). By
+        default (``log=True``) this returns its natural logarithm, log(1/A(x)), computed as a
+        log-mean-exp: always finite for finite errors and ranked exactly as 1/A(x), so AUCs
+        and thresholds are unchanged. ``log=False`` returns the paper's raw 1/A(x) =
+        exp(log score), which may be ``inf``.
+
+        With ``return_map=True`` also returns the per-token squared errors e_j
+        (B, S/P, S/P) for heat maps.
         """
-        score, _, err = self._batched(images, self._t.anomaly)
+        score, log_score, err = self._batched(images, self._t.anomaly)
+        out = log_score if log else score
         if not return_map:
-            return score
+            return out
         g = self.cfg.img_size // self.cfg.patch_size
-        return score, err.reshape(len(err), g, g)
+        return out, err.reshape(len(err), g, g)
 
     def anomaly_log_score(self, images: Any) -> np.ndarray:
-        """log(1/A(x)) per image: monotone in `anomaly_score` and always finite."""
+        """log(1/A(x)) per image: the same as ``anomaly_score(images)``; always finite."""
         return self._batched(images, self._t.anomaly)[1]
 
     # ------------------------------------------------------------------ state
