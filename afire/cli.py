@@ -6,6 +6,13 @@ import sys
 
 from .device import DeviceUnavailableError
 
+EXIT_STATUS = """exit status:
+  0    success
+  2    bad arguments, unusable input or output (a one-line message on stderr says which
+       file and why: missing, not writable, a directory, disk full, ...)
+  3    pre-training stopped on a non-finite loss (the last checkpoint is kept)
+  130  interrupted (Ctrl-C)"""
+
 FORMATS_CLI = ("folder", "kermany", "nih", "chexpert", "mimic", "siim", "shared", "phantom")
 
 
@@ -60,8 +67,12 @@ def _run_prepare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="afire", description="AFiRe self-supervised pre-training for chest X-rays")
+        prog="afire", description="AFiRe self-supervised pre-training for chest X-rays",
+        epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"afire {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_prepare(sub)
@@ -85,13 +96,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, DeviceUnavailableError) as e:
+    except OSError as e:  # before ValueError's siblings: a file problem, said in one line
+        print(f"afire {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, ImportError, DeviceUnavailableError, MemoryError) as e:
         print(f"afire {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nafire {args.command}: interrupted; finished shards are kept, run the same "
-              "command again to resume", file=sys.stderr)
+        hint = ("; finished shards are kept, run the same command again to resume"
+                if args.command == "prepare" else "")
+        print(f"\nafire {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line with the file and the reason, without Python's "[Errno N]" prefix and
+    without the file name twice (afire's own messages already contain it)."""
+    reason = e.strerror or str(e)
+    files = [f for f in (e.filename, e.filename2) if f is not None]
+    for f in files:
+        if str(f) not in reason:
+            reason = f"{reason}: {f}"
+    return reason
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+import numpy as np
 
 # name: (img_size, patch, D, depth, heads, decoder D, decoder depth, decoder heads)
 PRESETS: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
@@ -22,6 +26,158 @@ PRESETS: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
     "vit_tiny": (224, 16, 192, 12, 3, 128, 2, 4),
     "test": (32, 8, 32, 2, 2, 32, 1, 2),
 }
+
+
+_INT_MAX = 2**31 - 1       # the C core reads every int field as a C int
+_MAX_DIM = 65536           # the C core's bound on any single activation dimension
+_MAX_LESIONS = 64          # AF_SLM_MAX_LESIONS (csrc/slm.h)
+# int fields: inclusive [lo, hi]
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "img_size": (1, _INT_MAX), "patch_size": (1, _INT_MAX), "embed_dim": (4, _INT_MAX),
+    "depth": (1, _INT_MAX), "num_heads": (1, _INT_MAX), "mlp_ratio": (1, _INT_MAX),
+    "decoder_dim": (4, _INT_MAX), "decoder_depth": (1, _INT_MAX),
+    "decoder_heads": (1, _INT_MAX), "num_prototypes": (2, _MAX_DIM),
+    "head_hidden": (1, _MAX_DIM), "head_bottleneck": (1, _MAX_DIM), "slm_crop": (1, _INT_MAX),
+    "sinkhorn_iters": (1, 10000), "teacher_temp_warmup_epochs": (0, _INT_MAX),
+    "batch_size": (1, _INT_MAX), "epochs": (1, _INT_MAX), "warmup_epochs": (0, _INT_MAX),
+    "freeze_last_layer_epochs": (0, _INT_MAX), "seed": (0, _INT_MAX),
+}
+# float fields: (lo, lo_open, hi, hi_open); every float must also be finite
+_INF = math.inf
+_FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "slm_gamma2": (0.0, True, _INF, True), "slm_strength": (0.0, False, 1.0, False),
+    "tau_student": (0.0, True, _INF, True), "tau_similarity": (0.0, True, _INF, True),
+    "sinkhorn_eps": (0.0, True, _INF, True), "teacher_temp": (0.0, True, _INF, True),
+    "teacher_temp_final": (0.0, True, _INF, True), "proto_momentum": (0.0, False, 1.0, False),
+    "w_stru": (0.0, False, _INF, True), "w_cate": (0.0, False, _INF, True),
+    "w_recon": (0.0, False, _INF, True), "w_abnormal": (0.0, False, _INF, True),
+    "base_lr": (0.0, True, _INF, True), "min_lr": (0.0, False, _INF, True),
+    "weight_decay": (0.0, False, _INF, True), "weight_decay_end": (0.0, False, _INF, True),
+    "ema_momentum": (0.0, False, 1.0, False), "clip_grad": (0.0, False, _INF, True),
+    "adam_eps": (0.0, True, _INF, True),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "token_rule": ("paper", "released"), "objective": ("paper", "released"),
+    "clip_mode": ("per_tensor", "global"), "precision": ("bf16", "fp32"),
+}
+
+
+def _range_words(lo: float, lo_open: bool, hi: float, hi_open: bool) -> str:
+    if hi == _INF:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _show(v: Any, limit: int = 60) -> str:
+    """repr(v) cut to `limit` characters, so a hostile value cannot flood a message."""
+    try:
+        r = repr(v)
+    except ValueError:  # an int past Python's str-conversion digit limit
+        r = "<an integer with too many digits>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _coerce(name: str, typ: Any, v: Any) -> Any:
+    """`v` as the plain Python type the field declares; TypeError naming the field."""
+    typ = str(typ)  # annotations are strings here (from __future__ import annotations)
+    if typ == "int":
+        if not _is_int(v):
+            raise TypeError(f"Config: {name}={_show(v)}: must be an int, got {type(v).__name__}")
+        return int(v)
+    if typ == "float":
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            raise TypeError(f"Config: {name}={_show(v)}: must be a number, got {type(v).__name__}")
+        return float(v)
+    if typ == "bool":
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"Config: {name}={_show(v)}: must be True or False")
+        return bool(v)
+    if typ == "str":
+        if not isinstance(v, str):
+            raise TypeError(f"Config: {name}={_show(v)}: must be a str, got {type(v).__name__}")
+        return v
+    if typ.startswith("tuple["):
+        item = "int" if "int" in typ else "float"
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
+            raise TypeError(f"Config: {name}={_show(v)}: must be a pair of {item}s")
+        return tuple(_coerce(f"{name}[{i}]", item, x) for i, x in enumerate(v))
+    if typ.startswith("dict"):
+        if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+            raise TypeError(f"Config: {name}={_show(v)}: must be a dict with str keys")
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"Config: {name}={_show(v)}: must hold JSON values only "
+                            f"({e})") from None
+        return v
+    return v
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _parse_override(key: str, typ: Any, raw: str) -> Any:
+    """One command-line value as the field's type; ValueError naming `key` on failure."""
+    typ = str(typ)
+
+    def bad(what: str) -> ValueError:
+        shown = raw if len(raw) <= 60 else raw[:57] + "..."
+        return ValueError(f"{key}={shown}: must be {what}")
+
+    def number(text: str, kind: str) -> Any:
+        t = text.strip()
+        if kind == "int":
+            try:
+                return int(t)
+            except ValueError:
+                if t.lstrip("+-").isdigit():  # past Python's digit limit for int()
+                    raise bad("an integer < 2^31") from None
+                try:
+                    f = float(t)  # 1e3, 64.0
+                except ValueError:
+                    raise bad("an integer") from None
+                if not f.is_integer():
+                    raise bad("an integer") from None
+                return int(f)
+        try:
+            return float(t)  # also inf / nan: the range check then names the field
+        except ValueError:
+            raise bad("a number") from None
+
+    if typ in ("int", "float"):
+        return number(raw, typ)
+    if typ == "bool":
+        low = raw.lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise bad("true or false")
+    if typ == "str":
+        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                pass
+        return raw
+    if typ.startswith("tuple["):
+        kind = "int" if "int" in typ else "float"
+        text = raw[1:-1] if raw[:1] in "[(" and raw[-1:] in "])" else raw
+        parts = text.split(",")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise bad(f"a pair of {kind}s such as 8,16 or [8,16]")
+        return tuple(number(p, kind) for p in parts)
+    if typ.startswith("dict"):
+        try:
+            val = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise bad(f"a JSON object ({e})") from None
+        if not isinstance(val, dict):
+            raise bad("a JSON object")
+        return val
+    return raw
 
 
 @dataclass
@@ -114,71 +270,80 @@ class Config:
         return self.base_lr * self.batch_size / 256
 
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"Config: {msg}")
-
+        """Check every field (type, finiteness, range) and the cross-field rules; raise
+        TypeError/ValueError naming the field. ints/floats given as other numeric types and
+        pairs given as lists are normalised in place (so the C trainer reads plain values)."""
         for f in fields(self):
-            v = getattr(self, f.name)
-            if f.type in ("int", int) and (not isinstance(v, int) or isinstance(v, bool)):
-                raise TypeError(f"Config.{f.name} must be an int, got {v!r}")
-        need(self.img_size > 0 and self.patch_size > 0, "img_size and patch_size must be > 0")
-        need(self.img_size % self.patch_size == 0,
-             f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
-        need(self.in_chans in (1, 3), f"in_chans must be 1 or 3, got {self.in_chans}")
-        need(self.embed_dim % self.num_heads == 0, "embed_dim must be divisible by num_heads")
-        need(self.embed_dim % 4 == 0, "embed_dim must be divisible by 4 (sin-cos embedding)")
-        need(self.decoder_dim % self.decoder_heads == 0,
-             "decoder_dim must be divisible by decoder_heads")
-        need(self.decoder_dim % 4 == 0, "decoder_dim must be divisible by 4")
-        need(self.depth >= 1 and self.decoder_depth >= 1, "depth and decoder_depth must be >= 1")
-        need(self.num_prototypes >= 2, "num_prototypes must be >= 2")
-        lo, hi = self.slm_lesions
-        need(1 <= lo <= hi, f"slm_lesions must satisfy 1 <= lo <= hi, got {self.slm_lesions}")
-        lo, hi = self.slm_size
-        need(1 <= lo <= hi, f"slm_size must satisfy 1 <= lo <= hi, got {self.slm_size}")
-        need(self.token_rule in ("paper", "released"), "token_rule must be 'paper' or 'released'")
-        need(self.objective in ("paper", "released"), "objective must be 'paper' or 'released'")
-        need(self.clip_mode in ("per_tensor", "global"),
-             "clip_mode must be 'per_tensor' or 'global'")
-        need(self.precision in ("bf16", "fp32"),
-             f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        need(self.batch_size >= 1, "batch_size must be >= 1")
-        need(self.epochs >= 1, "epochs must be >= 1")
-        need(0.0 <= self.ema_momentum <= 1.0, "ema_momentum must be in [0, 1]")
-        need(0.0 <= self.proto_momentum <= 1.0, "proto_momentum must be in [0, 1]")
-        for name in ("tau_student", "tau_similarity", "sinkhorn_eps", "teacher_temp",
-                     "teacher_temp_final", "adam_eps"):
-            need(getattr(self, name) > 0, f"{name} must be > 0")
-        for name in ("w_stru", "w_cate", "w_recon", "w_abnormal", "base_lr", "min_lr",
-                     "weight_decay", "weight_decay_end", "clip_grad"):
+            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise ValueError(f"Config: {name}={_show(getattr(self, name))}: {what}")
+
+        for name, (lo, hi) in _INT_RANGES.items():
             v = getattr(self, name)
-            need(v == v and v >= 0, f"{name} must be >= 0 and not NaN, got {v}")
+            need(lo <= v <= hi, name, f"must be an integer in [{lo}, {hi}]" if hi < _INT_MAX
+                 else f"must be an integer >= {lo}" if v < lo else "must be < 2^31 (a C int)")
+        for name, (lo, lo_open, hi, hi_open) in _FLOAT_RANGES.items():
+            v = getattr(self, name)
+            ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (
+                v < hi if hi_open else v <= hi)
+            need(ok, name, f"must be a finite number {_range_words(lo, lo_open, hi, hi_open)}")
+        for name, choices in _CHOICES.items():
+            need(getattr(self, name) in choices, name,
+                 "must be " + " or ".join(repr(c) for c in choices))
+        need(self.in_chans in (1, 3), "in_chans", "must be 1 (grayscale) or 3")
+        need(all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.adam_betas), "adam_betas",
+             "both betas must be finite numbers in [0, 1)")
+
+        # cross-field rules (METHOD §1-§2 and the C core's size limits)
+        need(self.img_size % self.patch_size == 0, "img_size",
+             f"must be divisible by patch_size {self.patch_size}")
+        grid = self.img_size // self.patch_size
+        need(grid * grid <= _MAX_DIM, "img_size", f"gives {grid * grid} patches of side "
+             f"{self.patch_size}; at most {_MAX_DIM} are supported")
+        need(self.patch_size ** 2 * self.in_chans <= _MAX_DIM, "patch_size",
+             f"patch_size^2 * in_chans must be <= {_MAX_DIM}")
+        for dim, heads in (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads")):
+            need(getattr(self, dim) % getattr(self, heads) == 0, dim,
+                 f"must be divisible by {heads} {getattr(self, heads)}")
+            need(getattr(self, dim) % 4 == 0, dim,
+                 "must be divisible by 4 (2-D sin-cos position embedding)")
+        need(self.mlp_ratio * max(self.embed_dim, self.decoder_dim) <= _MAX_DIM, "mlp_ratio",
+             f"mlp_ratio * max(embed_dim, decoder_dim) must be <= {_MAX_DIM}")
+        lo, hi = self.slm_lesions
+        need(1 <= lo <= hi <= _MAX_LESIONS, "slm_lesions",
+             f"need integers 1 <= lo <= hi <= {_MAX_LESIONS}")
+        lo, hi = self.slm_size
+        need(1 <= lo <= hi, "slm_size", "need integers 1 <= lo <= hi")
+        need(hi <= self.img_size, "slm_size",
+             f"the largest lesion side must be <= img_size {self.img_size}")
+        need(self.slm_crop <= self.img_size, "slm_crop", f"must be <= img_size {self.img_size}")
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
     def with_overrides(self, items: list[str]) -> "Config":
-        """Apply command-line `key=value` strings (values parsed as JSON when possible)."""
+        """Apply command-line ``key=value`` strings, each value parsed to the field's type
+        (numbers, ``true``/``false``, pairs as ``8,16`` or ``[8,16]``, JSON for ``extra``).
+        Raises ValueError naming the key, e.g. ``base_lr=inf: must be a finite number > 0``."""
+        if isinstance(items, str):
+            raise TypeError("with_overrides takes a list of 'key=value' strings, got one str")
         known = {f.name: f for f in fields(self)}
         changes: dict[str, Any] = {}
         for item in items:
-            if "=" not in item:
+            if not isinstance(item, str) or "=" not in item:
                 raise ValueError(f"override {item!r} must look like key=value")
             key, raw = item.split("=", 1)
+            key = key.strip()
             if key not in known:
-                raise ValueError(f"unknown config key {key!r}")
-            try:
-                val: Any = json.loads(raw)
-            except json.JSONDecodeError:
-                val = raw
-            cur = getattr(self, key)
-            if isinstance(cur, tuple):
-                val = tuple(val)
-            elif isinstance(cur, float) and isinstance(val, int):
-                val = float(val)
-            changes[key] = val
-        return self.replace(**changes)
+                raise ValueError(f"unknown config key {key!r}; known keys: "
+                                 f"{', '.join(sorted(known))}")
+            changes[key] = _parse_override(key, known[key].type, raw.strip())
+        try:
+            return self.replace(**changes)
+        except TypeError as e:  # a command-line value is a bad value, not a bad type
+            raise ValueError(str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)

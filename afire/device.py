@@ -20,15 +20,28 @@ def require_device(device: str) -> str:
                         f"got {type(device).__name__}")
     if device == "cpu":
         return device
-    if device == "cuda" or device.startswith("cuda:"):
-        if not cuda.compiled():
-            raise DeviceUnavailableError(f"device={device!r} was requested but {cuda.NO_BUILD}")
-        n = cuda.device_count()
-        idx = 0 if device == "cuda" else int(device.split(":", 1)[1])
-        if n == 0:
-            raise DeviceUnavailableError("device='cuda' was requested but no CUDA GPU is "
-                                         "visible on this machine")
-        if not 0 <= idx < n:
-            raise ValueError(f"device={device!r}: only {n} CUDA device(s) visible")
-        return device
-    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    idx = device_index(device)
+    if not cuda.compiled():
+        raise DeviceUnavailableError(f"device={device!r} was requested but {cuda.NO_BUILD}")
+    n = cuda.device_count()
+    if n == 0:
+        raise DeviceUnavailableError(f"device={device!r} was requested but no CUDA GPU is "
+                                     "visible on this machine")
+    if not idx < n:
+        raise ValueError(f"device={device!r}: only {n} CUDA device(s) visible")
+    return device
+
+
+def device_index(device: str) -> int:
+    """The GPU index of 'cuda' (0) or 'cuda:N'; ValueError for any other string.
+
+    Checked before anything CUDA is touched, so a typo gets the same message on every build.
+    """
+    if device == "cuda":
+        return 0
+    head, sep, num = device.partition(":")
+    # isdecimal+isascii: int() would also take ' 1', '+1', '1_0' and non-ASCII digits
+    if head == "cuda" and sep and num.isascii() and num.isdecimal():
+        return int(num)
+    raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N' (N an integer), "
+                     f"got {device!r}")

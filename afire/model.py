@@ -6,6 +6,7 @@ batches, and names tensors for checkpoints and timm export.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import _C
 from .config import Config
-from .device import require_device
+from .device import device_index, require_device
 
 CHECKPOINT_FORMAT = "afire-checkpoint"
 CHECKPOINT_VERSION = "1"
@@ -40,6 +41,27 @@ def _as_images(images: Any, size: int) -> np.ndarray:
     if a.shape[0] == 0:
         raise ValueError("images is empty")
     return np.ascontiguousarray(a)
+
+
+def _output_path(path: str | os.PathLike) -> str:
+    """`path` as a str, its parent directories created (so ``save("run/ckpt.safetensors")``
+    works in a fresh directory). What the target itself may be is checked by the C writer."""
+    p = os.fspath(path)
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if not isinstance(p, str) or not p:
+        raise ValueError(f"path must be a non-empty file name, got {path!r}")
+    parent = os.path.dirname(p)
+    if parent and not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise NotADirectoryError(errno.ENOTDIR, f"cannot save to {p!r}: a part of "
+                                     f"{parent!r} is a file, not a directory", p) from None
+        except OSError as e:
+            raise OSError(e.errno, f"cannot save to {p!r}: cannot create the directory "
+                          f"{parent!r} ({e.strerror})", p) from None
+    return p
 
 
 class AFiRe:
@@ -74,7 +96,7 @@ class AFiRe:
         else:
             from . import cuda
 
-            index = 0 if device == "cuda" else int(device.split(":", 1)[1])
+            index = device_index(device)
             self._t = cuda.backend().Trainer(cfg.to_dict(), batch, steps_per_epoch, index)
         d = self._t.dims
         self.num_patches, self.num_tokens = d["L"], d["T"]
@@ -140,20 +162,29 @@ class AFiRe:
         x = x.transpose(0, 5, 1, 3, 2, 4).reshape(len(patches), c.in_chans, c.img_size, c.img_size)
         return x[:, 0] if c.in_chans == 1 else x
 
-    def anomaly_score(self, images: Any, return_map: bool = False):
-        """Eq. 51 anomaly score 1/A(x) per image (float64, higher = more abnormal).
+    def anomaly_score(self, images: Any, return_map: bool = False, log: bool = True):
+        """Anomaly score per image (B,) float64, higher = more abnormal (Eq. 51).
 
-        With ``return_map=True`` also returns the per-token squared errors (B, S/P, S/P) for
-        heat maps. For ranking (AUC), ``anomaly_log_score`` never overflows.
+        The paper scores an image by 1/A(x) = (1/L) sum_j exp(e_j), e_j the squared
+        restoration error of patch token j (normalised pixel units). At 224 px the e_j reach
+        hundreds, so that mean overflows float64 (inf, or ~1e305 with no ordering left). By
+        default (``log=True``) this returns its natural logarithm, log(1/A(x)), computed as a
+        log-mean-exp: always finite for finite errors and ranked exactly as 1/A(x), so AUCs
+        and thresholds are unchanged. ``log=False`` returns the paper's raw 1/A(x) =
+        exp(log score), which may be ``inf``.
+
+        With ``return_map=True`` also returns the per-token squared errors e_j
+        (B, S/P, S/P) for heat maps.
         """
-        score, _, err = self._batched(images, self._t.anomaly)
+        score, log_score, err = self._batched(images, self._t.anomaly)
+        out = log_score if log else score
         if not return_map:
-            return score
+            return out
         g = self.cfg.img_size // self.cfg.patch_size
-        return score, err.reshape(len(err), g, g)
+        return out, err.reshape(len(err), g, g)
 
     def anomaly_log_score(self, images: Any) -> np.ndarray:
-        """log(1/A(x)) per image: monotone in `anomaly_score` and always finite."""
+        """log(1/A(x)) per image: the same as ``anomaly_score(images)``; always finite."""
         return self._batched(images, self._t.anomaly)[1]
 
     # ------------------------------------------------------------------ state
@@ -201,7 +232,13 @@ class AFiRe:
         return bufs, out
 
     def save(self, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> None:
-        """Write the complete training state as safetensors, atomically (temp, fsync, rename)."""
+        """Write the complete training state as safetensors, atomically (temp, fsync, rename).
+
+        Missing parent directories are created. ``path`` must be a new file, a regular file
+        or a link to one; anything else (a directory, a device such as /dev/full, a FIFO)
+        is refused. Any failure (permissions, a full disk) raises an OSError naming the path
+        and the reason, and leaves an existing file unchanged.
+        """
         meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "config": self.cfg.to_json(), "step": str(self.step),
                 "steps_per_epoch": str(self.steps_per_epoch),
@@ -211,7 +248,7 @@ class AFiRe:
             if k in meta:
                 raise ValueError(f"extra_metadata key {k!r} is reserved")
             meta[k] = str(v)
-        _C.io.save_safetensors(os.fspath(path), self.state_tensors(), meta)
+        _C.io.save_safetensors(_output_path(path), self.state_tensors(), meta)
 
     @staticmethod
     def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -265,6 +302,8 @@ class AFiRe:
         afire's gray normalisation into ImageNet's: timm's standard preprocessing of the
         gray image replicated to RGB gives exactly afire's tokens.
         """
+        if branch not in ("teacher", "student"):
+            raise ValueError(f"branch must be 'teacher' or 'student', got {branch!r}")
         views = self.state_tensors()
         prefix = f"{branch}.encoder."
         sd = {k[len(prefix):]: v.copy() for k, v in views.items() if k.startswith(prefix)}
@@ -276,8 +315,10 @@ class AFiRe:
         return sd
 
     def export_backbone(self, path: str | os.PathLike, branch: str = "teacher") -> None:
-        """Write the (teacher) encoder as a timm-loadable safetensors file."""
-        _C.io.save_safetensors(os.fspath(path), self.backbone_state_dict(branch),
+        """Write the (teacher) encoder as a timm-loadable safetensors file (created like
+        `save`: atomically, parent directories made, non-regular targets refused)."""
+        sd = self.backbone_state_dict(branch)
+        _C.io.save_safetensors(_output_path(path), sd,
                                {"format": "pt", "afire_config": self.cfg.to_json()})
 
     def import_backbone(self, path: str | os.PathLike, branch: str = "both") -> list[str]:

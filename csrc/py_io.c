@@ -54,7 +54,11 @@ PyDoc_STRVAR(save_doc,
 "    arrays with at most 8 dimensions (non-contiguous or byte-swapped arrays are copied).\n"
 "metadata: dict[str, str] or None, stored as \"__metadata__\".\n"
 "Tensors are laid out by item size (largest first), then by name.\n"
-"Raises TypeError/ValueError for bad arguments and OSError for file system errors.");
+"path must be missing, a regular file or a symbolic link to one (the file is replaced, the\n"
+"link kept); a directory (IsADirectoryError), a device, FIFO or socket (FileExistsError) or\n"
+"a dangling link (FileNotFoundError) is refused before anything is written.\n"
+"Raises TypeError/ValueError for bad arguments and OSError (errno, message with the path\n"
+"and the reason, filename) for file system errors, a full disk included.");
 
 static PyObject *py_save_safetensors(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"path", "tensors", "metadata", NULL};

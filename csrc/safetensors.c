@@ -1,5 +1,5 @@
 /* safetensors reader and atomic writer (format in safetensors.h). */
-#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700 /* POSIX 2008 plus realpath */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -551,6 +551,56 @@ static int fsync_parent(const char *path) {
     return ok;
 }
 
+/* A file kind in words, for refusing it. */
+static const char *kind_of(mode_t m) {
+    if (S_ISDIR(m)) return "a directory";
+    if (S_ISCHR(m)) return "a character device";
+    if (S_ISBLK(m)) return "a block device";
+    if (S_ISFIFO(m)) return "a FIFO (named pipe)";
+    if (S_ISSOCK(m)) return "a socket";
+    return "a special file";
+}
+
+/* What `path` names decides what a save may do: nothing there -> create it; a regular file
+ * or a symbolic link to one -> replace the file's contents (the link stays); anything else
+ * is refused, because rename() would swap out the node itself (/dev/full became a 1 MB
+ * file) or turn a dangling link into a file. *target (malloc'ed) is the file to replace. */
+static af_status check_target(const char *path, char **target) {
+    *target = NULL;
+    struct stat lsb, sb;
+    if (lstat(path, &lsb) != 0) {
+        if (errno != ENOENT) return io_error("cannot save to", path);
+        *target = strdup(path); /* a new file; a missing directory fails at create */
+        return *target ? AF_OK : af_error(AF_ENOMEM, "safetensors: out of memory");
+    }
+    sb = lsb;
+    if (S_ISLNK(lsb.st_mode) && stat(path, &sb) != 0) {
+        if (errno != ENOENT) return io_error("cannot save to", path);
+        af_error(AF_EIO, "cannot save to '%s': it is a symbolic link to a missing file", path);
+        errno = ENOENT;
+        return AF_EIO;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        af_error(AF_EIO, "cannot save to '%s': it is %s%s, not a regular file; refusing to "
+                 "replace it", path, S_ISLNK(lsb.st_mode) ? "a symbolic link to " : "",
+                 kind_of(sb.st_mode));
+        errno = S_ISDIR(sb.st_mode) ? EISDIR : EEXIST;
+        return AF_EIO;
+    }
+    *target = S_ISLNK(lsb.st_mode) ? realpath(path, NULL) : strdup(path);
+    if (*target == NULL) return io_error("cannot resolve", path);
+    return AF_OK;
+}
+
+/* A failed write/fsync/close: the temporary file is removed, so say that nothing changed. */
+static af_status write_error(const char *what, const char *path) {
+    int e = errno;
+    af_error(AF_EIO, "%s '%s': %s (the temporary file was removed; an existing '%s' is "
+             "unchanged)", what, path, strerror(e), path);
+    errno = e;
+    return AF_EIO;
+}
+
 static atomic_uint tmp_counter;
 
 af_status af_safetensors_write(const char *path, const af_st_tensor *tensors, int n,
@@ -567,6 +617,8 @@ af_status af_safetensors_write(const char *path, const af_st_tensor *tensors, in
         AF_TRY(check_text(meta_vals[i], "metadata value"));
     }
 
+    char *target = NULL;
+    AF_TRY(check_target(path, &target));
     af_status st = AF_OK;
     int *order = malloc(((size_t)n + 1) * sizeof(int));
     const char **mk_sorted = malloc(((size_t)n_meta + 1) * sizeof(char *));
@@ -601,19 +653,20 @@ af_status af_safetensors_write(const char *path, const af_st_tensor *tensors, in
         goto fail;
 
     /* Temporary file next to the target, so that rename() is atomic (same file system). */
-    size_t tlen = strlen(path) + 64;
+    size_t tlen = strlen(target) + 64;
     tmp = malloc(tlen);
     if (tmp == NULL) {
         st = af_error(AF_ENOMEM, "safetensors: out of memory");
         goto fail;
     }
     for (int attempt = 0; attempt < 100 && fd < 0; attempt++) {
-        snprintf(tmp, tlen, "%s.tmp.%ld.%u", path, (long)getpid(), atomic_fetch_add(&tmp_counter, 1u));
+        snprintf(tmp, tlen, "%s.tmp.%ld.%u", target, (long)getpid(),
+                 atomic_fetch_add(&tmp_counter, 1u));
         fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
         if (fd < 0 && errno != EEXIST) break;
     }
     if (fd < 0) {
-        st = io_error("cannot create a temporary file for", path);
+        st = io_error("cannot create a temporary file in the directory of", path);
         free(tmp);
         tmp = NULL; /* nothing to remove */
         goto fail;
@@ -627,26 +680,27 @@ af_status af_safetensors_write(const char *path, const af_st_tensor *tensors, in
         if (t->nbytes) ok = write_all(fd, t->data, t->nbytes);
     }
     if (!ok) {
-        st = io_error("cannot write", path);
+        st = write_error("cannot write", path);
         goto fail;
     }
+    /* a full disk may only show at fsync or close (delayed allocation, NFS) */
     if (fsync(fd) != 0) {
-        st = io_error("cannot fsync", path);
+        st = write_error("cannot fsync", path);
         goto fail;
     }
     int rc = close(fd);
     fd = -1;
     if (rc != 0) {
-        st = io_error("cannot close", path);
+        st = write_error("cannot close", path);
         goto fail;
     }
-    if (rename(tmp, path) != 0) {
-        st = io_error("cannot rename the temporary file onto", path);
+    if (rename(tmp, target) != 0) {
+        st = write_error("cannot rename the temporary file onto", path);
         goto fail;
     }
     free(tmp);
     tmp = NULL;
-    if (!fsync_parent(path)) st = io_error("written, but cannot fsync the directory of", path);
+    if (!fsync_parent(target)) st = io_error("written, but cannot fsync the directory of", path);
     (void)data_bytes;
 fail:
     if (fd >= 0 || tmp != NULL) {
@@ -656,6 +710,7 @@ fail:
         errno = e;
     }
     free(tmp);
+    free(target);
     free(h.p);
     free(order);
     free(mk_sorted);

@@ -34,6 +34,10 @@ typedef struct {
 /* Write `n` tensors and `n_meta` metadata pairs to `path` atomically: a temporary file in
  * the same directory is written, fsync'ed and renamed over `path`, then the directory is
  * fsync'ed. On failure the temporary file is removed and an existing `path` is untouched.
+ * `path` must be missing, a regular file, or a symbolic link to a regular file (whose
+ * contents are replaced; the link stays). A directory (errno EISDIR), a device, FIFO or
+ * socket (EEXIST) and a dangling link (ENOENT) are refused with AF_EIO before anything is
+ * written. Every write, fsync and close is checked: a full disk is AF_EIO (ENOSPC/EFBIG).
  * Deterministic layout: tensors ordered by item size (largest first, which keeps every
  * tensor aligned to its item size in the file) then by name (bytewise); "__metadata__"
  * first in the header (omitted when n_meta == 0); header padded with spaces so the data

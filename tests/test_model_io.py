@@ -64,10 +64,25 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     before = p.read_bytes()
     with pytest.raises(ValueError):
         m.save(p, extra_metadata={"format": "x"})  # reserved key: refused before writing
-    with pytest.raises(OSError):
-        m.save(tmp_path / "missing" / "c.safetensors")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile"):
+        m.save(tmp_path / "afile" / "c.safetensors")   # a parent that is a file
     assert p.read_bytes() == before
     assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
+
+
+def test_save_creates_missing_parent_directories(tmp_path, monkeypatch):
+    """The README snippet ``model.save("run/ckpt.safetensors")`` runs as written."""
+    m = trained(1)
+    monkeypatch.chdir(tmp_path)
+    m.save("run/ckpt.safetensors")
+    r = AFiRe.load("run/ckpt.safetensors")
+    np.testing.assert_array_equal(r.encode(phantom_like(1)), m.encode(phantom_like(1)))
+    m.export_backbone(tmp_path / "a" / "b" / "bb.safetensors")
+    assert (tmp_path / "a" / "b" / "bb.safetensors").is_file()
+    with pytest.raises(ValueError, match="branch"):
+        m.export_backbone(tmp_path / "c" / "bb.safetensors", branch="nope")
+    assert not (tmp_path / "c").exists()   # refused before anything was created
 
 
 def test_backbone_export_uses_timm_names_and_folds_gray_normalisation(tmp_path):

@@ -131,8 +131,8 @@ def test_unusable_targets_raise_oserror_and_keep_previous(tmp_path):
         m2.save(tmp_path / "adir")           # rename onto a directory
     with pytest.raises(NotADirectoryError):
         m2.save(p / "c.safetensors")         # parent is a file
-    with pytest.raises(FileNotFoundError):
-        m2.save(tmp_path / "missing" / "c.safetensors")
+    m2.save(tmp_path / "missing" / "c.safetensors")   # missing parents are created
+    assert_is_checkpoint_of(tmp_path / "missing" / "c.safetensors", m2)
     assert p.read_bytes() == before and no_temp_files(tmp_path)
     if os.geteuid() != 0:  # root ignores directory permissions
         ro = tmp_path / "ro"
