@@ -9,10 +9,19 @@
 # directory; a crash is copied to $FUZZ_OUT (default build/fuzz/findings), the script
 # fails, and the input should be committed under tests/fuzz/regressions/<target>/ with
 # the fix (tests/test_robustness_fuzz_regressions.py replays those on every test run).
-# Needs: clang with libclang_rt.fuzzer, python3 with numpy/Pillow/pydicom; atheris is
-# installed into a venv here (build/fuzz/venv, system site-packages visible).
+# Needs: clang with libclang_rt.fuzzer, and a Python where afire is built and numpy,
+# scipy-openblas32, Pillow and pydicom import: $PYTHON, else the activated venv's, else
+# ./.venv's (the one .ci/run makes), else python3 (.ci/python.sh); the script says which
+# and stops with a clear message when something is missing. atheris is pip-installed into
+# that Python when it is a venv (as in .ci/run); a Python that is not a venv is left alone
+# and gets build/fuzz/venv, made from that same Python with its site-packages visible.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=.ci/python.sh
+. .ci/python.sh
+ci_pick_python "$PWD"
+# before the C targets, so that a missing dependency stops the script at once
+ci_require numpy scipy_openblas32 PIL pydicom afire._C
 SECONDS_PER_TARGET=${FUZZ_SECONDS:-45}
 OUT=${FUZZ_OUT:-build/fuzz/findings}
 BIN=build/fuzz
@@ -39,19 +48,29 @@ for t in safetensors json; do
   grep -E "stat::number_of_executed_units|Done" "$WORK/$t.log" || true
 done
 
-# ---- Python targets (atheris): the extension must be built (python3 setup.py build_ext -i)
-VENV=$BIN/venv
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv --system-site-packages "$VENV"
+# ---- Python targets (atheris), in $PYTHON or a venv that sees exactly its packages
+FUZZ_PY=$PYTHON
+if ! "$PYTHON" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)"; then
+  # not a venv: --system-site-packages from this same interpreter sees its packages
+  VENV=$BIN/venv
+  want=$("$PYTHON" -c "import sys; print(sys.prefix, sys.version)")
+  if [ ! -x "$VENV/bin/python" ] || \
+     [ "$("$VENV/bin/python" -c "import sys; print(sys.base_prefix, sys.version)" 2>/dev/null)" != "$want" ]; then
+    "$PYTHON" -m venv --clear --system-site-packages "$VENV"
+  fi
+  FUZZ_PY=$VENV/bin/python
 fi
-"$VENV/bin/python" -c "import atheris" 2>/dev/null || "$VENV/bin/pip" install -q atheris
-"$VENV/bin/python" -c "import afire._C" || { echo "build afire._C first"; exit 1; }
+if ! "$FUZZ_PY" -c "import atheris" 2>/dev/null; then
+  echo "== pip install atheris into $FUZZ_PY"
+  "$FUZZ_PY" -m pip install -q atheris
+fi
+PYTHON=$FUZZ_PY ci_require atheris numpy scipy_openblas32 PIL pydicom afire._C
 for t in torch_pkl torch_zip shards image; do
   mkdir -p "$WORK/py_$t"
   cp tests/fuzz/corpus/$t/* "$WORK/py_$t/"
   [ -d tests/fuzz/regressions/$t ] && cp tests/fuzz/regressions/$t/* "$WORK/py_$t/"
   echo "== atheris $t: ${SECONDS_PER_TARGET}s"
-  if ! "$VENV/bin/python" tests/fuzz/pyfuzz.py "$t" -max_total_time="$SECONDS_PER_TARGET" \
+  if ! "$FUZZ_PY" tests/fuzz/pyfuzz.py "$t" -max_total_time="$SECONDS_PER_TARGET" \
         -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="$OUT/$t-" "$WORK/py_$t" > "$WORK/py_$t.log" 2>&1; then
     status=1; tail -40 "$WORK/py_$t.log"
