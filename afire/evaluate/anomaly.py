@@ -24,6 +24,7 @@ teacher's statistics of the target's first batch), after which C is the usual EM
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ from .. import _C
 from ..model import GRAY_MEAN, GRAY_STD, AFiRe
 from . import figures as F
 from . import metrics as M
-from .common import (EvalData, gap_features, group_holdout, load_data, load_model,
+from .common import (EvalData, gap_features, group_holdout, setup_model, split_seed_of,
                      try_figures, write_results)
+from .selection import resolve_inputs
 
 SQUID_LABEL = "SQUID protocol (threshold chosen on test)"
 FEATURE_LABEL = ("Mahalanobis distance of GAP teacher features to the adaptation normals "
@@ -113,45 +115,89 @@ def slm_images(model: AFiRe, images: np.ndarray, seed: int = 0):
     return xp, tok
 
 
+def _labelled(part: EvalData | None, what: str, source: str) -> EvalData | None:
+    """The images of ``part`` with a known label; ValueError unless both classes remain."""
+    if part is None:
+        return None
+    part = part.subset(np.flatnonzero(part.abnormal >= 0))
+    n0, n1 = int((part.abnormal == 0).sum()), int((part.abnormal == 1).sum())
+    if n0 == 0 or n1 == 0:
+        raise ValueError(
+            f"anomaly detection needs labelled normal and abnormal {what} images; {source} "
+            f"gives {n0} normal and {n1} abnormal ones"
+            + (" (no image is labelled: an unlabelled preparation such as `afire prepare "
+               "--format folder` records abnormal = -1)" if n0 + n1 == 0 else
+               " (use more data, another split_seed or a larger test_fraction)"))
+    return part
+
+
 def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
             val_data: Any = None, adapt_epochs: float = 10.0, adapt_steps: int | None = None,
             lr: float = 1e-4, batch: int = 64, test_fraction: float = 0.3,
-            val_fraction: float = 0.2, seed: int = 0, heatmaps: int = 8,
-            out: str | Path | None = None, figures: bool = True) -> dict:
+            val_fraction: float = 0.2, split_seed: int | None = None,
+            init_seed: int | None = None, split: str = "auto",
+            allow_train_split: bool = False, exclude: Any = None,
+            pretrain_meta: dict | None = None, device: str = "cpu",
+            say: Callable[[str], None] | None = None,
+            seed: int | None = None, heatmaps: int = 8, out: str | Path | None = None,
+            figures: bool = True) -> dict:
     """Anomaly detection on ``data`` (normal = 0, abnormal = 1; unknown labels are left out).
 
-    Without ``test_data``, ``data`` is split BY GROUP (patient) into adapt/val/test with
-    ``test_fraction`` / ``val_fraction`` of the groups; the adaptation uses only the normal
-    images of the adapt part. With ``test_data`` (and optionally ``val_data``), ``data``
-    is the adaptation set and only its normals are used.
+    Test and validation images: see :mod:`.selection` (by default a directory's non-"train"
+    splits, never the checkpoint's pre-training images). Without ``test_data`` that pool is
+    split BY GROUP (patient) into adapt/val/test with ``test_fraction`` / ``val_fraction``
+    of the groups (no val split when ``val_data`` is given: it chooses the threshold); the
+    adaptation uses only the normal images of the adapt part. With ``test_data`` (and
+    optionally ``val_data``), ``data`` is the adaptation set and only its normals are used.
 
     ``adapt_steps`` (default ``adapt_epochs`` passes over the normal images; 0 = score with
-    the pre-trained model as it is). Returns the results dict (also written to
-    ``out/results.json`` with figures when ``out`` is given).
+    the pre-trained model as it is). ``split_seed`` seeds the splits and the adaptation's
+    batch order (``seed`` is its old name); ``init_seed`` replaces the model by a random
+    initialisation with that seed. Returns the results dict (also written to
+    ``out/results.json`` with figures when ``out`` is given); ``results["sets"]`` holds the
+    adaptation normals and the scored test / validation images as :class:`EvalData`, and
+    ``arrays`` their row indices in the pool (``results["pool"]``) when there is one.
     """
-    model = load_model(checkpoint_or_model)
+    split_seed = split_seed_of(split_seed, seed)
+    model, meta, encoder = setup_model(checkpoint_or_model, init_seed, pretrain_meta,
+                                       device)
     S = model.cfg.img_size
-    d = load_data(data, S)
-    if test_data is not None:
-        train = d
-        test = load_data(test_data, S)
-        val = load_data(val_data, S) if val_data is not None else None
+    inp = resolve_inputs(meta, S, data, test_data, val_data, split=split,
+                         allow_train_split=allow_train_split, exclude=exclude, say=say)
+    pool = inp.pool
+    if pool is not None:
+        if not (pool.abnormal >= 0).any():
+            _labelled(pool, "", pool.source)          # raises: nothing is labelled
+        tr, va, te = _split(pool, test_fraction, 0.0 if inp.val is not None else val_fraction,
+                            split_seed)
+        rows = {"adapt": np.flatnonzero(tr), "test": np.flatnonzero(te),
+                "val": np.flatnonzero(va)}
+        rows = {k: v[pool.abnormal[v] >= 0] for k, v in rows.items()}
+        rows["adapt"] = rows["adapt"][pool.abnormal[rows["adapt"]] == 0]
+        train = pool.subset(np.flatnonzero(tr))
+        test = _labelled(pool.subset(rows["test"]), "test", pool.source)
+        val = inp.val if inp.val is not None else \
+            (pool.subset(rows["val"]) if va.any() else None)
+        if inp.val is not None:
+            rows["val"] = np.zeros(0, np.int64)
     else:
-        tr, va, te = _split(d, test_fraction, val_fraction, seed)
-        train, test = d.subset(np.flatnonzero(tr)), d.subset(np.flatnonzero(te))
-        val = d.subset(np.flatnonzero(va)) if va.any() else None
-    normals = train.images[train.abnormal == 0]
+        train, rows = inp.train, None
+        test = _labelled(inp.test, "test", inp.test.source)
+        val = inp.val
+    if val is not None:
+        val = val.subset(np.flatnonzero(val.abnormal >= 0))
+    normal_rows = np.flatnonzero(train.abnormal == 0)
+    adapt_set = train.subset(normal_rows)
+    normals = adapt_set.images
     if adapt_steps is None:
         adapt_steps = int(math.ceil(adapt_epochs * len(normals) / min(batch, max(1, len(normals)))))
-    adapted, log = adapt(model, normals, adapt_steps, lr, batch, seed) if adapt_steps > 0 \
-        else (model, [])
-
-    def score(part: EvalData):
-        keep = np.flatnonzero(part.abnormal >= 0)
-        part = part.subset(keep)
-        return part, adapted.anomaly_log_score(part.images)
-
-    test, s_test = score(test)
+    if adapt_steps > 0 and len(normals) == 0:
+        raise ValueError(f"no normal training image to adapt on in {train.source} "
+                         f"({train.counts()}); pass adapt_steps=0 to score the model as it "
+                         "is, or use data with labelled normal images")
+    adapted, log = adapt(model, normals, adapt_steps, lr, batch, split_seed) \
+        if adapt_steps > 0 else (model, [])
+    s_test = adapted.anomaly_log_score(test.images)
     y_test = test.abnormal
     if len(normals) >= 2:
         f_test = feature_distance(gap_features(adapted, normals),
@@ -169,8 +215,10 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
               int((train.abnormal == 1).sum()), "test": test.counts()}
     arrays = {"test_log_score": s_test, "test_abnormal": y_test,
               "test_feature_distance": f_test}
+    if rows is not None:
+        arrays.update(test_rows=rows["test"], adapt_rows=rows["adapt"], val_rows=rows["val"])
     if val is not None:
-        val, s_val = score(val)
+        s_val = adapted.anomaly_log_score(val.images) if len(val) else np.zeros(0)
         counts["val"] = val.counts()
         arrays.update(val_log_score=s_val, val_abnormal=val.abnormal)
         if len(np.unique(val.abnormal)) == 2:
@@ -187,10 +235,18 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                        "(log 1/A(x)), abnormal positive",
         "settings": {"lr": lr, "batch": min(batch, max(1, len(normals))),
                      "adapt_steps": adapt_steps, "optimizer": "Adam (no weight decay), cosine",
-                     "test_fraction": test_fraction, "val_fraction": val_fraction,
-                     "seed": seed, "split": "given" if test_data is not None else "by group",
+                     "test_fraction": test_fraction,
+                     "val_fraction": val_fraction if pool is not None and inp.val is None
+                     else None,
+                     "validation": "given" if inp.val is not None else
+                     ("by group" if pool is not None and val is not None else None),
+                     "split_seed": split_seed, "init_seed": init_seed,
+                     "split": "given" if test_data is not None else "by group",
                      "model": model.cfg.preset, "img_size": S, "pretrain_step": model.step,
-                     "source": d.source},
+                     "source": (pool if pool is not None else inp.test).source},
+        "encoder": encoder,
+        "data": inp.info,
+        "notes": inp.notes,
         "counts": counts,
         "metrics": metrics,
         "adaptation": {"steps": len(log),
@@ -203,9 +259,11 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     if out is not None:
         if figures:
             results["figures"] = _figures(adapted, test, s_test, (fpr, tpr, auc), Path(out),
-                                          heatmaps, seed)
+                                          heatmaps, split_seed)
         write_results(out, results)
     results["model"] = adapted
+    results["pool"] = pool
+    results["sets"] = {"adapt": adapt_set, "test": test, "val": val}
     return results
 
 

@@ -8,14 +8,20 @@ Data input (`load_data`) accepts
   ``read_shared`` and resized with ``afire.data.image.resize_square``),
 - a dict of arrays: ``images`` uint8 [N,S,S] and optionally ``labels`` ([N] ints: 0
   normal, >0 abnormal, as `phantom_dataset` returns; or [N,C] multi-label floats),
-  ``abnormal`` [N], ``groups`` [N], ``masks`` / ``lesion_masks`` / ``organ_labels``.
+  ``abnormal`` [N], ``groups`` [N], ``masks`` / ``lesion_masks`` / ``organ_labels``,
+  ``paths`` [N] and ``splits`` [N].
+
+`load_data` returns every image of its input. Which of them a protocol may test on (the
+recorded split, the images a checkpoint pre-trained on) is decided by :mod:`.selection`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,9 @@ class EvalData:
 
     images uint8 [N,S,S]; abnormal int64 [N] (0, 1, -1 unknown); labels float32 [N,C]
     (NaN = unknown) with label_names; groups (patient ids) [N]; masks uint8 [N,S,S] or
-    None; organ_labels uint8 [N,S,S] or None (phantom anatomy).
+    None; organ_labels uint8 [N,S,S] or None (phantom anatomy); paths str [N] (the
+    manifest path / image file; None for arrays) and splits str [N] (the split recorded
+    by ``afire prepare`` or the shared-data reader; None for arrays).
     """
 
     images: np.ndarray
@@ -43,6 +51,8 @@ class EvalData:
     masks: np.ndarray | None = None
     organ_labels: np.ndarray | None = None
     source: str = "arrays"
+    paths: np.ndarray | None = None
+    splits: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -54,7 +64,12 @@ class EvalData:
             return None if a is None else a[idx]
         return replace(self, images=self.images[idx], abnormal=self.abnormal[idx],
                        groups=self.groups[idx], labels=take(self.labels),
-                       masks=take(self.masks), organ_labels=take(self.organ_labels))
+                       masks=take(self.masks), organ_labels=take(self.organ_labels),
+                       paths=take(self.paths), splits=take(self.splits))
+
+    def digests(self) -> np.ndarray:
+        """str [N]: a hash of each image's pixel bytes (pixel-identical images share it)."""
+        return image_digests(self.images)
 
     def targets(self, target: str | list[str] = "abnormal") -> tuple[np.ndarray, list[str]]:
         """float32 [N,C] targets and class names. ``target``: "abnormal" (one binary class,
@@ -80,6 +95,17 @@ class EvalData:
                 "groups": int(len(np.unique(self.groups)))}
 
 
+def image_digests(images: np.ndarray) -> np.ndarray:
+    """str [N]: BLAKE2b-128 of each uint8 image's shape and bytes."""
+    out = []
+    for x in images:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr(x.shape).encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+        out.append(h.hexdigest())
+    return np.asarray(out, dtype=str).reshape(len(out))
+
+
 def _resize_stack(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     if a.shape[1:] == (size, size):
         return a
@@ -88,9 +114,26 @@ def _resize_stack(a: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     return np.stack([resize_square(x, size, "crop", nearest=nearest) for x in a])
 
 
-def _resized(d: EvalData, size: int | None) -> EvalData:
+class EvaluationNote(UserWarning):
+    """Something the evaluation did on its own that changes what is measured (a resize, a
+    split choice, images left out). Also recorded in results.json under "notes"."""
+
+
+def note(say: Callable[[str], None] | None, text: str) -> None:
+    """Tell the user: ``say(text)`` (the CLI prints), else an :class:`EvaluationNote`."""
+    if say is not None:
+        say(text)
+    else:
+        warnings.warn(text, EvaluationNote, stacklevel=3)
+
+
+def _resized(d: EvalData, size: int | None, say=None) -> EvalData:
     if size is None or d.images.shape[1:] == (size, size):
         return d
+    s = d.images.shape[1]
+    note(say, f"{d.source}: images are {s}x{s} px, evaluation runs at {size}x{size} px (the "
+              f"model's img_size): resizing them ({'up' if size > s else 'down'}sampled with "
+              "Lanczos after a centre crop to square; masks nearest-neighbour)")
     return replace(d, images=_resize_stack(d.images, size, False),
                    masks=None if d.masks is None else _resize_stack(d.masks, size, True),
                    organ_labels=None if d.organ_labels is None
@@ -118,14 +161,17 @@ def _from_arrays(d: dict) -> EvalData:
     groups = np.asarray(d["groups"]).astype(str) if "groups" in d else \
         np.array([str(i) for i in range(n)])
     masks = d.get("masks", d.get("lesion_masks"))
+    paths = None if d.get("paths") is None else np.asarray(d["paths"]).astype(str)
+    splits = None if d.get("splits") is None else np.asarray(d["splits"]).astype(str)
     for name, a in (("abnormal", abnormal), ("groups", groups), ("labels", labels),
-                    ("masks", masks)):
+                    ("masks", masks), ("paths", paths), ("splits", splits)):
         if a is not None and len(a) != n:
             raise ValueError(f"{name} has {len(a)} entries for {n} images")
     return EvalData(images=x, abnormal=abnormal, groups=groups, labels=labels,
                     label_names=names,
                     masks=None if masks is None else np.asarray(masks, np.uint8),
-                    organ_labels=d.get("organ_labels"), source="arrays")
+                    organ_labels=d.get("organ_labels"), source="arrays", paths=paths,
+                    splits=splits)
 
 
 def _from_prepared(root: str) -> EvalData:
@@ -140,43 +186,57 @@ def _from_prepared(root: str) -> EvalData:
     groups = [g or r["path"] for g, r in zip(ds.field("group", ""), ds.records)]
     return EvalData(images=ds.images(np.arange(len(ds))),
                     abnormal=np.asarray(ds.field("abnormal", -1), np.int64),
-                    groups=np.asarray(groups, str),
+                    groups=np.asarray(groups, str).reshape(len(ds)),
                     labels=ds.label_matrix(names) if names else None, label_names=names,
-                    masks=masks, source=f"prepared:{root}")
+                    masks=masks, source=f"prepared:{root}",
+                    paths=np.asarray(ds.field("path"), str).reshape(len(ds)),
+                    splits=np.asarray(ds.field("split"), str).reshape(len(ds)))
 
 
 def _from_shared(root: str, size: int) -> EvalData:
     from ..data import load_gray, read_shared, resize_square
 
     recs = read_shared(root)
+    if not recs:
+        raise ValueError(f"{root}: labels.csv lists no readable image")
     names = sorted({k for r in recs for k in r.labels})
     imgs = np.stack([resize_square(load_gray(r.path), size, "crop") for r in recs])
     lab = np.array([[r.labels.get(n, np.nan) for n in names] for r in recs], np.float32)
     return EvalData(images=imgs, abnormal=np.array([r.abnormal for r in recs], np.int64),
                     groups=np.array([r.group or r.path for r in recs], str),
                     labels=lab if names else None, label_names=names,
-                    source=f"shared:{root}")
+                    source=f"shared:{root}", paths=np.array([r.path for r in recs], str),
+                    splits=np.array([r.split for r in recs], str))
 
 
-def load_data(data: Any, size: int | None = None) -> EvalData:
+def load_data(data: Any, size: int | None = None,
+              say: Callable[[str], None] | None = None) -> EvalData:
     """Any supported data input (see the module docstring) as :class:`EvalData` whose
-    images are ``size`` x ``size`` (short side resized, centre crop) when size is given."""
+    images are ``size`` x ``size`` (short side resized, centre crop) when size is given;
+    a resize is announced through ``say`` (default: an :class:`EvaluationNote` warning).
+    ValueError when the input holds no image."""
     if isinstance(data, EvalData):
-        return _resized(data, size)
-    if isinstance(data, dict):
-        return _resized(_from_arrays(data), size)
-    if isinstance(data, (str, os.PathLike)):
+        d = data
+    elif isinstance(data, dict):
+        d = _from_arrays(data)
+    elif isinstance(data, (str, os.PathLike)):
         root = os.fspath(data)
         if os.path.exists(os.path.join(root, "meta.json")):
-            return _resized(_from_prepared(root), size)
-        if os.path.exists(os.path.join(root, "labels.csv")):
+            d = _from_prepared(root)
+        elif os.path.exists(os.path.join(root, "labels.csv")):
             if size is None:
                 raise ValueError("reading the shared-data layout needs the image size")
-            return _from_shared(root, size)
-        raise ValueError(f"{root}: neither a prepared dataset (meta.json) nor the shared-data "
-                         "layout (labels.csv + images)")
-    raise TypeError(f"data must be a path, a dict of arrays or EvalData, got "
-                    f"{type(data).__name__}")
+            d = _from_shared(root, size)
+        else:
+            raise ValueError(f"{root}: neither a prepared dataset (meta.json) nor the "
+                             "shared-data layout (labels.csv + images)")
+    else:
+        raise TypeError(f"data must be a path, a dict of arrays or EvalData, got "
+                        f"{type(data).__name__}")
+    if len(d) == 0:
+        raise ValueError(f"{d.source}: no images (an empty preparation or array); evaluation "
+                         "needs labelled images")
+    return _resized(d, size, say)
 
 
 # ---------------------------------------------------------------- patient-wise splits
@@ -232,6 +292,17 @@ def load_model(checkpoint_or_model: Any, batch_size: int | None = None,
         return AFiRe.load(p, device=device, batch_size=batch_size)
     raise TypeError(f"expected a checkpoint path or an AFiRe model, got "
                     f"{type(checkpoint_or_model).__name__}")
+
+
+def checkpoint_metadata(checkpoint_or_model: Any) -> dict[str, str] | None:
+    """The metadata of a checkpoint path (``AFiRe.read_metadata``); None for a model
+    object (it carries none)."""
+    if isinstance(checkpoint_or_model, (str, os.PathLike)):
+        p = Path(checkpoint_or_model)
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint {p} not found")
+        return dict(AFiRe.read_metadata(p))
+    return None
 
 
 def random_init(model: AFiRe, seed: int = 0) -> AFiRe:
@@ -352,3 +423,58 @@ def try_figures(fn, *args, **kwargs) -> str | None:
     except ImportError as e:
         warnings.warn(f"figure skipped: {e}", RuntimeWarning, stacklevel=2)
         return None
+
+
+# ---------------------------------------------------------------- run setup shared by protocols
+def split_seed_of(split_seed: int | None, seed: int | None) -> int:
+    """The protocol seed: ``split_seed``; ``seed`` is its older name (kept for callers)."""
+    if seed is not None and split_seed is not None and int(seed) != int(split_seed):
+        raise ValueError(f"seed={seed} and split_seed={split_seed} disagree; seed is the old "
+                         "name of split_seed, pass only split_seed")
+    s = split_seed if split_seed is not None else seed
+    return 0 if s is None else int(s)
+
+
+def setup_model(checkpoint_or_model: Any, init_seed: int | None = None,
+                pretrain_meta: dict | None = None, device: str = "cpu"
+                ) -> tuple[AFiRe, dict | None, dict]:
+    """(model, checkpoint metadata, an "encoder" record for results.json).
+
+    ``init_seed`` given: the checkpoint's configuration with freshly initialised weights
+    (:func:`random_init` with that seed, the random baseline) — its test sets are still
+    chosen from the checkpoint's metadata, so baseline and pre-trained model are scored on
+    the same images. ``pretrain_meta`` stands in for the metadata of a model object;
+    ``device`` is where a checkpoint path is loaded (a model object keeps its own)."""
+    model = load_model(checkpoint_or_model, device=device)
+    meta = checkpoint_metadata(checkpoint_or_model)
+    if meta is None:
+        meta = pretrain_meta
+    enc = {"weights": "checkpoint", "pretrain_step": model.step, "init_seed": None,
+           "checkpoint": os.fspath(checkpoint_or_model)
+           if isinstance(checkpoint_or_model, (str, os.PathLike)) else None}
+    if init_seed is not None:
+        model = random_init(model, seed=int(init_seed))
+        enc.update(weights="random init of the checkpoint's configuration",
+                   init_seed=int(init_seed), pretrain_step=0)
+    return model, meta, enc
+
+
+def require_targets(d: EvalData, y: np.ndarray, names: list[str], what: str,
+                    say=None) -> tuple[EvalData, np.ndarray]:
+    """Keep the rows with at least one known target; ValueError (what the protocol needs)
+    when none is labelled or a single binary class remains."""
+    known = ~np.isnan(y).all(axis=1)
+    if not known.any():
+        raise ValueError(
+            f"{what} needs labels: none of the {len(d)} images of {d.source} has a known "
+            f"{'/'.join(names)} label (an unlabelled preparation, e.g. `afire prepare "
+            "--format folder`, records abnormal = -1); evaluate labelled data (kermany, nih, "
+            "chexpert, shared with labels.csv, phantom)")
+    if names == ["abnormal"] and len(np.unique(y[known, 0])) < 2:
+        cls = "abnormal" if y[known, 0][0] == 1 else "normal"
+        raise ValueError(f"{what} needs normal and abnormal images; the {int(known.sum())} "
+                         f"labelled images of {d.source} used here are all {cls}")
+    if not known.all():
+        note(say, f"{d.source}: {int((~known).sum())} image(s) without a label left out")
+        d, y = d.subset(np.flatnonzero(known)), y[known]
+    return d, y

@@ -19,8 +19,9 @@ import numpy as np
 from . import figures as F
 from . import metrics as M
 from .common import (EvalData, copy_teacher_encoder, cosine_lr, downstream, group_folds,
-                     group_holdout, load_data, load_model, mean_std, subsample, try_figures,
-                     write_results)
+                     group_holdout, mean_std, require_targets, setup_model, split_seed_of,
+                     subsample, try_figures, write_results)
+from .selection import resolve_inputs
 
 
 # ---------------------------------------------------------------- shared training loop
@@ -102,13 +103,19 @@ def train_folds(model, d: EvalData, splits: list, frac: float, make_net: Callabl
                 batch_args: Callable, val_score: Callable, *, val_fraction: float,
                 batch: int, seed: int, **train_kw):
     """The fold loop of both fine-tuning protocols at one label fraction. For each split k
-    (train+val, test): a ``val_fraction`` of the train+val groups validates, the rest is
-    sub-sampled to ``frac``; a fresh network ``make_net(capacity, seed + k)`` gets the
-    teacher encoder and is trained by :func:`train_early_stopping` on
-    ``batch_args(indices into d)`` with ``val_score(predict, val indices)``.
+    (train+val, test, val or None): without a given val, a ``val_fraction`` of the train+val
+    groups validates; the rest is sub-sampled to ``frac``; a fresh network
+    ``make_net(capacity, seed + k)`` gets the teacher encoder and is trained by
+    :func:`train_early_stopping` on ``batch_args(indices into d)`` with
+    ``val_score(predict, val indices)``.
     Yields (k, net, predict, tr, va, te, history); predict(indices into d) -> outputs."""
-    for k, (trval, te) in enumerate(splits):
-        tr, va = split_val(d, trval, val_fraction, seed + 100 + k)
+    for k, sp in enumerate(splits):
+        trval, te = sp[0], sp[1]
+        given_val = sp[2] if len(sp) > 2 else None
+        if given_val is not None:
+            tr, va = trval, given_val
+        else:
+            tr, va = split_val(d, trval, val_fraction, seed + 100 + k)
         tr = subsample(tr, frac, seed + k)
         cap = min(batch, len(tr))
         net = make_net(cap, seed + k)
@@ -124,28 +131,70 @@ def train_folds(model, d: EvalData, splits: list, frac: float, make_net: Callabl
         yield k, net, predict, tr, va, te, hist
 
 
-def train_then_test(d: EvalData, t: EvalData) -> tuple[EvalData, list]:
-    """`d` then `t` in one EvalData (images, abnormal, groups) and the single split that
-    trains (and validates) on all of `d` and tests on all of `t`."""
-    both = EvalData(images=np.concatenate([d.images, t.images]),
-                    abnormal=np.concatenate([d.abnormal, t.abnormal]),
-                    groups=np.concatenate([d.groups, t.groups]), source=d.source)
-    return both, [(np.arange(len(d)), len(d) + np.arange(len(t)))]
+def concat(parts: list[EvalData]) -> tuple[EvalData, list[np.ndarray]]:
+    """Several EvalData as one (images, abnormal, groups; labels, masks, organ labels,
+    paths and splits where every part has them) and each part's row indices in it."""
+    def cat(name):
+        vals = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in vals) else np.concatenate(vals)
+    names = list(dict.fromkeys(n for p in parts for n in p.label_names))
+    labels = None
+    if names:      # the union of the findings, NaN where a part lacks one
+        labels = np.full((sum(len(p) for p in parts), len(names)), np.nan, np.float32)
+        row = 0
+        for p in parts:
+            for j, n in enumerate(p.label_names):
+                labels[row:row + len(p), names.index(n)] = p.labels[:, j]
+            row += len(p)
+    both = EvalData(images=cat("images"), abnormal=cat("abnormal"), groups=cat("groups"),
+                    labels=labels, label_names=names, masks=cat("masks"),
+                    organ_labels=cat("organ_labels"), source=parts[0].source,
+                    paths=cat("paths"), splits=cat("splits"))
+    off = np.cumsum([0] + [len(p) for p in parts])
+    return both, [np.arange(off[i], off[i + 1]) for i in range(len(parts))]
 
 
-def split_folds(d: EvalData, folds: int, test_fraction: float, seed: int):
-    """[(train+val indices, test indices)] by group: k folds, or one hold-out."""
+def train_then_test(d: EvalData, t: EvalData, v: EvalData | None = None
+                    ) -> tuple[EvalData, list]:
+    """`d`, `t` (and `v`) in one EvalData and the single split that trains on all of `d`,
+    tests on all of `t` and validates on `v` (None: a val_fraction of `d`)."""
+    both, idx = concat([d, t] + ([v] if v is not None else []))
+    return both, [(idx[0], idx[1], idx[2] if v is not None else None)]
+
+
+def split_folds(d: EvalData, folds: int, test_fraction: float, seed: int,
+                val_idx: np.ndarray | None = None):
+    """[(train+val indices, test indices, val indices or None)] by group over the rows of
+    ``d`` not in ``val_idx``: k folds, or one hold-out. ``val_idx`` given: every fold
+    validates on those rows."""
+    rows = np.arange(len(d)) if val_idx is None else \
+        np.setdiff1d(np.arange(len(d)), val_idx)
+    g = d.groups[rows]
     if folds > 1:
-        f = group_folds(d.groups, folds, seed)
-        return [(np.flatnonzero(f != k), np.flatnonzero(f == k)) for k in range(folds)]
-    te = group_holdout(d.groups, test_fraction, seed)
-    return [(np.flatnonzero(~te), np.flatnonzero(te))]
+        f = group_folds(g, folds, seed)
+        return [(rows[f != k], rows[f == k], val_idx) for k in range(folds)]
+    te = group_holdout(g, test_fraction, seed)
+    return [(rows[~te], rows[te], val_idx)]
 
 
 def split_val(d: EvalData, idx: np.ndarray, val_fraction: float, seed: int):
     """(train, val) indices from idx, by group."""
     v = group_holdout(d.groups[idx], val_fraction, seed)
     return idx[~v], idx[v]
+
+
+def arrange(inp, keep: Callable[[EvalData, str], EvalData], folds: int,
+            test_fraction: float, split_seed: int) -> tuple[EvalData, list]:
+    """The combined data and the splits of a fine-tuning protocol from its
+    :class:`~.selection.Inputs`; ``keep(part, role)`` filters a part first (labels/masks)."""
+    if inp.pool is None:
+        return train_then_test(keep(inp.train, "training"), keep(inp.test, "test"),
+                               None if inp.val is None else keep(inp.val, "validation"))
+    pool = keep(inp.pool, "pool")
+    if inp.val is None:
+        return pool, split_folds(pool, folds, test_fraction, split_seed)
+    d, (_, vi) = concat([pool, keep(inp.val, "validation")])
+    return d, split_folds(d, folds, test_fraction, split_seed, val_idx=vi)
 
 
 def _as_fractions(label_fractions) -> list[float]:
@@ -158,33 +207,50 @@ def _as_fractions(label_fractions) -> list[float]:
 
 # ---------------------------------------------------------------- the protocol
 def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
-             target: str | list[str] = "abnormal",
+             val_data: Any = None, target: str | list[str] = "abnormal",
              label_fractions: float | Sequence[float] = (1.0,), folds: int = 5,
              test_fraction: float = 0.2, val_fraction: float = 0.1, epochs: int = 100,
              batch: int = 128, lr: float = 2e-4, weight_decay: float = 0.05,
              patience: int = 10, warmup_epochs: int = 0, augment: bool = True,
-             freeze_encoder: bool = False, seed: int = 0, gradcam: int = 8,
-             out: str | Path | None = None, figures: bool = True) -> dict:
+             freeze_encoder: bool = False, split_seed: int | None = None,
+             init_seed: int | None = None, split: str = "auto",
+             allow_train_split: bool = False, exclude: Any = None,
+             pretrain_meta: dict | None = None, device: str = "cpu",
+             say: Callable[[str], None] | None = None,
+             seed: int | None = None, gradcam: int = 8, out: str | Path | None = None,
+             figures: bool = True) -> dict:
     """Fine-tune the teacher encoder with a classification head.
 
-    For each label fraction and each patient-wise fold (``folds`` > 1) or one hold-out
-    (``test_fraction``; or ``test_data`` given): a ``val_fraction`` of the remaining
-    groups is the validation set, the rest is sub-sampled to the label fraction and
-    trained on. NaN targets (missing / uncertain-ignored) are skipped by the loss and left
-    out of the metrics. Metric: per-class test AUC and their mean.
+    Test and validation images: see :mod:`.selection` (by default a directory's non-"train"
+    splits, never the checkpoint's pre-training images). For each label fraction and each
+    patient-wise fold (``folds`` > 1) or one hold-out (``test_fraction``; or ``test_data``
+    given): the validation set (early stopping) is ``val_data`` when given, else a
+    ``val_fraction`` of the remaining groups; the rest is sub-sampled to the label fraction
+    and trained on. NaN targets (missing / uncertain-ignored) are skipped by the loss and
+    left out of the metrics; images without any label are left out. Metric: per-class test
+    AUC and their mean. ``split_seed`` seeds splits, heads and batches (``seed`` is its old
+    name); ``init_seed`` replaces the encoder by a random initialisation with that seed.
+
+    ``arrays`` hold, per label fraction f and fold k, the row indices (into
+    ``results["pool"]``, the combined data) of ``f{f}_k{k}_train`` / ``_val`` / ``_test``
+    and the test logits ``f{f}_k{k}_test_logits``.
     """
-    model = load_model(checkpoint_or_model)
+    split_seed = split_seed_of(split_seed, seed)
+    model, meta, encoder = setup_model(checkpoint_or_model, init_seed, pretrain_meta,
+                                       device)
     ds = downstream()
     S = model.cfg.img_size
-    d = load_data(data, S)
-    y, names = d.targets(target)
+    inp = resolve_inputs(meta, S, data, test_data, val_data, split=split,
+                         allow_train_split=allow_train_split, exclude=exclude, say=say)
     fractions = _as_fractions(label_fractions)
-    if test_data is not None:
-        t = load_data(test_data, S)
-        y = np.concatenate([y, t.targets(target)[0]])
-        d, splits = train_then_test(d, t)
-    else:
-        splits = split_folds(d, folds, test_fraction, seed)
+
+    def keep(part: EvalData, role: str) -> EvalData:
+        y_part, names_part = part.targets(target)
+        return require_targets(part, y_part, names_part, f"fine-tuning ({role} images)",
+                               inp.tell)[0]
+
+    d, splits = arrange(inp, keep, folds, test_fraction, split_seed)
+    y, names = d.targets(target)
     cfg = model.cfg.to_dict()
     y32 = y.astype(np.float32)   # NaN = missing: the C BCE skips it
 
@@ -200,12 +266,12 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
             return M.multilabel_auc(y[va], predict(va).astype(np.float64), names,
                                     warn=False)["mean_auc"]
 
-    runs, cam_fig_data = [], None
+    runs, cam_fig_data, arrays = [], None, {}
     for frac in fractions:
         fold_res = []
         for k, net, predict, tr, va, te, hist in train_folds(
                 model, d, splits, frac, make_net, batch_args, val_auc,
-                val_fraction=val_fraction, batch=batch, seed=seed, epochs=epochs, lr=lr,
+                val_fraction=val_fraction, batch=batch, seed=split_seed, epochs=epochs, lr=lr,
                 weight_decay=weight_decay, patience=patience, warmup_epochs=warmup_epochs,
                 augment=augment, freeze_encoder=freeze_encoder):
             logits = predict(te).astype(np.float64)
@@ -217,6 +283,9 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                              "nan_targets_ignored": int(np.isnan(y[tr]).sum()),
                              "best_epoch": hist["best_epoch"], "best_val_auc": hist["best_val"],
                              "epochs_run": len(hist["history"]), "history": hist["history"]})
+            key = f"f{frac:g}_k{k}"
+            arrays.update({f"{key}_train": tr, f"{key}_val": va, f"{key}_test": te,
+                           f"{key}_test_logits": logits.astype(np.float32)})
             if cam_fig_data is None or frac == max(fractions) and k == 0:
                 cam_fig_data = (net, te, logits)
         runs.append({"label_fraction": frac,
@@ -229,20 +298,28 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
         "settings": {"target": target if isinstance(target, str) else list(target),
                      "classes": names, "label_fractions": fractions,
                      "folds": folds if test_data is None else "given test set",
-                     "test_fraction": test_fraction, "val_fraction": val_fraction,
+                     "test_fraction": test_fraction,
+                     "val_fraction": None if inp.val is not None else val_fraction,
+                     "validation": "given" if inp.val is not None else "by group",
                      "epochs": epochs, "batch": batch, "lr": lr, "weight_decay": weight_decay,
                      "patience": patience, "warmup_epochs": warmup_epochs, "augment": augment,
-                     "freeze_encoder": freeze_encoder, "seed": seed, "model": model.cfg.preset,
+                     "freeze_encoder": freeze_encoder, "split_seed": split_seed,
+                     "init_seed": init_seed, "model": model.cfg.preset,
                      "img_size": S, "pretrain_step": model.step, "source": d.source},
+        "encoder": encoder,
+        "data": inp.info,
+        "notes": inp.notes,
         "counts": {"all": d.counts()},
         "metrics": {f"mean_auc@{r['label_fraction']:g}": r["mean_auc"] for r in runs},
         "runs": runs,
+        "arrays": arrays,
         "figures": [],
     }
     if out is not None:
         if figures and cam_fig_data is not None:
             results["figures"] = _figures(cam_fig_data, d, y, names, Path(out), gradcam)
         write_results(out, results)
+    results["pool"] = d
     return results
 
 

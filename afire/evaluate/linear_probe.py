@@ -6,6 +6,7 @@ classifier's own decision, no threshold tuned on the test set).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import numpy as np
 from . import figures as F
 from . import metrics as M
 from .common import (EvalData, downstream, gap_features, group_folds, group_holdout,
-                     load_data, load_model, mean_std, try_figures, write_results)
+                     mean_std, require_targets, setup_model, split_seed_of, try_figures,
+                     write_results)
+from .selection import resolve_inputs
 
 
 def fit_predict(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, *,
@@ -46,38 +49,68 @@ def evaluate_scores(y: np.ndarray, logits: np.ndarray, names: list[str]) -> dict
     return out
 
 
+# The recipe of the evaluation suite (tests/eval) and the defaults of the API and of
+# `afire evaluate linear-probe`: one place, so that they cannot drift apart.
+PROBE_RECIPE = {"folds": 5, "test_fraction": 0.3, "epochs": 200, "lr": 1e-2,
+                "weight_decay": 1e-4, "batch": 256}
+
+
 def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
-                 target: str | list[str] = "abnormal", folds: int = 1,
-                 test_fraction: float = 0.3, epochs: int = 100, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, batch: int = 256, seed: int = 0,
-                 branch: str = "teacher", out: str | Path | None = None,
-                 figures: bool = True) -> dict:
+                 target: str | list[str] = "abnormal", folds: int = PROBE_RECIPE["folds"],
+                 test_fraction: float = PROBE_RECIPE["test_fraction"],
+                 epochs: int = PROBE_RECIPE["epochs"], lr: float = PROBE_RECIPE["lr"],
+                 weight_decay: float = PROBE_RECIPE["weight_decay"],
+                 batch: int = PROBE_RECIPE["batch"], split_seed: int | None = None,
+                 init_seed: int | None = None, split: str = "auto",
+                 allow_train_split: bool = False, exclude: Any = None,
+                 pretrain_meta: dict | None = None, device: str = "cpu",
+                 say: Callable[[str], None] | None = None,
+                 seed: int | None = None, branch: str = "teacher",
+                 out: str | Path | None = None, figures: bool = True) -> dict:
     """Linear probe of a (pre-trained) encoder.
 
+    Test images: see :mod:`.selection` (by default a directory's non-"train" splits, never
+    the checkpoint's pre-training images; ``split``, ``allow_train_split``, ``exclude``).
     Splits: ``test_data`` given -> train on ``data``, test on it; ``folds`` > 1 ->
-    patient-wise k-fold cross-validation on ``data`` (metrics per fold, mean and std,
-    plus the pooled out-of-fold AUC); else one patient-wise hold-out of ``test_fraction``
-    of the groups. Returns the results dict (written to ``out`` when given).
+    patient-wise k-fold cross-validation of the pool (metrics per fold, mean and std, plus
+    the pooled out-of-fold AUC); else one patient-wise hold-out of ``test_fraction`` of
+    the groups. ``split_seed`` seeds the folds and the probe's training (``seed`` is its
+    old name); ``init_seed`` replaces the encoder by a random initialisation with that
+    seed (the baseline). Images without a label are left out.
+
+    Returns the results dict (written to ``out`` when given; "data" records which images
+    were used and why, "notes" what was announced). ``results["pool"]`` (not written) is
+    the pool, or the test set, as :class:`EvalData`; ``arrays["rows"]`` / ``arrays["fold"]``
+    give every scored row's index in it and its fold.
     """
-    model = load_model(checkpoint_or_model)
+    split_seed = split_seed_of(split_seed, seed)
+    model, meta, encoder = setup_model(checkpoint_or_model, init_seed, pretrain_meta,
+                                       device)
     S = model.cfg.img_size
-    d = load_data(data, S)
-    y, names = d.targets(target)
-    feats = gap_features(model, d.images, branch=branch)
-    hp = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch=batch, seed=seed)
+    inp = resolve_inputs(meta, S, data, test_data, split=split,
+                         allow_train_split=allow_train_split, exclude=exclude, say=say)
+    hp = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch=batch, seed=split_seed)
     fold_results = []
     if test_data is not None:
-        t = load_data(test_data, S)
-        y_t, _ = t.targets(target)
+        d, y = require_targets(inp.train, *inp.train.targets(target), "the linear probe",
+                               inp.tell)
+        names = d.targets(target)[1]
+        t, y_t = require_targets(inp.test, inp.test.targets(target)[0], names,
+                                 "the linear probe's test set", inp.tell)
+        feats = gap_features(model, d.images, branch=branch)
         f_t = gap_features(model, t.images, branch=branch)
         logits, fit = fit_predict(feats, y, f_t, **hp)
         metrics = evaluate_scores(y_t, logits, names)
         oof_y, oof_logits, oof_f = y_t, logits, f_t
+        rows, fold_of_row = np.arange(len(t)), np.zeros(len(t), np.int64)
         counts = {"train": d.counts(), "test": t.counts()}
-        split = "given"
+        split_desc, scored = "given", t
     else:
-        fold = group_folds(d.groups, folds, seed) if folds > 1 else \
-            group_holdout(d.groups, test_fraction, seed).astype(np.int64)
+        y, names = inp.pool.targets(target)
+        d, y = require_targets(inp.pool, y, names, "the linear probe", inp.tell)
+        feats = gap_features(model, d.images, branch=branch)
+        fold = group_folds(d.groups, folds, split_seed) if folds > 1 else \
+            group_holdout(d.groups, test_fraction, split_seed).astype(np.int64)
         oof_logits = np.full(y.shape, np.nan)
         for k in range(max(folds, 1)):
             te = fold == (k if folds > 1 else 1)
@@ -87,6 +120,8 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                                      n_train=int((~te).sum()), n_test=int(te.sum()),
                                      final_loss=float(np.ravel(fit["loss"])[-1])))
         covered = ~np.isnan(oof_logits[:, 0])
+        rows = np.flatnonzero(covered)
+        fold_of_row = fold[covered] if folds > 1 else np.ones(len(rows), np.int64)
         oof_y, oof_logits, oof_f = y[covered], oof_logits[covered], feats[covered]
         if folds > 1:
             metrics = {key: mean_std([f[key] for f in fold_results])
@@ -99,25 +134,35 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
         else:
             counts = {"train": d.subset(np.flatnonzero(fold == 0)).counts(),
                       "test": d.subset(np.flatnonzero(fold == 1)).counts()}
-        split = f"{folds}-fold by group" if folds > 1 else f"hold-out {test_fraction} of groups"
+        split_desc = f"{folds}-fold by group" if folds > 1 else \
+            f"hold-out {test_fraction} of groups"
+        scored = d
     results = {
         "protocol": "linear_probe",
         "description": "frozen encoder, GAP patch-token features, linear classifier (BCE), "
                        "paper Table 1",
         "settings": dict(hp, target=target if isinstance(target, str) else list(target),
-                         classes=names, branch=branch, split=split, model=model.cfg.preset,
-                         img_size=S, pretrain_step=model.step, feature_dim=int(feats.shape[1]),
+                         classes=names, branch=branch, split=split_desc, folds=folds,
+                         test_fraction=test_fraction, split_seed=split_seed,
+                         init_seed=init_seed, model=model.cfg.preset, img_size=S,
+                         pretrain_step=model.step, feature_dim=int(feats.shape[1]),
                          source=d.source),
+        "encoder": encoder,
+        "data": inp.info,
+        "notes": inp.notes,
         "counts": counts,
         "metrics": metrics,
         "folds": fold_results,
-        "arrays": {"logits": oof_logits.astype(np.float32), "targets": oof_y},
+        "arrays": {"logits": oof_logits.astype(np.float32), "targets": oof_y,
+                   "rows": rows.astype(np.int64), "fold": fold_of_row.astype(np.int64)},
         "figures": [],
     }
     if out is not None:
         if figures:
-            results["figures"] = _figures(oof_y, oof_logits, oof_f, names, Path(out), seed)
+            results["figures"] = _figures(oof_y, oof_logits, oof_f, names, Path(out),
+                                          split_seed)
         write_results(out, results)
+    results["pool"] = scored
     return results
 
 
@@ -140,4 +185,4 @@ def _figures(y, logits, feats, names, out: Path, seed: int) -> list:
     return [f for f in figs if f]
 
 
-__all__ = ["linear_probe", "fit_predict", "evaluate_scores", "EvalData"]
+__all__ = ["linear_probe", "fit_predict", "evaluate_scores", "EvalData", "PROBE_RECIPE"]

@@ -19,7 +19,7 @@ non-empty truth only (the stricter number).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +28,34 @@ import numpy as np
 from ..data import ORGAN_LABELS
 from . import figures as F
 from . import metrics as M
-from .common import (EvalData, downstream, load_data, load_model, mean_std, try_figures,
+from .common import (EvalData, downstream, mean_std, setup_model, split_seed_of, try_figures,
                      write_results)
-from .finetune import _as_fractions, split_folds, train_folds, train_then_test
+from .finetune import _as_fractions, arrange, train_folds
+from .selection import resolve_inputs
 
 
-def masks_of(d: EvalData, mask: str) -> tuple[EvalData, np.ndarray]:
-    """(images with a known mask, uint8 0/1 masks [N,S,S])."""
+def _mask_array(d: EvalData, mask: str) -> np.ndarray:
+    """uint8 0/1 masks [N,S,S] of every image of d (ValueError if d has none)."""
     if mask == "lesion":
         if d.masks is None:
             raise ValueError(f"{d.source}: no masks (prepare SIIM with its RLE CSV, or pass "
                              "phantom data with lesion_masks)")
-        keep = np.flatnonzero(d.abnormal >= 0) if (d.abnormal >= 0).any() else np.arange(len(d))
-        d = d.subset(keep)
-        return d, (d.masks > 0).astype(np.uint8)
+        return (d.masks > 0).astype(np.uint8)
     if mask in ORGAN_LABELS:
         if d.organ_labels is None:
             raise ValueError(f"mask={mask!r} needs phantom organ labels, {d.source} has none")
-        return d, (d.organ_labels == ORGAN_LABELS.index(mask)).astype(np.uint8)
+        return (d.organ_labels == ORGAN_LABELS.index(mask)).astype(np.uint8)
     raise ValueError(f"mask must be 'lesion' or an organ of {ORGAN_LABELS}, got {mask!r}")
+
+
+def masks_of(d: EvalData, mask: str) -> tuple[EvalData, np.ndarray]:
+    """(images with a known mask, uint8 0/1 masks [N,S,S]). Lesion masks: where any image
+    is labelled, only the labelled ones (an unlabelled image's empty mask means unknown)."""
+    m = _mask_array(d, mask)
+    if mask == "lesion" and (d.abnormal >= 0).any():
+        keep = np.flatnonzero(d.abnormal >= 0)
+        return d.subset(keep), m[keep]
+    return d, m
 
 
 def dice_summary(prob: np.ndarray, truth: np.ndarray) -> dict:
@@ -58,24 +67,36 @@ def dice_summary(prob: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
-            mask: str = "lesion", label_fractions: float | Sequence[float] = (1.0,),
-            folds: int = 1, test_fraction: float = 0.2, val_fraction: float = 0.1,
-            epochs: int = 50, batch: int = 32, lr: float = 1e-4, weight_decay: float = 0.05,
+            val_data: Any = None, mask: str = "lesion",
+            label_fractions: float | Sequence[float] = (1.0,), folds: int = 1,
+            test_fraction: float = 0.2, val_fraction: float = 0.1, epochs: int = 50,
+            batch: int = 32, lr: float = 1e-4, weight_decay: float = 0.05,
             patience: int = 10, warmup_epochs: int = 0, augment: bool = True,
-            freeze_encoder: bool = False, seed: int = 0, show: int = 8,
-            out: str | Path | None = None, figures: bool = True) -> dict:
-    """Fine-tune the teacher encoder for segmentation and report the test Dice."""
-    model = load_model(checkpoint_or_model)
+            freeze_encoder: bool = False, split_seed: int | None = None,
+            init_seed: int | None = None, split: str = "auto",
+            allow_train_split: bool = False, exclude: Any = None,
+            pretrain_meta: dict | None = None, device: str = "cpu",
+            say: Callable[[str], None] | None = None,
+            seed: int | None = None, show: int = 8, out: str | Path | None = None,
+            figures: bool = True) -> dict:
+    """Fine-tune the teacher encoder for segmentation and report the test Dice.
+
+    Test and validation images: see :mod:`.selection`; splits, validation and seeds as in
+    :func:`~.finetune.finetune`. ``arrays`` hold, per label fraction f and fold k, the
+    row indices (into ``results["pool"]``) ``f{f}_k{k}_train`` / ``_val`` / ``_test`` and
+    the per-image test Dice ``f{f}_k{k}_test_dice``.
+    """
+    split_seed = split_seed_of(split_seed, seed)
+    model, meta, encoder = setup_model(checkpoint_or_model, init_seed, pretrain_meta,
+                                       device)
     ds = downstream()
     S = model.cfg.img_size
-    d, m = masks_of(load_data(data, S), mask)
+    inp = resolve_inputs(meta, S, data, test_data, val_data, split=split,
+                         allow_train_split=allow_train_split, exclude=exclude, say=say)
     fractions = _as_fractions(label_fractions)
-    if test_data is not None:
-        t, mt = masks_of(load_data(test_data, S), mask)
-        d, splits = train_then_test(d, t)
-        m = np.concatenate([m, mt])
-    else:
-        splits = split_folds(d, folds, test_fraction, seed)
+    d, splits = arrange(inp, lambda part, role: masks_of(part, mask)[0], folds, test_fraction,
+                        split_seed)
+    m = _mask_array(d, mask)
     cfg = model.cfg.to_dict()
 
     def make_net(cap, net_seed):
@@ -87,12 +108,12 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     def val_dice(predict, va):
         return M.dice(predict(va), m[va]).mean() if len(va) else float("nan")
 
-    runs, show_data = [], None
+    runs, show_data, arrays = [], None, {}
     for frac in fractions:
         fold_res = []
         for k, _net, predict, tr, va, te, hist in train_folds(
                 model, d, splits, frac, make_net, batch_args, val_dice,
-                val_fraction=val_fraction, batch=batch, seed=seed, epochs=epochs, lr=lr,
+                val_fraction=val_fraction, batch=batch, seed=split_seed, epochs=epochs, lr=lr,
                 weight_decay=weight_decay, patience=patience, warmup_epochs=warmup_epochs,
                 augment=augment, freeze_encoder=freeze_encoder):
             prob = predict(te)
@@ -100,6 +121,9 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                                  n_val=int(len(va)), best_epoch=hist["best_epoch"],
                                  best_val_dice=hist["best_val"],
                                  epochs_run=len(hist["history"]), history=hist["history"]))
+            key = f"f{frac:g}_k{k}"
+            arrays.update({f"{key}_train": tr, f"{key}_val": va, f"{key}_test": te,
+                           f"{key}_test_dice": M.dice(prob, m[te]).astype(np.float32)})
             if show_data is None or (frac == max(fractions) and k == 0):
                 show_data = (te, prob)
         runs.append({"label_fraction": frac,
@@ -112,15 +136,22 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                        "lr, early stopping on validation Dice (METHOD §6)",
         "settings": {"mask": mask, "label_fractions": fractions,
                      "folds": folds if test_data is None else "given test set",
-                     "test_fraction": test_fraction, "val_fraction": val_fraction,
+                     "test_fraction": test_fraction,
+                     "val_fraction": None if inp.val is not None else val_fraction,
+                     "validation": "given" if inp.val is not None else "by group",
                      "epochs": epochs, "batch": batch, "lr": lr, "weight_decay": weight_decay,
                      "patience": patience, "augment": augment, "freeze_encoder": freeze_encoder,
-                     "seed": seed, "model": model.cfg.preset, "img_size": S,
+                     "split_seed": split_seed, "init_seed": init_seed,
+                     "model": model.cfg.preset, "img_size": S,
                      "pretrain_step": model.step, "dice_empty_convention": 1.0,
                      "source": d.source},
+        "encoder": encoder,
+        "data": inp.info,
+        "notes": inp.notes,
         "counts": {"all": d.counts()},
         "metrics": {f"dice@{r['label_fraction']:g}": r["dice"] for r in runs},
         "runs": runs,
+        "arrays": arrays,
         "figures": [],
     }
     if out is not None:
@@ -135,4 +166,5 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                             titles=[f"Dice {v:.2f}" for v in per])
             results["figures"] = [f] if f else []
         write_results(out, results)
+    results["pool"] = d
     return results
