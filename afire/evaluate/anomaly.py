@@ -280,10 +280,13 @@ def _figures(model: AFiRe, test: EvalData, s_test, roc, out: Path, n: int, seed:
     pick = list(dict.fromkeys(int(i) for i in pick))[:n]
     if pick:
         x = test.images[pick]
-        _, err = model.anomaly_score(x, return_map=True)
+        err = model.anomaly_score(x, return_map=True)[1]    # only the per-token map
         titles = [f"{'abn' if test.abnormal[i] else 'nor'} s={s_test[i]:.2f}" for i in pick]
         figs.append(try_figures(F.overlay_figure, x, err, out / "heatmaps.png", titles,
-                                title="per-token restoration error (Eq. 51 terms)"))
+                                title="per-token restoration error (Eq. 51 terms); "
+                                      "s = log(1/A(x))",
+                                scale="shared", colorbar_label="token error ||y_j - x_j||^2 "
+                                "(sum over its pixels, normalised intensities)"))
         normals = test.images[test.abnormal == 0][:4]
         if len(normals):
             xp, tok = slm_images(model, normals, seed)

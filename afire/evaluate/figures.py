@@ -94,19 +94,44 @@ def _image_grid(b: int):
 
 
 def overlay_figure(images: np.ndarray, maps: np.ndarray, path, titles: Sequence[str] | None = None,
-                   title: str = "", alpha: float = 0.45, cmap: str = "jet") -> str:
+                   title: str = "", alpha: float = 0.45, cmap: str = "jet",
+                   scale: str = "per_image", colorbar_label: str | None = None) -> str:
     """Images with per-token maps ([B, g, g], e.g. Grad-CAM or restoration errors) laid
-    over them, each map scaled to its own [min, max]."""
+    over them, with a colour bar. ``scale="per_image"``: each map spans its own [min, max]
+    (the bar reads 0 = the image's minimum, 1 = its maximum; for maps with no unit such as
+    Grad-CAM); ``"shared"``: one scale in the maps' own units for every image (from the
+    smallest to the largest value shown), so that images compare."""
+    if scale not in ("per_image", "shared"):
+        raise ValueError(f"scale must be 'per_image' or 'shared', got {scale!r}")
+    plt = _plt()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     b = len(images)
+    maps = np.asarray(maps, np.float64)
     fig, axes = _image_grid(b)
+    if scale == "shared":
+        lo, hi = float(maps.min()), float(maps.max())
+        hi = hi if hi > lo else lo + 1e-12
     for i in range(b):
         ax = axes[i]
-        m = np.asarray(maps[i], np.float64)
-        m = (m - m.min()) / (m.max() - m.min() + 1e-12)
+        m = maps[i]
+        if scale == "per_image":
+            m = (m - m.min()) / (m.max() - m.min() + 1e-12)
+            vmin, vmax = 0.0, 1.0
+        else:
+            vmin, vmax = lo, hi
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        ax.imshow(_upsample(m, images.shape[-1]), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+        ax.imshow(_upsample(m, images.shape[-1]), cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax)
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
+    norm = Normalize(0.0, 1.0) if scale == "per_image" else Normalize(lo, hi)
+    label = colorbar_label or ("relative, per image (0 = its minimum, 1 = its maximum)"
+                               if scale == "per_image" else "map value")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=plt.get_cmap(cmap)),
+                       ax=list(axes), shrink=0.8, fraction=0.04, pad=0.02)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

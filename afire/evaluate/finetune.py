@@ -344,7 +344,9 @@ def _figures(cam_data, d: EvalData, y, names, out: Path, n: int) -> list:
         cams = _gradcam_padded(net, d.images[idx], j)
         titles = [f"{names[j]} p={M.sigmoid(logits[i, j]):.2f}" for i in pos]
         figs.append(try_figures(F.overlay_figure, d.images[idx], cams, out / "gradcam.png",
-                                titles, title=f"Grad-CAM, class {names[j]} (paper Fig. 7)"))
+                                titles, title=f"Grad-CAM, class {names[j]} (paper Fig. 7)",
+                                colorbar_label="Grad-CAM, relative per image (0 = min, "
+                                               "1 = max)"))
     return [f for f in figs if f]
 
 
