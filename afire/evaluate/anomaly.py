@@ -217,6 +217,9 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
               "test_feature_distance": f_test}
     if rows is not None:
         arrays.update(test_rows=rows["test"], adapt_rows=rows["adapt"], val_rows=rows["val"])
+    for name, part in (("test", test), ("adapt", adapt_set), ("val", val)):
+        if part is not None and part.paths is not None:
+            arrays[f"{name}_paths"] = part.paths
     if val is not None:
         s_val = adapted.anomaly_log_score(val.images) if len(val) else np.zeros(0)
         counts["val"] = val.counts()

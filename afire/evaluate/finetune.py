@@ -312,7 +312,7 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
         "counts": {"all": d.counts()},
         "metrics": {f"mean_auc@{r['label_fraction']:g}": r["mean_auc"] for r in runs},
         "runs": runs,
-        "arrays": arrays,
+        "arrays": dict(arrays, **({} if d.paths is None else {"pool_paths": d.paths})),
         "figures": [],
     }
     if out is not None:

@@ -157,6 +157,8 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                    "rows": rows.astype(np.int64), "fold": fold_of_row.astype(np.int64)},
         "figures": [],
     }
+    if scored.paths is not None:
+        results["arrays"]["paths"] = scored.paths[rows]
     if out is not None:
         if figures:
             results["figures"] = _figures(oof_y, oof_logits, oof_f, names, Path(out),

@@ -151,7 +151,7 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
         "counts": {"all": d.counts()},
         "metrics": {f"dice@{r['label_fraction']:g}": r["dice"] for r in runs},
         "runs": runs,
-        "arrays": arrays,
+        "arrays": dict(arrays, **({} if d.paths is None else {"pool_paths": d.paths})),
         "figures": [],
     }
     if out is not None:
