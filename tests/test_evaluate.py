@@ -4,6 +4,7 @@ visible reason on a build without them."""
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -12,9 +13,10 @@ from PIL import Image
 
 from afire import AFiRe, _C
 from afire.cli import main
-from afire.data import phantom_dataset
-from afire.evaluate import anomaly, finetune, linear_probe, load_data, segment
+from afire.data import ORGAN_LABELS, phantom_dataset
+from afire.evaluate import PROBE_RECIPE, anomaly, finetune, linear_probe, load_data, segment
 from afire.evaluate.anomaly import feature_distance
+from afire.evaluate.linear_probe import fit_predict
 from afire.evaluate.common import (group_folds, group_holdout, json_safe, random_init,
                                    subsample)
 
@@ -72,24 +74,47 @@ def test_load_data_arrays_and_resize(phantom):
         load_data(42)
 
 
+def _reference_decode(path, size):
+    """The shared layout's documented rule, written here with Pillow alone: 8-bit grayscale,
+    short side scaled to ``size`` with Lanczos, centre crop."""
+    im = Image.open(path).convert("L")
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.LANCZOS)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
 def test_load_data_shared_layout(tmp_path):
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(6):
-        name = f"im{i}.png"
-        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(tmp_path / name)
+    shapes = [(40, 48), (48, 40), (30, 61), (64, 64), (17, 23), (50, 45)]
+    for i, (h, w) in enumerate(shapes):
+        name = f"im{5 - i}.png"          # file order differs from the CSV order
+        img = rng.integers(0, 255, (h, w), dtype=np.uint8)
+        img[: h // 2] //= 2              # structure, so a wrong crop shows
+        Image.fromarray(img).save(tmp_path / name)
         rows.append({"filename": name, "label": "pneumonia" if i % 2 else "normal",
-                     "abnormal": i % 2, "group_id": f"p{i // 2}", "Effusion": "" if i == 0 else ("1" if i == 3 else "0")})
+                     "abnormal": i % 2, "group_id": f"p{i // 2}",
+                     "Effusion": "" if i == 0 else ("1" if i == 3 else "0")})
     with open(tmp_path / "labels.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     d = load_data(tmp_path, 16)
     assert d.images.shape == (6, 16, 16) and d.images.dtype == np.uint8
-    np.testing.assert_array_equal(d.abnormal, [0, 1, 0, 1, 0, 1])
-    assert list(d.groups) == ["p0", "p0", "p1", "p1", "p2", "p2"]
+    by_name = {r["filename"]: r for r in rows}
+    assert sorted(os.path.basename(p) for p in d.paths) == sorted(by_name)
     y, names = d.targets(["Effusion"])
-    assert np.isnan(y[0, 0]) and y[3, 0] == 1 and y[1, 0] == 0
+    for i, p in enumerate(d.paths):
+        r = by_name[os.path.basename(p)]
+        # pixels: an independent Pillow decode + resize of the very file of this row
+        np.testing.assert_array_equal(d.images[i], _reference_decode(p, 16), err_msg=p)
+        assert d.abnormal[i] == r["abnormal"] and d.groups[i] == r["group_id"]
+        want = np.nan if r["Effusion"] == "" else float(r["Effusion"])
+        assert (np.isnan(y[i, 0]) and np.isnan(want)) or y[i, 0] == want
     with pytest.raises(ValueError, match="neither"):
         load_data(tmp_path / "nothing")
 
@@ -100,33 +125,67 @@ def test_json_safe_nan_is_null():
 
 
 # ---------------------------------------------------------------- anomaly (no C downstream)
+def brute_auc(y, s):
+    """AUC by counting every (abnormal, normal) pair; ties count one half."""
+    y, s = np.asarray(y).ravel(), np.asarray(s, float).ravel()
+    pos, neg = s[y == 1], s[y == 0]
+    return ((pos[:, None] > neg).sum() + 0.5 * (pos[:, None] == neg).sum()) / (len(pos) * len(neg))
+
+
 def test_anomaly_protocol(model, phantom, tmp_path):
     before = {k: v.copy() for k, v in model.state_tensors().items()}
-    r = anomaly(model, phantom, adapt_steps=4, batch=8, out=tmp_path, seed=0)
+    r = anomaly(model, phantom, adapt_steps=4, batch=8, out=tmp_path, split_seed=0)
     # the pre-trained model is left alone; the adapted copy moved
     for k, v in model.state_tensors().items():
         np.testing.assert_array_equal(v, before[k])
     moved = r["model"].state_tensors()["student.encoder.blocks.0.attn.qkv.weight"]
     assert not np.array_equal(moved, before["student.encoder.blocks.0.attn.qkv.weight"])
     assert r["adaptation"]["steps"] == 4
+    # content: rows refer to the input as given (in memory: every image, in order)
+    x, y, g = phantom["images"], (phantom["labels"] > 0).astype(int), phantom["groups"]
+    np.testing.assert_array_equal(r["pool"].images, x)
+    a = r["arrays"]
+    te, ad, va = a["test_rows"], a["adapt_rows"], a["val_rows"]
+    assert len(te) and len(ad) and len(va)
+    # the adaptation set is normal-only, and exactly the normals of the adapt groups
+    assert (y[ad] == 0).all()
+    np.testing.assert_array_equal(r["sets"]["adapt"].images, x[ad])
+    rest = np.setdiff1d(np.arange(64), np.r_[te, va])
+    np.testing.assert_array_equal(np.sort(ad), rest[y[rest] == 0])
+    # adapt / val / test share no image, no patient and no pixels
+    for p_, q in ((ad, te), (ad, va), (va, te)):
+        assert not set(p_) & set(q) and not set(g[p_]) & set(g[q])
+    test_pixels = {v.tobytes() for v in x[te]}
+    assert not any(v.tobytes() in test_pixels for v in x[ad])
+    # the scores are those of the listed test rows: recomputed from the adapted model
+    np.testing.assert_array_equal(a["test_abnormal"], y[te])
+    np.testing.assert_allclose(a["test_log_score"], r["model"].anomaly_log_score(x[te]),
+                               rtol=1e-6)
     m = r["metrics"]
-    assert 0.0 <= m["auc"] <= 1.0
+    assert m["auc"] == pytest.approx(brute_auc(y[te], a["test_log_score"]))
+    assert m["auc_val"] == pytest.approx(brute_auc(y[va], r["model"].anomaly_log_score(x[va])))
+    f_ad = r["model"].encode(x[ad])[:, 1:].mean(axis=1)
+    f_te = r["model"].encode(x[te])[:, 1:].mean(axis=1)
+    np.testing.assert_allclose(a["test_feature_distance"], feature_distance(f_ad, f_te),
+                               rtol=1e-4)
     assert m["squid"]["label"] == "SQUID protocol (threshold chosen on test)"
     assert "validation" in m["val_threshold"]["label"]
     # the SQUID threshold is the best accuracy ON TEST: the validation one cannot beat it
     assert m["squid"]["acc"] >= m["val_threshold"]["acc"]
     c = r["counts"]
+    assert c["adapt_normal"] == len(ad) and c["test"]["images"] == len(te)
     assert c["test"]["images"] + c["val"]["images"] + c["adapt_normal"] + \
         c["adapt_abnormal_unused"] == 64
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["protocol"] == "anomaly" and saved["metrics"]["auc"] == pytest.approx(m["auc"])
+    assert saved["settings"]["split_seed"] == 0 and saved["settings"]["init_seed"] is None
+    assert saved["encoder"]["weights"] == "checkpoint"
     arr = np.load(tmp_path / "arrays.npz")
-    assert len(arr["test_log_score"]) == c["test"]["images"]
-    assert np.isfinite(arr["test_log_score"]).all()
+    np.testing.assert_array_equal(arr["test_rows"], te)
+    np.testing.assert_array_equal(arr["test_log_score"], a["test_log_score"])
     fd = m["feature_distance"]
-    assert "not in the paper" in fd["label"] and 0.0 <= fd["auc"] <= 1.0
-    assert len(arr["test_feature_distance"]) == c["test"]["images"]
-    assert (arr["test_feature_distance"] >= 0).all()
+    assert "not in the paper" in fd["label"]
+    assert fd["auc"] == pytest.approx(brute_auc(y[te], a["test_feature_distance"]))
     for f in ("roc.png", "heatmaps.png", "restorations.png"):
         if r["figures"]:
             assert (tmp_path / f).stat().st_size > 1000
@@ -172,13 +231,32 @@ def test_random_init_differs(model):
 @needs_c
 def test_linear_probe_protocol(model, phantom, tmp_path):
     r = linear_probe(model, phantom, folds=4, epochs=20, out=tmp_path, figures=False)
-    assert len(r["folds"]) == 4
-    assert sum(f["n_test"] for f in r["folds"]) == 64          # every image tested once
-    assert r["metrics"]["mean_auc"]["n"] == 4
+    x, y, g = phantom["images"], (phantom["labels"] > 0).astype(int), phantom["groups"]
+    np.testing.assert_array_equal(r["pool"].images, x)
+    rows, fold, logits = r["arrays"]["rows"], r["arrays"]["fold"], r["arrays"]["logits"]
+    assert sorted(rows.tolist()) == list(range(64))             # every image tested once
+    np.testing.assert_array_equal(r["arrays"]["targets"][:, 0], y[rows])
+    assert len(r["folds"]) == 4 and r["metrics"]["mean_auc"]["n"] == 4
+    # independent reference: the GAP features straight from the encoder, one probe per fold
+    # trained on exactly the other folds' rows, must reproduce the scored test logits
+    feats = model.encode(x)[:, 1:].mean(axis=1)
+    for k in range(4):
+        te = rows[fold == k]
+        tr = np.setdiff1d(np.arange(64), te)
+        assert not set(g[te]) & set(g[tr])                      # patients never shared
+        want, _ = fit_predict(feats[tr], y[tr, None].astype(np.float32), feats[te],
+                              epochs=20, lr=PROBE_RECIPE["lr"],
+                              weight_decay=PROBE_RECIPE["weight_decay"],
+                              batch=PROBE_RECIPE["batch"], seed=0)
+        np.testing.assert_allclose(logits[fold == k], want, rtol=1e-4, atol=1e-5)
+        f = r["folds"][k]
+        assert f["n_test"] == len(te) and f["n_train"] == len(tr)
+        assert f["mean_auc"] == pytest.approx(brute_auc(y[te], logits[fold == k]))
     pooled = r["metrics"]["pooled_out_of_fold"]
-    assert 0 <= pooled["mean_auc"] <= 1 and 0 <= pooled["acc"] <= 1
-    assert r["arrays"]["logits"].shape == (64, 1)
-    assert json.loads((tmp_path / "results.json").read_text())["protocol"] == "linear_probe"
+    assert pooled["mean_auc"] == pytest.approx(brute_auc(y[rows], logits))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["protocol"] == "linear_probe"
+    assert saved["settings"]["folds"] == 4 and saved["settings"]["split_seed"] == 0
 
 
 @needs_c
@@ -192,25 +270,60 @@ def test_linear_probe_separates_an_easy_signal(model):
     assert r["metrics"]["mean_auc"] > 0.95
 
 
+def assert_partition(parts, groups, n=None):
+    """Row sets pairwise disjoint, by row and by patient (and covering 0..n-1)."""
+    for i, a in enumerate(parts):
+        for b in parts[i + 1:]:
+            assert not set(a) & set(b) and not set(groups[a]) & set(groups[b])
+    if n is not None:
+        assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+
+
 @needs_c
 def test_finetune_protocol(model, phantom, tmp_path):
     r = finetune(model, phantom, folds=2, label_fractions=(0.5, 1.0), epochs=2, batch=8,
                  patience=1, out=tmp_path, gradcam=2)
+    y, g = (phantom["labels"] > 0).astype(int), phantom["groups"]
+    np.testing.assert_array_equal(r["pool"].images, phantom["images"])
     assert [run["label_fraction"] for run in r["runs"]] == [0.5, 1.0]
-    f0 = r["runs"][0]["folds"][0]
-    assert f0["n_train"] < r["runs"][1]["folds"][0]["n_train"]
-    assert 1 <= f0["epochs_run"] <= 2
-    for run in r["runs"]:
-        for f in run["folds"]:
-            assert math.isnan(f["mean_auc"]) or 0 <= f["mean_auc"] <= 1
+    a = r["arrays"]
+    assert_partition([a["f1_k0_test"], a["f1_k1_test"]], g, 64)    # each image tested once
+    for k in (0, 1):
+        tr, va, te = a[f"f1_k{k}_train"], a[f"f1_k{k}_val"], a[f"f1_k{k}_test"]
+        assert_partition([tr, va, te], g, 64)
+        # a smaller label fraction subsamples the same training rows; val and test stay
+        np.testing.assert_array_equal(a[f"f0.5_k{k}_test"], te)
+        np.testing.assert_array_equal(a[f"f0.5_k{k}_val"], va)
+        assert set(a[f"f0.5_k{k}_train"]) < set(tr)
+        for run in r["runs"]:
+            f = run["folds"][k]
+            key = f"f{run['label_fraction']:g}_k{k}"
+            assert f["n_test"] == len(te) and f["n_train"] == len(a[f"{key}_train"])
+            assert 1 <= f["epochs_run"] <= 2
+            # the reported AUC is that of the stored test logits against the input labels
+            if len(set(y[te])) == 2:
+                assert f["mean_auc"] == pytest.approx(brute_auc(y[te], a[f"{key}_test_logits"]))
+            else:
+                assert math.isnan(f["mean_auc"])
     assert (tmp_path / "results.json").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "arrays.npz")["f1_k0_test"], a["f1_k0_test"])
 
 
 @needs_c
 def test_segment_protocol(model, phantom, tmp_path):
     r = segment(model, phantom, mask="lung", epochs=2, batch=8, out=tmp_path)
+    g = phantom["groups"]
+    a = r["arrays"]
+    tr, va, te = a["f1_k0_train"], a["f1_k0_val"], a["f1_k0_test"]
+    assert_partition([tr, va, te], g, 64)
     f = r["runs"][0]["folds"][0]
-    assert 0 <= f["dice"] <= 1 and f["n_positive"] == f["n"]     # every phantom has lungs
+    # truth from the input, independently of the protocol: the phantom's lung label
+    lung = phantom["organ_labels"] == ORGAN_LABELS.index("lung")
+    assert f["n"] == len(te) == len(a["f1_k0_test_dice"])
+    assert f["n_positive"] == int(lung[te].any(axis=(1, 2)).sum()) == len(te)
+    assert f["n_train"] == len(tr) and f["n_val"] == len(va)
+    assert f["dice"] == pytest.approx(float(a["f1_k0_test_dice"].mean()))
+    assert ((a["f1_k0_test_dice"] >= 0) & (a["f1_k0_test_dice"] <= 1)).all()
     assert (tmp_path / "results.json").exists()
     with pytest.raises(ValueError, match="organ"):
         segment(model, phantom, mask="spleen", epochs=1)

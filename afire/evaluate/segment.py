@@ -55,6 +55,13 @@ def masks_of(d: EvalData, mask: str) -> tuple[EvalData, np.ndarray]:
     if mask == "lesion" and (d.abnormal >= 0).any():
         keep = np.flatnonzero(d.abnormal >= 0)
         return d.subset(keep), m[keep]
+    if mask == "lesion" and d.paths is not None:
+        # read from a directory: an unlabelled image's empty mask is unknown, not empty
+        raise ValueError(
+            f"{d.source}: none of these {len(d)} images has a known lesion mask (e.g. SIIM's "
+            "'test' split is unlabelled); segment a labelled split (--split train "
+            "--allow-train-split, if the checkpoint did not pre-train on it: its own "
+            "pre-training images are left out anyway) or pass --test-data")
     return d, m
 
 
