@@ -18,7 +18,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower():
+        if "default" in text.lower() or action.required:
             return text
         return super()._get_help_string(action)
 

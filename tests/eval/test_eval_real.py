@@ -2,8 +2,11 @@
 
 Pre-train the test preset (64 px, patch 8) on the NORMAL images of a patient-wise train
 split, then on the held-out patients: a 5-fold patient-wise linear probe (pneumonia vs
-normal) of the pre-trained encoder and of three randomly initialised ones, and the anomaly
-protocol from both.
+normal; the recipe is `PROBE_RECIPE`, also the API's and `afire evaluate linear-probe`'s
+default) of the pre-trained encoder and of three randomly initialised ones, and the anomaly
+protocol from both. Every scored test image is checked not to be a pre-training image (by
+file path and by pixels); the README's own commands (prepare -> pretrain -> evaluate on one
+folder) are checked the same way on the prepared Kermany folder.
 
 Learning rate: METHOD §5 scales base_lr by batch/256, so the paper's base_lr at batch 16
 is a peak of 3e-5 and the encoder barely moves (CKA 0.99 between the features before and
