@@ -89,15 +89,20 @@ class _ArraySource:
     def read(self, idx: np.ndarray, stop: bool) -> tuple[np.ndarray, list[str]]:
         return self.images[idx], []
 
+    def provenance(self) -> dict:
+        """What the checkpoint records about its pre-training images (evaluation reads it)."""
+        return {"kind": "memory"}
+
 
 class _ShardSource:
     """Prepared shards read with explicit file reads, so that a shard deleted, truncated or
     rewritten mid-run is noticed (a memory map would keep the old inode or SIGBUS)."""
 
-    def __init__(self, ds, desc: str):
+    def __init__(self, ds, desc: str, split: str | None = None, abnormal: int | None = None):
         from .data.prepare import shard_name
 
         self.ds, self.desc, self.size = ds, desc, ds.size
+        self.split, self.abnormal = split, abnormal
         self.loc = np.array([(r["shard"], r["row"]) for r in ds.records],
                             dtype=np.int64).reshape(-1, 2)
         self.paths: dict[int, str] = {}
@@ -111,6 +116,12 @@ class _ShardSource:
         for r in ds.records:
             h.update(f"\0{r['path']}\0{r['shard']}\0{r['row']}".encode("utf-8", "surrogateescape"))
         self.fingerprint = "shards:" + h.hexdigest()[:32]
+
+    def provenance(self) -> dict:
+        """The prepared directory and the manifest selection trained on (evaluation keeps
+        these images out of its test sets)."""
+        return {"kind": "shards", "root": os.path.abspath(self.ds.root),
+                "split": self.split, "abnormal": self.abnormal}
 
     def _header(self, path: str) -> tuple[bytes, int, int]:
         """(header bytes, data offset, expected file size) of a uint8 [n,S,S] .npy."""
@@ -198,6 +209,7 @@ def _open_data(data: Any, cfg: Config, say: Callable[[str], None]):
         return _ArraySource(arr, f"{len(arr)} images from an array", f"array:{arr.shape}:{h}")
     if isinstance(data, ShardDataset):
         ds, what = data, f"{len(data)} images of {data.root} (as given)"
+        split = abnormal = None
     elif isinstance(data, (str, os.PathLike)):
         root = os.fspath(data)
         if not os.path.isdir(root):
@@ -206,14 +218,15 @@ def _open_data(data: Any, cfg: Config, say: Callable[[str], None]):
         every = ShardDataset(root)
         splits = set(every.field("split"))
         split = "train" if "train" in splits else None
-        ds = ShardDataset(root, split=split, abnormal=0)
+        abnormal = 0
+        ds = ShardDataset(root, split=split, abnormal=abnormal)
         what = f"{len(ds)} normal images of {root}" + (" (split train)" if split else "")
         if len(ds) == 0:
             unknown = ShardDataset(root, split=split, abnormal=-1)
             if len(unknown) == 0:
                 raise ValueError(f"data: {root} holds no normal image (abnormal == 0)"
                                  + (" in split 'train'" if split else ""))
-            ds = unknown
+            ds, abnormal = unknown, -1
             what = (f"{len(ds)} images of {root} with unknown labels, taken as normal "
                     "(no image is labelled normal)")
             say(f"note: {root} labels no image normal; training on its {len(ds)} unlabelled "
@@ -225,7 +238,7 @@ def _open_data(data: Any, cfg: Config, say: Callable[[str], None]):
         raise ValueError(f"data: images are {ds.size}x{ds.size} but the config's img_size is "
                          f"{cfg.img_size} (re-run `afire prepare --size {cfg.img_size}` or "
                          f"set img_size={ds.size})")
-    return _ShardSource(ds, what)
+    return _ShardSource(ds, what, split, abnormal)
 
 
 # ---------------------------------------------------------------------------- run files
@@ -569,6 +582,7 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
     def ckpt_meta() -> dict:
         return {"run_format": RUN_FORMAT, "epoch": epoch, "batch_in_epoch": pos,
                 "data_fingerprint": src.fingerprint, "data_desc": src.desc,
+                "train_data": json.dumps(src.provenance(), sort_keys=True),
                 "elapsed": f"{elapsed0 + time.monotonic() - t0:.3f}", "images_seen": images}
 
     def checkpoint() -> str:
