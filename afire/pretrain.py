@@ -712,7 +712,7 @@ def add_parser(sub) -> None:
         description="Pre-train AFiRe. Without --data, trains on built-in synthetic phantoms; "
                     "without --preset, a small demo (the test network on 64x64 images, "
                     f"{DEMO_OVERRIDES['epochs']} epochs of {DEFAULT_PHANTOMS} phantoms) that "
-                    "takes about 2 minutes on 2 CPU cores. Ctrl-C saves a checkpoint; "
+                    "takes 1-2 minutes on 2 CPU cores. Ctrl-C saves a checkpoint; "
                     "--resume continues exactly.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="Config overrides, e.g. base_lr=1e-3 objective=released")
