@@ -5,6 +5,7 @@ line and exit status 2, never hang, never try to allocate gigabytes for a tiny f
 * a 225-byte 1 x 150000 PNG (crop mode would have resized it to 224 x 33.6 M pixels), a
   header that declares more pixels than the limit, Pillow's decompression-bomb limit;
 * --size far above the maximum, an empty folder, a folder of unreadable files;
+* a FIFO and a link to /dev/zero named like images;
 * an output path that is a file, under a file, read-only, on a full disk (/dev/full);
 * a worker process that dies.
 Subprocesses run under a timeout, so a regression fails instead of hanging the suite."""
@@ -206,7 +207,8 @@ def test_dead_worker_is_an_error_not_a_hang():
             return f
 
     tasks = [((0, 0), "/data/x.png", 16, "crop", None, True, None)]
-    with pytest.raises(prep.PrepareError, match=r"worker process died.*x\.png.*--workers 1"):
+    with pytest.raises(prep.PrepareError, match=r"worker process died .*x\.png.*--workers 1"
+                                                r".*__name__ == \"__main__\""):
         list(prep._ordered_results([("file", tasks)], DeadPool(), window=2))
 
 
@@ -318,6 +320,21 @@ def test_empty_and_unreadable_sources_are_errors(tmp_path, capsys):
     rc, err = run([str(tmp_path / "bad"), str(tmp_path / "o"), "--workers", "1"], capsys)
     assert rc == 2 and "none of the 3 files could be read" in err and "Traceback" not in err
     assert len(open(tmp_path / "o" / "errors.txt").read().splitlines()) == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_fifo_and_devices_named_like_images_are_not_opened(tmp_path):
+    # open() of a FIFO blocks until a writer comes: this hung before (subprocess+timeout)
+    src = tmp_path / "src"
+    write_png(str(src / "a.png"), gradient(20, 30, 1))
+    os.mkfifo(src / "b.png")
+    os.symlink("/dev/zero", src / "c.png")
+    out = str(tmp_path / "out")
+    p = cli([str(src), out, "--size", "16", "--workers", "1"], timeout=30)
+    assert p.returncode == 0 and "1 images" in p.stderr and "2 unreadable" in p.stderr
+    errors = open(os.path.join(out, "errors.txt")).read().splitlines()
+    assert [e.split("\t")[0] for e in errors] == [str(src / "b.png"), str(src / "c.png")]
+    assert "a FIFO, not a regular file" in errors[0] and "a device" in errors[1]
 
 
 def test_output_is_a_file_or_under_a_file(tmp_path, capsys):

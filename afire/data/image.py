@@ -29,6 +29,7 @@ Limits (hostile or broken files must fail fast, not exhaust memory):
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -102,6 +103,7 @@ def read_image_file(path: str, max_pixels: int | None = MAX_PIXELS) -> np.ndarra
     """A PNG/JPEG (or anything Pillow opens) as uint8 [H, W] grayscale. Files declaring
     more than ``max_pixels`` pixels (None: no limit of ours) are refused before decoding."""
     Image = _pil()
+    _check_regular(path)
     with warnings.catch_warnings():
         # our own limit decides; Pillow's warning would only repeat it on stderr
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -190,6 +192,7 @@ def read_dicom_file(path: str, window: bool = True, max_pixels: int | None = MAX
     the pixel data): Rows x Columns x NumberOfFrames above ``max_pixels`` is refused
     before any pixel is decoded (pixel_array decodes every frame)."""
     pydicom = _pydicom()
+    _check_regular(path)
     if max_pixels is not None:
         hdr = pydicom.dcmread(path, stop_before_pixels=True)
         rows, cols = _header_int(hdr, "Rows", 0), _header_int(hdr, "Columns", 0)
@@ -201,9 +204,21 @@ def read_dicom_file(path: str, window: bool = True, max_pixels: int | None = MAX
     return dicom_to_uint8(ds, window=window)
 
 
+def _check_regular(path: str) -> None:
+    """Only regular files are opened: a FIFO named x.png would block open() forever, a
+    device (a link to /dev/zero) never ends."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode)
+                or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a directory" if stat.S_ISDIR(mode) else "not a regular file")
+        raise ValueError(f"{path}: {kind}, not a regular file; not opened")
+
+
 def load_gray(path: str, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Any supported radiograph file as uint8 [H, W]; more than ``max_pixels`` declared
-    pixels raise :class:`ImageTooLargeError` before decoding (None: no limit of ours)."""
+    pixels raise :class:`ImageTooLargeError` before decoding (None: no limit of ours).
+    Anything but a regular file (after symbolic links) raises ValueError unopened."""
     if is_dicom_path(path):
         return read_dicom_file(path, max_pixels=max_pixels)
     return read_image_file(path, max_pixels=max_pixels)

@@ -23,7 +23,9 @@ Worker processes (``workers > 1``) are started with the "forkserver" start metho
 where there is none), never by forking this process: a fork copies the state of libgomp's
 OpenMP thread pool (or of CUDA, OpenBLAS...) without its threads, and the child's next
 parallel region waits forever for threads that do not exist. Phantom images are generated
-here, in batches, by the multi-threaded C generator; only files go to the workers.
+here, in batches, by the multi-threaded C generator; only files go to the workers. As with
+"spawn" (the default on macOS and Windows), workers import the main module: a script that
+calls ``prepare(..., workers > 1)`` must do so under ``if __name__ == "__main__":``.
 
 Errors that stop the run raise :class:`PrepareError` (a ValueError) with a message that
 names the path and what to do: no images found, an output path that is a file or cannot be
@@ -244,9 +246,11 @@ def _ordered_results(chunks, executor, window: int):
             except BrokenProcessPool:
                 names = ", ".join(t[1] for t in tasks)
                 raise PrepareError(
-                    f"a decoding worker process died (killed by the system, e.g. out of "
-                    f"memory?) while reading one of: {names}; finished shards are kept: run "
-                    f"the same command again, with --workers 1 to find the file") from None
+                    f"a decoding worker process died while reading one of: {names}. Either "
+                    f"the system killed it (out of memory?): finished shards are kept, run "
+                    f"again with --workers 1 to find the file; or it could not start: "
+                    f"workers import the main module, so a script calling prepare() with "
+                    f"workers > 1 needs `if __name__ == \"__main__\":`") from None
         elif job == "phantom":
             results = _phantom_chunk(tasks)
         else:
