@@ -25,6 +25,8 @@ Limits (hostile or broken files must fail fast, not exhaust memory):
 * :func:`resize_square` refuses a resize whose intermediate image (before the centre
   crop) would exceed ``max_pixels``: in ``"crop"`` mode a 1 x 150000 strip would otherwise
   be scaled to 224 x 33,600,000 pixels (7.5 GB). Such images need ``"pad"``.
+* Only regular files are opened (after symbolic links): a FIFO named like an image would
+  block ``open()`` forever and a device such as /dev/zero never ends; both raise ValueError.
 """
 from __future__ import annotations
 
