@@ -1,4 +1,10 @@
-"""`afire prepare` end to end: shards, manifest, corrupt files, resume, settings checks."""
+"""`afire prepare` end to end: shards, manifest, corrupt files, resume, settings checks.
+
+Shard pixels are checked against an independent reference: each source file decoded here
+with Pillow (or pydicom) alone and resized by the rule of the documentation written out
+below, not with afire.data.image. Equality is exact: the reference makes the same Pillow
+resampling calls (Lanczos, nearest for masks) on the same 8-bit input, so any difference
+is a difference in decoding, conversion or geometry."""
 import json
 import os
 
@@ -12,12 +18,63 @@ from data_fakes import (
     write_lines,
     write_png,
 )
+from PIL import Image
 
 from afire.cli import main
 from afire.data import ShardDataset, phantom_dataset
-from afire.data.image import load_gray, resize_square
 
 S = 16
+LANCZOS, NEAREST = Image.Resampling.LANCZOS, Image.Resampling.NEAREST
+
+
+def minmax_u8(a):
+    a = a.astype(np.float64)
+    return np.rint((a - a.min()) * 255 / (a.max() - a.min())).astype(np.uint8)
+
+
+def decode_reference(path):
+    """uint8 [H, W]: 8-bit gray as stored, colour -> Pillow's "L" (ITU-R 601-2), more than
+    8 bits -> the file's own min..max onto 0..255."""
+    with Image.open(path) as im:
+        if im.mode in ("L", "RGB", "RGBA", "P", "1"):
+            return np.asarray(im.convert("L"))
+        return minmax_u8(np.asarray(im))
+
+
+def square_reference(a, size, mode, resample=LANCZOS):
+    """crop: short side -> size (long side round(long * size / short)), centre crop;
+    pad: long side -> size, the short side scaled the same way, centred on black."""
+    h, w = a.shape
+    k = min(h, w) if mode == "crop" else max(h, w)
+    nh, nw = (max(1, round(h * size / k)), max(1, round(w * size / k)))
+    for side in (h, w):  # no rounding ties in these tests: round() would not matter
+        assert (2 * side * size) % (2 * k) != k
+    im = Image.fromarray(a)
+    r = np.asarray(im.resize((nw, nh), resample) if (nh, nw) != (h, w) else im)
+    if mode == "crop":
+        top, left = (nh - size) // 2, (nw - size) // 2
+        return r[top:top + size, left:left + size]
+    out = np.zeros((size, size), np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = r
+    return out
+
+
+def shard_rows(out):
+    """The manifest rows and, by path, the shard row each one points at (np.load)."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+    shards = {k: np.load(os.path.join(out, f"shard_{k:05d}.npy"))
+              for k in {r["shard"] for r in rows}}
+    return rows, {r["path"]: shards[r["shard"]][r["row"]] for r in rows}
+
+
+def assert_content(out, size, mode):
+    rows, got = shard_rows(out)
+    for r in rows:
+        np.testing.assert_array_equal(
+            got[r["path"]], square_reference(decode_reference(r["path"]), size, mode),
+            err_msg=r["path"])
+    return rows
 
 
 def make_folder(root):
@@ -52,16 +109,18 @@ def test_prepare_folder_end_to_end_and_resume(tmp_path, capsys):
     errors = open(os.path.join(out, "errors.txt")).read()
     assert errors.startswith(os.path.join(src, "NORMAL", "d_bad.png") + "\t")
 
-    ds = ShardDataset(out)
-    assert len(ds) == 6
-    rows = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+    rows = assert_content(out, S, "crop")
     assert [r["index"] for r in rows] == list(range(6))
     assert [(r["shard"], r["row"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1),
                                                      (2, 0)]
+    assert [os.path.relpath(r["path"], src) for r in rows] == [
+        "NORMAL/a.png", "NORMAL/b.png", "NORMAL/c16.png", "SICK/e.jpg", "SICK/f.png", "g.png"]
     assert [r["label"] for r in rows] == ["NORMAL"] * 3 + ["SICK", "SICK", ""]
+    ds = ShardDataset(out)  # the loader hands out the same rows
+    assert len(ds) == 6
+    _, got = shard_rows(out)
     for i, r in enumerate(rows):
-        ref = resize_square(load_gray(r["path"]), S, "crop")
-        np.testing.assert_array_equal(ds[i], ref)
+        np.testing.assert_array_equal(ds[i], got[r["path"]])
     assert ds[2].max() > 240 and ds[2].min() < 15  # the 16-bit PNG, min-max scaled
 
     # resume: nothing to do, no file rewritten
@@ -82,11 +141,14 @@ def test_prepare_folder_end_to_end_and_resume(tmp_path, capsys):
     assert after["shard_00000.npy"] == before["shard_00000.npy"]
     assert after["shard_00001.npy"] != before["shard_00001.npy"]
     assert len(ShardDataset(out)) == 6
+    assert len(assert_content(out, S, "crop")) == 6
 
     # a new input file changes the plan of the last shard only
     write_png(os.path.join(src, "h.png"), gradient(16, 16, 6))
     rc, err = run(args, capsys)
     assert rc == 0 and "2 of 3 shards already finished" in err and "7 images" in err
+    rows = assert_content(out, S, "crop")
+    assert [(r["shard"], r["row"]) for r in rows][-2:] == [(2, 0), (2, 1)]  # g.png, h.png
 
     # other settings into the same directory are refused
     rc, err = run([src, out, "--size", "32", "--workers", "1", "--shard-size", "3"], capsys)
@@ -103,6 +165,7 @@ def test_prepare_workers_match_serial(tmp_path, capsys):
                                   np.load(os.path.join(b, "shard_00000.npy")))
     assert open(os.path.join(a, "manifest.jsonl")).read() == \
         open(os.path.join(b, "manifest.jsonl")).read()
+    assert len(assert_content(b, S, "pad")) == 6
 
 
 def test_prepare_phantom(tmp_path, capsys):
@@ -154,11 +217,21 @@ def test_prepare_siim_masks(tmp_path, capsys):
     assert rc == 0, err
     ds = ShardDataset(out, masks=True)
     assert ds.field("abnormal") == [1, 0] and ds.field("has_mask") == [True, True]
-    expected = resize_square((m1 | m2) * np.uint8(255), 10, "crop", nearest=True) > 127
-    np.testing.assert_array_equal(ds.mask(0), expected.astype(np.uint8))
-    assert ds.mask(0).any() and not ds.mask(1).any()
-    # MONOCHROME1 is inverted (Lanczos rounding after the inversion: off by at most 1)
-    assert np.abs(ds[1].astype(int) - (255 - ds[0].astype(int))).max() <= 1
+    # reference: pydicom's pixels, min-max, MONOCHROME1 inverted, then the crop rule
+    # (20 x 40 -> 10 x 20, columns 5..14); the mask: nearest, the same crop
+    import pydicom
+
+    ref = minmax_u8(pydicom.dcmread(os.path.join(src, "train", "1.2.3.dcm")).pixel_array)
+    rows, got = shard_rows(out)
+    np.testing.assert_array_equal(got[os.path.join(src, "train", "1.2.3.dcm")],
+                                  square_reference(ref, 10, "crop"))
+    np.testing.assert_array_equal(got[os.path.join(src, "train", "1.2.4.dcm")],
+                                  square_reference(255 - ref, 10, "crop"))
+    masks = np.load(os.path.join(out, "mask_00000.npy"))
+    expected = square_reference((m1 | m2) * np.uint8(255), 10, "crop", NEAREST) > 127
+    np.testing.assert_array_equal(masks[rows[0]["row"]], expected.astype(np.uint8))
+    assert masks[rows[0]["row"]].sum() > 10 and not masks[rows[1]["row"]].any()
+    np.testing.assert_array_equal(ds.mask(0), masks[0])
 
 
 def test_progress_bar_text():

@@ -138,3 +138,49 @@ def test_dicom_voi_lut_sequence(tmp_path):
     idx = np.clip(a.astype(int) - first, 0, len(lut) - 1)
     ref = np.rint(lut[idx] * 255.0 / 65535).astype(np.uint8)
     np.testing.assert_array_equal(im.load_gray(p), ref)
+
+
+def test_pixel_limit_png(tmp_path):
+    p = write_png(str(tmp_path / "g.png"), np.zeros((30, 40), np.uint8))
+    with pytest.raises(im.ImageTooLargeError, match=r"g\.png: image is 40x30 = 1,200 pixels, "
+                                                    r"above the limit of 1,199"):
+        im.load_gray(p, max_pixels=1199)
+    assert im.load_gray(p, max_pixels=1200).shape == (30, 40)
+    assert im.load_gray(p, max_pixels=None).shape == (30, 40)
+    assert issubclass(im.ImageTooLargeError, ValueError)
+
+
+@needs_pydicom
+def test_pixel_limit_dicom_header(tmp_path, monkeypatch):
+    a = (np.arange(800).reshape(20, 40) * 3).astype(np.uint16)
+    p = write_dicom(str(tmp_path / "big.dcm"), a, bits_stored=12)
+    # refused from the header: pixel_array is never reached
+    import pydicom
+
+    def no_decode(self):
+        raise AssertionError("pixels decoded before the size check")
+
+    with monkeypatch.context() as m:
+        m.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decode))
+        with pytest.raises(im.ImageTooLargeError,
+                           match=r"big\.dcm: DICOM header declares 20x40 = 800 pixels"):
+            im.load_gray(p, max_pixels=799)
+    np.testing.assert_array_equal(im.load_gray(p, max_pixels=800), minmax_ref(a))
+    # every frame is decoded by pixel_array, so frames count
+    ds = pydicom.dcmread(p)
+    ds.NumberOfFrames = 3
+    ds.PixelData = np.concatenate([a, a, a]).tobytes()
+    ds.save_as(str(tmp_path / "frames.dcm"))
+    with pytest.raises(im.ImageTooLargeError, match=r"20x40 x 3 frames = 2,400 pixels"):
+        im.load_gray(str(tmp_path / "frames.dcm"), max_pixels=2399)
+    np.testing.assert_array_equal(im.load_gray(str(tmp_path / "frames.dcm")), minmax_ref(a))
+
+
+def test_resize_refuses_a_huge_crop_intermediate():
+    strip = np.zeros((2, 5000), np.uint8)
+    # crop: short side 2 -> 32 would make a 32 x 80000 image first
+    with pytest.raises(im.ImageTooLargeError, match=r"5000x2 .* 80000x32 = 2,560,000 pixels "
+                                                    r"before the crop.*'pad'"):
+        im.resize_square(strip, 32, "crop", max_pixels=1_000_000)
+    assert im.resize_square(strip, 32, "crop", max_pixels=None).shape == (32, 32)
+    assert im.resize_square(strip, 32, "pad", max_pixels=1_000_000).shape == (32, 32)

@@ -36,6 +36,23 @@ def test_read_csv_rows_handles_extra_trailing_field(tmp_path):
     assert rd.read_csv_rows(str(gz)) == [{"x": "1", "y": "2"}]
 
 
+def test_read_csv_rows_unreadable_files_name_the_file(tmp_path):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"filename,label\n\xe9t\xe9.png,x\n")
+    with pytest.raises(ValueError, match=r"latin\.csv: not UTF-8 text \(byte b'\\xe9' at "
+                                         r"offset 15\)"):
+        rd.read_csv_rows(str(latin))
+    big = tmp_path / "big.csv"  # one field over the csv module's limit: csv.Error before
+    big.write_text('filename,label\n"' + "a" * 200_000 + '",x\n')
+    with pytest.raises(ValueError, match=r"big\.csv: not a readable CSV file .*field limit"):
+        rd.read_csv_rows(str(big))
+    for name, data in (("nogz.csv.gz", b"garbage"),
+                       ("cut.csv.gz", gzip.compress(b"a,b\n1,2\n" * 100)[:30])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=name.replace(".", r"\.") + ": not a gzip file"):
+            rd.read_csv_rows(str(tmp_path / name))
+
+
 def test_group_split_is_by_group_and_stable():
     s = [rd.group_split(f"patient{i}") for i in range(2000)]
     frac = s.count("test") / len(s)

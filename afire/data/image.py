@@ -14,16 +14,43 @@ Conversions (documented once, used by every reader and by ``afire prepare``):
   Lanczos, then takes the centre S x S crop (the layout of the shared real data);
   ``"pad"`` scales the LONG side to S and pads the rest with black, centred (keeps the
   whole field of view). Masks use the same geometry with nearest-neighbour sampling.
+
+Limits (hostile or broken files must fail fast, not exhaust memory):
+
+* A file whose header declares more than ``max_pixels`` pixels (default
+  :data:`MAX_PIXELS`, 8192 x 8192) is refused BEFORE its pixels are decoded
+  (:class:`ImageTooLargeError`): Pillow reads only the header on ``Image.open``; a DICOM's
+  Rows x Columns x NumberOfFrames is read with ``stop_before_pixels``. Pillow's own
+  decompression-bomb error (above ``2 * Image.MAX_IMAGE_PIXELS``) is reported the same way.
+* :func:`resize_square` refuses a resize whose intermediate image (before the centre
+  crop) would exceed ``max_pixels``: in ``"crop"`` mode a 1 x 150000 strip would otherwise
+  be scaled to 224 x 33,600,000 pixels (7.5 GB). Such images need ``"pad"``.
+* Only regular files are opened (after symbolic links): a FIFO named like an image would
+  block ``open()`` forever and a device such as /dev/zero never ends; both raise ValueError.
 """
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 
 import numpy as np
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 DICOM_EXTS = (".dcm", ".dicom")
 RESIZE_MODES = ("crop", "pad")
+MAX_PIXELS = 1 << 26  # 67,108,864 = 8192 x 8192: 4x the largest chest X-ray detectors
+
+
+class ImageTooLargeError(ValueError):
+    """A file declares (or a resize would make) more pixels than the configured limit."""
+
+
+def _check_pixels(path: str, what: str, n: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and n > max_pixels:
+        raise ImageTooLargeError(
+            f"{path}: {what} = {n:,} pixels, above the limit of {max_pixels:,} pixels per "
+            f"image; refused before decoding")
 
 
 def _pil():
@@ -74,10 +101,21 @@ def _pil_to_gray(im) -> np.ndarray:
     return minmax_to_uint8(a)
 
 
-def read_image_file(path: str) -> np.ndarray:
-    """A PNG/JPEG (or anything Pillow opens) as uint8 [H, W] grayscale."""
+def read_image_file(path: str, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """A PNG/JPEG (or anything Pillow opens) as uint8 [H, W] grayscale. Files declaring
+    more than ``max_pixels`` pixels (None: no limit of ours) are refused before decoding."""
     Image = _pil()
-    with Image.open(path) as im:
+    _check_regular(path)
+    with warnings.catch_warnings():
+        # our own limit decides; Pillow's warning would only repeat it on stderr
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(f"{path}: refused before decoding: {e}") from None
+    with im:
+        w, h = im.size
+        _check_pixels(path, f"image is {w}x{h}", w * h, max_pixels)
         im.load()
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
@@ -142,18 +180,50 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds) -> np.ndarray:
     return np.rint(y * (255.0 / ((1 << bits) - 1))).clip(0, 255).astype(np.uint8)
 
 
-def read_dicom_file(path: str, window: bool = True) -> np.ndarray:
-    """A DICOM file as uint8 [H, W] (needs pydicom)."""
+def _header_int(ds, name: str, default: int) -> int:
+    try:
+        v = ds.get(name, None)
+        return int(v) if v not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def read_dicom_file(path: str, window: bool = True, max_pixels: int | None = MAX_PIXELS
+                    ) -> np.ndarray:
+    """A DICOM file as uint8 [H, W] (needs pydicom). The header is read first (without
+    the pixel data): Rows x Columns x NumberOfFrames above ``max_pixels`` is refused
+    before any pixel is decoded (pixel_array decodes every frame)."""
     pydicom = _pydicom()
+    _check_regular(path)
+    if max_pixels is not None:
+        hdr = pydicom.dcmread(path, stop_before_pixels=True)
+        rows, cols = _header_int(hdr, "Rows", 0), _header_int(hdr, "Columns", 0)
+        frames = max(1, _header_int(hdr, "NumberOfFrames", 1))
+        what = f"DICOM header declares {rows}x{cols}" + (f" x {frames} frames"
+                                                         if frames > 1 else "")
+        _check_pixels(path, what, rows * cols * frames, max_pixels)
     ds = pydicom.dcmread(path)
     return dicom_to_uint8(ds, window=window)
 
 
-def load_gray(path: str) -> np.ndarray:
-    """Any supported radiograph file as uint8 [H, W]."""
+def _check_regular(path: str) -> None:
+    """Only regular files are opened: a FIFO named x.png would block open() forever, a
+    device (a link to /dev/zero) never ends."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode)
+                or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a directory" if stat.S_ISDIR(mode) else "not a regular file")
+        raise ValueError(f"{path}: {kind}, not a regular file; not opened")
+
+
+def load_gray(path: str, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """Any supported radiograph file as uint8 [H, W]; more than ``max_pixels`` declared
+    pixels raise :class:`ImageTooLargeError` before decoding (None: no limit of ours).
+    Anything but a regular file (after symbolic links) raises ValueError unopened."""
     if is_dicom_path(path):
-        return read_dicom_file(path)
-    return read_image_file(path)
+        return read_dicom_file(path, max_pixels=max_pixels)
+    return read_image_file(path, max_pixels=max_pixels)
 
 
 def _geometry(h: int, w: int, size: int, mode: str):
@@ -172,14 +242,21 @@ def _geometry(h: int, w: int, size: int, mode: str):
     return nh, nw, (size - nh) // 2, (size - nw) // 2
 
 
-def resize_square(img: np.ndarray, size: int, mode: str = "crop", nearest: bool = False
-                  ) -> np.ndarray:
-    """uint8 [H, W] -> uint8 [size, size] (see the module docstring for the modes)."""
+def resize_square(img: np.ndarray, size: int, mode: str = "crop", nearest: bool = False,
+                  max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """uint8 [H, W] -> uint8 [size, size] (see the module docstring for the modes). A resize
+    whose intermediate image would exceed ``max_pixels`` (an extreme aspect ratio in crop
+    mode) raises :class:`ImageTooLargeError` instead of allocating it."""
     Image = _pil()
     if img.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {img.shape}")
     h, w = img.shape
     nh, nw, top, left = _geometry(h, w, size, mode)
+    if max_pixels is not None and nh * nw > max(max_pixels, size * size):
+        raise ImageTooLargeError(
+            f"a {w}x{h} image (aspect ratio {max(w, h) / min(w, h):.0f}:1) resized for "
+            f"{mode!r} at size {size} would be {nw}x{nh} = {nh * nw:,} pixels before the crop, "
+            f"above the limit of {max_pixels:,}; use resize mode 'pad' (--resize pad) for it")
     resample = Image.NEAREST if nearest else Image.LANCZOS
     im = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8))
     if (nh, nw) != (h, w):

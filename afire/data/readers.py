@@ -71,7 +71,21 @@ def _open_text(path: str):
 def read_csv_rows(path: str) -> list[dict]:
     """CSV rows as dicts keyed by the stripped header names. Rows longer than the header
     (NIH's Data_Entry_2017.csv ends every row with an empty field its header lacks) keep
-    only the named columns; an unnamed extra field must be empty or the file is rejected."""
+    only the named columns; an unnamed extra field must be empty or the file is rejected.
+    A file that is not UTF-8 text, not CSV (csv.Error, e.g. a field over the csv module's
+    size limit) or not gzip although named .gz raises ValueError naming the file."""
+    try:
+        return _read_csv_rows(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} "
+                         f"at offset {e.start})") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable CSV file ({e})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a gzip file or truncated ({e})") from None
+
+
+def _read_csv_rows(path: str) -> list[dict]:
     with _open_text(path) as f:
         reader = csv.reader(f)
         try:
