@@ -21,7 +21,10 @@ def _add_prepare(sub) -> None:
         "prepare", help="decode a dataset into uint8 shards for training",
         description="Decode, convert to 8-bit grayscale, resize and write memory-mappable "
                     "shards (shard_*.npy) plus manifest.jsonl. Re-running resumes: finished "
-                    "shards are skipped. Unreadable files are reported and left out.")
+                    "shards are skipped. Unreadable files are reported and left out.",
+        epilog="exit status: 0 done (files that could not be read are listed in errors.txt); "
+               "2 usage, data or output error (one line on stderr); 130 interrupted "
+               "(finished shards are kept)")
     p.add_argument("src", help="dataset root (for --format phantom: the number of images)")
     p.add_argument("out", help="output directory")
     p.add_argument("--format", default="folder", choices=FORMATS_CLI, dest="fmt",
@@ -40,6 +43,9 @@ def _add_prepare(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="phantom: generator seed")
     p.add_argument("--p-abnormal", type=float, default=0.0,
                    help="phantom: probability of a lesion per image (default 0: all normal)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse source images with more pixels than this, checked from the "
+                        "header before decoding (default 2^26 = 8192x8192)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_prepare)
 
@@ -54,11 +60,13 @@ def _run_prepare(args) -> int:
         try:
             n = int(args.src)
         except ValueError:
-            raise SystemExit(f"afire prepare: --format phantom takes the number of images as "
-                             f"SRC, got {args.src!r}") from None
+            raise ValueError(f"--format phantom takes the number of images as SRC, got "
+                             f"{args.src!r}") from None
         if n < 0 or not 0.0 <= args.p_abnormal <= 1.0:
-            raise SystemExit("afire prepare: need SRC >= 0 and 0 <= --p-abnormal <= 1")
+            raise ValueError("need SRC >= 0 and 0 <= --p-abnormal <= 1")
         records = phantom_records(n, seed=args.seed, p_abnormal=args.p_abnormal)
+    if args.max_pixels is not None:
+        options["max_pixels"] = args.max_pixels
     summary = prepare(args.src, args.out, fmt=args.fmt, size=args.size, workers=args.workers,
                       shard_size=args.shard_size, resize=args.resize,
                       progress=not args.quiet, records=records, **options)
