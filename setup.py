@@ -51,25 +51,32 @@ if SANITIZE:
     cflags += san + ["-g"]
     ldflags += san
 
+# Layout: csrc/core (the C core, no Python), csrc/ops (CPU kernels), csrc/python (every file
+# that includes Python.h: both extensions' bindings), cuda/ (the CUDA twins of core and ops).
 # afire._C: the CPU core. afire._C_cuda: the CUDA backend, a separate extension so that
 # `import afire` never loads CUDA libraries (they can clash with PyTorch's own copies).
-# the first entries are CUDA-only bindings; the rest are CPU files the CUDA extension also needs
-CUDA_ONLY = ["csrc/py_cuda.c", "csrc/cuda_module.c", "csrc/py_cuda_objective.c",
-             "csrc/py_cuda_trainer.c", "csrc/py_cuda_tensor.c"]
-CUDA_BINDING = CUDA_ONLY + ["csrc/error.c", "csrc/py_util.c", "csrc/slm.c",
+# the first entries are CUDA-only bindings; the rest are files the CUDA extension also needs
+CUDA_ONLY = ["csrc/python/py_cuda.c", "csrc/python/py_cuda_module.c",
+             "csrc/python/py_cuda_objective.c", "csrc/python/py_cuda_trainer.c",
+             "csrc/python/py_cuda_tensor.c"]
+CUDA_BINDING = CUDA_ONLY + ["csrc/core/error.c", "csrc/python/py_util.c", "csrc/core/slm.c",
                              # argument checks shared with the CPU bindings
-                             "csrc/py_args.c",
+                             "csrc/python/py_args.c",
                              # the Trainer methods shared with the CPU binding
-                             "csrc/py_trainer_common.c",
+                             "csrc/python/py_trainer_common.c",
                              # DLPack export shared with afire._C.Tensor
-                             "csrc/py_dlpack.c",
-                             # the GPU trainer: config parsing, layouts + init, schedules
-                             "csrc/trainer_config.c", "csrc/params.c", "csrc/ops/sincos.c",
-                             "csrc/schedule.c"]
-sources = sorted(f for f in glob.glob("csrc/*.c") + glob.glob("csrc/ops/*.c")
-                 if f not in CUDA_ONLY)
+                             "csrc/python/py_dlpack.c",
+                             # the GPU trainer: config parsing and checks, layouts + init,
+                             # schedules
+                             "csrc/python/py_trainer_config.c", "csrc/core/trainer_config.c",
+                             "csrc/core/params.c", "csrc/ops/sincos.c", "csrc/core/schedule.c"]
+sources = sorted(f for f in glob.glob("csrc/core/*.c") + glob.glob("csrc/ops/*.c")
+                 + glob.glob("csrc/python/*.c") if f not in CUDA_ONLY)
+HEADERS = glob.glob("csrc/core/*.h") + glob.glob("csrc/ops/*.h") + glob.glob("csrc/python/*.h")
 macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
-include_dirs = ["csrc", np.get_include(), openblas.get_include_dir()]
+# "ops/ops.h" resolves through csrc; core and python headers by their names
+include_dirs = ["csrc", "csrc/core", "csrc/python", "cuda", np.get_include(),
+                openblas.get_include_dir()]
 library_dirs = [openblas.get_lib_dir()]
 libraries = [openblas.get_library(), "m"]
 cuda_sources = sorted(glob.glob("cuda/*.cu") + glob.glob("cuda/ops/*.cu"))
@@ -143,11 +150,12 @@ class BuildExt(build_ext):
             objs, cmds = [], []
             for src in cuda_sources:
                 obj = os.path.join(objdir, src.replace("/", "_") + ".o")
-                deps = [src] + glob.glob("cuda/*.cuh") + glob.glob("csrc/*.h")
+                deps = [src] + glob.glob("cuda/*.cuh") + glob.glob("cuda/*.h") + HEADERS
                 if (self.force or not os.path.exists(obj)
                         or max(map(os.path.getmtime, deps)) > os.path.getmtime(obj)):
                     cmds.append([NVCC, "-c", src, "-o", obj, "-std=c++17", "-O3" if not DEBUG else "-G",
-                                 "-Xcompiler", "-fPIC", "-Icsrc", "-Icuda", "--expt-relaxed-constexpr"]
+                                 "-Xcompiler", "-fPIC", "-Icsrc", "-Icsrc/core", "-Icuda",
+                                 "--expt-relaxed-constexpr"]
                                 + [f"-I{d}" for d in cuda_include]
                                 + [f"-D{k}={v}" for k, v in cuda_macros] + gencode)
                 objs.append(obj)
@@ -175,7 +183,7 @@ exts = [Extension(
     runtime_library_dirs=[openblas.get_lib_dir()],
     extra_compile_args=cflags,
     extra_link_args=ldflags,
-    depends=glob.glob("csrc/*.h") + glob.glob("csrc/ops/*.h"),
+    depends=HEADERS,
 )]
 if USE_CUDA:
     exts.append(Extension(
@@ -189,7 +197,7 @@ if USE_CUDA:
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         # the .cu files too, so that editing one relinks the extension
-        depends=glob.glob("csrc/*.h") + glob.glob("cuda/*.cuh") + cuda_sources,
+        depends=HEADERS + glob.glob("cuda/*.cuh") + glob.glob("cuda/*.h") + cuda_sources,
     ))
 
 setup(ext_modules=exts, cmdclass={"build_ext": BuildExt})

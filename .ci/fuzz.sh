@@ -31,10 +31,10 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 status=0
 
-# ---- C targets: csrc/safetensors.c + json.c + error.c, no Python involved
+# ---- C targets: csrc/core/safetensors.c + json.c + error.c, no Python involved
 for t in safetensors json; do
   "$CLANG" -g -O1 -std=c11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-    -Icsrc "tests/fuzz/fuzz_$t.c" csrc/safetensors.c csrc/json.c csrc/error.c -o "$BIN/fuzz_$t"
+    -Icsrc/core "tests/fuzz/fuzz_$t.c" csrc/core/safetensors.c csrc/core/json.c csrc/core/error.c -o "$BIN/fuzz_$t"
   mkdir -p "$WORK/$t"
   cp tests/fuzz/corpus/$t/* "$WORK/$t/"
   [ -d tests/fuzz/regressions/$t ] && cp tests/fuzz/regressions/$t/* "$WORK/$t/"

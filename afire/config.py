@@ -30,7 +30,7 @@ PRESETS: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
 
 _INT_MAX = 2**31 - 1       # the C core reads every int field as a C int
 _MAX_DIM = 65536           # the C core's bound on any single activation dimension
-_MAX_LESIONS = 64          # AF_SLM_MAX_LESIONS (csrc/slm.h)
+_MAX_LESIONS = 64          # AF_SLM_MAX_LESIONS (csrc/core/slm.h)
 # int fields: inclusive [lo, hi]
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "img_size": (1, _INT_MAX), "patch_size": (1, _INT_MAX), "embed_dim": (4, _INT_MAX),

@@ -1,4 +1,4 @@
-/* Raw device memory for afire._C_cuda.cuda.DeviceTensor (csrc/py_cuda_tensor.c): allocate,
+/* Raw device memory for afire._C_cuda.cuda.DeviceTensor (csrc/python/py_cuda_tensor.c): allocate,
  * free and copy bytes on a given device. Plain C. Each call selects `device` for itself and
  * restores the caller's current device, so a DeviceTensor may be created, read or freed from
  * any thread whatever device that thread holds. Copies are synchronous. */

@@ -1,4 +1,4 @@
-/* The three AFiRe networks on one GPU: the device twin of af_model (csrc/model.h).
+/* The three AFiRe networks on one GPU: the device twin of af_model (csrc/core/model.h).
  *
  * Same af_config, same named-parameter tables (params.c) and therefore the same flat layout
  * per network: params/grads/adam m, v and the teacher are DEVICE buffers carved by the same

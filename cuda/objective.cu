@@ -1,4 +1,4 @@
-// The AFiRe objective on the GPU: the twin of csrc/objective.c (contracts in objective.h and
+// The AFiRe objective on the GPU: the twin of csrc/core/objective.c (contracts in objective.h and
 // cuda/objective.cuh). Same math: log space, double accumulation wherever the CPU uses double.
 //
 // Determinism: every sum runs in a fixed order that depends only on the sizes (fixed thread to

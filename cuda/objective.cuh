@@ -1,5 +1,5 @@
-/* GPU twins of the synthetic lesion masks (csrc/slm.h) and of the objective
- * (csrc/objective.h): the same contracts, with these differences (as cuda_api.h):
+/* GPU twins of the synthetic lesion masks (csrc/core/slm.h) and of the objective
+ * (csrc/core/objective.h): the same contracts, with these differences (as cuda_api.h):
  *   - every pointer is a DEVICE pointer; work is queued on ctx's stream and the call returns
  *     before it finishes (af_cuda_synchronize waits);
  *   - loss scalars are written to DEVICE memory (one float / double each), so a training
@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* slm_generate on the device: x[B,S,S] -> x_prime[B,S,S], mask[B,S,S], token_labels[B,L]
- * (uint8, device). Bit-identical to the CPU for every config (csrc/fp_exact.h). Allocates
+ * (uint8, device). Bit-identical to the CPU for every config (csrc/core/fp_exact.h). Allocates
  * nothing for AF_SLM_REGION_RANDOM (the default); AF_SLM_REGION_LARGEST (released code) takes
  * a stream-ordered workspace of 2*S*S ints per image (cudaMallocAsync) for its flood fill. */
 af_status af_cuda_slm_generate(af_cuda_context *ctx, uint8_t *x_prime, uint8_t *mask,

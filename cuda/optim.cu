@@ -1,4 +1,4 @@
-// AdamW, gradient clipping and the EMA teacher on the GPU: the twins of csrc/optim.c.
+// AdamW, gradient clipping and the EMA teacher on the GPU: the twins of csrc/core/optim.c.
 // Multi-tensor kernels over m->tensors (the trainable tensors in table order): blockIdx.y
 // picks the tensor, blockIdx.x strides over its elements. Reductions are per tensor in a
 // fixed order (double), and the total is summed over tensors in table order, as optim.c.

@@ -1,4 +1,4 @@
-// Synthetic Lesion Masks on the GPU: the twin of csrc/slm.c (rules in csrc/slm.h), bit-identical.
+// Synthetic Lesion Masks on the GPU: the twin of csrc/core/slm.c (rules in csrc/core/slm.h), bit-identical.
 //
 // One block per image. The block plans the lesions with the very same draws as the CPU
 // (af_stream(AF_RNG_SLM, step, image), slots of slm.c), then every thread draws whole pixels:

@@ -1,5 +1,5 @@
 // The AFiRe training step and inference passes on one GPU (trainer.cuh): the twin of
-// csrc/trainer.c, stage for stage. Buffers are sized once at creation; a step allocates
+// csrc/core/trainer.c, stage for stage. Buffers are sized once at creation; a step allocates
 // nothing and synchronises once (the download of its scalars).
 #include <math.h>
 #include <string.h>

@@ -1,4 +1,4 @@
-/* One AFiRe training step and the inference passes on one GPU: the twin of csrc/trainer.h.
+/* One AFiRe training step and the inference passes on one GPU: the twin of csrc/core/trainer.h.
  *
  * The step mirrors af_trainer_step stage for stage (SLM, teacher + prototypes staged in
  * protos_next, student, losses, backward, clip, AdamW, EMA, commit) with every tensor on
@@ -11,7 +11,7 @@
  * with fp32 master weights, optimiser state, reductions and losses; AF_PRECISION_FP32 is the
  * exact path that is checked against the CPU.
  *
- * Plain C (included by csrc/py_cuda_trainer.c).
+ * Plain C (included by csrc/python/py_cuda_trainer.c).
  */
 #ifndef AFIRE_CUDA_TRAINER_CUH
 #define AFIRE_CUDA_TRAINER_CUH

@@ -1,4 +1,4 @@
-"""The synthetic chest radiograph generator (csrc/phantom.c via afire._C.phantom)."""
+"""The synthetic chest radiograph generator (csrc/core/phantom.c via afire._C.phantom)."""
 import numpy as np
 import pytest
 

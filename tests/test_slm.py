@@ -1,4 +1,4 @@
-"""Synthetic Lesion Masks (csrc/slm.c) against NumPy re-implementations of csrc/slm.h's rules."""
+"""Synthetic Lesion Masks (csrc/core/slm.c) against NumPy re-implementations of csrc/core/slm.h's rules."""
 import glob
 import os
 import subprocess

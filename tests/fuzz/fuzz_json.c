@@ -1,4 +1,4 @@
-/* libFuzzer target: the strict JSON parser (csrc/json.c) on arbitrary bytes.
+/* libFuzzer target: the strict JSON parser (csrc/core/json.c) on arbitrary bytes.
  *
  * The input is copied into an exact-size heap buffer with no terminating NUL, so an
  * over-read by even one byte is an ASan error. Accepted documents are walked completely:

@@ -4,11 +4,11 @@
  * NEW arrays out. Forward functions return the output, or a tuple (output, saved
  * activations...) when the backward needs them. Backward functions always return a tuple
  * of freshly computed gradients (zeros + the kernel's accumulation). adamw_update works in
- * place. Every shape is checked before a kernel runs (csrc/py_args.c, shared with the CUDA
+ * place. Every shape is checked before a kernel runs (csrc/python/py_args.c, shared with the CUDA
  * twins), because the kernels trust their sizes. */
+#include "py_args.h" /* Python.h first */
 #include "ops/ops.h"
 #include "ops/ops_internal.h"
-#include "py_args.h"
 
 #define KW (PyCFunction)(void (*)(void))
 /* af_parse_<op> (py_args.h) reads and checks the arguments; a function here runs its kernel

@@ -1,6 +1,8 @@
-/* afire.Config (as a dict) -> af_trainer_config, and its checks. Shared by the CPU trainer
- * (afire._C) and the CUDA one (afire._C_cuda), so both read a configuration the same way. */
+/* afire.Config (as a dict) -> af_trainer_config. Shared by the CPU trainer (afire._C) and the
+ * CUDA one (afire._C_cuda), so both read a configuration the same way; the checks that need
+ * no Python live in core/trainer_config.c. */
 #include "py_util.h"
+#include "py_trainer_config.h"
 
 #include <math.h>
 #include <string.h>
@@ -218,19 +220,4 @@ int af_trainer_config_from_dict(PyObject *d, af_trainer_config *c, int64_t steps
     s->tt_warmup_steps = (int64_t)tt_warm * steps_per_epoch;
     s->freeze_last_steps = (int64_t)freeze * steps_per_epoch;
     return 0;
-}
-
-/* One copy of the argument checks of af_trainer_create, for both backends. */
-af_status af_trainer_config_check(const af_trainer_config *cfg, int batch) {
-    AF_CHECK(batch >= 1, AF_EINVAL, "batch size must be >= 1, got %d", batch);
-    AF_TRY(af_config_validate(&cfg->net));
-    AF_TRY(slm_config_check(&cfg->slm));
-    AF_CHECK(cfg->objective == AF_OBJECTIVE_PAPER || cfg->objective == AF_OBJECTIVE_RELEASED,
-             AF_EINVAL, "objective must be 'paper' or 'released'");
-    AF_CHECK(cfg->tau_s > 0 && cfg->tau > 0 && cfg->sinkhorn_eps > 0, AF_EINVAL,
-             "temperatures must be > 0");
-    AF_CHECK(cfg->sinkhorn_iters >= 0, AF_EINVAL, "sinkhorn_iters must be >= 0");
-    AF_CHECK(cfg->sched.total_steps >= 1 && cfg->sched.steps_per_epoch >= 1, AF_EINVAL,
-             "total_steps and steps_per_epoch must be >= 1");
-    return AF_OK;
 }

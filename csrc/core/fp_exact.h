@@ -1,6 +1,6 @@
 /* Float math that rounds identically on the CPU and on the GPU.
  *
- * The synthetic lesion masks must be bit-identical on both (cuda/slm.cu twins csrc/slm.c).
+ * The synthetic lesion masks must be bit-identical on both (cuda/slm.cu twins csrc/core/slm.c).
  * Basic IEEE operations (+ - * /, conversions) already agree when nothing contracts a*b+c
  * into an FMA: the C files are built with -std=c11 (GCC: -ffp-contract=off) and the device
  * code spells every such operation with a _rn intrinsic. Library functions do not agree:

@@ -12,6 +12,7 @@
 #define AFIRE_PY_TRAINER_COMMON_H
 
 #include "py_util.h"
+#include "py_trainer_config.h"
 #include "trainer.h"
 
 /* What the shared code reads from a trainer: its sizes and the fields it sets. */

@@ -96,10 +96,4 @@ af_status af_trainer_anomaly(af_trainer *t, double *score, double *log_score, do
 af_status af_trainer_acquire(af_trainer *t);
 void af_trainer_release(af_trainer *t);
 
-#ifdef Py_PYTHON_H
-/* Fill `c` from a dict with afire.Config's fields (trainer_config.c). 0, or -1 with a Python
- * exception naming the bad field. Schedules are expanded per step from steps_per_epoch. */
-int af_trainer_config_from_dict(PyObject *d, af_trainer_config *c, int64_t steps_per_epoch);
-#endif
-
 #endif

@@ -7,10 +7,10 @@
  * shared context (device 0, exact fp32 GEMMs), and returns new numpy arrays. They are for
  * tests and small jobs: every call allocates and copies. time_linear / time_attention
  * measure GPU milliseconds of the kernels on device-resident buffers (CUDA events). */
+#include "py_args.h" /* Python.h first, as CPython requires */
+
 #include <limits.h>
 #include <math.h>
-
-#include "py_args.h"
 #ifdef AFIRE_HAVE_CUDA
 #include "py_cuda_ctx.h"
 #endif

@@ -1,6 +1,6 @@
 /* afire._C.Tensor: construction from NumPy (zero-copy), buffer protocol,
  * __array_interface__, __dlpack__ / __dlpack_device__. */
-#include "tensor.h"
+#include "py_tensor.h"
 
 #include "common.h"
 #include "py_dlpack.h"

@@ -2,7 +2,7 @@
  * cuda/objective.cu), registered into the afire._C_cuda.cuda submodule.
  *
  * Each function takes exactly the arguments of its CPU twin (afire._C.slm.slm_generate,
- * afire._C.objective.*), checked by the same code (csrc/py_args.c), so a test feeds both the
+ * afire._C.objective.*), checked by the same code (csrc/python/py_args.c), so a test feeds both the
  * same inputs and gets the same errors. The data checks the device code leaves to its caller
  * (finite values, C >= 0 with positive row sums) are made there too. Every call uploads, runs on one context of this file
  * (device 0, exact fp32) and downloads: for tests and small jobs, not for training. */

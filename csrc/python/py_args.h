@@ -232,7 +232,7 @@ int af_parse_adamw_update(PyObject *args, PyObject *kw, af_adamw_args *a);
                     "eps=1e-8, weight_decay=0.0) -> None; updates params, m, v in place")
 
 /* ------------------------------------------------------------------ objective
- * Arguments of afire._C.objective (csrc/objective.h names the sizes). */
+ * Arguments of afire._C.objective (csrc/core/objective.h names the sizes). */
 
 /* Token labels abn[B,L]: uint8 (or bool) holding only 0/1. New reference or NULL. */
 PyArrayObject *af_arg_abn(PyObject *obj, npy_intp B, npy_intp L);
@@ -291,7 +291,7 @@ int af_check_released_loss(PyObject *o_s, PyObject *o_C, PyObject *o_abn, PyObje
 int af_check_anomaly_score(PyObject *o_y, PyObject *o_x, af_anomaly_args *a);
 
 /* ------------------------------------------------------------------ SLM config
- * The keyword-only config arguments of every SLM function (csrc/slm.h states the rules):
+ * The keyword-only config arguments of every SLM function (csrc/core/slm.h states the rules):
  * append AF_SLM_CFG_KWLIST to a kwlist, AF_SLM_CFG_FORMAT to the format and
  * AF_SLM_CFG_ARGS(c, tok, reg) to the outputs, then call af_slm_config_finish. */
 #define AF_SLM_CFG_KWLIST "lesions_min", "lesions_max", "size_min", "size_max", "crop_max", \

@@ -1,4 +1,4 @@
-/* afire._C.slm: Synthetic Lesion Masks (csrc/slm.h states the rules). */
+/* afire._C.slm: Synthetic Lesion Masks (csrc/core/slm.h states the rules). */
 #include "py_args.h"
 
 /* The config keywords (AF_SLM_CFG_*, af_slm_config_finish) and slm_generate's checks live

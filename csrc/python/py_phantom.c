@@ -1,6 +1,6 @@
-/* afire._C.phantom: synthetic chest radiographs (csrc/phantom.c). */
+/* afire._C.phantom: synthetic chest radiographs (csrc/core/phantom.c). */
+#include "py_util.h" /* Python.h first */
 #include "phantom.h"
-#include "py_util.h"
 
 static const char *kind_names[] = {"none", "nodule", "consolidation", "effusion"};
 

@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "downstream.h"
+#include "py_trainer_config.h"
 #include "trainer.h"
 
 #define BETA1 0.9f
