@@ -7,8 +7,8 @@
 // f(q_a, q_b) in L_cate) are GATHERED by the receiving token from a stored coefficient matrix
 // instead of scattered.
 //
-// Reductions whose output has no scratch in the signature (Sinkhorn, recon_loss, the loss sum
-// of released_loss) run in a single block of 1024 threads: correct and deterministic, a few
+// Reductions whose output has no scratch in the signature (Sinkhorn, af_recon_loss, the loss sum
+// of af_released_loss) run in a single block of 1024 threads: correct and deterministic, a few
 // hundred microseconds at ViT-B sizes; a multi-block version needs a scratch argument.
 #include "common.cuh"
 #include "objective.cuh"

@@ -9,7 +9,7 @@
  *   - sizes and hyper-parameters are checked on the host (AF_EINVAL). Checks that need the
  *     data (finite logits, C >= 0 with positive row sums) are NOT made on the device: the
  *     caller owns them (the CPU twins report them).
- * SLM results are bit-identical to slm_generate; the objective matches objective.c to float
+ * SLM results are bit-identical to af_slm_generate; the objective matches objective.c to float
  * rounding (double accumulation where the CPU uses double).
  *
  * Plain C declarations: included by the .cu files and by the C binding py_cuda_objective.c.
@@ -28,7 +28,7 @@
 extern "C" {
 #endif
 
-/* slm_generate on the device: x[B,S,S] -> x_prime[B,S,S], mask[B,S,S], token_labels[B,L]
+/* af_slm_generate on the device: x[B,S,S] -> x_prime[B,S,S], mask[B,S,S], token_labels[B,L]
  * (uint8, device). Bit-identical to the CPU for every config (csrc/core/fp_exact.h). Allocates
  * nothing for AF_SLM_REGION_RANDOM (the default); AF_SLM_REGION_LARGEST (released code) takes
  * a stream-ordered workspace of 2*S*S ints per image (cudaMallocAsync) for its flood fill. */
@@ -37,16 +37,16 @@ af_status af_cuda_slm_generate(af_cuda_context *ctx, uint8_t *x_prime, uint8_t *
                                const af_slm_config *cfg, uint64_t seed, uint64_t step,
                                uint64_t first_image_index);
 
-/* sinkhorn_knopp: q[N,K] from logits[N,K] (q == logits is allowed). One block: the column
+/* af_sinkhorn_knopp: q[N,K] from logits[N,K] (q == logits is allowed). One block: the column
  * sums are fixed-order reductions without scratch. */
 af_status af_cuda_sinkhorn_knopp(af_cuda_context *ctx, float *q, const float *logits, int N,
                                  int K, float eps, int iters);
 
-/* prototypes_update: C[L,K] from src[B,L,K]. */
+/* af_prototypes_update: C[L,K] from src[B,L,K]. */
 af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *C, const float *src, int B,
                                     int L, int K, float m, int overwrite);
 
-/* paper_loss: l_stru, l_cate are device floats; ds_stru/ds_cate [B,L,K] may be NULL or the
+/* af_paper_loss: l_stru, l_cate are device floats; ds_stru/ds_cate [B,L,K] may be NULL or the
  * same buffer. scratch: af_cuda_paper_loss_scratch_floats(B, L, K) device floats, 8-byte
  * aligned (0 when the sizes are invalid or too large). */
 size_t af_cuda_paper_loss_scratch_floats(int B, int L, int K);
@@ -55,12 +55,12 @@ af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, float *l_cate,
                              int B, int L, int K, float tau_s, float tau, float w_stru,
                              float w_cate, float *scratch);
 
-/* recon_loss: loss is a device float; dy [B,L,PPC] may be NULL; abn may be NULL (all 1). */
+/* af_recon_loss: loss is a device float; dy [B,L,PPC] may be NULL; abn may be NULL (all 1). */
 af_status af_cuda_recon_loss(af_cuda_context *ctx, float *loss, float *dy, const float *y,
                              const float *x, const uint8_t *abn, int B, int L, int PPC,
                              float w_abn, float weight);
 
-/* released_loss: l_cst, l_recon are device floats; ds, dy may be NULL. scratch:
+/* af_released_loss: l_cst, l_recon are device floats; ds, dy may be NULL. scratch:
  * af_cuda_released_loss_scratch_floats(L, K) device floats (P is left in its first L*K). */
 size_t af_cuda_released_loss_scratch_floats(int L, int K);
 af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_recon, float *ds,
@@ -69,7 +69,7 @@ af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_rec
                                 float tau_s, float eps, int iters, float w_cst, float w_recon,
                                 float *scratch);
 
-/* anomaly_score: score[B], log_score[B], err[B,L] are device doubles; each may be NULL. */
+/* af_anomaly_score: score[B], log_score[B], err[B,L] are device doubles; each may be NULL. */
 af_status af_cuda_anomaly_score(af_cuda_context *ctx, double *score, double *log_score,
                                 double *err, const float *y, const float *x, int B, int L,
                                 int PPC);

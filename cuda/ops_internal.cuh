@@ -12,6 +12,6 @@ af_status af_softmax_rows_backward(af_cuda_context *ctx, float *dinp, const floa
 // Weight normalisation of K rows of C (wn_linear.cu): w_eff = v / ||v||, vnorm = ||v||.
 af_status af_wn_normalise_rows(af_cuda_context *ctx, float *w_eff, float *vnorm, const float *v,
                                int K, int C);
-// The dv of wn_linear_backward from G = dL/dw_eff [K,C]: dv += (G - w_eff (G . w_eff)) / vnorm.
+// The dv of af_wn_linear_backward from G = dL/dw_eff [K,C]: dv += (G - w_eff (G . w_eff)) / vnorm.
 af_status af_wn_dv_rows(af_cuda_context *ctx, float *dv, const float *G, const float *w_eff,
                         const float *vnorm, int K, int C);

@@ -56,7 +56,7 @@ __global__ void scale_kernel(const af_cuda_tensor *ts, const float *coef) {
         t.g[k] *= f;
 }
 
-// twin of adamw_update (csrc/ops/adamw.c, cuda/ops/adamw.cu) over every trainable tensor
+// twin of af_adamw_update (csrc/ops/adamw.c, cuda/ops/adamw.cu) over every trainable tensor
 __global__ void adamw_multi_kernel(const af_cuda_tensor *ts, const int *ok, float beta1,
                                    float beta2, float eps, float decay_on, float step_size,
                                    float bc2s, int freeze_last) {
@@ -112,7 +112,7 @@ extern "C" af_status af_cuda_adamw_step(af_cuda_context *ctx, af_cuda_model *m,
                   "adamw_step: betas must be in [0, 1)");
     AF_CUDA_CHECK(a->eps > 0.0f, "adamw_step: eps must be > 0");
     if (m->ntrain == 0) return AF_OK;
-    // the scalars exactly as adamw_update computes them on the host
+    // the scalars exactly as af_adamw_update computes them on the host
     double bc1 = 1.0 - pow((double)a->beta1, (double)a->t);
     float bc2s = (float)sqrt(1.0 - pow((double)a->beta2, (double)a->t));
     float step_size = (float)((double)a->lr / bc1);

@@ -291,11 +291,11 @@ extern "C" af_status af_cuda_slm_generate(af_cuda_context *ctx, uint8_t *x_prime
     AF_CUDA_CHECK(S >= 1 && S <= AF_SLM_MAX_SIDE && P >= 1 && S % P == 0,
                   "slm_generate: need 1 <= S <= %d, P >= 1 and S %% P == 0, got S=%d P=%d",
                   AF_SLM_MAX_SIDE, S, P);
-    AF_TRY(slm_config_check(cfg));
+    AF_TRY(af_slm_config_check(cfg));
     if (B == 0) return AF_OK;
     AF_CUDA_CHECK(x_prime && mask && token_labels && x, "slm_generate: NULL pointer");
     int lo, hi;
-    slm_size_range(S, cfg, &lo, &hi);
+    af_slm_size_range(S, cfg, &lo, &hi);
     int32_t *ws = nullptr;
     if (cfg->region_rule == AF_SLM_REGION_LARGEST) {
         // the released rule's flood fill needs 2*S*S ints per image (stream-ordered memory)

@@ -127,7 +127,7 @@ void af_ft_adamw(af_ft_net *n, const af_ft_step_args *a, int nseg, const size_t 
     int t = (int)a->step + 1;
     size_t o = 0;
     for (int i = 0; i < nseg; o += numel[i], i++)
-        adamw_update(n->head + o, n->head_grad + o, n->head_m + o, n->head_v + o, numel[i], a->lr,
+        af_adamw_update(n->head + o, n->head_grad + o, n->head_m + o, n->head_v + o, numel[i], a->lr,
                      a->beta1, a->beta2, a->eps, decay[i] ? a->weight_decay : 0.0f, t);
     if (n->freeze_encoder) return;
     af_model *m = n->model;
@@ -135,7 +135,7 @@ void af_ft_adamw(af_ft_net *n, const af_ft_step_args *a, int nseg, const size_t 
         const af_param_info *e = &m->table[AF_NET_ENCODER][i];
         if (!e->trainable) continue; /* fixed sin-cos pos_embed */
         o = e->offset;
-        adamw_update(m->params[AF_NET_ENCODER] + o, m->grads[AF_NET_ENCODER] + o,
+        af_adamw_update(m->params[AF_NET_ENCODER] + o, m->grads[AF_NET_ENCODER] + o,
                      m->adam_m[AF_NET_ENCODER] + o, m->adam_v[AF_NET_ENCODER] + o, e->numel, a->lr,
                      a->beta1, a->beta2, a->eps, e->decay ? a->weight_decay : 0.0f, t);
     }

@@ -96,9 +96,9 @@ static af_status classifier_forward(af_classifier *c, int B) {
         }
         for (int d = 0; d < D; d++) p[d] *= inv;
     }
-    layernorm_forward(c->normed, c->ln_mean, c->ln_rstd, c->pooled, c->norm_w, c->norm_b, B, D,
+    af_layernorm_forward(c->normed, c->ln_mean, c->ln_rstd, c->pooled, c->norm_w, c->norm_b, B, D,
                       HEAD_EPS);
-    linear_forward(c->logits, c->normed, c->fc_w, c->fc_b, B, D, c->NC);
+    af_linear_forward(c->logits, c->normed, c->fc_w, c->fc_b, B, D, c->NC);
     return AF_OK;
 }
 
@@ -108,9 +108,9 @@ static void classifier_head_backward(af_classifier *c, float *hg, int B) {
     head_view g = {NULL, NULL, NULL, NULL};
     if (hg) g = carve_head(hg, D, NC);
     memset(c->dnormed, 0, (size_t)B * D * sizeof(float));
-    linear_backward(c->dnormed, g.fc_w, g.fc_b, c->dlogits, c->normed, c->fc_w, B, D, NC);
+    af_linear_backward(c->dnormed, g.fc_w, g.fc_b, c->dlogits, c->normed, c->fc_w, B, D, NC);
     memset(c->dpooled, 0, (size_t)B * D * sizeof(float));
-    layernorm_backward(c->dpooled, g.norm_w, g.norm_b, c->dnormed, c->pooled, c->norm_w,
+    af_layernorm_backward(c->dpooled, g.norm_w, g.norm_b, c->dnormed, c->pooled, c->norm_w,
                        c->ln_mean, c->ln_rstd, B, D);
     float inv = 1.0f / (float)L; /* d mean / d token_j */
     for (int b = 0; b < B; b++) {
@@ -182,7 +182,7 @@ af_status af_classifier_gradcam(af_classifier *c, float *cam, const uint8_t *ima
         classifier_head_backward(c, NULL, B); /* d logit_k / d tokens, no param grads */
         const float *last = af_ft_last_block(m);
         memset(c->dlast, 0, (size_t)B * T * D * sizeof(float));
-        layernorm_backward(c->dlast, NULL, NULL, c->net.dtokens, last, ep->norm_w, ea->lnf_mean,
+        af_layernorm_backward(c->dlast, NULL, NULL, c->net.dtokens, last, ep->norm_w, ea->lnf_mean,
                            ea->lnf_rstd, B * T, D);
         float *w = c->dnormed; /* [D] scratch, free after the head backward */
         for (int b = 0; b < B; b++) {

@@ -32,20 +32,20 @@ af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B)
     for (int b = 0; b < B; b++)
         memcpy(a->x + (size_t)b * L * D, tokens + ((size_t)b * T + 1) * D,
                (size_t)L * D * sizeof(float));
-    linear_forward(a->h1, a->x, p->fc1_w, p->fc1_b, N, D, Hh);
-    gelu_forward(a->g1, a->h1, (size_t)N * Hh);
-    linear_forward(a->h2, a->g1, p->fc2_w, p->fc2_b, N, Hh, Hh);
-    gelu_forward(a->g2, a->h2, (size_t)N * Hh);
-    linear_forward(a->z, a->g2, p->fc3_w, p->fc3_b, N, Hh, Bn);
+    af_linear_forward(a->h1, a->x, p->fc1_w, p->fc1_b, N, D, Hh);
+    af_gelu_forward(a->g1, a->h1, (size_t)N * Hh);
+    af_linear_forward(a->h2, a->g1, p->fc2_w, p->fc2_b, N, Hh, Hh);
+    af_gelu_forward(a->g2, a->h2, (size_t)N * Hh);
+    af_linear_forward(a->z, a->g2, p->fc3_w, p->fc3_b, N, Hh, Bn);
     float *zn = m->scratch.dh_a; /* [B*L, Bn] temporary, kept position-major in zn_t */
-    l2norm_forward(zn, a->znorm, a->z, N, Bn, L2_EPS);
+    af_l2norm_forward(zn, a->znorm, a->z, N, Bn, L2_EPS);
     transpose_bl(a->zn_t, zn, B, L, Bn);
     if (c->shared_last_layer) {
-        wn_linear_forward(a->logits_t, a->w_eff, a->vnorm, a->zn_t, p->last_v, N, Bn, K);
+        af_wn_linear_forward(a->logits_t, a->w_eff, a->vnorm, a->zn_t, p->last_v, N, Bn, K);
     } else {
         for (int j = 0; j < L; j++) {
             size_t kb = (size_t)K * Bn;
-            wn_linear_forward(a->logits_t + (size_t)j * B * K, a->w_eff + j * kb, a->vnorm + (size_t)j * K,
+            af_wn_linear_forward(a->logits_t + (size_t)j * B * K, a->w_eff + j * kb, a->vnorm + (size_t)j * K,
                               a->zn_t + (size_t)j * B * Bn, p->last_v + j * kb, B, Bn, K);
         }
     }
@@ -70,31 +70,31 @@ af_status af_head_backward(af_model *m, const float *dlogits, float *dtokens) {
     transpose_bl(gb, dlogits, B, L, K); /* dlogits_t [L,B,K] */
     memset(s->dz_t, 0, (size_t)N * Bn * sizeof(float));
     if (c->shared_last_layer) {
-        wn_linear_backward(s->dz_t, g->last_v, gb, a->zn_t, a->w_eff, a->vnorm, N, Bn, K);
+        af_wn_linear_backward(s->dz_t, g->last_v, gb, a->zn_t, a->w_eff, a->vnorm, N, Bn, K);
     } else {
         size_t kb = (size_t)K * Bn;
         for (int j = 0; j < L; j++)
-            wn_linear_backward(s->dz_t + (size_t)j * B * Bn, g->last_v + j * kb,
+            af_wn_linear_backward(s->dz_t + (size_t)j * B * Bn, g->last_v + j * kb,
                                gb + (size_t)j * B * K, a->zn_t + (size_t)j * B * Bn,
                                a->w_eff + j * kb, a->vnorm + (size_t)j * K, B, Bn, K);
     }
     transpose_bl(ga, s->dz_t, L, B, Bn); /* dzn [B*L, Bn] */
     memset(gb, 0, (size_t)N * Bn * sizeof(float));
-    l2norm_backward(gb, ga, a->z, a->znorm, N, Bn, L2_EPS); /* dz */
+    af_l2norm_backward(gb, ga, a->z, a->znorm, N, Bn, L2_EPS); /* dz */
     memset(ga, 0, (size_t)N * Hh * sizeof(float));
-    linear_backward(ga, g->fc3_w, g->fc3_b, gb, a->g2, p->fc3_w, N, Hh, Bn); /* dg2 */
+    af_linear_backward(ga, g->fc3_w, g->fc3_b, gb, a->g2, p->fc3_w, N, Hh, Bn); /* dg2 */
     memset(gb, 0, (size_t)N * Hh * sizeof(float));
-    gelu_backward(gb, ga, a->h2, (size_t)N * Hh); /* dh2 */
+    af_gelu_backward(gb, ga, a->h2, (size_t)N * Hh); /* dh2 */
     memset(ga, 0, (size_t)N * Hh * sizeof(float));
-    linear_backward(ga, g->fc2_w, g->fc2_b, gb, a->g1, p->fc2_w, N, Hh, Hh); /* dg1 */
+    af_linear_backward(ga, g->fc2_w, g->fc2_b, gb, a->g1, p->fc2_w, N, Hh, Hh); /* dg1 */
     memset(gb, 0, (size_t)N * Hh * sizeof(float));
-    gelu_backward(gb, ga, a->h1, (size_t)N * Hh); /* dh1 */
+    af_gelu_backward(gb, ga, a->h1, (size_t)N * Hh); /* dh1 */
     if (dtokens == NULL) {
-        linear_backward(NULL, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh);
+        af_linear_backward(NULL, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh);
         return AF_OK;
     }
     memset(ga, 0, (size_t)N * D * sizeof(float));
-    linear_backward(ga, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh); /* dx */
+    af_linear_backward(ga, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh); /* dx */
     for (int b = 0; b < B; b++) {
         float *dt = dtokens + ((size_t)b * T + 1) * D;
         const float *dx = ga + (size_t)b * L * D;

@@ -45,7 +45,7 @@ static int positive_finite(float v) { return isfinite(v) && v > 0.0f; }
 /* ---------------------------------------------------------------------------------- */
 /* Sinkhorn-Knopp (SwAV), METHOD §3                                                    */
 
-af_status sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters) {
+af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters) {
     AF_CHECK(q != NULL && logits != NULL, AF_EINVAL, "sinkhorn_knopp: NULL buffer");
     AF_CHECK(N > 0 && K > 0, AF_EINVAL, "sinkhorn_knopp: N=%d and K=%d must be > 0", N, K);
     AF_CHECK(positive_finite(eps), AF_EINVAL, "sinkhorn_knopp: eps must be > 0, got %g",
@@ -110,7 +110,7 @@ af_status sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps,
 /* ---------------------------------------------------------------------------------- */
 /* Spatial prototypes C[L,K], METHOD §3                                                */
 
-af_status prototypes_update(float *C, const float *src, int B, int L, int K, float m,
+af_status af_prototypes_update(float *C, const float *src, int B, int L, int K, float m,
                             int overwrite) {
     AF_CHECK(C != NULL && src != NULL, AF_EINVAL, "prototypes_update: NULL buffer");
     AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL,
@@ -194,7 +194,7 @@ static inline void softmax_jac_add(float *dz, const float *q, const float *g, in
  *   F           [L*B*B]  F[j,i,b] = log f(q_ij, q_bj)
  *   tmp         [L*K]    one K-vector per position
  *   tl, wG      [B*L]    per-token loss; coefficient of log f(q_bj, c_j) (abnormal b) */
-size_t paper_loss_scratch_floats(int B, int L, int K) {
+size_t af_paper_loss_scratch_floats(int B, int L, int K) {
     if (B <= 0 || L <= 0 || K <= 0) return 0;
     double b = B, l = L, k = K;
     double n = 3 * b * l * k + l * k + b * l * l + l * b * b + l * k + 2 * b * l;
@@ -202,7 +202,7 @@ size_t paper_loss_scratch_floats(int B, int L, int K) {
     return (size_t)n;
 }
 
-af_status paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cate,
+af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cate,
                      const float *s, const float *C, const uint8_t *abn, int B, int L, int K,
                      float tau_s, float tau, float w_stru, float w_cate, float *scratch) {
     AF_CHECK(l_stru && l_cate && s && C && abn && scratch, AF_EINVAL,
@@ -215,7 +215,7 @@ af_status paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cat
              (double)tau);
     AF_CHECK(isfinite(w_stru) && isfinite(w_cate), AF_EINVAL,
              "paper_loss: w_stru and w_cate must be finite");
-    AF_CHECK(paper_loss_scratch_floats(B, L, K) > 0, AF_ENOMEM,
+    AF_CHECK(af_paper_loss_scratch_floats(B, L, K) > 0, AF_ENOMEM,
              "paper_loss: B=%d, L=%d, K=%d need too much scratch", B, L, K);
 
     const size_t NT = (size_t)B * L, BLK = NT * K;
@@ -363,7 +363,7 @@ af_status paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cat
 /* ---------------------------------------------------------------------------------- */
 /* Weighted restoration loss (Eq. 20)                                                  */
 
-af_status recon_loss(float *loss, float *dy, const float *y, const float *x,
+af_status af_recon_loss(float *loss, float *dy, const float *y, const float *x,
                      const uint8_t *abn, int B, int L, int PPC, float w_abn, float weight) {
     AF_CHECK(loss && y && x, AF_EINVAL, "recon_loss: NULL buffer");
     AF_CHECK(B > 0 && L > 0 && PPC > 0, AF_EINVAL,
@@ -396,12 +396,12 @@ af_status recon_loss(float *loss, float *dy, const float *y, const float *x,
 /* ---------------------------------------------------------------------------------- */
 /* Released objective (METHOD §4, "released")                                          */
 
-size_t released_loss_scratch_floats(int L, int K) {
+size_t af_released_loss_scratch_floats(int L, int K) {
     if (L <= 0 || K <= 0) return 0;
     return (size_t)L * (size_t)K;
 }
 
-af_status released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
+af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
                         const float *C, const uint8_t *abn, const float *y, const float *x,
                         int B, int L, int K, int PPC, float tau_s, float eps, int iters,
                         float w_cst, float w_recon, float *scratch) {
@@ -413,7 +413,7 @@ af_status released_loss(float *l_cst, float *l_recon, float *ds, float *dy, cons
              (double)tau_s);
     AF_CHECK(isfinite(w_cst), AF_EINVAL, "released_loss: w_cst must be finite");
     float *P = scratch;
-    AF_TRY(sinkhorn_knopp(P, C, L, K, eps, iters));
+    AF_TRY(af_sinkhorn_knopp(P, C, L, K, eps, iters));
 
     const size_t NT = (size_t)B * L;
     size_t n_normal = 0;
@@ -443,13 +443,13 @@ af_status released_loss(float *l_cst, float *l_recon, float *ds, float *dy, cons
         }
     }
     *l_cst = n_normal ? (float)(sum / n_normal) : 0.0f;
-    return recon_loss(l_recon, dy, y, x, NULL, B, L, PPC, 1.0f, w_recon);
+    return af_recon_loss(l_recon, dy, y, x, NULL, B, L, PPC, 1.0f, w_recon);
 }
 
 /* ---------------------------------------------------------------------------------- */
 /* Anomaly score (Eq. 51), METHOD §6                                                   */
 
-af_status anomaly_score(double *score, double *log_score, double *err, const float *y,
+af_status af_anomaly_score(double *score, double *log_score, double *err, const float *y,
                         const float *x, int B, int L, int PPC) {
     AF_CHECK(y && x, AF_EINVAL, "anomaly_score: NULL buffer");
     AF_CHECK(B > 0 && L > 0 && PPC > 0, AF_EINVAL,

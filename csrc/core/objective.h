@@ -39,11 +39,11 @@ extern "C" {
  * scaled to sum 1. Rows or columns whose mass underflowed to zero are left at zero during
  * the iterations (no division by 0); a row still all zero at the end becomes uniform 1/K.
  * No scratch. Multi-GPU: the total and the column sums are where an all-reduce goes. */
-af_status sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters);
+af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters);
 
 /* Spatial prototypes C[L,K] (METHOD §3): qbar_j = mean over b of src[b,j,:];
  * C_j = qbar_j when overwrite, else m*C_j + (1-m)*qbar_j. m in [0,1]. */
-af_status prototypes_update(float *C, const float *src, int B, int L, int K, float m,
+af_status af_prototypes_update(float *C, const float *src, int B, int L, int K, float m,
                             int overwrite);
 
 /* Paper objective: L_stru (Eq. 12) and L_cate (Eq. 14-16, sign-corrected f, METHOD §4)
@@ -56,26 +56,26 @@ af_status prototypes_update(float *C, const float *src, int B, int L, int K, flo
  *           in the batch (pos > 0); 0 when there are none.
  *   ds_stru += w_stru * dL_stru/ds, ds_cate += w_cate * dL_cate/ds (each may be NULL;
  *   they may be the same buffer to get the weighted sum).
- * scratch: paper_loss_scratch_floats(B, L, K) floats. */
-size_t paper_loss_scratch_floats(int B, int L, int K);
-af_status paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cate,
+ * scratch: af_paper_loss_scratch_floats(B, L, K) floats. */
+size_t af_paper_loss_scratch_floats(int B, int L, int K);
+af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cate,
                      const float *s, const float *C, const uint8_t *abn, int B, int L, int K,
                      float tau_s, float tau, float w_stru, float w_cate, float *scratch);
 
 /* Weighted restoration loss (Eq. 20): loss = (1/(B*L)) sum_ij w_ij ||y_ij - x_ij||^2 / PPC,
  * w_ij = w_abn where abn[i,j] = 1, else 1 (abn may be NULL: all 1).
  * dy += weight * dloss/dy (dy may be NULL). No scratch. */
-af_status recon_loss(float *loss, float *dy, const float *y, const float *x,
+af_status af_recon_loss(float *loss, float *dy, const float *y, const float *x,
                      const uint8_t *abn, int B, int L, int PPC, float w_abn, float weight);
 
-/* Released objective: P = sinkhorn_knopp(C as logits, eps, iters) over the L rows of C;
+/* Released objective: P = af_sinkhorn_knopp(C as logits, eps, iters) over the L rows of C;
  * l_cst = mean over normal tokens of -sum_k P_jk log softmax(s_ij / tau_s)_k (0 when no
  * normal token); l_recon = plain MSE over all B*L*PPC values of y against x.
  * ds += w_cst * dl_cst/ds, dy += w_recon * dl_recon/dy (each may be NULL). Defaults:
- * tau_s 0.1, eps 0.05, iters 3. scratch: released_loss_scratch_floats(L, K) floats
+ * tau_s 0.1, eps 0.05, iters 3. scratch: af_released_loss_scratch_floats(L, K) floats
  * (P is left there, rows = positions). */
-size_t released_loss_scratch_floats(int L, int K);
-af_status released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
+size_t af_released_loss_scratch_floats(int L, int K);
+af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
                         const float *C, const uint8_t *abn, const float *y, const float *x,
                         int B, int L, int K, int PPC, float tau_s, float eps, int iters,
                         float w_cst, float w_recon, float *scratch);
@@ -84,7 +84,7 @@ af_status released_loss(float *l_cst, float *l_recon, float *ds, float *dy, cons
  * normalised pixel units, double); log_score[B] = log((1/L) sum_j exp(err_ij)) computed
  * with log-sum-exp (always finite); score[B] = 1/A(x_i) = exp(log_score) (inf only where
  * it overflows double). Higher = more abnormal. Any output may be NULL. No scratch. */
-af_status anomaly_score(double *score, double *log_score, double *err, const float *y,
+af_status af_anomaly_score(double *score, double *log_score, double *err, const float *y,
                         const float *x, int B, int L, int PPC);
 
 #ifdef __cplusplus

@@ -23,7 +23,7 @@ af_status af_adamw_step(af_model *m, const af_adamw_args *a) {
             const af_param_info *e = &m->table[n][i];
             if (!e->trainable || (a->freeze_last_layer && e->last_layer)) continue;
             size_t o = e->offset;
-            adamw_update(m->params[n] + o, m->grads[n] + o, m->adam_m[n] + o, m->adam_v[n] + o,
+            af_adamw_update(m->params[n] + o, m->grads[n] + o, m->adam_m[n] + o, m->adam_v[n] + o,
                          e->numel, a->lr, a->beta1, a->beta2, a->eps,
                          e->decay ? a->weight_decay : 0.0f, a->t);
         }

@@ -325,7 +325,7 @@ af_status af_init_params(const af_config *c, af_net net, float *buf) {
                 p[k] = e->init_scale * af_rand_normal(c->seed, stream, k);
             break;
         case AF_INIT_SINCOS:
-            sincos_2d_embed(p, (int)e->shape[2], G, 1);
+            af_sincos_2d_embed(p, (int)e->shape[2], G, 1);
             break;
         default:
             af_free(t);

@@ -425,7 +425,7 @@ static af_status check_args(int S, int kind) {
     return AF_OK;
 }
 
-af_status phantom_generate(uint8_t *img, uint8_t *lesion_mask, uint8_t *organ_labels, int S,
+af_status af_phantom_generate(uint8_t *img, uint8_t *lesion_mask, uint8_t *organ_labels, int S,
                            uint64_t seed, uint64_t subject, int lesion_kind) {
     AF_CHECK(img != NULL, AF_EINVAL, "phantom_generate: img is NULL");
     AF_TRY(check_args(S, lesion_kind));
@@ -433,7 +433,7 @@ af_status phantom_generate(uint8_t *img, uint8_t *lesion_mask, uint8_t *organ_la
     return AF_OK;
 }
 
-af_status phantom_generate_batch(uint8_t *img, uint8_t *lesion_masks, uint8_t *organ_labels,
+af_status af_phantom_generate_batch(uint8_t *img, uint8_t *lesion_masks, uint8_t *organ_labels,
                                  int32_t *labels, int B, int S, uint64_t seed,
                                  uint64_t first_subject, int lesion_kind, float p_abnormal) {
     AF_CHECK(img != NULL, AF_EINVAL, "phantom_generate_batch: img is NULL");

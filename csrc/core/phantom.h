@@ -43,7 +43,7 @@ enum {
 /* One S x S image of `subject`. lesion_mask (nullable) is 1 on the lesion, always a subset
  * of the lung label; organ_labels (nullable) as above. lesion_kind in PHANTOM_NONE..
  * PHANTOM_EFFUSION. AF_EINVAL for a bad size or kind. */
-af_status phantom_generate(uint8_t *img, uint8_t *lesion_mask, uint8_t *organ_labels, int S,
+af_status af_phantom_generate(uint8_t *img, uint8_t *lesion_mask, uint8_t *organ_labels, int S,
                            uint64_t seed, uint64_t subject, int lesion_kind);
 
 /* B images of subjects first_subject .. first_subject+B-1 (OpenMP over images).
@@ -51,7 +51,7 @@ af_status phantom_generate(uint8_t *img, uint8_t *lesion_mask, uint8_t *organ_la
  * kind is `lesion_kind` (1..3), or uniform over the three kinds when lesion_kind is -1.
  * labels[b] receives the kind drawn (0 = normal). Outputs: img, lesion_masks and
  * organ_labels [B, S, S] (the last two nullable), labels [B] (nullable). */
-af_status phantom_generate_batch(uint8_t *img, uint8_t *lesion_masks, uint8_t *organ_labels,
+af_status af_phantom_generate_batch(uint8_t *img, uint8_t *lesion_masks, uint8_t *organ_labels,
                                  int32_t *labels, int B, int S, uint64_t seed,
                                  uint64_t first_subject, int lesion_kind, float p_abnormal);
 

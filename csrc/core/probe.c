@@ -89,11 +89,11 @@ static af_status check_sizes(int N, int D, int NC) {
 static af_status probe_loss_std(double *loss, float *dW, float *db, float *logits, float *dlogits,
                                 const float *Xs, const float *Y, const float *W, const float *b,
                                 int N, int D, int NC) {
-    linear_forward(logits, Xs, W, b, N, D, NC);
+    af_linear_forward(logits, Xs, W, b, N, D, NC);
     AF_TRY(af_bce_logits(loss, dlogits, NULL, logits, Y, N, NC));
     if (dW) memset(dW, 0, (size_t)NC * D * sizeof(float));
     if (db) memset(db, 0, (size_t)NC * sizeof(float));
-    if (dW || db) linear_backward(NULL, dW, db, dlogits, Xs, W, N, D, NC);
+    if (dW || db) af_linear_backward(NULL, dW, db, dlogits, Xs, W, N, D, NC);
     return AF_OK;
 }
 
@@ -116,7 +116,7 @@ af_status af_probe_predict(float *logits, const float *X, const float *W, const 
     float *Xs = af_calloc((size_t)N * D, sizeof(float));
     if (Xs == NULL) return AF_ENOMEM;
     standardize(Xs, X, mean, std, N, D);
-    linear_forward(logits, Xs, W, b, N, D, NC);
+    af_linear_forward(logits, Xs, W, b, N, D, NC);
     af_free(Xs);
     return AF_OK;
 }
@@ -176,8 +176,8 @@ af_status af_probe_fit(float *W, float *b, float *mean, float *std, float *loss,
             st = probe_loss_std(&l, dW, db, lb, dlb, xb, yb, W, b, nb, D, NC);
             if (st != AF_OK) break;
             t++;
-            adamw_update(W, dW, mW, vW, ncd, c->lr, c->beta1, c->beta2, c->eps, c->weight_decay, t);
-            adamw_update(b, db, mb, vb, (size_t)NC, c->lr, c->beta1, c->beta2, c->eps, 0.0f, t);
+            af_adamw_update(W, dW, mW, vW, ncd, c->lr, c->beta1, c->beta2, c->eps, c->weight_decay, t);
+            af_adamw_update(b, db, mb, vb, (size_t)NC, c->lr, c->beta1, c->beta2, c->eps, 0.0f, t);
         }
         if (st == AF_OK) {
             double l;

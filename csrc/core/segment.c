@@ -113,9 +113,9 @@ static af_status segmenter_forward(af_segmenter *s, int B) {
     size_t D = (size_t)s->net.D, L = (size_t)s->net.L, T = (size_t)s->net.T;
     for (int b = 0; b < B; b++) /* patch tokens only; cls has no patch */
         memcpy(s->tok + b * L * D, tokens + (b * T + 1) * D, L * D * sizeof(float));
-    linear_forward(s->plogits, s->tok, s->w, s->b, B * s->net.L, s->net.D, s->PP);
+    af_linear_forward(s->plogits, s->tok, s->w, s->b, B * s->net.L, s->net.D, s->PP);
     /* token j predicts the P x P pixels of patch j (MAE order == (p, q) for one channel) */
-    unpatchify(s->logits, s->plogits, B, 1, s->net.S, s->net.P, AF_PATCH_PQC);
+    af_unpatchify(s->logits, s->plogits, B, 1, s->net.S, s->net.P, AF_PATCH_PQC);
     return AF_OK;
 }
 
@@ -130,17 +130,17 @@ af_status af_segmenter_grads(af_segmenter *s, double *loss, double *bce, double 
     AF_TRY(segmenter_forward(s, B));
     int S2 = s->net.S * s->net.S;
     AF_TRY(af_seg_loss(loss, bce, dice_loss, s->dlogits, s->logits, msk, B, S2, s->smooth));
-    /* unpatchify is a permutation: its adjoint is patchify */
-    patchify_forward(s->dplogits, s->dlogits, B, 1, s->net.S, s->net.P, AF_PATCH_PQC);
+    /* af_unpatchify is a permutation: its adjoint is patchify */
+    af_patchify_forward(s->dplogits, s->dlogits, B, 1, s->net.S, s->net.P, AF_PATCH_PQC);
     memset(s->net.head_grad, 0, s->net.head_numel * sizeof(float));
     float *gw = s->net.head_grad, *gb = s->net.head_grad + (size_t)s->PP * s->net.D;
     size_t D = (size_t)s->net.D, L = (size_t)s->net.L, T = (size_t)s->net.T;
     if (s->net.freeze_encoder) {
-        linear_backward(NULL, gw, gb, s->dplogits, s->tok, s->w, B * s->net.L, s->net.D, s->PP);
+        af_linear_backward(NULL, gw, gb, s->dplogits, s->tok, s->w, B * s->net.L, s->net.D, s->PP);
         return AF_OK;
     }
     memset(s->dtok, 0, (size_t)B * L * D * sizeof(float));
-    linear_backward(s->dtok, gw, gb, s->dplogits, s->tok, s->w, B * s->net.L, s->net.D, s->PP);
+    af_linear_backward(s->dtok, gw, gb, s->dplogits, s->tok, s->w, B * s->net.L, s->net.D, s->PP);
     for (int b = 0; b < B; b++) {
         float *dt = s->net.dtokens + (size_t)b * T * D;
         memset(dt, 0, D * sizeof(float)); /* cls row */

@@ -37,7 +37,7 @@ af_slm_config af_slm_config_default(void) {
     return c;
 }
 
-af_status slm_config_check(const af_slm_config *c) {
+af_status af_slm_config_check(const af_slm_config *c) {
     AF_CHECK(c != NULL, AF_EINVAL, "slm: config is NULL");
     AF_CHECK(c->lesions_min >= 0 && c->lesions_min <= c->lesions_max &&
                  c->lesions_max <= AF_SLM_MAX_LESIONS,
@@ -57,7 +57,7 @@ af_status slm_config_check(const af_slm_config *c) {
     return AF_OK;
 }
 
-void slm_size_range(int S, const af_slm_config *cfg, int *lo, int *hi) {
+void af_slm_size_range(int S, const af_slm_config *cfg, int *lo, int *hi) {
     int h = cfg->size_max < S ? cfg->size_max : S;
     int half = S / 2 > 1 ? S / 2 : 1;
     int l = cfg->size_min < half ? cfg->size_min : half;
@@ -66,7 +66,7 @@ void slm_size_range(int S, const af_slm_config *cfg, int *lo, int *hi) {
     *hi = h;
 }
 
-size_t slm_workspace_ints(int S, const af_slm_config *cfg) {
+size_t af_slm_workspace_ints(int S, const af_slm_config *cfg) {
     if (cfg->region_rule != AF_SLM_REGION_LARGEST || S <= 0) return 0;
     return 2 * (size_t)S * (size_t)S;
 }
@@ -107,7 +107,7 @@ static void histogram(int64_t hist[256], const uint8_t *img, int64_t n) {
     for (int64_t i = 0; i < n; i++) hist[img[i]]++;
 }
 
-int otsu_threshold(const uint8_t *img, int n) {
+int af_otsu_threshold(const uint8_t *img, int n) {
     if (img == NULL || n <= 0) return 255;
     int64_t hist[256];
     histogram(hist, img, n);
@@ -205,7 +205,7 @@ static int plan_lesions(af_slm_lesion *out, const uint8_t *x, int S, const af_sl
     if (cfg->region_rule == AF_SLM_REGION_LARGEST) largest_component(x, S, t, ws, &lcx, &lcy);
 
     int lo, hi;
-    slm_size_range(S, cfg, &lo, &hi);
+    af_slm_size_range(S, cfg, &lo, &hi);
     for (int r = 0; r < R; r++) {
         af_slm_lesion *ls = &out[r];
         ls->w = (int)af_rand_int(seed, stream, SLOT_LESION(r, 0), lo, hi);
@@ -223,16 +223,16 @@ static int plan_lesions(af_slm_lesion *out, const uint8_t *x, int S, const af_sl
     return R;
 }
 
-af_status slm_lesions(af_slm_lesion *out, int *count, const uint8_t *x, int S,
+af_status af_slm_lesions(af_slm_lesion *out, int *count, const uint8_t *x, int S,
                       const af_slm_config *cfg, uint64_t seed, uint64_t step,
                       uint64_t image_index, int32_t *workspace) {
     AF_CHECK(out != NULL && count != NULL && x != NULL, AF_EINVAL, "slm_lesions: NULL pointer");
     AF_CHECK(S >= 1 && S <= AF_SLM_MAX_SIDE, AF_EINVAL, "slm_lesions: need 1 <= S <= %d, got %d",
              AF_SLM_MAX_SIDE, S);
-    AF_TRY(slm_config_check(cfg));
-    AF_CHECK(slm_workspace_ints(S, cfg) == 0 || workspace != NULL, AF_EINVAL,
+    AF_TRY(af_slm_config_check(cfg));
+    AF_CHECK(af_slm_workspace_ints(S, cfg) == 0 || workspace != NULL, AF_EINVAL,
              "slm_lesions: region_rule 'largest' needs a workspace of %zu ints",
-             slm_workspace_ints(S, cfg));
+             af_slm_workspace_ints(S, cfg));
     *count = plan_lesions(out, x, S, cfg, seed, step, image_index, workspace);
     return AF_OK;
 }
@@ -319,20 +319,20 @@ static void token_labels_one(uint8_t *labels, const uint8_t *M, int S, int P, in
     }
 }
 
-af_status slm_generate(uint8_t *x_prime, uint8_t *mask, uint8_t *token_labels, const uint8_t *x,
+af_status af_slm_generate(uint8_t *x_prime, uint8_t *mask, uint8_t *token_labels, const uint8_t *x,
                        int B, int S, int P, const af_slm_config *cfg, uint64_t seed,
                        uint64_t step, uint64_t first_image_index) {
     AF_CHECK(B >= 0, AF_EINVAL, "slm_generate: B must be >= 0, got %d", B);
     AF_CHECK(S >= 1 && S <= AF_SLM_MAX_SIDE && P >= 1 && S % P == 0, AF_EINVAL,
              "slm_generate: need 1 <= S <= %d, P >= 1 and S %% P == 0, got S=%d P=%d",
              AF_SLM_MAX_SIDE, S, P);
-    AF_TRY(slm_config_check(cfg));
+    AF_TRY(af_slm_config_check(cfg));
     if (B == 0) return AF_OK;
     AF_CHECK(x_prime != NULL && mask != NULL && token_labels != NULL && x != NULL, AF_EINVAL,
              "slm_generate: NULL pointer");
 
     size_t SS = (size_t)S * S, L = (size_t)(S / P) * (S / P);
-    size_t ws_ints = slm_workspace_ints(S, cfg);
+    size_t ws_ints = af_slm_workspace_ints(S, cfg);
     int nthreads = 1;
 #ifdef _OPENMP
     nthreads = omp_get_max_threads();

@@ -73,29 +73,29 @@ af_slm_config af_slm_config_default(void);
 /* AF_EINVAL with a message naming the field when a config value is out of range:
  * 0 <= lesions_min <= lesions_max <= AF_SLM_MAX_LESIONS, 1 <= size_min <= size_max,
  * crop_max >= 1, gamma2 > 0 finite, 0 <= strength <= 1, known rules. */
-af_status slm_config_check(const af_slm_config *cfg);
+af_status af_slm_config_check(const af_slm_config *cfg);
 
 /* The effective lesion-size range for image side S (rule above). */
-void slm_size_range(int S, const af_slm_config *cfg, int *lo, int *hi);
+void af_slm_size_range(int S, const af_slm_config *cfg, int *lo, int *hi);
 
 /* Otsu threshold of img[n] (rule above). n <= 0 gives 255. */
-int otsu_threshold(const uint8_t *img, int n);
+int af_otsu_threshold(const uint8_t *img, int n);
 
-/* Ints of scratch slm_lesions needs for one image: 0 for AF_SLM_REGION_RANDOM,
+/* Ints of scratch af_slm_lesions needs for one image: 0 for AF_SLM_REGION_RANDOM,
  * 2*S*S for AF_SLM_REGION_LARGEST. */
-size_t slm_workspace_ints(int S, const af_slm_config *cfg);
+size_t af_slm_workspace_ints(int S, const af_slm_config *cfg);
 
 /* The lesions drawn for one image x[S,S] with global index image_index: writes *count
- * (<= AF_SLM_MAX_LESIONS) entries to out. `workspace` holds slm_workspace_ints() ints
+ * (<= AF_SLM_MAX_LESIONS) entries to out. `workspace` holds af_slm_workspace_ints() ints
  * (may be NULL when that is 0). */
-af_status slm_lesions(af_slm_lesion *out, int *count, const uint8_t *x, int S,
+af_status af_slm_lesions(af_slm_lesion *out, int *count, const uint8_t *x, int S,
                       const af_slm_config *cfg, uint64_t seed, uint64_t step,
                       uint64_t image_index, int32_t *workspace);
 
 /* The full SLM for a batch; image b has global index first_image_index + b.
  * Requires S % P == 0. Parallel over images (OpenMP). Allocates nothing for
  * AF_SLM_REGION_RANDOM; AF_SLM_REGION_LARGEST allocates one workspace per thread per call. */
-af_status slm_generate(uint8_t *x_prime, uint8_t *mask, uint8_t *token_labels, const uint8_t *x,
+af_status af_slm_generate(uint8_t *x_prime, uint8_t *mask, uint8_t *token_labels, const uint8_t *x,
                        int B, int S, int P, const af_slm_config *cfg, uint64_t seed,
                        uint64_t step, uint64_t first_image_index);
 

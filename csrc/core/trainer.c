@@ -50,8 +50,8 @@ af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int 
     t->D = n->D;
     size_t B = (size_t)batch, S2 = (size_t)n->S * n->S, BL = B * t->L;
     size_t scratch = cfg->objective == AF_OBJECTIVE_PAPER
-                         ? paper_loss_scratch_floats(batch, t->L, t->K)
-                         : released_loss_scratch_floats(t->L, t->K);
+                         ? af_paper_loss_scratch_floats(batch, t->L, t->K)
+                         : af_released_loss_scratch_floats(t->L, t->K);
     t->protos = af_calloc((size_t)t->L * t->K, sizeof(float));
     t->protos_next = af_calloc((size_t)t->L * t->K, sizeof(float));
     t->x_prime = af_calloc(B * S2, 1);
@@ -93,7 +93,7 @@ static af_status check_batch(const af_trainer *t, int B) {
 /* x' (or x) -> normalised float images and the MAE-order target patches of x. */
 static af_status prepare_inputs(af_trainer *t, const uint8_t *images, int B) {
     AF_TRY(af_normalize_images(t->img, images, B, t->C, t->S));
-    patchify_forward(t->target, t->img, B, t->C, t->S, t->cfg.net.P, AF_PATCH_PQC);
+    af_patchify_forward(t->target, t->img, B, t->C, t->S, t->cfg.net.P, AF_PATCH_PQC);
     return AF_OK;
 }
 
@@ -115,7 +115,7 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
     stats->step = t->step;
 
     /* 1. synthetic lesions, fully determined by (seed, step, image index) */
-    AF_TRY(slm_generate(t->x_prime, t->mask, t->abn, images, B, t->S, c->net.P, &c->slm,
+    AF_TRY(af_slm_generate(t->x_prime, t->mask, t->abn, images, B, t->S, c->net.P, &c->slm,
                         c->seed, (uint64_t)t->step, 0));
     size_t n_abn = 0;
     for (size_t i = 0; i < BL; i++) n_abn += t->abn[i] != 0;
@@ -133,13 +133,13 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
                         "weights?); the model was not updated", (long long)t->step);
     const float *proto_src = teacher_logits; /* released: raw logits are averaged */
     if (c->objective == AF_OBJECTIVE_PAPER) {
-        AF_TRY(sinkhorn_knopp(t->q_teacher, teacher_logits, (int)BL, K, (float)sv.teacher_temp,
+        AF_TRY(af_sinkhorn_knopp(t->q_teacher, teacher_logits, (int)BL, K, (float)sv.teacher_temp,
                               c->sinkhorn_iters));
         proto_src = t->q_teacher;
     }
     /* the loss of this step uses C updated with this batch (overwritten in epoch 0) */
     memcpy(t->protos_next, t->protos, sizeof(float) * L * K);
-    AF_TRY(prototypes_update(t->protos_next, proto_src, B, L, K, c->proto_m,
+    AF_TRY(af_prototypes_update(t->protos_next, proto_src, B, L, K, c->proto_m,
                              sv.first_epoch || !t->protos_set));
 
     /* 3. student on x' -> head logits and the restoration of masked tokens */
@@ -159,9 +159,9 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
     double total;
     if (c->objective == AF_OBJECTIVE_PAPER) {
         float ls = 0, lc = 0, lr = 0;
-        AF_TRY(paper_loss(&ls, &lc, t->dlogits, t->dlogits, logits, t->protos_next, t->abn, B, L,
+        AF_TRY(af_paper_loss(&ls, &lc, t->dlogits, t->dlogits, logits, t->protos_next, t->abn, B, L,
                           K, c->tau_s, c->tau, c->w_stru, c->w_cate, t->obj_scratch));
-        AF_TRY(recon_loss(&lr, t->dpred, pred, t->target, t->abn, B, L, Q, c->w_abn, c->w_recon));
+        AF_TRY(af_recon_loss(&lr, t->dpred, pred, t->target, t->abn, B, L, Q, c->w_abn, c->w_recon));
         stats->l_stru = ls;
         stats->l_cate = lc;
         stats->l_cst = (double)ls + lc;
@@ -169,7 +169,7 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
         total = c->w_stru * (double)ls + c->w_cate * (double)lc + c->w_recon * (double)lr;
     } else {
         float lc = 0, lr = 0;
-        AF_TRY(released_loss(&lc, &lr, t->dlogits, t->dpred, logits, t->protos_next, t->abn, pred,
+        AF_TRY(af_released_loss(&lc, &lr, t->dlogits, t->dpred, logits, t->protos_next, t->abn, pred,
                              t->target, B, L, K, Q, c->tau_s, c->sinkhorn_eps, c->sinkhorn_iters,
                              c->w_stru, c->w_recon, t->obj_scratch));
         stats->l_cst = lc;
@@ -256,5 +256,5 @@ af_status af_trainer_restore(af_trainer *t, float *pred, float *target, const ui
 af_status af_trainer_anomaly(af_trainer *t, double *score, double *log_score, double *err,
                              const uint8_t *images, int B) {
     AF_TRY(af_trainer_restore(t, NULL, NULL, images, NULL, B));
-    return anomaly_score(score, log_score, err, t->model->dec_acts.pred, t->target, B, t->L, t->Q);
+    return af_anomaly_score(score, log_score, err, t->model->dec_acts.pred, t->target, B, t->L, t->Q);
 }

@@ -7,7 +7,7 @@
 af_status af_trainer_config_check(const af_trainer_config *cfg, int batch) {
     AF_CHECK(batch >= 1, AF_EINVAL, "batch size must be >= 1, got %d", batch);
     AF_TRY(af_config_validate(&cfg->net));
-    AF_TRY(slm_config_check(&cfg->slm));
+    AF_TRY(af_slm_config_check(&cfg->slm));
     AF_CHECK(cfg->objective == AF_OBJECTIVE_PAPER || cfg->objective == AF_OBJECTIVE_RELEASED,
              AF_EINVAL, "objective must be 'paper' or 'released'");
     AF_CHECK(cfg->tau_s > 0 && cfg->tau > 0 && cfg->sinkhorn_eps > 0, AF_EINVAL,

@@ -55,15 +55,15 @@ static void blocks_forward(af_blocks_acts *acts, const float *x, const af_blocks
         block_view w = block_at(p, l, W, R);
         block_acts_view a = block_acts_at(acts, l, T, W, R, NH);
         const float *in = l == 0 ? x : block_acts_at(acts, l - 1, T, W, R, NH).res3;
-        layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b, N, W, eps);
-        linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W);
-        attention_forward(a.atty, a.att, a.qkv, B, T, W, NH);
-        linear_forward(a.res2, a.atty, w.proj_w, w.proj_b, N, W, W);
+        af_layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b, N, W, eps);
+        af_linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W);
+        af_attention_forward(a.atty, a.att, a.qkv, B, T, W, NH);
+        af_linear_forward(a.res2, a.atty, w.proj_w, w.proj_b, N, W, W);
         add_inplace(a.res2, in, nw);
-        layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, W, eps);
-        linear_forward(a.fch, a.ln2, w.fc1_w, w.fc1_b, N, W, R * W);
-        gelu_forward(a.fch_gelu, a.fch, (size_t)N * R * W);
-        linear_forward(a.res3, a.fch_gelu, w.fc2_w, w.fc2_b, N, R * W, W);
+        af_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, W, eps);
+        af_linear_forward(a.fch, a.ln2, w.fc1_w, w.fc1_b, N, W, R * W);
+        af_gelu_forward(a.fch_gelu, a.fch, (size_t)N * R * W);
+        af_linear_forward(a.res3, a.fch_gelu, w.fc2_w, w.fc2_b, N, R * W, W);
         add_inplace(a.res3, a.res2, nw);
     }
 }
@@ -81,22 +81,22 @@ static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_
         /* MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2)))) */
         memcpy(s->dres2, s->dres, nw * sizeof(float));
         memset(s->dfch_gelu, 0, nm * sizeof(float));
-        linear_backward(s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu, w.fc2_w, N, R * W, W);
+        af_linear_backward(s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu, w.fc2_w, N, R * W, W);
         memset(s->dfch, 0, nm * sizeof(float));
-        gelu_backward(s->dfch, s->dfch_gelu, a.fch, nm);
+        af_gelu_backward(s->dfch, s->dfch_gelu, a.fch, nm);
         memset(s->dln, 0, nw * sizeof(float));
-        linear_backward(s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W, R * W);
-        layernorm_backward(s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2, w.ln2_w, a.ln2_mean,
+        af_linear_backward(s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W, R * W);
+        af_layernorm_backward(s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2, w.ln2_w, a.ln2_mean,
                            a.ln2_rstd, N, W);
         /* attention branch: res2 = in + proj(attn(qkv(ln1(in)))) */
         memcpy(s->dres, s->dres2, nw * sizeof(float));
         memset(s->datty, 0, nw * sizeof(float));
-        linear_backward(s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w, N, W, W);
+        af_linear_backward(s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w, N, W, W);
         memset(s->dqkv, 0, nw * 3 * sizeof(float));
-        attention_backward(s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W, NH);
+        af_attention_backward(s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W, NH);
         memset(s->dln, 0, nw * sizeof(float));
-        linear_backward(s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W, 3 * W);
-        layernorm_backward(s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,
+        af_linear_backward(s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W, 3 * W);
+        af_layernorm_backward(s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,
                            a.ln1_rstd, N, W);
     }
 }
@@ -127,9 +127,9 @@ af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int
     af_encoder_acts *a = &m->enc_acts[br];
     int L = m->L, T = m->T, D = c->D, CPP = c->C * c->P * c->P;
     /* patch embedding = the stride-P conv as a matmul over (c, p, q)-flattened patches */
-    patchify_forward(a->patches, images, B, c->C, c->S, c->P, AF_PATCH_CPQ);
+    af_patchify_forward(a->patches, images, B, c->C, c->S, c->P, AF_PATCH_CPQ);
     float *emb = m->scratch.dres; /* [B*L, D] temporary */
-    linear_forward(emb, a->patches, p->patch_w, p->patch_b, B * L, CPP, D);
+    af_linear_forward(emb, a->patches, p->patch_w, p->patch_b, B * L, CPP, D);
     for (int b = 0; b < B; b++) {
         float *x = a->x0 + (size_t)b * T * D;
         for (int d = 0; d < D; d++) x[d] = p->cls[d] + p->pos[d];
@@ -141,7 +141,7 @@ af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int
     }
     blocks_forward(&a->blocks, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio, c->H, ENC_EPS);
     const float *last = blocks_output(&a->blocks, c->depth, B, T, D, c->mlp_ratio, c->H);
-    layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, B * T, D,
+    af_layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, B * T, D,
                       ENC_EPS);
     m->enc_B[br] = B;
     return AF_OK;
@@ -159,7 +159,7 @@ af_status af_encoder_backward(af_model *m, const float *dtokens) {
     int L = m->L, T = m->T, D = c->D, N = B * T, CPP = c->C * c->P * c->P;
     const float *last = blocks_output(&a->blocks, c->depth, B, T, D, c->mlp_ratio, c->H);
     memset(s->dres, 0, (size_t)N * D * sizeof(float));
-    layernorm_backward(s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w, a->lnf_mean,
+    af_layernorm_backward(s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w, a->lnf_mean,
                        a->lnf_rstd, N, D);
     blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
                     c->mlp_ratio, c->H);
@@ -174,7 +174,7 @@ af_status af_encoder_backward(af_model *m, const float *dtokens) {
     for (int b = 0; b < B; b++)
         memcpy(demb + (size_t)b * L * D, s->dres + ((size_t)b * T + 1) * D,
                (size_t)L * D * sizeof(float));
-    linear_backward(NULL, g->patch_w, g->patch_b, demb, a->patches, p->patch_w, B * L, CPP, D);
+    af_linear_backward(NULL, g->patch_w, g->patch_b, demb, a->patches, p->patch_w, B * L, CPP, D);
     return AF_OK;
 }
 
@@ -189,7 +189,7 @@ af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *to
     int L = m->L, T = m->T, D = c->D, Dd = c->Dd, Q = m->Q, N = B * T;
     memcpy(a->tokens, tokens, (size_t)N * D * sizeof(float));
     memcpy(a->mask, token_mask, (size_t)B * L);
-    linear_forward(a->x0, a->tokens, p->embed_w, p->embed_b, N, D, Dd);
+    af_linear_forward(a->x0, a->tokens, p->embed_w, p->embed_b, N, D, Dd);
     /* masked tokens (lesion patches) are replaced after the embedding; cls never is */
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -203,8 +203,8 @@ af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *to
     blocks_forward(&a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd,
                    DEC_EPS);
     const float *last = blocks_output(&a->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd);
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, N, Dd, DEC_EPS);
-    linear_forward(a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q);
+    af_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, N, Dd, DEC_EPS);
+    af_linear_forward(a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q);
     for (int b = 0; b < B; b++) /* drop cls */
         memcpy(a->pred + (size_t)b * L * Q, a->pred_full + ((size_t)b * T + 1) * Q,
                (size_t)L * Q * sizeof(float));
@@ -228,10 +228,10 @@ af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens) {
         memcpy(dfull + ((size_t)b * T + 1) * Q, dpred + (size_t)b * L * Q,
                (size_t)L * Q * sizeof(float));
     memset(s->dln, 0, (size_t)N * Dd * sizeof(float));
-    linear_backward(s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N, Dd, Q);
+    af_linear_backward(s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N, Dd, Q);
     const float *last = blocks_output(&a->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd);
     memset(s->dres, 0, (size_t)N * Dd * sizeof(float));
-    layernorm_backward(s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w, a->lnf_mean,
+    af_layernorm_backward(s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w, a->lnf_mean,
                        a->lnf_rstd, N, Dd);
     blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd,
                     c->mlp_ratio, c->Hd);
@@ -245,6 +245,6 @@ af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens) {
                             (size_t)Dd);
                 memset(dx, 0, (size_t)Dd * sizeof(float));
             }
-    linear_backward(dtokens, g->embed_w, g->embed_b, s->dres, a->tokens, p->embed_w, N, D, Dd);
+    af_linear_backward(dtokens, g->embed_w, g->embed_b, s->dres, a->tokens, p->embed_w, N, D, Dd);
     return AF_OK;
 }

@@ -4,7 +4,7 @@
 #include "ops.h"
 #include "ops_internal.h"
 
-void adamw_update(float *params, const float *grads, float *m, float *v, size_t n, float lr,
+void af_adamw_update(float *params, const float *grads, float *m, float *v, size_t n, float lr,
                   float beta1, float beta2, float eps, float weight_decay, int t) {
     /* bias corrections in double, as PyTorch computes them in Python floats */
     double bc1 = 1.0 - pow((double)beta1, (double)t);

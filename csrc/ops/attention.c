@@ -10,7 +10,7 @@
 #include "ops.h"
 #include "ops_internal.h"
 
-void attention_forward(float *out, float *att, const float *qkv, int B, int T, int D, int H) {
+void af_attention_forward(float *out, float *att, const float *qkv, int B, int T, int D, int H) {
     int hd = D / H, ld = 3 * D;
     float scale = 1.0f / sqrtf((float)hd);
     af_blas_single_thread();
@@ -31,7 +31,7 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
     }
 }
 
-void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
+void af_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *att, int B, int T, int D, int H) {
     int hd = D / H, ld = 3 * D;
     float scale = 1.0f / sqrtf((float)hd);

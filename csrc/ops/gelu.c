@@ -25,7 +25,7 @@ AF_TARGET_CLONES static void gelu_backward_range(float *dinp, const float *dout,
     }
 }
 
-void gelu_forward(float *out, const float *inp, size_t n) {
+void af_gelu_forward(float *out, const float *inp, size_t n) {
     size_t chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
     #pragma omp parallel for if (n >= AF_OMP_MIN_ELEMS)
     for (size_t c = 0; c < chunks; c++) {
@@ -34,7 +34,7 @@ void gelu_forward(float *out, const float *inp, size_t n) {
     }
 }
 
-void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
+void af_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     size_t chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
     #pragma omp parallel for if (n >= AF_OMP_MIN_ELEMS)
     for (size_t c = 0; c < chunks; c++) {

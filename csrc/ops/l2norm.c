@@ -4,7 +4,7 @@
 #include "ops.h"
 #include "ops_internal.h"
 
-void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, float eps) {
+void af_l2norm_forward(float *out, float *norm, const float *inp, int N, int C, float eps) {
     #pragma omp parallel for if (AF_OMP_ROWS(N, C))
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
@@ -19,7 +19,7 @@ void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, flo
     }
 }
 
-void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
+void af_l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
                      int N, int C, float eps) {
     #pragma omp parallel for if (AF_OMP_ROWS(N, C))
     for (int n = 0; n < N; n++) {

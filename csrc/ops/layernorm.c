@@ -4,7 +4,7 @@
 #include "ops.h"
 #include "ops_internal.h"
 
-void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+void af_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
                        const float *weight, const float *bias, int N, int C, float eps) {
     #pragma omp parallel for if (AF_OMP_ROWS(N, C))
     for (int n = 0; n < N; n++) {
@@ -28,7 +28,7 @@ void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
     }
 }
 
-void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+void af_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                         const float *inp, const float *weight, const float *mean,
                         const float *rstd, int N, int C) {
     if (dinp != NULL) {

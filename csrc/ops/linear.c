@@ -5,7 +5,7 @@
 #include "ops.h"
 #include "ops_internal.h"
 
-void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
+void af_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int C, int OC) {
     /* Seed out with the bias rows, then let sgemm accumulate (beta = 1): no second pass. */
     float beta = 0.0f;
@@ -18,7 +18,7 @@ void linear_forward(float *out, const float *inp, const float *weight, const flo
     af_sgemm(0, 1, N, OC, C, 1.0f, inp, C, weight, C, beta, out, OC);
 }
 
-void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int C, int OC) {
     if (dinp != NULL) /* dinp[N,C] += dout[N,OC] @ weight[OC,C] */
         af_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C);

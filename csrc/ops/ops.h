@@ -27,49 +27,49 @@ void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const fl
               int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
 /* linear: out[N,OC] = inp[N,C] @ weight[OC,C]^T + bias[OC] (bias may be NULL). */
-void linear_forward(float *out, const float *inp, const float *weight, const float *bias,
+void af_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int C, int OC);
 /* dinp[N,C] += dout @ weight; dweight[OC,C] += dout^T @ inp; dbias[OC] += colsum(dout). */
-void linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int C, int OC);
 
 /* LayerNorm over the last dim: saves mean[N], rstd[N] for the backward. */
-void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+void af_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
                        const float *weight, const float *bias, int N, int C, float eps);
-void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+void af_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                         const float *inp, const float *weight, const float *mean,
                         const float *rstd, int N, int C);
 
 /* GELU with the exact erf form: 0.5 x (1 + erf(x / sqrt 2)) = x Phi(x) (not the tanh
  * approximation). Phi comes from a vectorisable erfc fit (gelu.c): relative error below
  * 3e-6 wherever |gelu| > 1e-3, absolute error below 1e-6 everywhere. */
-void gelu_forward(float *out, const float *inp, size_t n);
-void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
+void af_gelu_forward(float *out, const float *inp, size_t n);
+void af_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
 
 /* Row softmax of inp[N,C]. The backward needs the forward output. */
-void softmax_forward(float *out, const float *inp, int N, int C);
-void softmax_backward(float *dinp, const float *dout, const float *out, int N, int C);
+void af_softmax_forward(float *out, const float *inp, int N, int C);
+void af_softmax_backward(float *dinp, const float *dout, const float *out, int N, int C);
 
 /* Multi-head non-causal self-attention on fused qkv[B,T,3D] (q | k | v, heads contiguous
  * inside each, as timm). out[B,T,D]; att[B,H,T,T] saves the softmax probabilities.
  * Scores are scaled by 1/sqrt(hd). The backward needs scratch of B*H*T*T floats. */
-void attention_forward(float *out, float *att, const float *qkv, int B, int T, int D, int H);
-void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
+void af_attention_forward(float *out, float *att, const float *qkv, int B, int T, int D, int H);
+void af_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *att, int B, int T, int D, int H);
 
 /* out[n] = a[n] + b[n]; backward: da += dout, db += dout. */
-void residual_forward(float *out, const float *a, const float *b, size_t n);
-void residual_backward(float *da, float *db, const float *dout, size_t n);
+void af_residual_forward(float *out, const float *a, const float *b, size_t n);
+void af_residual_backward(float *da, float *db, const float *dout, size_t n);
 
 /* Patchify images img[B,C,S,S] into patches[B,L,P*P*C], L = (S/P)^2, patches in row-major
  * grid order. order AF_PATCH_PQC: inside a patch (row p, col q, channel c) — MAE's
  * patchify, used for restoration targets; AF_PATCH_CPQ: (c, p, q) — the flattening of a
  * conv weight [D,C,P,P], used by the patch embedding. Identical when C == 1.
- * unpatchify is the inverse; patchify_backward scatters-adds dpatches into dimg. */
+ * af_unpatchify is the inverse; af_patchify_backward scatters-adds dpatches into dimg. */
 enum { AF_PATCH_PQC = 0, AF_PATCH_CPQ = 1 };
-void patchify_forward(float *patches, const float *img, int B, int C, int S, int P, int order);
-void patchify_backward(float *dimg, const float *dpatches, int B, int C, int S, int P, int order);
-void unpatchify(float *img, const float *patches, int B, int C, int S, int P, int order);
+void af_patchify_forward(float *patches, const float *img, int B, int C, int S, int P, int order);
+void af_patchify_backward(float *dimg, const float *dpatches, int B, int C, int S, int P, int order);
+void af_unpatchify(float *img, const float *patches, int B, int C, int S, int P, int order);
 
 /* Fixed 2-D sin-cos position embedding, MAE's get_2d_sincos_pos_embed: out[(cls?1:0) + G*G, D]
  * for a GxG grid, grid point (row i, column j) at row (cls?1:0) + i*G + j. MAE builds
@@ -77,25 +77,25 @@ void unpatchify(float *img, const float *patches, int B, int C, int S, int P, in
  * last D/2 from the row index i; each half is [sin(pos*omega), cos(pos*omega)] with
  * omega_k = 1 / 10000^(k / (D/4)), k < D/4. Computed in double, rounded to float once; with
  * cls, row 0 is zero. D must be divisible by 4. */
-void sincos_2d_embed(float *out, int D, int G, int cls);
+void af_sincos_2d_embed(float *out, int D, int G, int cls);
 
 /* Row L2-normalise: out = inp / max(||inp||, eps) (F.normalize), norm[N] saved. */
-void l2norm_forward(float *out, float *norm, const float *inp, int N, int C, float eps);
-void l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
+void af_l2norm_forward(float *out, float *norm, const float *inp, int N, int C, float eps);
+void af_l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
                      int N, int C, float eps);
 
 /* Weight-normalised linear without bias, gain fixed at 1 (PyTorch weight_norm, dim=0):
  * w_eff[K,C] = v[K,C] / ||v_k||; out[N,K] = inp[N,C] @ w_eff^T. The forward writes w_eff
  * and vnorm[K] for the backward. */
-void wn_linear_forward(float *out, float *w_eff, float *vnorm, const float *inp,
+void af_wn_linear_forward(float *out, float *w_eff, float *vnorm, const float *inp,
                        const float *v, int N, int C, int K);
-void wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
+void af_wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
                         const float *w_eff, const float *vnorm, int N, int C, int K);
 
 /* One AdamW step (PyTorch semantics, decoupled weight decay, bias-corrected, t >= 1):
  * p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
  * p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps). */
-void adamw_update(float *params, const float *grads, float *m, float *v, size_t n, float lr,
+void af_adamw_update(float *params, const float *grads, float *m, float *v, size_t n, float lr,
                   float beta1, float beta2, float eps, float weight_decay, int t);
 
 #endif

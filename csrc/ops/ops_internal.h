@@ -91,9 +91,9 @@ void af_softmax_row(float *y, const float *x, int C);
 /* dx[C] = y * (dy - <dy, y>), ASSIGNED (not accumulated); dx == dy allowed. */
 void af_softmax_row_backward(float *dx, const float *dy, const float *y, int C);
 
-/* wn_linear_backward's dv without a K x C buffer (used when that allocation fails;
+/* af_wn_linear_backward's dv without a K x C buffer (used when that allocation fails;
  * exposed to the binding as _wn_linear_backward_dv_lowmem so tests can reach it). */
-void wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *inp,
+void af_wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *inp,
                                   const float *w_eff, const float *vnorm, int N, int C, int K);
 
 #endif

@@ -31,16 +31,16 @@ static void patch_walk(float *patches, float *img, int B, int C, int S, int P, i
     }
 }
 
-void patchify_forward(float *patches, const float *img, int B, int C, int S, int P, int order) {
+void af_patchify_forward(float *patches, const float *img, int B, int C, int S, int P, int order) {
     patch_walk(patches, (float *)img, B, C, S, P, order, 0); /* img only read in mode 0 */
 }
 
-void patchify_backward(float *dimg, const float *dpatches, int B, int C, int S, int P,
+void af_patchify_backward(float *dimg, const float *dpatches, int B, int C, int S, int P,
                        int order) {
     /* patches do not overlap: each pixel receives exactly one term */
     patch_walk((float *)dpatches, dimg, B, C, S, P, order, 1);
 }
 
-void unpatchify(float *img, const float *patches, int B, int C, int S, int P, int order) {
+void af_unpatchify(float *img, const float *patches, int B, int C, int S, int P, int order) {
     patch_walk((float *)patches, img, B, C, S, P, order, 2);
 }

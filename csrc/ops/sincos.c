@@ -9,7 +9,7 @@
 
 #include "ops.h"
 
-void sincos_2d_embed(float *out, int D, int G, int cls) {
+void af_sincos_2d_embed(float *out, int D, int G, int cls) {
     int Q = D / 4;
     if (cls) {
         memset(out, 0, (size_t)D * sizeof(float));

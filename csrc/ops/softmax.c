@@ -35,12 +35,12 @@ AF_TARGET_CLONES static void softmax_row_backward_acc(float *dx, const float *dy
     for (int c = 0; c < C; c++) dx[c] += y[c] * (dy[c] - dot);
 }
 
-void softmax_forward(float *out, const float *inp, int N, int C) {
+void af_softmax_forward(float *out, const float *inp, int N, int C) {
     #pragma omp parallel for if (AF_OMP_ROWS(N, C))
     for (int n = 0; n < N; n++) af_softmax_row(out + (size_t)n * C, inp + (size_t)n * C, C);
 }
 
-void softmax_backward(float *dinp, const float *dout, const float *out, int N, int C) {
+void af_softmax_backward(float *dinp, const float *dout, const float *out, int N, int C) {
     #pragma omp parallel for if (AF_OMP_ROWS(N, C))
     for (int n = 0; n < N; n++) {
         size_t o = (size_t)n * C;

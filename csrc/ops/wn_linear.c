@@ -7,7 +7,7 @@
 #include "ops.h"
 #include "ops_internal.h"
 
-void wn_linear_forward(float *out, float *w_eff, float *vnorm, const float *inp,
+void af_wn_linear_forward(float *out, float *w_eff, float *vnorm, const float *inp,
                        const float *v, int N, int C, int K) {
     #pragma omp parallel for if (AF_OMP_ROWS(K, C))
     for (int k = 0; k < K; k++) {
@@ -32,7 +32,7 @@ static float dot(const float *a, const float *b, int C) {
 /* dv part of the backward without scratch: each G_k is built inside dv_k itself.
  * dv_k' = n dv_k + G_k, so <w, G_k> = <w, dv_k'> - n a with a = <w, dv_k>; then
  * dv_k = dv_k'/n - w <w, G_k>/n. One sgemv per row: slower than the sgemm path. */
-void wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *inp,
+void af_wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *inp,
                                   const float *w_eff, const float *vnorm, int N, int C, int K) {
     af_blas_single_thread();
     for (int k = 0; k < K; k++) {
@@ -45,7 +45,7 @@ void wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *inp
     }
 }
 
-void wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
+void af_wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
                         const float *w_eff, const float *vnorm, int N, int C, int K) {
     if (dinp != NULL) /* dinp[N,C] += dout[N,K] @ w_eff[K,C] */
         af_sgemm(0, 0, N, C, K, 1.0f, dout, K, w_eff, C, 1.0f, dinp, C);
@@ -54,7 +54,7 @@ void wn_linear_backward(float *dinp, float *dv, const float *dout, const float *
      *   dv_k += (G_k - w_k <w_k, G_k>) / ||v_k||   (projection off the unit direction). */
     float *G = malloc((size_t)K * C * sizeof(float));
     if (G == NULL) { /* keeps the "never fails" contract */
-        wn_linear_backward_dv_lowmem(dv, dout, inp, w_eff, vnorm, N, C, K);
+        af_wn_linear_backward_dv_lowmem(dv, dout, inp, w_eff, vnorm, N, C, K);
         return;
     }
     {

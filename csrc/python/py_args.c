@@ -821,7 +821,7 @@ int af_slm_config_finish(af_slm_config *c, const char *tok, const char *reg) {
         PyErr_Format(PyExc_ValueError, "region_rule must be 'random' or 'largest', got '%s'", reg);
         return -1;
     }
-    af_status st = slm_config_check(c);
+    af_status st = af_slm_config_check(c);
     if (st != AF_OK) {
         af_raise(st);
         return -1;

@@ -5,7 +5,7 @@
  *
  * A parser fills a struct with the checked input arrays (float32 C-contiguous unless said
  * otherwise), the zero-filled output arrays and the sizes the kernel needs:
- *   af_parse_<op>(args, kw, &a)   reads the Python arguments too (ops, slm_generate: the two
+ *   af_parse_<op>(args, kw, &a)   reads the Python arguments too (ops, af_slm_generate: the two
  *                                 twins have the same signature);
  *   af_check_<fn>(objects..., &a) starts from parsed objects (objective: the GPU twins take
  *                                 extra keywords).
@@ -134,7 +134,7 @@ typedef struct {
     int B, T, D, H;
 } af_attention_backward_args;
 
-/* patchify_forward: img -> out (patches); patchify_backward / unpatchify: patches -> img. */
+/* af_patchify_forward: img -> out (patches); af_patchify_backward / af_unpatchify: patches -> img. */
 typedef struct {
     af_owned own;
     PyArrayObject *img, *patches;
@@ -189,7 +189,7 @@ int af_parse_softmax_backward(PyObject *args, PyObject *kw, af_softmax_backward_
 int af_parse_attention_forward(PyObject *args, PyObject *kw, af_attention_forward_args *a);
 int af_parse_attention_backward(PyObject *args, PyObject *kw, af_attention_backward_args *a);
 int af_parse_patchify_forward(PyObject *args, PyObject *kw, af_patchify_args *a);
-/* patchify_backward and unpatchify: `fmt` carries the function name for messages. */
+/* af_patchify_backward and af_unpatchify: `fmt` carries the function name for messages. */
 int af_parse_patches_to_image(PyObject *args, PyObject *kw, const char *fmt,
                               af_patchify_args *a);
 int af_parse_l2norm_forward(PyObject *args, PyObject *kw, af_l2norm_forward_args *a);
@@ -251,7 +251,7 @@ typedef struct {
     float m;
 } af_prototypes_args;
 
-/* The inputs of paper_loss; the outputs differ between the twins. */
+/* The inputs of af_paper_loss; the outputs differ between the twins. */
 typedef struct {
     af_owned own;
     PyArrayObject *s, *C, *abn;
@@ -303,10 +303,10 @@ int af_check_anomaly_score(PyObject *o_y, PyObject *o_x, af_anomaly_args *a);
 
 /* "O&" converter: a Python int in [0, 2**64) into a uint64_t (OverflowError otherwise). */
 int af_conv_u64(PyObject *obj, void *out);
-/* Rule names (NULL: the default) -> enum values, then slm_config_check. 0/-1. */
+/* Rule names (NULL: the default) -> enum values, then af_slm_config_check. 0/-1. */
 int af_slm_config_finish(af_slm_config *c, const char *tok, const char *reg);
 
-/* slm_generate(images uint8[B,S,S], seed, step=0, first_index=0, patch=16, **config) */
+/* af_slm_generate(images uint8[B,S,S], seed, step=0, first_index=0, patch=16, **config) */
 typedef struct {
     af_owned own;
     PyArrayObject *xp, *masks, *labels, *images; /* all uint8 */

@@ -419,7 +419,7 @@ ADAPTER(unpatchify) {
     return af_cuda_unpatchify(c, d[0], d[1], A->i[0], A->i[1], A->i[2], A->i[3], A->i[4]);
 }
 
-/* forward: img -> patches; backward / unpatchify: patches -> img. `tuple`: wrap the output
+/* forward: img -> patches; backward / af_unpatchify: patches -> img. `tuple`: wrap the output
  * in a 1-tuple (the backward's convention). */
 static PyObject *run_patchify(af_patchify_args *p, af_cuda_fn fn, int to_image, int tuple) {
     PyObject *res = NULL;

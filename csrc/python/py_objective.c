@@ -22,7 +22,7 @@ static PyObject *py_sinkhorn_knopp(PyObject *self, PyObject *args, PyObject *kw)
     if (af_check_sinkhorn(o_logits, eps, iters, &a) < 0) return NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = sinkhorn_knopp(AF_F32(a.q), AF_F32(a.logits), a.N, a.K, a.eps, a.iters);
+    st = af_sinkhorn_knopp(AF_F32(a.q), AF_F32(a.logits), a.N, a.K, a.eps, a.iters);
     Py_END_ALLOW_THREADS
     PyObject *ret = st == AF_OK ? Py_NewRef(a.q) : af_raise(st);
     af_owned_release(&a.own);
@@ -40,7 +40,7 @@ static PyObject *py_prototypes_update(PyObject *self, PyObject *args, PyObject *
     if (af_check_prototypes_update(o_C, o_src, m, &a) < 0) return NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = prototypes_update(AF_F32(a.C), AF_F32(a.src), a.B, a.L, a.K, a.m, overwrite);
+    st = af_prototypes_update(AF_F32(a.C), AF_F32(a.src), a.B, a.L, a.K, a.m, overwrite);
     Py_END_ALLOW_THREADS
     PyObject *ret = st == AF_OK ? Py_NewRef(Py_None) : af_raise(st);
     af_owned_release(&a.own);
@@ -64,7 +64,7 @@ static PyObject *py_paper_loss(PyObject *self, PyObject *args, PyObject *kw) {
     PyObject *ret = NULL;
     if (!(ds_stru = af_new_array(3, PyArray_DIMS(a.s), NPY_FLOAT32))) goto done;
     if (!(ds_cate = af_new_array(3, PyArray_DIMS(a.s), NPY_FLOAT32))) goto done;
-    size_t nscratch = paper_loss_scratch_floats(B, L, K);
+    size_t nscratch = af_paper_loss_scratch_floats(B, L, K);
     if (nscratch == 0 || !(scratch = af_calloc(nscratch, sizeof(float)))) {
         PyErr_Format(PyExc_MemoryError, "paper_loss: cannot allocate scratch for B=%d, L=%d, "
                      "K=%d", B, L, K);
@@ -73,7 +73,7 @@ static PyObject *py_paper_loss(PyObject *self, PyObject *args, PyObject *kw) {
     float l_stru = 0.0f, l_cate = 0.0f;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = paper_loss(&l_stru, &l_cate, AF_F32(ds_stru), AF_F32(ds_cate), AF_F32(a.s), AF_F32(a.C),
+    st = af_paper_loss(&l_stru, &l_cate, AF_F32(ds_stru), AF_F32(ds_cate), AF_F32(a.s), AF_F32(a.C),
                     AF_U8(a.abn), B, L, K, (float)tau_s, (float)tau, 1.0f, 1.0f, scratch);
     Py_END_ALLOW_THREADS
     if (st != AF_OK) {
@@ -101,7 +101,7 @@ static PyObject *py_recon_loss(PyObject *self, PyObject *args, PyObject *kw) {
     float loss = 0.0f;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = recon_loss(&loss, AF_F32(a.dy), AF_F32(a.y), AF_F32(a.x), AF_U8(a.abn), a.B, a.L, a.PPC,
+    st = af_recon_loss(&loss, AF_F32(a.dy), AF_F32(a.y), AF_F32(a.x), AF_U8(a.abn), a.B, a.L, a.PPC,
                     (float)w_abn, 1.0f);
     Py_END_ALLOW_THREADS
     PyObject *ret = st == AF_OK ? Py_BuildValue("dO", (double)loss, a.dy) : af_raise(st);
@@ -121,7 +121,7 @@ static PyObject *py_released_loss(PyObject *self, PyObject *args, PyObject *kw) 
     if (af_check_released_loss(o_s, o_C, o_abn, o_y, o_x, tau_s, eps, iters, &a) < 0)
         return NULL;
     PyObject *ret = NULL;
-    float *scratch = af_calloc(released_loss_scratch_floats(a.L, a.K), sizeof(float));
+    float *scratch = af_calloc(af_released_loss_scratch_floats(a.L, a.K), sizeof(float));
     if (scratch == NULL) {
         af_raise(AF_ENOMEM);
         goto done;
@@ -129,7 +129,7 @@ static PyObject *py_released_loss(PyObject *self, PyObject *args, PyObject *kw) 
     float l_cst = 0.0f, l_recon = 0.0f;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = released_loss(&l_cst, &l_recon, AF_F32(a.ds), AF_F32(a.dy), AF_F32(a.s), AF_F32(a.C),
+    st = af_released_loss(&l_cst, &l_recon, AF_F32(a.ds), AF_F32(a.dy), AF_F32(a.s), AF_F32(a.C),
                        AF_U8(a.abn), AF_F32(a.y), AF_F32(a.x), a.B, a.L, a.K, a.PPC, a.tau_s,
                        a.eps, a.iters, 1.0f, 1.0f, scratch);
     Py_END_ALLOW_THREADS
@@ -152,7 +152,7 @@ static PyObject *py_anomaly_score(PyObject *self, PyObject *args, PyObject *kw) 
     if (af_check_anomaly_score(o_y, o_x, &a) < 0) return NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = anomaly_score((double *)PyArray_DATA(a.score), (double *)PyArray_DATA(a.log_score),
+    st = af_anomaly_score((double *)PyArray_DATA(a.score), (double *)PyArray_DATA(a.log_score),
                        (double *)PyArray_DATA(a.err), AF_F32(a.y), AF_F32(a.x), a.B, a.L, a.PPC);
     Py_END_ALLOW_THREADS
     PyObject *ret = st == AF_OK ? Py_BuildValue("OOO", a.score, a.log_score, a.err)

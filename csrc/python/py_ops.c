@@ -3,7 +3,7 @@
  * float32 numpy arrays in (non-contiguous input is copied, other dtypes are a TypeError),
  * NEW arrays out. Forward functions return the output, or a tuple (output, saved
  * activations...) when the backward needs them. Backward functions always return a tuple
- * of freshly computed gradients (zeros + the kernel's accumulation). adamw_update works in
+ * of freshly computed gradients (zeros + the kernel's accumulation). af_adamw_update works in
  * place. Every shape is checked before a kernel runs (csrc/python/py_args.c, shared with the CUDA
  * twins), because the kernels trust their sizes. */
 #include "py_args.h" /* Python.h first */
@@ -22,7 +22,7 @@ static PyObject *py_linear_forward(PyObject *self, PyObject *args, PyObject *kw)
     af_linear_forward_args a;
     PARSE(linear_forward, a);
     Py_BEGIN_ALLOW_THREADS
-    linear_forward(AF_F32(a.out), AF_F32(a.inp), AF_F32(a.weight),
+    af_linear_forward(AF_F32(a.out), AF_F32(a.inp), AF_F32(a.weight),
                    a.bias ? AF_F32(a.bias) : NULL, a.N, a.C, a.OC);
     Py_END_ALLOW_THREADS
     PyObject *res = Py_NewRef(a.out);
@@ -34,7 +34,7 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args, PyObject *kw
     af_linear_backward_args a;
     PARSE(linear_backward, a);
     Py_BEGIN_ALLOW_THREADS
-    linear_backward(AF_F32(a.dinp), AF_F32(a.dweight), a.dbias ? AF_F32(a.dbias) : NULL,
+    af_linear_backward(AF_F32(a.dinp), AF_F32(a.dweight), a.dbias ? AF_F32(a.dbias) : NULL,
                     AF_F32(a.dout), AF_F32(a.inp), AF_F32(a.weight), a.N, a.C, a.OC);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(3, a.dinp, a.dweight, a.dbias ? (PyObject *)a.dbias : Py_None);
@@ -48,7 +48,7 @@ static PyObject *py_layernorm_forward(PyObject *self, PyObject *args, PyObject *
     af_layernorm_forward_args a;
     PARSE(layernorm_forward, a);
     Py_BEGIN_ALLOW_THREADS
-    layernorm_forward(AF_F32(a.out), AF_F32(a.mean), AF_F32(a.rstd), AF_F32(a.inp),
+    af_layernorm_forward(AF_F32(a.out), AF_F32(a.mean), AF_F32(a.rstd), AF_F32(a.inp),
                       AF_F32(a.weight), AF_F32(a.bias), a.N, a.C, a.eps);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(3, a.out, a.mean, a.rstd);
@@ -60,7 +60,7 @@ static PyObject *py_layernorm_backward(PyObject *self, PyObject *args, PyObject 
     af_layernorm_backward_args a;
     PARSE(layernorm_backward, a);
     Py_BEGIN_ALLOW_THREADS
-    layernorm_backward(AF_F32(a.dinp), AF_F32(a.dweight), AF_F32(a.dbias), AF_F32(a.dout),
+    af_layernorm_backward(AF_F32(a.dinp), AF_F32(a.dweight), AF_F32(a.dbias), AF_F32(a.dout),
                        AF_F32(a.inp), AF_F32(a.weight), AF_F32(a.mean), AF_F32(a.rstd), a.N,
                        a.C);
     Py_END_ALLOW_THREADS
@@ -75,7 +75,7 @@ static PyObject *py_gelu_forward(PyObject *self, PyObject *args, PyObject *kw) {
     af_gelu_forward_args a;
     PARSE(gelu_forward, a);
     Py_BEGIN_ALLOW_THREADS
-    gelu_forward(AF_F32(a.out), AF_F32(a.inp), a.n);
+    af_gelu_forward(AF_F32(a.out), AF_F32(a.inp), a.n);
     Py_END_ALLOW_THREADS
     PyObject *res = Py_NewRef(a.out);
     af_owned_release(&a.own);
@@ -86,7 +86,7 @@ static PyObject *py_gelu_backward(PyObject *self, PyObject *args, PyObject *kw) 
     af_gelu_backward_args a;
     PARSE(gelu_backward, a);
     Py_BEGIN_ALLOW_THREADS
-    gelu_backward(AF_F32(a.dinp), AF_F32(a.dout), AF_F32(a.inp), a.n);
+    af_gelu_backward(AF_F32(a.dinp), AF_F32(a.dout), AF_F32(a.inp), a.n);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(1, a.dinp);
     af_owned_release(&a.own);
@@ -99,7 +99,7 @@ static PyObject *py_softmax_forward(PyObject *self, PyObject *args, PyObject *kw
     af_softmax_forward_args a;
     PARSE(softmax_forward, a);
     Py_BEGIN_ALLOW_THREADS
-    softmax_forward(AF_F32(a.out), AF_F32(a.inp), a.N, a.C);
+    af_softmax_forward(AF_F32(a.out), AF_F32(a.inp), a.N, a.C);
     Py_END_ALLOW_THREADS
     PyObject *res = Py_NewRef(a.out);
     af_owned_release(&a.own);
@@ -110,7 +110,7 @@ static PyObject *py_softmax_backward(PyObject *self, PyObject *args, PyObject *k
     af_softmax_backward_args a;
     PARSE(softmax_backward, a);
     Py_BEGIN_ALLOW_THREADS
-    softmax_backward(AF_F32(a.dinp), AF_F32(a.dout), AF_F32(a.out), a.N, a.C);
+    af_softmax_backward(AF_F32(a.dinp), AF_F32(a.dout), AF_F32(a.out), a.N, a.C);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(1, a.dinp);
     af_owned_release(&a.own);
@@ -123,7 +123,7 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *args, PyObject *
     af_attention_forward_args a;
     PARSE(attention_forward, a);
     Py_BEGIN_ALLOW_THREADS
-    attention_forward(AF_F32(a.out), AF_F32(a.att), AF_F32(a.qkv), a.B, a.T, a.D, a.H);
+    af_attention_forward(AF_F32(a.out), AF_F32(a.att), AF_F32(a.qkv), a.B, a.T, a.D, a.H);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(2, a.out, a.att);
     af_owned_release(&a.own);
@@ -137,7 +137,7 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *args, PyObject 
     PyArrayObject *scratch = af_zeros_like(a.att); /* the kernel's datt buffer */
     if (scratch != NULL) {
         Py_BEGIN_ALLOW_THREADS
-        attention_backward(AF_F32(a.dqkv), AF_F32(scratch), AF_F32(a.dout), AF_F32(a.qkv),
+        af_attention_backward(AF_F32(a.dqkv), AF_F32(scratch), AF_F32(a.dout), AF_F32(a.qkv),
                            AF_F32(a.att), a.B, a.T, a.D, a.H);
         Py_END_ALLOW_THREADS
         res = PyTuple_Pack(1, a.dqkv);
@@ -153,7 +153,7 @@ static PyObject *py_residual_forward(PyObject *self, PyObject *args, PyObject *k
     af_residual_forward_args a;
     PARSE(residual_forward, a);
     Py_BEGIN_ALLOW_THREADS
-    residual_forward(AF_F32(a.out), AF_F32(a.a), AF_F32(a.b), a.n);
+    af_residual_forward(AF_F32(a.out), AF_F32(a.a), AF_F32(a.b), a.n);
     Py_END_ALLOW_THREADS
     PyObject *res = Py_NewRef(a.out);
     af_owned_release(&a.own);
@@ -164,7 +164,7 @@ static PyObject *py_residual_backward(PyObject *self, PyObject *args, PyObject *
     af_residual_backward_args a;
     PARSE(residual_backward, a);
     Py_BEGIN_ALLOW_THREADS
-    residual_backward(AF_F32(a.da), AF_F32(a.db), AF_F32(a.dout), a.n);
+    af_residual_backward(AF_F32(a.da), AF_F32(a.db), AF_F32(a.dout), a.n);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(2, a.da, a.db);
     af_owned_release(&a.own);
@@ -177,7 +177,7 @@ static PyObject *py_patchify_forward(PyObject *self, PyObject *args, PyObject *k
     af_patchify_args a;
     PARSE(patchify_forward, a);
     Py_BEGIN_ALLOW_THREADS
-    patchify_forward(AF_F32(a.patches), AF_F32(a.img), a.B, a.C, a.S, a.P, a.order);
+    af_patchify_forward(AF_F32(a.patches), AF_F32(a.img), a.B, a.C, a.S, a.P, a.order);
     Py_END_ALLOW_THREADS
     PyObject *res = Py_NewRef(a.patches);
     af_owned_release(&a.own);
@@ -188,7 +188,7 @@ static PyObject *py_patchify_backward(PyObject *self, PyObject *args, PyObject *
     af_patchify_args a;
     if (af_parse_patches_to_image(args, kw, "Oiii|i:patchify_backward", &a) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    patchify_backward(AF_F32(a.img), AF_F32(a.patches), a.B, a.C, a.S, a.P, a.order);
+    af_patchify_backward(AF_F32(a.img), AF_F32(a.patches), a.B, a.C, a.S, a.P, a.order);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(1, a.img);
     af_owned_release(&a.own);
@@ -199,7 +199,7 @@ static PyObject *py_unpatchify(PyObject *self, PyObject *args, PyObject *kw) {
     af_patchify_args a;
     if (af_parse_patches_to_image(args, kw, "Oiii|i:unpatchify", &a) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    unpatchify(AF_F32(a.img), AF_F32(a.patches), a.B, a.C, a.S, a.P, a.order);
+    af_unpatchify(AF_F32(a.img), AF_F32(a.patches), a.B, a.C, a.S, a.P, a.order);
     Py_END_ALLOW_THREADS
     PyObject *res = Py_NewRef(a.img);
     af_owned_release(&a.own);
@@ -222,7 +222,7 @@ static PyObject *py_sincos_2d_embed(PyObject *self, PyObject *args, PyObject *kw
     PyArrayObject *out = af_zeros2(rows, D);
     if (out == NULL) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    sincos_2d_embed(AF_F32(out), D, G, cls);
+    af_sincos_2d_embed(AF_F32(out), D, G, cls);
     Py_END_ALLOW_THREADS
     return (PyObject *)out;
 }
@@ -233,7 +233,7 @@ static PyObject *py_l2norm_forward(PyObject *self, PyObject *args, PyObject *kw)
     af_l2norm_forward_args a;
     PARSE(l2norm_forward, a);
     Py_BEGIN_ALLOW_THREADS
-    l2norm_forward(AF_F32(a.out), AF_F32(a.norm), AF_F32(a.inp), a.N, a.C, a.eps);
+    af_l2norm_forward(AF_F32(a.out), AF_F32(a.norm), AF_F32(a.inp), a.N, a.C, a.eps);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(2, a.out, a.norm);
     af_owned_release(&a.own);
@@ -244,7 +244,7 @@ static PyObject *py_l2norm_backward(PyObject *self, PyObject *args, PyObject *kw
     af_l2norm_backward_args a;
     PARSE(l2norm_backward, a);
     Py_BEGIN_ALLOW_THREADS
-    l2norm_backward(AF_F32(a.dinp), AF_F32(a.dout), AF_F32(a.inp), AF_F32(a.norm), a.N, a.C,
+    af_l2norm_backward(AF_F32(a.dinp), AF_F32(a.dout), AF_F32(a.inp), AF_F32(a.norm), a.N, a.C,
                     a.eps);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(1, a.dinp);
@@ -258,7 +258,7 @@ static PyObject *py_wn_linear_forward(PyObject *self, PyObject *args, PyObject *
     af_wn_linear_forward_args a;
     PARSE(wn_linear_forward, a);
     Py_BEGIN_ALLOW_THREADS
-    wn_linear_forward(AF_F32(a.out), AF_F32(a.w_eff), AF_F32(a.vnorm), AF_F32(a.inp),
+    af_wn_linear_forward(AF_F32(a.out), AF_F32(a.w_eff), AF_F32(a.vnorm), AF_F32(a.inp),
                       AF_F32(a.v), a.N, a.C, a.K);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(3, a.out, a.w_eff, a.vnorm);
@@ -270,7 +270,7 @@ static PyObject *py_wn_linear_backward(PyObject *self, PyObject *args, PyObject 
     af_wn_linear_backward_args a;
     PARSE(wn_linear_backward, a);
     Py_BEGIN_ALLOW_THREADS
-    wn_linear_backward(AF_F32(a.dinp), AF_F32(a.dv), AF_F32(a.dout), AF_F32(a.inp),
+    af_wn_linear_backward(AF_F32(a.dinp), AF_F32(a.dv), AF_F32(a.dout), AF_F32(a.inp),
                        AF_F32(a.w_eff), AF_F32(a.vnorm), a.N, a.C, a.K);
     Py_END_ALLOW_THREADS
     PyObject *res = PyTuple_Pack(2, a.dinp, a.dv);
@@ -297,7 +297,7 @@ static PyObject *py__wn_linear_backward_dv_lowmem(PyObject *self, PyObject *args
         goto done;
     if (!(dv = (PyArrayObject *)PyArray_NewCopy(dv0, NPY_CORDER))) goto done;
     Py_BEGIN_ALLOW_THREADS
-    wn_linear_backward_dv_lowmem(AF_F32(dv), AF_F32(dout), AF_F32(inp), AF_F32(weff),
+    af_wn_linear_backward_dv_lowmem(AF_F32(dv), AF_F32(dout), AF_F32(inp), AF_F32(weff),
                                  AF_F32(vnorm), N, C, K);
     Py_END_ALLOW_THREADS
     res = (PyObject *)dv;
@@ -314,7 +314,7 @@ static PyObject *py_adamw_update(PyObject *self, PyObject *args, PyObject *kw) {
     af_adamw_args a;
     PARSE(adamw_update, a);
     Py_BEGIN_ALLOW_THREADS
-    adamw_update(AF_F32(a.params), AF_F32(a.grads), AF_F32(a.m), AF_F32(a.v), a.n, a.lr, a.beta1,
+    af_adamw_update(AF_F32(a.params), AF_F32(a.grads), AF_F32(a.m), AF_F32(a.v), a.n, a.lr, a.beta1,
                  a.beta2, a.eps, a.weight_decay, a.t);
     Py_END_ALLOW_THREADS
     af_owned_release(&a.own);

@@ -63,7 +63,7 @@ static PyObject *py_generate(PyObject *self, PyObject *args, PyObject *kw) {
     if (!img || !mask || !organ || !labels) goto done;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = phantom_generate_batch(AF_U8(img), AF_U8(mask), AF_U8(organ), AF_I32(labels), (int)n,
+    st = af_phantom_generate_batch(AF_U8(img), AF_U8(mask), AF_U8(organ), AF_I32(labels), (int)n,
                                 size, seed, first, kind, (float)p);
     Py_END_ALLOW_THREADS
     if (st != AF_OK) {

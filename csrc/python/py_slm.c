@@ -1,7 +1,7 @@
 /* afire._C.slm: Synthetic Lesion Masks (csrc/core/slm.h states the rules). */
 #include "py_args.h"
 
-/* The config keywords (AF_SLM_CFG_*, af_slm_config_finish) and slm_generate's checks live
+/* The config keywords (AF_SLM_CFG_*, af_slm_config_finish) and af_slm_generate's checks live
  * in py_args.c, shared with the GPU twin in py_cuda_objective.c. */
 
 static PyObject *py_slm_generate(PyObject *self, PyObject *args, PyObject *kw) {
@@ -9,7 +9,7 @@ static PyObject *py_slm_generate(PyObject *self, PyObject *args, PyObject *kw) {
     if (af_parse_slm_generate(args, kw, &a) < 0) return NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = slm_generate(AF_U8(a.xp), AF_U8(a.masks), AF_U8(a.labels), AF_U8(a.images), a.B, a.S,
+    st = af_slm_generate(AF_U8(a.xp), AF_U8(a.masks), AF_U8(a.labels), AF_U8(a.images), a.B, a.S,
                       a.P, &a.cfg, a.seed, a.step, a.first);
     Py_END_ALLOW_THREADS
     PyObject *result = st == AF_OK ? Py_BuildValue("(OOO)", a.xp, a.masks, a.labels)
@@ -40,7 +40,7 @@ static PyObject *py_slm_lesions(PyObject *self, PyObject *args, PyObject *kw) {
                      (Py_ssize_t)PyArray_DIM(image, 1));
         goto done;
     }
-    size_t n_ws = slm_workspace_ints((int)S, &c);
+    size_t n_ws = af_slm_workspace_ints((int)S, &c);
     if (n_ws > 0 && (ws = (int32_t *)PyMem_Calloc(n_ws, sizeof(int32_t))) == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -49,7 +49,7 @@ static PyObject *py_slm_lesions(PyObject *self, PyObject *args, PyObject *kw) {
     int R = 0;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = slm_lesions(lesions, &R, AF_U8(image), (int)S, &c, seed, step, index, ws);
+    st = af_slm_lesions(lesions, &R, AF_U8(image), (int)S, &c, seed, step, index, ws);
     Py_END_ALLOW_THREADS
     if (st != AF_OK) {
         af_raise(st);
@@ -87,7 +87,7 @@ static PyObject *py_otsu(PyObject *self, PyObject *args) {
     }
     int t;
     Py_BEGIN_ALLOW_THREADS
-    t = otsu_threshold(AF_U8(img), (int)n);
+    t = af_otsu_threshold(AF_U8(img), (int)n);
     Py_END_ALLOW_THREADS
     Py_DECREF(img);
     return PyLong_FromLong(t);
@@ -107,7 +107,7 @@ static PyObject *py_size_range(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     }
     int lo, hi;
-    slm_size_range(S, &c, &lo, &hi);
+    af_slm_size_range(S, &c, &lo, &hi);
     return Py_BuildValue("(ii)", lo, hi);
 }
 

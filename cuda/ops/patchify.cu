@@ -1,4 +1,4 @@
-// Patchify / unpatchify: the twin of csrc/ops/patchify.c. One thread per patch element;
+// Patchify / af_unpatchify: the twin of csrc/ops/patchify.c. One thread per patch element;
 // patches[b, l, k] with l = gi*G + gj (G = S/P) and k = (p*P + q)*C + c (PQC, MAE) or
 // (c*P + p)*P + q (CPQ, conv weight order) maps to img[b, c, gi*P + p, gj*P + q]. The map is a
 // bijection (S % P == 0), so the backward scatter needs no atomics.
