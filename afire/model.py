@@ -64,6 +64,36 @@ def _output_path(path: str | os.PathLike) -> str:
     return p
 
 
+def slm_kwargs(cfg: Config) -> dict[str, Any]:
+    """``afire._C.slm.slm_generate`` keyword arguments for ``cfg``'s SLM settings, the
+    patch size included: what the trainer reads from the Config (region_rule is the C
+    default, "random", as in the trainer)."""
+    return dict(patch=cfg.patch_size, lesions_min=cfg.slm_lesions[0],
+                lesions_max=cfg.slm_lesions[1], size_min=cfg.slm_size[0],
+                size_max=cfg.slm_size[1], crop_max=cfg.slm_crop, gamma2=cfg.slm_gamma2,
+                strength=cfg.slm_strength, token_rule=cfg.token_rule)
+
+
+def _count(value: Any, name: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) \
+            or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def synthetic_lesions(cfg: Config, images: Any, step: int, first_index: int = 0, *,
+                      seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The synthetic lesions (METHOD §1) that training step ``step`` of a model with config
+    ``cfg`` adds to ``images``; see :meth:`AFiRe.synthetic_lesions` (this form needs no
+    model, e.g. to feed another implementation the same inputs)."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg must be an afire.Config, got {type(cfg).__name__}")
+    x = _as_images(images, cfg.img_size)
+    seed = cfg.seed if seed is None else _count(seed, "seed")
+    return _C.slm.slm_generate(x, seed, _count(step, "step"), _count(first_index, "first_index"),
+                               **slm_kwargs(cfg))
+
+
 class AFiRe:
     """An AFiRe model: student/teacher ViT, projection heads, restoration decoder, prototypes.
 
@@ -105,8 +135,19 @@ class AFiRe:
     # ------------------------------------------------------------------ training
     @property
     def step(self) -> int:
-        """Completed training steps."""
+        """Completed training steps: the next `train_step` is step ``step``.
+
+        Setting it (an int >= 0) moves the model along its schedules without training:
+        learning rate, weight decay, EMA momentum, teacher temperature, last-layer freeze
+        and the SLM draws of the next step follow the new value; weights, optimiser moments
+        and prototypes are unchanged. ``load`` restores it from the checkpoint; set it only
+        to start somewhere else on purpose (e.g. a benchmark past the warm-up).
+        """
         return self._t.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._t.step = _count(value, "step")
 
     def train_step(self, batch: Any) -> dict[str, float]:
         """One AFiRe step on a uint8 batch (B,S,S) of NORMAL images (B <= batch capacity).
@@ -116,6 +157,24 @@ class AFiRe:
         A non-finite loss raises FloatingPointError and leaves the model unchanged.
         """
         return self._t.train_step(_as_images(batch, self.cfg.img_size))
+
+    def synthetic_lesions(self, images: Any, step: int, first_index: int = 0, *,
+                          seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The synthetic lesions (METHOD §1) that training step ``step`` adds to ``images``.
+
+        Returns ``(x_prime, mask, token_labels)``: ``x_prime`` uint8 (B, S, S) is
+        clip(x + M, 0, 255) (equal to ``images`` wherever M == 0), ``mask`` uint8 (B, S, S)
+        is the lesion mask M, ``token_labels`` uint8 (B, L) is 1 for an abnormal patch
+        token (``cfg.token_rule``). The draws depend only on (seed, step, image index) and
+        the image: image b has index ``first_index + b``. `train_step` numbers its batch
+        from 0, so ``synthetic_lesions(batch, model.step)`` is exactly what the next
+        ``train_step(batch)`` trains on (its ``abnormal_fraction`` is
+        ``token_labels.mean()``); the same arguments always give the same output. The SLM
+        settings are the model's (``cfg.slm_*``, ``cfg.token_rule``, ``cfg.patch_size``)
+        and ``seed`` defaults to ``cfg.seed``. Runs on the CPU for every device (the GPU
+        trainer draws bit-identical masks). ``images``: uint8 (B, S, S) or one (S, S).
+        """
+        return synthetic_lesions(self.cfg, images, step, first_index, seed=seed)
 
     # ------------------------------------------------------------------ inference
     def _batched(self, images: Any, fn, *extra):

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from . import _C
 from .model import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 
 # every file write_report puts in RUN/report (an `--overwrite` removes these and no others)
@@ -21,14 +20,6 @@ REPORT_FILES = ("losses.png", "samples.png", "report.json", "report.md")
 CURVES = (("loss", ("loss",)), ("consistency", ("l_cst", "l_stru", "l_cate")),
           ("restoration", ("l_recon",)), ("learning rate", ("lr",)))
 COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
-
-
-def slm_kwargs(cfg) -> dict[str, Any]:
-    """afire._C.slm keyword arguments for a Config's SLM settings (as the trainer uses)."""
-    return dict(patch=cfg.patch_size, lesions_min=cfg.slm_lesions[0],
-                lesions_max=cfg.slm_lesions[1], size_min=cfg.slm_size[0],
-                size_max=cfg.slm_size[1], crop_max=cfg.slm_crop, gamma2=cfg.slm_gamma2,
-                strength=cfg.slm_strength, token_rule=cfg.token_rule)
 
 
 def _to_uint8(restored: np.ndarray) -> np.ndarray:
@@ -59,8 +50,7 @@ def sample_grid(model, images: np.ndarray, path: str, step: int | None = None) -
 
     cfg = model.cfg
     x = np.ascontiguousarray(images[:8])
-    xp, _, abn = _C.slm.slm_generate(x, cfg.seed, model.step if step is None else step, 0,
-                                     **slm_kwargs(cfg))
+    xp, _, abn = model.synthetic_lesions(x, model.step if step is None else step)
     rest = model.restore(xp, token_mask=abn)
     if rest.ndim == 4:
         m, s = IMAGENET_MEAN[None, :, None, None], IMAGENET_STD[None, :, None, None]

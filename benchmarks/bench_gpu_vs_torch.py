@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import numpy as np  # noqa: E402
 
 from afire import AFiRe, Config, cuda  # noqa: E402
-from afire import _C  # noqa: E402
+from afire.model import synthetic_lesions  # noqa: E402
 from _report import report  # noqa: E402
 
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
@@ -348,7 +348,7 @@ def bench_afire(preset, batch, precision, x, steps, warmup):
     torch.cuda.empty_cache()
     before = used_bytes()
     m = AFiRe(cfg, device="cuda", steps_per_epoch=1)
-    m._t.step = 20  # past warm-up and the last-layer freeze: every tensor is updated
+    m.step = 20  # past warm-up and the last-layer freeze: every tensor is updated
     times, out = timed(lambda: m.train_step(x), steps, warmup, lambda: None)  # noqa: F821
     mem = used_bytes() - before
     del m
@@ -413,8 +413,8 @@ def main():
     for preset in [p.strip() for p in a.presets.split(",") if p.strip()]:
         cfg = Config.preset_config(preset, batch_size=a.batch)
         x = chest_like(a.batch, cfg.img_size, 0)
-        # x' and the abnormal-token labels for the torch step, from afire's SLM (step 20)
-        xp, _, abn = _C.slm.slm_generate(x, cfg.seed, 20, patch=cfg.patch_size)
+        # x' and the abnormal-token labels for the torch step: what afire's step 20 draws
+        xp, _, abn = synthetic_lesions(cfg, x, step=20)
         jobs = []
         if afire_gpu:
             jobs += [lambda p=p: bench_afire(preset, a.batch, p, x, a.steps, a.warmup)

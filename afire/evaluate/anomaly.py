@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import _C
 from ..model import GRAY_MEAN, GRAY_STD, AFiRe
 from . import figures as F
 from . import metrics as M
@@ -106,12 +105,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 def slm_images(model: AFiRe, images: np.ndarray, seed: int = 0):
     """(x', token labels) from the model's SLM settings, for restoration figures."""
-    c = model.cfg
-    xp, _, tok = _C.slm.slm_generate(
-        np.ascontiguousarray(images), seed, patch=c.patch_size,
-        lesions_min=c.slm_lesions[0], lesions_max=c.slm_lesions[1], size_min=c.slm_size[0],
-        size_max=c.slm_size[1], crop_max=c.slm_crop, gamma2=c.slm_gamma2,
-        strength=c.slm_strength, token_rule=c.token_rule)
+    xp, _, tok = model.synthetic_lesions(images, step=0, seed=seed)
     return xp, tok
 
 
