@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from .config import Config
+from .data import DataError, ShardDataset, phantom_dataset
+from .data.loader import epoch_order
 from .data.progress import Progress, format_seconds
 from .report import REPORT_FILES, read_log, write_report
 
@@ -52,193 +54,122 @@ CKPT_DIR = "checkpoints"
 LAST = "last.safetensors"
 
 
-class DataError(ValueError):
-    """A data file vanished or became unreadable during training (``path`` names it)."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
-
-
 def demo_config(**overrides: Any) -> Config:
     """The configuration `afire pretrain` uses when no preset is given."""
     return Config.preset_config("test", **{**DEMO_OVERRIDES, **overrides})
 
 
-# ---------------------------------------------------------------------------- data sources
-def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    # the same rule as ShardDataset.epoch_order, for in-memory sources
-    ss = np.random.SeedSequence([int(seed), int(epoch)])
-    return np.random.Generator(np.random.PCG64(ss)).permutation(n)
+# ---------------------------------------------------------------------------- the images
+class PretrainingSet:
+    """The images a run trains on (see :func:`pretraining_set`): built-in phantoms or an
+    array held in memory, or a :class:`~afire.data.ShardDataset` read with its checked
+    reads (a shard that breaks mid-run is noticed and named).
 
+    Attributes: ``desc`` (one line for logs and checkpoints), ``fingerprint`` (recorded in
+    every checkpoint: a resume must read the same images, and an evaluation recognises
+    them), ``size`` (S), ``dataset`` (the ShardDataset, None for images in memory),
+    ``bad`` (the shard files found broken, path -> reason).
+    """
 
-class _ArraySource:
-    """Images held in memory (phantoms or a user array): nothing can go bad."""
-
-    def __init__(self, images: np.ndarray, desc: str, fingerprint: str):
-        self.images, self.desc, self.fingerprint = images, desc, fingerprint
-        self.size = images.shape[1]
-        self.bad: dict[str, str] = {}
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-        return _epoch_order(len(self), seed, epoch)
-
-    def read(self, idx: np.ndarray, stop: bool) -> tuple[np.ndarray, list[str]]:
-        return self.images[idx], []
-
-    def provenance(self) -> dict:
-        """What the checkpoint records about its pre-training images (evaluation reads it)."""
-        return {"kind": "memory"}
-
-
-class _ShardSource:
-    """Prepared shards read with explicit file reads, so that a shard deleted, truncated or
-    rewritten mid-run is noticed (a memory map would keep the old inode or SIGBUS)."""
-
-    def __init__(self, ds, desc: str, split: str | None = None, abnormal: int | None = None):
-        from .data.prepare import shard_name
-
-        self.ds, self.desc, self.size = ds, desc, ds.size
-        self.split, self.abnormal = split, abnormal
-        self.loc = np.array([(r["shard"], r["row"]) for r in ds.records],
-                            dtype=np.int64).reshape(-1, 2)
-        self.paths: dict[int, str] = {}
-        self.headers: dict[int, tuple[bytes, int, int]] = {}
-        for k in np.unique(self.loc[:, 0]).tolist():
-            p = os.path.join(ds.root, shard_name(k, "shard") + ".npy")
-            self.paths[k] = p
-            self.headers[k] = self._header(p)
-        self.bad: dict[str, str] = {}
-        h = hashlib.sha256(json.dumps(ds.meta, sort_keys=True).encode())
-        for r in ds.records:
-            h.update(f"\0{r['path']}\0{r['shard']}\0{r['row']}".encode("utf-8", "surrogateescape"))
-        self.fingerprint = "shards:" + h.hexdigest()[:32]
-
-    def provenance(self) -> dict:
-        """The prepared directory and the manifest selection trained on (evaluation keeps
-        these images out of its test sets)."""
-        return {"kind": "shards", "root": os.path.abspath(self.ds.root),
-                "split": self.split, "abnormal": self.abnormal}
-
-    def _header(self, path: str) -> tuple[bytes, int, int]:
-        """(header bytes, data offset, expected file size) of a uint8 [n,S,S] .npy."""
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read(f)
-            off = f.tell()
-            f.seek(0)
-            hdr = f.read(off)
-        if dtype != np.uint8 or fortran or len(shape) != 3 or shape[1:] != (self.size,) * 2:
-            raise DataError(path, f"expected uint8 [n, {self.size}, {self.size}], got "
-                                  f"{dtype} {shape}")
-        return hdr, off, off + int(np.prod(shape))
+    def __init__(self, desc: str, fingerprint: str, *, images: np.ndarray | None = None,
+                 dataset: ShardDataset | None = None, split: str | None = None,
+                 abnormal: int | None = None):
+        if (images is None) == (dataset is None):
+            raise ValueError("give images or a dataset")
+        self.desc, self.fingerprint = desc, fingerprint
+        self.images, self.dataset = images, dataset
+        self.size = dataset.size if dataset is not None else images.shape[1]
+        self._split, self._abnormal = split, abnormal
 
     def __len__(self) -> int:
-        return len(self.loc)
+        return len(self.dataset) if self.dataset is not None else len(self.images)
+
+    @property
+    def bad(self) -> dict[str, str]:
+        return self.dataset.bad if self.dataset is not None else {}
 
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-        return self.ds.epoch_order(seed, epoch)
+        """The order of epoch ``epoch`` (a function of (seed, epoch) only: exact resume)."""
+        return epoch_order(len(self), seed, epoch)
 
-    def _read_rows(self, k: int, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        """Read rows ``rows`` of shard ``k`` into ``out[dest[j]]`` (views of ``out``, so the
-        bytes land in the caller's batch; ``out[dest]`` would be a copy)."""
-        path = self.paths[k]
-        hdr, off, size = self.headers[k]
-        n = self.size * self.size
-        try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size != size:
-                    raise DataError(path, f"file size changed to {os.fstat(f.fileno()).st_size}"
-                                          f" bytes (expected {size}; truncated or rewritten?)")
-                if f.read(len(hdr)) != hdr:
-                    raise DataError(path, "header changed (file rewritten or corrupt)")
-                for j, r in zip(dest.tolist(), rows.tolist()):
-                    f.seek(off + r * n)
-                    if f.readinto(memoryview(out[j]).cast("B")) != n:
-                        raise DataError(path, "short read (file truncated?)")
-        except FileNotFoundError:
-            raise DataError(path, "file disappeared") from None
-        except OSError as e:
-            raise DataError(path, f"unreadable ({e.strerror or e})") from None
+    def read(self, idx: np.ndarray, on_bad: str = "raise") -> tuple[np.ndarray, list[str]]:
+        """The images ``idx`` minus those in broken files, and the newly broken files
+        (``ShardDataset.read``; images in memory cannot break)."""
+        if self.dataset is None:
+            return self.images[idx], []
+        return self.dataset.read(idx, on_bad)
 
-    def read(self, idx: np.ndarray, stop: bool) -> tuple[np.ndarray, list[str]]:
-        """The images of ``idx`` minus those in bad files; newly bad file names."""
-        loc = self.loc[idx]
-        out = np.empty((len(idx), self.size, self.size), np.uint8)
-        keep = np.ones(len(idx), bool)
-        new_bad = []
-        for k in np.unique(loc[:, 0]).tolist():
-            sel = np.flatnonzero(loc[:, 0] == k)
-            path = self.paths[k]
-            if path not in self.bad:
-                try:
-                    self._read_rows(k, loc[sel, 1], out, sel)
-                    continue
-                except DataError as e:
-                    if stop:
-                        raise
-                    self.bad[path] = e.reason
-                    new_bad.append(path)
-            keep[sel] = False
-        return out[keep], new_bad
+    def provenance(self) -> dict:
+        """What a checkpoint records about its pre-training images (``train_data``): for
+        shards, the prepared directory and the manifest selection (evaluation keeps these
+        images out of its test sets)."""
+        if self.dataset is None:
+            return {"kind": "memory"}
+        return {"kind": "shards", "root": os.path.abspath(self.dataset.root),
+                "split": self._split, "abnormal": self._abnormal}
 
 
-def _open_data(data: Any, cfg: Config, say: Callable[[str], None]):
-    from .data import ShardDataset, phantom_dataset
-
+def pretraining_set(data: Any, img_size: int, seed: int = 0,
+                    say: Callable[[str], None] | None = None) -> PretrainingSet:
+    """The images ``afire pretrain`` trains on for ``data`` (see :func:`pretrain`): None
+    (``DEFAULT_PHANTOMS`` built-in normal phantoms of seed ``seed``), an int (that many
+    phantoms), a prepared directory (its NORMAL images, of split "train" if it has one; if
+    no image is labelled, the unlabelled ones, and ``say`` is told), a ShardDataset (used
+    as given) or a uint8 array [N, S, S]. Images must be ``img_size`` square."""
     if data is None or (isinstance(data, int) and not isinstance(data, bool)):
         n = DEFAULT_PHANTOMS if data is None else int(data)
         if n < 1:
             raise ValueError(f"data: the number of phantom images must be >= 1, got {n}")
-        imgs = phantom_dataset(n, size=cfg.img_size, seed=cfg.seed)["images"]
-        return _ArraySource(imgs, f"{n} built-in phantom images (normal, seed {cfg.seed})",
-                            f"phantom:{n}:{cfg.img_size}:{cfg.seed}")
+        imgs = phantom_dataset(n, size=img_size, seed=seed)["images"]
+        return PretrainingSet(f"{n} built-in phantom images (normal, seed {seed})",
+                              f"phantom:{n}:{img_size}:{seed}", images=imgs)
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8:
             raise TypeError(f"data must be uint8 grayscale images, got dtype {data.dtype}")
-        if data.ndim != 3 or data.shape[1:] != (cfg.img_size, cfg.img_size):
-            raise ValueError(f"data must have shape (N, {cfg.img_size}, {cfg.img_size}), "
+        if data.ndim != 3 or data.shape[1:] != (img_size, img_size):
+            raise ValueError(f"data must have shape (N, {img_size}, {img_size}), "
                              f"got {data.shape}")
         arr = np.ascontiguousarray(data)
         h = hashlib.sha256(arr.tobytes()).hexdigest()[:32]
-        return _ArraySource(arr, f"{len(arr)} images from an array", f"array:{arr.shape}:{h}")
+        return PretrainingSet(f"{len(arr)} images from an array", f"array:{arr.shape}:{h}",
+                              images=arr)
     if isinstance(data, ShardDataset):
         ds, what = data, f"{len(data)} images of {data.root} (as given)"
         split = abnormal = None
     elif isinstance(data, (str, os.PathLike)):
-        root = os.fspath(data)
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data: {root} is not a directory (a prepared dataset; run "
-                                    "`afire prepare SRC OUT` first)")
-        every = ShardDataset(root)
-        splits = set(every.field("split"))
-        split = "train" if "train" in splits else None
-        abnormal = 0
-        ds = ShardDataset(root, split=split, abnormal=abnormal)
-        what = f"{len(ds)} normal images of {root}" + (" (split train)" if split else "")
-        if len(ds) == 0:
-            unknown = ShardDataset(root, split=split, abnormal=-1)
-            if len(unknown) == 0:
-                raise ValueError(f"data: {root} holds no normal image (abnormal == 0)"
-                                 + (" in split 'train'" if split else ""))
-            ds, abnormal = unknown, -1
-            what = (f"{len(ds)} images of {root} with unknown labels, taken as normal "
-                    "(no image is labelled normal)")
-            say(f"note: {root} labels no image normal; training on its {len(ds)} unlabelled "
-                "images (abnormal images are never used)")
+        ds, what, split, abnormal = _normal_images(os.fspath(data), say)
     else:
         raise TypeError("data must be None, a number of phantoms, a prepared directory, a "
                         f"ShardDataset or a uint8 array, got {type(data).__name__}")
-    if ds.size != cfg.img_size:
+    if ds.size != img_size:
         raise ValueError(f"data: images are {ds.size}x{ds.size} but the config's img_size is "
-                         f"{cfg.img_size} (re-run `afire prepare --size {cfg.img_size}` or "
+                         f"{img_size} (re-run `afire prepare --size {img_size}` or "
                          f"set img_size={ds.size})")
-    return _ShardSource(ds, what, split, abnormal)
+    return PretrainingSet(what, ds.fingerprint, dataset=ds, split=split, abnormal=abnormal)
+
+
+def _normal_images(root: str, say: Callable[[str], None] | None):
+    """(dataset, description, split, abnormal) of the images pre-training reads in a
+    prepared directory: abnormal == 0 of split "train" (or of all splits when none is
+    "train"); abnormal == -1 (unknown) when no image is labelled normal."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data: {root} is not a directory (a prepared dataset; run "
+                                "`afire prepare SRC OUT` first)")
+    splits = set(ShardDataset(root).field("split"))
+    split = "train" if "train" in splits else None
+    ds = ShardDataset(root, split=split, abnormal=0)
+    if len(ds):
+        return ds, f"{len(ds)} normal images of {root}" + (" (split train)" if split else ""), \
+            split, 0
+    ds = ShardDataset(root, split=split, abnormal=-1)
+    if len(ds) == 0:
+        raise ValueError(f"data: {root} holds no normal image (abnormal == 0)"
+                         + (" in split 'train'" if split else ""))
+    if say is not None:
+        say(f"note: {root} labels no image normal; training on its {len(ds)} unlabelled "
+            "images (abnormal images are never used)")
+    return ds, (f"{len(ds)} images of {root} with unknown labels, taken as normal (no image "
+                "is labelled normal)"), split, -1
 
 
 # ---------------------------------------------------------------------------- run files
@@ -537,7 +468,7 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
                                  "afresh in it (--overwrite) or choose another --out")
             _remove_run_files(out)
 
-    src = _open_data(data, cfg, say)
+    src = pretraining_set(data, cfg.img_size, cfg.seed, say)
     B = cfg.batch_size
     nb = len(src) // B
     if nb < 1:
@@ -608,7 +539,7 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
                         stopped = "max_steps"
                         break
                     batch, new_bad = src.read(order[pos * B:(pos + 1) * B],
-                                              stop=on_bad_data == "stop")
+                                              "raise" if on_bad_data == "stop" else "skip")
                     for p in new_bad:
                         say(f"warning: {p}: {src.bad[p]}; its images are skipped from now on")
                     if len(batch) == 0:
@@ -697,7 +628,7 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
         model.export_backbone(os.path.join(out, "backbone.safetensors"))
         summary["backbone"] = os.path.join(out, "backbone.safetensors")
     if report:
-        sample = src.read(src.epoch_order(seed, 0)[:min(4, len(src))], stop=False)[0]
+        sample = src.read(src.epoch_order(seed, 0)[:min(4, len(src))], "skip")[0]
         # the held-out phantom check says something only about a model trained on phantoms
         summary["report"] = write_report(out, model, summary, sample,
                                          anomaly=src.fingerprint.startswith("phantom:"))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from afire.data import ShardDataset, phantom_dataset, phantom_records, prepare
+from afire.data.loader import DataError, epoch_order
 
 S = 16
 N = 23
@@ -123,3 +124,70 @@ def test_validation_errors(prepared, tmp_path):
         ShardDataset(d, masks=True)
     with pytest.raises(ValueError, match="masks=True"):
         ShardDataset(d).mask(0)
+
+
+# ---------------------------------------------------------------- checked reads (training)
+def test_read_equals_the_memory_mapped_images(prepared):
+    ds = ShardDataset(prepared, split="train")
+    idx = np.array([5, 0, 11, 3, 3, len(ds) - 1])       # any order, repeats, across shards
+    got, bad = ds.read(idx)
+    assert bad == [] and ds.bad == {}
+    assert got.dtype == np.uint8 and got.flags.c_contiguous and got.shape == (6, S, S)
+    np.testing.assert_array_equal(got, ds.images(idx))
+    np.testing.assert_array_equal(ds.read([])[0], np.empty((0, S, S), np.uint8))
+    with pytest.raises(ValueError, match="on_bad must be"):
+        ds.read(idx, on_bad="stop")
+
+
+def test_read_names_a_shard_that_breaks_after_opening(prepared, tmp_path):
+    d = copy_prepared(prepared, tmp_path / "d")
+    ds = ShardDataset(d)
+    shard_of = np.array(ds.field("shard"))
+    idx = np.arange(N)
+    p1 = os.path.join(d, "shard_00001.npy")
+    os.remove(p1)
+    with pytest.raises(DataError, match="shard_00001.npy: file disappeared") as e:
+        ds.read(idx)
+    assert e.value.path == p1 and ds.bad == {}
+    got, bad = ds.read(idx, on_bad="skip")
+    assert bad == [p1] and ds.bad == {p1: "file disappeared"}
+    np.testing.assert_array_equal(got, ds.images(idx[shard_of != 1]))   # the map still holds
+    again, bad = ds.read(idx, on_bad="skip")              # reported once, skipped from now on
+    assert bad == [] and len(again) == len(got)
+
+    p2 = os.path.join(d, "shard_00002.npy")
+    raw = open(p2, "rb").read()
+    open(p2, "wb").write(raw[:-1])
+    with pytest.raises(DataError, match=r"shard_00002.npy: file size changed to \d+ bytes"):
+        ds.read([int(np.flatnonzero(shard_of == 2)[0])])
+    # same size, another header (a rewrite with other contents)
+    hdr_end = raw.index(b"\n") + 1
+    open(p2, "wb").write(raw[:hdr_end - 2].replace(b"False", b"Flase") + raw[hdr_end - 2:])
+    with pytest.raises(DataError, match="header changed"):
+        ds.read([int(np.flatnonzero(shard_of == 2)[0])])
+
+
+def test_fingerprint_identifies_the_selection(prepared):
+    import hashlib
+
+    ds = ShardDataset(prepared, split="train", abnormal=0)
+    # the rule checkpoints have recorded since afire pretrain 1 (resume compares it)
+    h = hashlib.sha256(json.dumps(ds.meta, sort_keys=True).encode())
+    for r in ds.records:
+        h.update(f"\0{r['path']}\0{r['shard']}\0{r['row']}".encode())
+    assert ds.fingerprint == "shards:" + h.hexdigest()[:32]
+    assert ShardDataset(prepared, split="train", abnormal=0).fingerprint == ds.fingerprint
+    assert ShardDataset(prepared, split="train").fingerprint != ds.fingerprint
+
+
+def test_fortran_order_shards_are_refused(prepared, tmp_path):
+    d = copy_prepared(prepared, tmp_path / "f")
+    p = os.path.join(d, "shard_00000.npy")
+    np.save(p, np.asfortranarray(np.load(p)))
+    with pytest.raises(ValueError, match=r"shard_00000.npy: expected uint8 .*Fortran order"):
+        ShardDataset(d)
+
+
+def test_epoch_order_is_the_documented_permutation():
+    want = np.random.Generator(np.random.PCG64(np.random.SeedSequence([4, 9]))).permutation(17)
+    np.testing.assert_array_equal(epoch_order(17, 4, 9), want)

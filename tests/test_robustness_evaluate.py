@@ -23,7 +23,7 @@ from PIL import Image
 
 from afire import AFiRe, Config, _C
 from afire.cli import build_parser, main
-from afire.data import phantom_dataset
+from afire.data import ShardDataset, phantom_dataset
 from afire.evaluate import (PROBE_RECIPE, EvaluationNote, anomaly, finetune, linear_probe,
                             load_data, segment)
 
@@ -85,14 +85,14 @@ def one_folder(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one_folder")
     root = prepare_phantoms(tmp / "ph")
     seen = []
-    original = PRETRAIN._ShardSource.read
+    original = ShardDataset.read
 
-    def recording_read(self, idx, stop):
-        out = original(self, idx, stop)
+    def recording_read(self, idx, on_bad="raise"):
+        out = original(self, idx, on_bad)
         seen.append(np.array(out[0], copy=True))
         return out
 
-    with mock.patch.object(PRETRAIN._ShardSource, "read", recording_read):
+    with mock.patch.object(ShardDataset, "read", recording_read):
         PRETRAIN.pretrain(small_config(), data=str(root), out=str(tmp / "run"), max_steps=2,
                           report=False, progress=False)
     seen = np.concatenate(seen)

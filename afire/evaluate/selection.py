@@ -39,7 +39,6 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -130,19 +129,19 @@ def _pretrain_read(root: str, fingerprint: str):
     first the selection ``afire pretrain --data root`` makes, then the plain split /
     abnormal filters a caller could have passed as a ShardDataset. None if none matches."""
     from ..data import ShardDataset
-    from ..pretrain import _open_data, _ShardSource   # the module (afire.pretrain is a function)
+    from ..pretrain import pretraining_set   # the module (afire.pretrain is a function)
 
     every = ShardDataset(root)
     try:
-        src = _open_data(root, SimpleNamespace(img_size=every.size, seed=0), lambda s: None)
-        if src.fingerprint == fingerprint:
-            return src.ds
+        chosen = pretraining_set(root, every.size)
+        if chosen.fingerprint == fingerprint:
+            return chosen.dataset
     except ValueError:
         pass
     for sp in [None] + sorted(set(every.field("split"))):
         for ab in (None, 0, -1, 1, (0, -1)):
             ds = ShardDataset(root, split=sp, abnormal=ab)
-            if len(ds) and _ShardSource(ds, "").fingerprint == fingerprint:
+            if len(ds) and ds.fingerprint == fingerprint:
                 return ds
     return None
 
