@@ -7,13 +7,18 @@ and leaves in ``out``::
     log.jsonl, log.csv            one row per logged step: every train_step stat + epoch,
                                   batch, images, images/s, time (same columns in both)
     checkpoints/step_NNNNNNNN.safetensors   periodic, the newest ``keep_last`` are kept
-    last.safetensors              the newest checkpoint (hard link, else a copy)
+    last.safetensors              the newest checkpoint (an fsynced copy)
     backbone.safetensors          the teacher encoder with timm names (end of run)
     report/                       losses.png, samples.png, report.json, report.md
 
 Resume is exact: the order of epoch e is a function of (seed, e) only, the checkpoint holds
 the epoch and the batch position inside it, and the trainer's step counter drives the SLM
 draws and every schedule, so N steps in one go and N/2 + resume + N/2 log the same losses.
+
+Parts, in file order: the images (:func:`pretraining_set` -> :class:`PretrainingSet`), the
+run files (logs, checkpoints, progress bar), starting a run (fresh, overwritten or resumed:
+``_start_*``, ``_model_for``), the loop (``_Loop``: steps, log rows, checkpoints, Ctrl-C,
+bad data), :func:`pretrain` tying them together, and the ``afire pretrain`` CLI.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +40,8 @@ from .config import Config
 from .data import DataError, ShardDataset, phantom_dataset
 from .data.loader import epoch_order
 from .data.progress import Progress, format_seconds
+from .device import require_device
+from .model import AFiRe
 from .report import REPORT_FILES, read_log, write_report
 
 RUN_FORMAT = "afire-pretrain-1"
@@ -268,8 +276,6 @@ def _save_checkpoint(model, out: str, meta: dict, keep_last: int) -> str:
     a copy of it, then prune the step files to the newest ``keep_last``. The file just
     written is the newest and has validated, so the newest good checkpoint is never pruned
     (invalid ones found by a resume were set aside as ``*.corrupt`` then)."""
-    from .model import AFiRe
-
     d = os.path.join(out, CKPT_DIR)
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"step_{model.step:08d}.safetensors")
@@ -328,8 +334,8 @@ def _find_resume(out: str) -> list[str]:
 class _TrainProgress(Progress):
     """The data progress bar with training fields; the rate is this segment's."""
 
-    def __init__(self, total: int, done: int, enabled: bool):
-        super().__init__(total, "pretrain", unit="step", enabled=enabled)
+    def __init__(self, total: int, done: int, enabled: bool, stream=None):
+        super().__init__(total, "pretrain", unit="step", stream=stream, enabled=enabled)
         self.n = self.n0 = done
         self.fields = ""
         self.img_s = 0.0
@@ -372,7 +378,330 @@ def _config_diff(a: Config, b: Config) -> list[str]:
     return sorted(k for k in da if da[k] != db.get(k))
 
 
+# ---------------------------------------------------------------------------- the run
+class _Console:
+    """Where pretrain's messages go: the stream, or above the progress bar once there is
+    one (so that neither garbles the other)."""
+
+    def __init__(self, stream):
+        self.stream = sys.stderr if stream is None else stream
+        self.bar: Progress | None = None
+
+    def __call__(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.message(text)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+@dataclass
+class _Start:
+    """A run before its data are opened: its Config and directory, and for a resume the
+    model and metadata of the checkpoint it continues (``model`` None: a fresh run)."""
+
+    cfg: Config
+    out: str
+    model: AFiRe | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Position:
+    """How far a run has got besides the model's step: what a checkpoint records so that a
+    resume continues exactly (the epoch, the next batch in it, the images trained on and
+    the seconds spent before this call)."""
+
+    epoch: int = 0
+    batch: int = 0
+    images: int = 0
+    elapsed: float = 0.0
+
+    @classmethod
+    def of_checkpoint(cls, meta: dict[str, str]) -> _Position:
+        return cls(int(meta["epoch"]), int(meta["batch_in_epoch"]), int(meta["images_seen"]),
+                   float(meta["elapsed"]))
+
+
+def _check_options(config: Config | None, resume: bool, on_bad_data: str,
+                   **counts: int | None) -> None:
+    if on_bad_data not in ("skip", "stop"):
+        raise ValueError(f"on_bad_data must be 'skip' or 'stop', got {on_bad_data!r}")
+    lowest = {"max_steps": 0}
+    for name, v in counts.items():
+        lo = lowest.get(name, 1)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if config is None and not resume:
+        raise ValueError("config is required unless resume=True")
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(f"config must be an afire.Config, got {type(config).__name__}")
+
+
+def _start_fresh(config: Config, out: str | None, overwrite: bool) -> _Start:
+    """A new run in ``out``, which must hold no run unless ``overwrite`` (then its run files
+    are removed)."""
+    out = out if out is not None else os.path.join("runs", f"afire-{config.preset}")
+    if _find_resume(out) or os.path.exists(os.path.join(out, "log.jsonl")):
+        if not overwrite:
+            raise ValueError(f"{out} already holds a run; resume it (--resume), start "
+                             "afresh in it (--overwrite) or choose another --out")
+        _remove_run_files(out)
+    return _Start(config, out)
+
+
+def _start_resumed(config: Config | None, out: str | None, device: str, say) -> _Start:
+    """The run in ``out`` from its newest loadable checkpoint (unloadable ones are set
+    aside); a given ``config`` must equal the checkpoint's."""
+    if out is None:
+        if config is None:
+            raise ValueError("resume needs out (the run directory) or a config")
+        out = os.path.join("runs", f"afire-{config.preset}")
+    cands = _find_resume(out)
+    if not cands:
+        raise FileNotFoundError(f"resume: no checkpoint in {out} (nothing to resume; "
+                                "start without --resume)")
+    model, meta = None, {}
+    for c in cands:
+        try:
+            meta = AFiRe.read_metadata(c)
+            if meta.get("run_format") != RUN_FORMAT:
+                raise ValueError("not written by afire pretrain")
+            model = AFiRe.load(c, device=device)
+            break
+        except ValueError as e:
+            _set_aside(c, str(e), say)
+    if model is None:
+        raise ValueError(f"resume: no loadable checkpoint in {out}")
+    say(f"resuming from {c} (step {model.step})")
+    if config is not None:
+        diff = _config_diff(config, model.cfg)
+        if diff:
+            raise ValueError(f"resume: the config differs from the checkpoint's in {diff}; "
+                             "resume with the same settings (or none) for an exact run")
+    return _Start(model.cfg, out, model, meta)
+
+
+def _model_for(start: _Start, src: PretrainingSet, device: str) -> tuple[AFiRe, _Position]:
+    """The model to train on ``src`` and where it starts: a new model at the beginning, or
+    the resumed one where its checkpoint left off, once ``src`` is checked to be the
+    images it trained on, in as many batches per epoch."""
+    B = start.cfg.batch_size
+    nb = len(src) // B
+    if nb < 1:
+        raise ValueError(f"data: {len(src)} images are fewer than one batch of {B}")
+    if start.model is None:
+        return AFiRe(start.cfg, device=device, steps_per_epoch=nb, batch_size=B), _Position()
+    meta = start.meta
+    if meta.get("data_fingerprint") != src.fingerprint:
+        raise ValueError(f"resume: the data differs from the run's ({meta.get('data_desc')}"
+                         f"; fingerprint {meta.get('data_fingerprint')} != "
+                         f"{src.fingerprint}); pass the same data to resume exactly")
+    if start.model.steps_per_epoch != nb:
+        raise ValueError(f"resume: {nb} batches per epoch now, {start.model.steps_per_epoch} "
+                         "in the checkpoint")
+    return start.model, _Position.of_checkpoint(meta)
+
+
+def _write_config(out: str, cfg: Config) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
+
+
+def _announce(cfg: Config, src: PretrainingSet, nb: int, device: str, out: str, say) -> None:
+    """The first lines of a fresh run: what trains on what, and settings worth a note."""
+    say(f"afire pretrain: preset {cfg.preset} (S={cfg.img_size}, P={cfg.patch_size}, "
+        f"D={cfg.embed_dim}, depth {cfg.depth}, {cfg.objective} objective) on {src.desc}; "
+        f"batch {cfg.batch_size}, {nb} steps/epoch x {cfg.epochs} epochs = {cfg.epochs * nb} "
+        f"steps, device {device}, out {out}")
+    if cfg.warmup_epochs >= cfg.epochs:
+        say(f"note: warmup_epochs={cfg.warmup_epochs} >= epochs={cfg.epochs}: the learning "
+            "rate never leaves its warm-up (override warmup_epochs=... to change)")
+    if cfg.lr < LOW_PEAK_LR:
+        say(f"note: peak learning rate {cfg.lr:.2g} (base_lr {cfg.base_lr:g} x batch "
+            f"{cfg.batch_size} / 256) is low for a short run; the paper's peak is 1e-3, "
+            f"i.e. base_lr={1e-3 * 256 / cfg.batch_size:.2g} at this batch (README: "
+            "learning rate at small batches)")
+
+
 # ---------------------------------------------------------------------------- the loop
+class _Loop:
+    """The epoch/batch loop of one `pretrain` call: a step per batch, a log row on the
+    fixed schedule, checkpoints (each epoch, every ``ckpt_every`` steps, at the end, and
+    on Ctrl-C or a stop for bad data), the progress bar. ``run`` trains; ``summary``
+    then describes the call. ``pos`` advances with every batch taken."""
+
+    def __init__(self, model: AFiRe, src: PretrainingSet, out: str, pos: _Position,
+                 resumed: bool, *, total: int, log: _RunLog, console: _Console,
+                 progress: bool, log_every: int, ckpt_every: int | None, keep_last: int,
+                 on_bad: str, callback: Callable[[dict], None] | None):
+        self.model, self.src, self.out, self.pos = model, src, out, pos
+        self.cfg, self.nb, self.total = model.cfg, model.steps_per_epoch, total
+        self.log, self.say = log, console
+        self.log_every, self.ckpt_every, self.keep_last = log_every, ckpt_every, keep_last
+        self.on_bad, self.callback = on_bad, callback
+        self.step_start = model.step
+        self.resumed = resumed
+        self.last_saved = model.step if resumed else -1
+        self.last_row: dict | None = None
+        self.pending: tuple[int, int] | None = None  # (step before, batch size) while a step runs
+        self.images_run = 0
+        self.stopped = "complete"
+        self.t0 = time.monotonic()
+        self.interval_t, self.interval_img = self.t0, 0
+        self.bar = _TrainProgress(total, model.step, progress, console.stream)
+        console.bar = self.bar
+
+    # ---- checkpoints
+    def checkpoint(self) -> str:
+        meta = {"run_format": RUN_FORMAT, "epoch": self.pos.epoch,
+                "batch_in_epoch": self.pos.batch, "data_fingerprint": self.src.fingerprint,
+                "data_desc": self.src.desc,
+                "train_data": json.dumps(self.src.provenance(), sort_keys=True),
+                "elapsed": f"{self.pos.elapsed + time.monotonic() - self.t0:.3f}",
+                "images_seen": self.pos.images}
+        p = _save_checkpoint(self.model, self.out, meta, self.keep_last)
+        self.last_saved = self.model.step
+        return p
+
+    def _checkpoint_if_new(self) -> None:
+        if self.model.step != self.last_saved:
+            self.checkpoint()
+
+    # ---- the loop
+    def run(self) -> None:
+        """Train until the last epoch or ``total`` steps; always leaves a checkpoint of the
+        last step taken (unless a step failed with a non-finite loss)."""
+        try:
+            with _SigintFlag() as sigint:
+                while self.pos.epoch < self.cfg.epochs and self.stopped == "complete":
+                    self._epoch(sigint)
+                self._checkpoint_if_new()
+        except KeyboardInterrupt:
+            if self.pending is not None and self.model.step > self.pending[0]:
+                # a second Ctrl-C landed between the C step and the bookkeeping: count it
+                self.pos.batch += 1
+                self.pos.images += self.pending[1]
+            self._checkpoint_if_new()
+            self.bar.close()
+            self.say(f"interrupted at step {self.model.step}; checkpoint "
+                     f"{os.path.join(self.out, LAST)}. Resume with: afire pretrain --out "
+                     f"{self.out} --resume")
+            raise
+        except DataError as e:
+            self._checkpoint_if_new()
+            raise DataError(e.path, f"{e.reason}; training stopped (on_bad_data='stop') with "
+                                    f"a checkpoint at step {self.model.step}; fix the data and "
+                                    f"resume with --out {self.out} --resume") from None
+        finally:
+            self.bar.close()
+
+    def _epoch(self, sigint: _SigintFlag) -> None:
+        """The rest of the current epoch (from batch ``pos.batch``), or up to ``total``."""
+        B, pos = self.cfg.batch_size, self.pos
+        order = self.src.epoch_order(self.cfg.seed, pos.epoch)
+        while pos.batch < self.nb:
+            if self.model.step >= self.total:
+                self.stopped = "max_steps"
+                return
+            batch, new_bad = self.src.read(order[pos.batch * B:(pos.batch + 1) * B],
+                                           self.on_bad)
+            for p in new_bad:
+                self.say(f"warning: {p}: {self.src.bad[p]}; its images are skipped from now on")
+            if len(batch) == 0:
+                pos.batch += 1
+                continue
+            row = self._record(self._step(batch), len(batch))
+            if self.ckpt_every is not None and self.model.step % self.ckpt_every == 0 \
+                    and pos.batch < self.nb:
+                self.checkpoint()
+            if self.callback is not None:
+                self.callback(row)
+            if sigint.hit:
+                raise KeyboardInterrupt
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        self.checkpoint()
+
+    def _step(self, batch: np.ndarray) -> dict[str, float]:
+        """One training step on ``batch``; the position advances once it has happened."""
+        before = self.model.step
+        self.pending = (before, len(batch))
+        try:
+            stats = self.model.train_step(batch)
+        except FloatingPointError as e:
+            good = (f"the last good checkpoint is {os.path.join(self.out, LAST)} "
+                    f"(step {self.last_saved})" if self.last_saved >= 0 else
+                    "no checkpoint had been written yet")
+            raise FloatingPointError(
+                f"non-finite loss at step {before} (epoch {self.pos.epoch}, batch "
+                f"{self.pos.batch}): {e}. Training stopped without writing a checkpoint; "
+                f"{good}. Lower the learning rate (base_lr=...) or check the data."
+            ) from None
+        self.pos.batch += 1
+        self.pos.images += len(batch)
+        self.pending = None
+        return stats
+
+    def _record(self, stats: dict[str, float], n: int) -> dict:
+        """The step's log row: written on the fixed schedule (steps 0, k, 2k, ... and the
+        last, so that a resumed run logs the same rows), shown on the bar."""
+        self.images_run += n
+        self.interval_img += n
+        now = time.monotonic()
+        bar = self.bar
+        bar.img_s = self.interval_img / max(now - self.interval_t, 1e-9)
+        bar.fields = (f"ep {self.pos.epoch + 1}/{self.cfg.epochs} loss {stats['loss']:.4f} "
+                      f"stru {stats['l_stru']:.3f} cate {stats['l_cate']:.3f} "
+                      f"recon {stats['l_recon']:.3f}")
+        row = {**{c: stats[c] for c in STAT_COLUMNS}, "epoch": self.pos.epoch,
+               "batch": self.pos.batch - 1, "images": n,
+               "last_layer_frozen": int(stats["last_layer_frozen"]),
+               "images_per_s": round(bar.img_s, 2),
+               "time": round(self.pos.elapsed + now - self.t0, 3)}
+        s = stats["step"]
+        if s % self.log_every == 0 or s == self.cfg.epochs * self.nb - 1:
+            self.log.write(row)
+            self.interval_t, self.interval_img = now, 0
+        self.last_row = row
+        bar.update(1)
+        return row
+
+    def summary(self, device: str) -> dict[str, Any]:
+        """What this call did (pretrain's return value, before the backbone and report)."""
+        seconds = time.monotonic() - self.t0
+        last_row = self.last_row
+        if last_row is None:  # nothing logged in this call (a finished run resumed)
+            last_row = (read_log(os.path.join(self.out, "log.jsonl")) or [None])[-1]
+        cfg, model = self.cfg, self.model
+        return {
+            "out": self.out, "stopped": self.stopped, "steps": model.step,
+            "total_steps": cfg.epochs * self.nb, "epochs_done": self.pos.epoch,
+            "steps_this_run": model.step - self.step_start, "images_seen": self.pos.images,
+            "seconds": round(seconds, 3), "seconds_total": round(self.pos.elapsed + seconds, 3),
+            "images_per_s": round(self.images_run / seconds if seconds > 0 else 0.0, 2),
+            "final": last_row, "checkpoint": os.path.join(self.out, LAST),
+            "data": self.src.desc, "bad_files": dict(self.src.bad),
+            "resumed_from": self.step_start if self.resumed else None,
+            "preset": cfg.preset, "device": device,
+        }
+
+
+def _finish(loop: _Loop, device: str, report: bool) -> dict:
+    """The summary; for a complete run the backbone export; the report if asked for."""
+    summary = loop.summary(device)
+    model, out, src = loop.model, loop.out, loop.src
+    if loop.stopped == "complete":
+        summary["backbone"] = os.path.join(out, "backbone.safetensors")
+        model.export_backbone(summary["backbone"])
+    if report:
+        sample = src.read(src.epoch_order(model.cfg.seed, 0)[:min(4, len(src))], "skip")[0]
+        # the held-out phantom check says something only about a model trained on phantoms
+        summary["report"] = write_report(out, model, summary, sample,
+                                         anomaly=src.fingerprint.startswith("phantom:"))
+    return summary
+
+
 def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathLike | None = None,
              resume: bool = False, device: str = "cpu", log_every: int = 10,
              ckpt_every: int | None = None, keep_last: int = 3, progress: bool = True,
@@ -386,7 +715,8 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
             On resume a given config must equal the checkpoint's.
         data: None (``DEFAULT_PHANTOMS`` built-in normal phantoms), an int (that many
             phantoms), a directory from ``afire prepare`` (its NORMAL images, split "train"
-            if it has one), a ShardDataset (used as given) or a uint8 array [N, S, S].
+            if it has one), a ShardDataset (used as given) or a uint8 array [N, S, S]
+            (:func:`pretraining_set` says which images that is).
         out: run directory (default ``runs/afire-<preset>``).
         resume: continue from ``out/last.safetensors`` bit-identically.
         log_every: log steps 0, k, 2k, ... and the last one. ``ckpt_every``: also checkpoint
@@ -397,242 +727,39 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
         max_steps: stop (with a checkpoint) once the model has done this many steps.
         overwrite: start afresh in an ``out`` that already holds a run.
         callback: called with each step's log row (after logging and checkpointing).
+        stream: where messages go (default sys.stderr), the progress bar included.
 
     Raises:
         KeyboardInterrupt after saving a checkpoint (Ctrl-C or from ``callback``);
         FloatingPointError on a non-finite loss (no checkpoint is written for it);
         DataError with on_bad_data="stop".
     """
-    from .model import AFiRe
-
-    from .device import require_device
-
-    stream = sys.stderr if stream is None else stream
     device = require_device(device)
-    if on_bad_data not in ("skip", "stop"):
-        raise ValueError(f"on_bad_data must be 'skip' or 'stop', got {on_bad_data!r}")
-    for name, v, lo in (("log_every", log_every, 1), ("keep_last", keep_last, 1),
-                        ("ckpt_every", ckpt_every, 1), ("max_steps", max_steps, 0)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if config is None and not resume:
-        raise ValueError("config is required unless resume=True")
-    if config is not None and not isinstance(config, Config):
-        raise TypeError(f"config must be an afire.Config, got {type(config).__name__}")
+    _check_options(config, resume, on_bad_data, log_every=log_every, keep_last=keep_last,
+                   ckpt_every=ckpt_every, max_steps=max_steps)
+    say = _Console(stream)
     out = os.fspath(out) if out is not None else None
-    bar: _TrainProgress | None = None
-
-    def say(text: str) -> None:
-        if bar is not None:
-            bar.message(text)
-        else:
-            stream.write(text + "\n")
-            stream.flush()
-
-    # ---- the model: fresh, or the checkpoint to resume from
-    meta: dict[str, str] = {}
-    model = None
-    if resume:
-        if out is None:
-            if config is None:
-                raise ValueError("resume needs out (the run directory) or a config")
-            out = os.path.join("runs", f"afire-{config.preset}")
-        cands = _find_resume(out)
-        if not cands:
-            raise FileNotFoundError(f"resume: no checkpoint in {out} (nothing to resume; "
-                                    "start without --resume)")
-        for c in cands:
-            try:
-                meta = AFiRe.read_metadata(c)
-                if meta.get("run_format") != RUN_FORMAT:
-                    raise ValueError("not written by afire pretrain")
-                model = AFiRe.load(c, device=device)
-                break
-            except ValueError as e:
-                _set_aside(c, str(e), say)
-        if model is None:
-            raise ValueError(f"resume: no loadable checkpoint in {out}")
-        say(f"resuming from {c} (step {model.step})")
-        if config is not None:
-            diff = _config_diff(config, model.cfg)
-            if diff:
-                raise ValueError(f"resume: the config differs from the checkpoint's in {diff}; "
-                                 "resume with the same settings (or none) for an exact run")
-        cfg = model.cfg
-    else:
-        cfg = config
-        out = out if out is not None else os.path.join("runs", f"afire-{cfg.preset}")
-        if _find_resume(out) or os.path.exists(os.path.join(out, "log.jsonl")):
-            if not overwrite:
-                raise ValueError(f"{out} already holds a run; resume it (--resume), start "
-                                 "afresh in it (--overwrite) or choose another --out")
-            _remove_run_files(out)
-
+    start = (_start_resumed(config, out, device, say) if resume
+             else _start_fresh(config, out, overwrite))
+    cfg, out = start.cfg, start.out
     src = pretraining_set(data, cfg.img_size, cfg.seed, say)
-    B = cfg.batch_size
-    nb = len(src) // B
-    if nb < 1:
-        raise ValueError(f"data: {len(src)} images are fewer than one batch of {B}")
-    if model is None:
-        model = AFiRe(cfg, device=device, steps_per_epoch=nb, batch_size=B)
-        epoch, pos, elapsed0, images = 0, 0, 0.0, 0
-    else:
-        if meta.get("data_fingerprint") != src.fingerprint:
-            raise ValueError(f"resume: the data differs from the run's ({meta.get('data_desc')}"
-                             f"; fingerprint {meta.get('data_fingerprint')} != "
-                             f"{src.fingerprint}); pass the same data to resume exactly")
-        if model.steps_per_epoch != nb:
-            raise ValueError(f"resume: {nb} batches per epoch now, {model.steps_per_epoch} in "
-                             "the checkpoint")
-        epoch, pos = int(meta["epoch"]), int(meta["batch_in_epoch"])
-        elapsed0, images = float(meta["elapsed"]), int(meta["images_seen"])
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
-
-    total = cfg.epochs * nb
+    model, pos = _model_for(start, src, device)
+    _write_config(out, cfg)
+    total = cfg.epochs * model.steps_per_epoch
     if max_steps is not None:
         total = min(total, max(max_steps, model.step))
-    seed = cfg.seed
-    step_start = model.step
-    log = _RunLog(out, step_start if resume else None, tensorboard, say)
-    if not resume:
-        say(f"afire pretrain: preset {cfg.preset} (S={cfg.img_size}, P={cfg.patch_size}, "
-            f"D={cfg.embed_dim}, depth {cfg.depth}, {cfg.objective} objective) on {src.desc}; "
-            f"batch {B}, {nb} steps/epoch x {cfg.epochs} epochs = {cfg.epochs * nb} steps, "
-            f"device {device}, out {out}")
-        if cfg.warmup_epochs >= cfg.epochs:
-            say(f"note: warmup_epochs={cfg.warmup_epochs} >= epochs={cfg.epochs}: the learning "
-                "rate never leaves its warm-up (override warmup_epochs=... to change)")
-        if cfg.lr < LOW_PEAK_LR:
-            say(f"note: peak learning rate {cfg.lr:.2g} (base_lr {cfg.base_lr:g} x batch "
-                f"{cfg.batch_size} / 256) is low for a short run; the paper's peak is 1e-3, "
-                f"i.e. base_lr={1e-3 * 256 / cfg.batch_size:.2g} at this batch (README: "
-                "learning rate at small batches)")
-
-    def ckpt_meta() -> dict:
-        return {"run_format": RUN_FORMAT, "epoch": epoch, "batch_in_epoch": pos,
-                "data_fingerprint": src.fingerprint, "data_desc": src.desc,
-                "train_data": json.dumps(src.provenance(), sort_keys=True),
-                "elapsed": f"{elapsed0 + time.monotonic() - t0:.3f}", "images_seen": images}
-
-    def checkpoint() -> str:
-        nonlocal last_saved
-        p = _save_checkpoint(model, out, ckpt_meta(), keep_last)
-        last_saved = model.step
-        return p
-
-    t0 = time.monotonic()
-    last_saved = step_start if resume else -1
-    last_row: dict | None = None
-    pending: tuple[int, int] | None = None  # (step before, batch size) while a step runs
-    images_run = 0
-    stopped = "complete"
-    interval_t, interval_img = t0, 0
-    bar = _TrainProgress(total, model.step, progress)
+    log = _RunLog(out, model.step if resume else None, tensorboard, say)
     try:
-        with _SigintFlag() as sigint:
-            while epoch < cfg.epochs and stopped == "complete":
-                order = src.epoch_order(seed, epoch)
-                while pos < nb:
-                    if model.step >= total:
-                        stopped = "max_steps"
-                        break
-                    batch, new_bad = src.read(order[pos * B:(pos + 1) * B],
-                                              "raise" if on_bad_data == "stop" else "skip")
-                    for p in new_bad:
-                        say(f"warning: {p}: {src.bad[p]}; its images are skipped from now on")
-                    if len(batch) == 0:
-                        pos += 1
-                        continue
-                    before = model.step
-                    pending = (before, len(batch))
-                    try:
-                        stats = model.train_step(batch)
-                    except FloatingPointError as e:
-                        good = (f"the last good checkpoint is {os.path.join(out, LAST)} "
-                                f"(step {last_saved})" if last_saved >= 0 else
-                                "no checkpoint had been written yet")
-                        raise FloatingPointError(
-                            f"non-finite loss at step {before} (epoch {epoch}, batch {pos}): "
-                            f"{e}. Training stopped without writing a checkpoint; {good}. "
-                            "Lower the learning rate (base_lr=...) or check the data."
-                        ) from None
-                    pos += 1
-                    images += len(batch)
-                    pending = None
-                    images_run += len(batch)
-                    interval_img += len(batch)
-                    s = stats["step"]
-                    now = time.monotonic()
-                    bar.img_s = interval_img / max(now - interval_t, 1e-9)
-                    bar.fields = (f"ep {epoch + 1}/{cfg.epochs} loss {stats['loss']:.4f} "
-                                  f"stru {stats['l_stru']:.3f} cate {stats['l_cate']:.3f} "
-                                  f"recon {stats['l_recon']:.3f}")
-                    row = {**{c: stats[c] for c in STAT_COLUMNS}, "epoch": epoch,
-                           "batch": pos - 1, "images": len(batch),
-                           "last_layer_frozen": int(stats["last_layer_frozen"]),
-                           "images_per_s": round(bar.img_s, 2),
-                           "time": round(elapsed0 + now - t0, 3)}
-                    # on a fixed schedule only, so that a resumed run logs the same rows
-                    if s % log_every == 0 or s == cfg.epochs * nb - 1:
-                        log.write(row)
-                        interval_t, interval_img = now, 0
-                    last_row = row
-                    bar.update(1)
-                    if ckpt_every is not None and model.step % ckpt_every == 0 and pos < nb:
-                        checkpoint()
-                    if callback is not None:
-                        callback(row)
-                    if sigint.hit:
-                        raise KeyboardInterrupt
-                if pos >= nb:
-                    epoch, pos = epoch + 1, 0
-                    checkpoint()
-            if model.step != last_saved:
-                checkpoint()
-    except KeyboardInterrupt:
-        if pending is not None and model.step > pending[0]:
-            # a second Ctrl-C landed between the C step and the bookkeeping: count the batch
-            pos, images = pos + 1, images + pending[1]
-        if model.step != last_saved:
-            checkpoint()
-        bar.close()
-        say(f"interrupted at step {model.step}; checkpoint {os.path.join(out, LAST)}. Resume "
-            f"with: afire pretrain --out {out} --resume")
-        raise
-    except DataError as e:
-        if model.step != last_saved:
-            checkpoint()
-        raise DataError(e.path, f"{e.reason}; training stopped (on_bad_data='stop') with a "
-                                f"checkpoint at step {model.step}; fix the data and resume "
-                                f"with --out {out} --resume") from None
+        if not resume:
+            _announce(cfg, src, model.steps_per_epoch, device, out, say)
+        loop = _Loop(model, src, out, pos, resume, total=total, log=log, console=say,
+                     progress=progress, log_every=log_every, ckpt_every=ckpt_every,
+                     keep_last=keep_last, on_bad="raise" if on_bad_data == "stop" else "skip",
+                     callback=callback)
+        loop.run()
     finally:
-        bar.close()
         log.close()
-
-    seconds = time.monotonic() - t0
-    if last_row is None:  # nothing logged in this call (a finished run resumed)
-        last_row = (read_log(os.path.join(out, "log.jsonl")) or [None])[-1]
-    trained = model.step - step_start
-    summary: dict[str, Any] = {
-        "out": out, "stopped": stopped, "steps": model.step, "total_steps": cfg.epochs * nb,
-        "epochs_done": epoch, "steps_this_run": trained, "images_seen": images,
-        "seconds": round(seconds, 3), "seconds_total": round(elapsed0 + seconds, 3),
-        "images_per_s": round(images_run / seconds if seconds > 0 else 0.0, 2),
-        "final": last_row, "checkpoint": os.path.join(out, LAST), "data": src.desc,
-        "bad_files": dict(src.bad), "resumed_from": step_start if resume else None,
-        "preset": cfg.preset, "device": device,
-    }
-    if stopped == "complete":
-        model.export_backbone(os.path.join(out, "backbone.safetensors"))
-        summary["backbone"] = os.path.join(out, "backbone.safetensors")
-    if report:
-        sample = src.read(src.epoch_order(seed, 0)[:min(4, len(src))], "skip")[0]
-        # the held-out phantom check says something only about a model trained on phantoms
-        summary["report"] = write_report(out, model, summary, sample,
-                                         anomaly=src.fingerprint.startswith("phantom:"))
-    return summary
+    return _finish(loop, device, report)
 
 
 # ---------------------------------------------------------------------------- CLI
