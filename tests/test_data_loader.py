@@ -191,3 +191,15 @@ def test_fortran_order_shards_are_refused(prepared, tmp_path):
 def test_epoch_order_is_the_documented_permutation():
     want = np.random.Generator(np.random.PCG64(np.random.SeedSequence([4, 9]))).permutation(17)
     np.testing.assert_array_equal(epoch_order(17, 4, 9), want)
+
+
+def test_a_garbled_shard_header_is_a_value_error(prepared, tmp_path):
+    # numpy's header parser raised tokenize.TokenError for an unclosed brace
+    d = copy_prepared(prepared, tmp_path / "g")
+    p = os.path.join(d, "shard_00001.npy")
+    raw = bytearray(open(p, "rb").read())
+    end = raw.index(b"}")
+    raw[end] = ord("{")
+    open(p, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match="shard_00001.npy: unreadable or truncated"):
+        ShardDataset(d)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator
+from tokenize import TokenError
 
 import numpy as np
 
@@ -75,7 +76,8 @@ class _Shard:
                 self.file_size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
             raise ValueError(f"{path}: missing shard file") from None
-        except (ValueError, OSError, EOFError) as e:
+        except (ValueError, OSError, EOFError, SyntaxError, TokenError, RecursionError) as e:
+            # numpy parses the header with tokenize and ast: a garbled one raises their errors
             raise ValueError(f"{path}: unreadable or truncated shard ({e})") from None
         if dtype != np.uint8 or len(shape) != 3 or shape[1:] != (size, size) or fortran:
             raise ValueError(f"{path}: expected uint8 [n, {size}, {size}], got {dtype} "
