@@ -331,25 +331,6 @@ def _find_resume(out: str) -> list[str]:
     return c + [os.path.join(d, f) for f in reversed(_step_files(d))]
 
 
-class _TrainProgress(Progress):
-    """The data progress bar with training fields; the rate is this segment's."""
-
-    def __init__(self, total: int, done: int, enabled: bool, stream=None):
-        super().__init__(total, "pretrain", unit="step", stream=stream, enabled=enabled)
-        self.n = self.n0 = done
-        self.fields = ""
-        self.img_s = 0.0
-
-    def line(self) -> str:
-        el = time.monotonic() - self.start
-        rate = (self.n - self.n0) / el if el > 0 else 0.0
-        left = (self.total - self.n) / rate if rate > 0 else float("inf")
-        fill = int(20 * self.n / self.total) if self.total else 20
-        return (f"pretrain [{'#' * fill}{'.' * (20 - fill)}] step {self.n}/{self.total} "
-                f"{self.fields} | {self.img_s:.1f} img/s ETA {format_seconds(left)} "
-                f"elapsed {format_seconds(el)}")
-
-
 class _SigintFlag:
     """First Ctrl-C: finish the current step, then checkpoint and stop. Second: at once."""
 
@@ -550,7 +531,10 @@ class _Loop:
         self.stopped = "complete"
         self.t0 = time.monotonic()
         self.interval_t, self.interval_img = self.t0, 0
-        self.bar = _TrainProgress(total, model.step, progress, console.stream)
+        # the rate and ETA are this call's (a resumed run starts at model.step)
+        self.bar = Progress(total, "pretrain", unit="step", stream=console.stream,
+                            enabled=progress, initial=model.step)
+        self.img_s = 0.0
         console.bar = self.bar
 
     # ---- checkpoints
@@ -649,22 +633,21 @@ class _Loop:
         self.images_run += n
         self.interval_img += n
         now = time.monotonic()
-        bar = self.bar
-        bar.img_s = self.interval_img / max(now - self.interval_t, 1e-9)
-        bar.fields = (f"ep {self.pos.epoch + 1}/{self.cfg.epochs} loss {stats['loss']:.4f} "
-                      f"stru {stats['l_stru']:.3f} cate {stats['l_cate']:.3f} "
-                      f"recon {stats['l_recon']:.3f}")
+        self.img_s = self.interval_img / max(now - self.interval_t, 1e-9)
+        self.bar.fields(f"ep {self.pos.epoch + 1}/{self.cfg.epochs} loss {stats['loss']:.4f} "
+                        f"stru {stats['l_stru']:.3f} cate {stats['l_cate']:.3f} "
+                        f"recon {stats['l_recon']:.3f} | {self.img_s:.1f} img/s")
         row = {**{c: stats[c] for c in STAT_COLUMNS}, "epoch": self.pos.epoch,
                "batch": self.pos.batch - 1, "images": n,
                "last_layer_frozen": int(stats["last_layer_frozen"]),
-               "images_per_s": round(bar.img_s, 2),
+               "images_per_s": round(self.img_s, 2),
                "time": round(self.pos.elapsed + now - self.t0, 3)}
         s = stats["step"]
         if s % self.log_every == 0 or s == self.cfg.epochs * self.nb - 1:
             self.log.write(row)
             self.interval_t, self.interval_img = now, 0
         self.last_row = row
-        bar.update(1)
+        self.bar.update(1)
         return row
 
     def summary(self, device: str) -> dict[str, Any]:

@@ -235,19 +235,24 @@ def test_prepare_siim_masks(tmp_path, capsys):
 
 
 def test_progress_bar_text():
+    """Not a terminal (a log, a buffer): one line per redraw, a last line at the end,
+    messages on lines of their own; disabled: only the messages."""
     import io
 
     from afire.data.progress import Progress, format_seconds
 
     s = io.StringIO()
     bar = Progress(10, "prep", stream=s, interval=0.0)
-    bar.interval = 0.0
     bar.update(5)
     bar.message("note")
+    bar.update(5)
     bar.close()
     text = s.getvalue()
-    assert "prep [############............] 5/10  50.0%" in text and "ETA" in text
-    assert "img/s" in text and "note\n" in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert "\r" not in text and text.endswith("\n") and "note" in lines
+    assert lines[0].startswith("prep:   0%|") and "0/10" in lines[0]
+    assert any(line.startswith("prep:  50%|#####") and "5/10" in line for line in lines)
+    assert lines[-1].startswith("prep: 100%|##########| 10/10 [") and "img/s" in lines[-1]
     assert format_seconds(3725) == "1:02:05" and format_seconds(65) == "01:05"
     quiet = io.StringIO()
     q = Progress(3, stream=quiet, enabled=False)
@@ -255,3 +260,36 @@ def test_progress_bar_text():
     q.message("error line")
     q.close()
     assert quiet.getvalue() == "error line\n"
+
+
+def test_progress_bar_lines_at_most_every_interval():
+    import io
+
+    from afire.data.progress import LINE_INTERVAL, Progress
+
+    s = io.StringIO()
+    with Progress(1000, "prep", stream=s) as bar:      # default interval: 5 s
+        assert not bar.in_place and LINE_INTERVAL == 5.0
+        for _ in range(1000):
+            bar.update()
+    assert len(s.getvalue().splitlines()) == 2         # the start and the end
+
+
+def test_progress_bar_in_place_on_a_terminal():
+    import io
+
+    from afire.data.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    s = Tty()
+    bar = Progress(4, "pretrain", unit="step", stream=s, interval=0.0, initial=1)
+    bar.fields("loss 1.0 | 5.0 img/s")
+    bar.update(2)
+    bar.message("a message")
+    bar.close()
+    text = s.getvalue()
+    assert bar.in_place and "\r" in text and "a message\n" in text
+    assert "3/4" in text and "loss 1.0 | 5.0 img/s" in text and text.endswith("\n")

@@ -88,5 +88,8 @@ def test_messages_and_the_bar_go_to_the_given_stream(tmp_path, capsys):
     pretrain(small_cfg(img_size=S, batch_size=4), data=8, out=str(tmp_path / "run"),
              max_steps=2, report=False, stream=buf)
     text = buf.getvalue()
-    assert text.startswith("afire pretrain: preset test") and "pretrain [" in text
+    assert text.startswith("afire pretrain: preset test")
+    # the bar: one line per redraw (not a terminal), the last one with the training fields
+    assert "\r" not in text and "\npretrain: 100%|" in text and "2/2 [" in text
+    assert "loss" in text.splitlines()[-1] and "img/s" in text.splitlines()[-1]
     assert capsys.readouterr().err == ""

@@ -33,8 +33,9 @@ import numpy as np
 from ..model import GRAY_MEAN, GRAY_STD, AFiRe
 from . import figures as F
 from . import metrics as M
-from .common import (EvalData, gap_features, group_holdout, setup_model, split_seed_of,
-                     try_figures, write_results)
+from ..data.progress import Progress
+from .common import (EvalData, gap_features, group_holdout, progress_bar, setup_model,
+                     split_seed_of, try_figures, write_results)
 from .selection import resolve_inputs
 
 SQUID_LABEL = "SQUID protocol (threshold chosen on test)"
@@ -45,11 +46,12 @@ VAL_LABEL = "threshold chosen on the validation split"
 
 
 def adapt(model: AFiRe, normals: np.ndarray, steps: int, lr: float = 1e-4, batch: int = 64,
-          seed: int = 0) -> tuple[AFiRe, list[dict]]:
+          seed: int = 0, bar: Progress | None = None) -> tuple[AFiRe, list[dict]]:
     """A copy of ``model`` adapted for ``steps`` AFiRe steps on uint8 normal images, on the
     model's device.
 
     The pre-trained model is not modified. Returns (adapted model, per-step statistics).
+    ``bar`` (a :class:`~afire.data.progress.Progress` counting steps) shows each step's loss.
     """
     if len(normals) == 0:
         raise ValueError("no normal training images to adapt on")
@@ -71,6 +73,9 @@ def adapt(model: AFiRe, normals: np.ndarray, steps: int, lr: float = 1e-4, batch
             order = np.concatenate([order, rng.permutation(len(normals))])
         idx, order = order[:b], order[b:]
         log.append(new.train_step(normals[np.sort(idx)]))
+        if bar is not None:
+            bar.fields(f"loss {log[-1]['loss']:.4f}")
+            bar.update(1)
     return new, log
 
 
@@ -134,7 +139,7 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
             pretrain_meta: dict | None = None, device: str = "cpu",
             say: Callable[[str], None] | None = None,
             seed: int | None = None, heatmaps: int = 8, out: str | Path | None = None,
-            figures: bool = True) -> dict:
+            figures: bool = True, progress: bool = True) -> dict:
     """Anomaly detection on ``data`` (normal = 0, abnormal = 1; unknown labels are left out).
 
     Test and validation images: see :mod:`.selection` (by default a directory's non-"train"
@@ -147,10 +152,12 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     ``adapt_steps`` (default ``adapt_epochs`` passes over the normal images; 0 = score with
     the pre-trained model as it is). ``split_seed`` seeds the splits and the adaptation's
     batch order (``seed`` is its old name); ``init_seed`` replaces the model by a random
-    initialisation with that seed. Returns the results dict (also written to
-    ``out/results.json`` with figures when ``out`` is given); ``results["sets"]`` holds the
-    adaptation normals and the scored test / validation images as :class:`EvalData`, and
-    ``arrays`` their row indices in the pool (``results["pool"]``) when there is one.
+    initialisation with that seed. ``progress``: a bar on stderr during the adaptation.
+    Returns the results dict (also written to ``out/results.json`` with figures when
+    ``out`` is given);
+    ``results["sets"]`` holds the adaptation normals and the scored test / validation
+    images as :class:`EvalData`, and ``arrays`` their row indices in the pool
+    (``results["pool"]``) when there is one.
     """
     split_seed = split_seed_of(split_seed, seed)
     model, meta, encoder = setup_model(checkpoint_or_model, init_seed, pretrain_meta,
@@ -189,8 +196,11 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
         raise ValueError(f"no normal training image to adapt on in {train.source} "
                          f"({train.counts()}); pass adapt_steps=0 to score the model as it "
                          "is, or use data with labelled normal images")
-    adapted, log = adapt(model, normals, adapt_steps, lr, batch, split_seed) \
-        if adapt_steps > 0 else (model, [])
+    if adapt_steps > 0:
+        with progress_bar(progress, adapt_steps, "anomaly: adapt", unit="step") as bar:
+            adapted, log = adapt(model, normals, adapt_steps, lr, batch, split_seed, bar)
+    else:
+        adapted, log = model, []
     s_test = adapted.anomaly_log_score(test.images)
     y_test = test.abnormal
     if len(normals) >= 2:

@@ -78,6 +78,7 @@ def _common(p, proto: str, val: bool) -> None:
     p.add_argument("--init-seed", type=int, default=None,
                    help="seed of the --random-init weights (default: 0; needs --random-init)")
     p.add_argument("--no-figures", action="store_true", help="write results.json only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda or cuda:N: where the encoder computes features and the "
                         "anomaly adaptation trains (finetune/segment train on the CPU)")
@@ -169,6 +170,7 @@ def _kwargs(a) -> dict:
     if a.init_seed is not None and not a.random_init:
         raise ValueError("--init-seed only applies with --random-init")
     kw = dict(test_data=a.test_data, split_seed=a.split_seed, figures=not a.no_figures,
+              progress=not a.quiet,
               split=a.split, allow_train_split=a.allow_train_split, exclude=a.exclude,
               device=a.device, init_seed=(a.init_seed or 0) if a.random_init else None)
     if getattr(a, "val_data", None) is not None:

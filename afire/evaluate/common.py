@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .. import _C
+from ..data.progress import Progress
 from ..model import AFiRe
 
 
@@ -314,12 +315,21 @@ def random_init(model: AFiRe, seed: int = 0) -> AFiRe:
 
 
 def gap_features(model: AFiRe, images: np.ndarray, branch: str = "teacher",
-                 chunk: int = 256) -> np.ndarray:
+                 chunk: int = 256, bar: Progress | None = None) -> np.ndarray:
     """float32 [N, D]: global average pool of the encoder's patch tokens (cls excluded),
-    METHOD §6. Computed in chunks so [N, T, D] never has to exist at once."""
-    out = [model.encode(images[i:i + chunk], branch=branch)[:, 1:].mean(axis=1)
-           for i in range(0, len(images), chunk)]
+    METHOD §6. Computed in chunks so [N, T, D] never has to exist at once; ``bar``
+    (a :class:`~afire.data.progress.Progress` counting images) advances by each chunk."""
+    out = []
+    for i in range(0, len(images), chunk):
+        out.append(model.encode(images[i:i + chunk], branch=branch)[:, 1:].mean(axis=1))
+        if bar is not None:
+            bar.update(len(out[-1]))
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def progress_bar(enabled: bool, total: int, desc: str, unit: str = "img") -> Progress:
+    """The progress bar of an evaluation phase (on stderr; nothing when not ``enabled``)."""
+    return Progress(total, f"evaluate {desc}", unit=unit, enabled=enabled)
 
 
 def downstream():

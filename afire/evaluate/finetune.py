@@ -18,9 +18,10 @@ import numpy as np
 
 from . import figures as F
 from . import metrics as M
+from ..data.progress import Progress
 from .common import (EvalData, copy_teacher_encoder, cosine_lr, downstream, group_folds,
-                     group_holdout, mean_std, require_targets, setup_model, split_seed_of,
-                     subsample, try_figures, write_results)
+                     group_holdout, mean_std, progress_bar, require_targets, setup_model,
+                     split_seed_of, subsample, try_figures, write_results)
 from .selection import resolve_inputs
 
 
@@ -58,11 +59,14 @@ def _restore(net, snap: list[np.ndarray], with_encoder: bool) -> None:
 def train_early_stopping(net, n_train: int, batch_args: Callable, val_score: Callable, *,
                          capacity: int, epochs: int, lr: float, weight_decay: float,
                          patience: int, seed: int, warmup_epochs: int = 0,
-                         augment: bool = True, freeze_encoder: bool = False) -> dict:
+                         augment: bool = True, freeze_encoder: bool = False,
+                         bar: Progress | None = None) -> dict:
     """Train ``net`` (Classifier or Segmenter) with a per-step cosine lr; after every epoch
     score the validation set (higher = better) and stop after ``patience`` epochs without
     gain, restoring the best epoch. A NaN validation score disables early stopping (the
-    last epoch is kept) with a warning. Returns {"history", "best_epoch", "best_val"}."""
+    last epoch is kept) with a warning. Returns {"history", "best_epoch", "best_val"}.
+    ``bar`` (a :class:`~afire.data.progress.Progress` counting epochs) advances by
+    ``epochs`` in all, the epochs left out by early stopping included."""
     rng = np.random.default_rng(seed)
     spe = max(1, n_train // capacity)           # full batches only: the C batch is fixed
     total = epochs * spe
@@ -79,6 +83,9 @@ def train_early_stopping(net, n_train: int, batch_args: Callable, val_score: Cal
             step += 1
         v = float(val_score())
         history.append({"epoch": ep, "train_loss": float(np.mean(losses)), "val": v})
+        if bar is not None:
+            bar.fields(f"loss {history[-1]['train_loss']:.4f} val {v:.4f}")
+            bar.update(1)
         if math.isnan(v):
             if not warned:
                 warnings.warn("validation score is NaN (single-class or empty validation "
@@ -92,6 +99,8 @@ def train_early_stopping(net, n_train: int, batch_args: Callable, val_score: Cal
         else:
             bad += 1
             if bad >= patience:
+                if bar is not None:
+                    bar.update(epochs - ep - 1)
                 break
     if snap is not None and not warned:
         _restore(net, snap, not freeze_encoder)
@@ -218,7 +227,7 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
              pretrain_meta: dict | None = None, device: str = "cpu",
              say: Callable[[str], None] | None = None,
              seed: int | None = None, gradcam: int = 8, out: str | Path | None = None,
-             figures: bool = True) -> dict:
+             figures: bool = True, progress: bool = True) -> dict:
     """Fine-tune the teacher encoder with a classification head.
 
     Test and validation images: see :mod:`.selection` (by default a directory's non-"train"
@@ -230,6 +239,7 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     left out of the metrics; images without any label are left out. Metric: per-class test
     AUC and their mean. ``split_seed`` seeds splits, heads and batches (``seed`` is its old
     name); ``init_seed`` replaces the encoder by a random initialisation with that seed.
+    ``progress``: a bar of the training epochs (all folds and fractions) on stderr.
 
     ``arrays`` hold, per label fraction f and fold k, the row indices (into
     ``results["pool"]``, the combined data) of ``f{f}_k{k}_train`` / ``_val`` / ``_test``
@@ -267,13 +277,15 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                                     warn=False)["mean_auc"]
 
     runs, cam_fig_data, arrays = [], None, {}
+    bar = progress_bar(progress, len(fractions) * len(splits) * epochs, "finetune",
+                       unit="epoch")
     for frac in fractions:
         fold_res = []
         for k, net, predict, tr, va, te, hist in train_folds(
                 model, d, splits, frac, make_net, batch_args, val_auc,
                 val_fraction=val_fraction, batch=batch, seed=split_seed, epochs=epochs, lr=lr,
                 weight_decay=weight_decay, patience=patience, warmup_epochs=warmup_epochs,
-                augment=augment, freeze_encoder=freeze_encoder):
+                augment=augment, freeze_encoder=freeze_encoder, bar=bar):
             logits = predict(te).astype(np.float64)
             r = M.multilabel_auc(y[te], logits, names)
             fold_res.append({"fold": k, "mean_auc": r["mean_auc"], "per_class_auc":
@@ -291,6 +303,7 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
         runs.append({"label_fraction": frac,
                      "mean_auc": mean_std([f["mean_auc"] for f in fold_res]),
                      "folds": fold_res})
+    bar.close()
     results = {
         "protocol": "finetune",
         "description": "teacher encoder + GAP-LayerNorm-Linear head, BCE, AdamW, cosine lr, "

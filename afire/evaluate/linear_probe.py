@@ -15,8 +15,8 @@ import numpy as np
 from . import figures as F
 from . import metrics as M
 from .common import (EvalData, downstream, gap_features, group_folds, group_holdout,
-                     mean_std, require_targets, setup_model, split_seed_of, try_figures,
-                     write_results)
+                     mean_std, progress_bar, require_targets, setup_model, split_seed_of,
+                     try_figures, write_results)
 from .selection import resolve_inputs
 
 
@@ -66,7 +66,8 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                  pretrain_meta: dict | None = None, device: str = "cpu",
                  say: Callable[[str], None] | None = None,
                  seed: int | None = None, branch: str = "teacher",
-                 out: str | Path | None = None, figures: bool = True) -> dict:
+                 out: str | Path | None = None, figures: bool = True,
+                 progress: bool = True) -> dict:
     """Linear probe of a (pre-trained) encoder.
 
     Test images: see :mod:`.selection` (by default a directory's non-"train" splits, never
@@ -79,9 +80,10 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     seed (the baseline). Images without a label are left out.
 
     Returns the results dict (written to ``out`` when given; "data" records which images
-    were used and why, "notes" what was announced). ``results["pool"]`` (not written) is
-    the pool, or the test set, as :class:`EvalData`; ``arrays["rows"]`` / ``arrays["fold"]``
-    give every scored row's index in it and its fold.
+    were used and why, "notes" what was announced). ``progress``: a bar on stderr while
+    features are computed. ``results["pool"]`` (not written) is the pool, or the test set, as
+    :class:`EvalData`; ``arrays["rows"]`` / ``arrays["fold"]`` give every scored row's
+    index in it and its fold.
     """
     split_seed = split_seed_of(split_seed, seed)
     model, meta, encoder = setup_model(checkpoint_or_model, init_seed, pretrain_meta,
@@ -97,8 +99,9 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
         names = d.targets(target)[1]
         t, y_t = require_targets(inp.test, inp.test.targets(target)[0], names,
                                  "the linear probe's test set", inp.tell)
-        feats = gap_features(model, d.images, branch=branch)
-        f_t = gap_features(model, t.images, branch=branch)
+        with progress_bar(progress, len(d) + len(t), "linear-probe: features") as bar:
+            feats = gap_features(model, d.images, branch=branch, bar=bar)
+            f_t = gap_features(model, t.images, branch=branch, bar=bar)
         logits, fit = fit_predict(feats, y, f_t, **hp)
         metrics = evaluate_scores(y_t, logits, names)
         oof_y, oof_logits, oof_f = y_t, logits, f_t
@@ -108,7 +111,8 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     else:
         y, names = inp.pool.targets(target)
         d, y = require_targets(inp.pool, y, names, "the linear probe", inp.tell)
-        feats = gap_features(model, d.images, branch=branch)
+        with progress_bar(progress, len(d), "linear-probe: features") as bar:
+            feats = gap_features(model, d.images, branch=branch, bar=bar)
         fold = group_folds(d.groups, folds, split_seed) if folds > 1 else \
             group_holdout(d.groups, test_fraction, split_seed).astype(np.int64)
         oof_logits = np.full(y.shape, np.nan)

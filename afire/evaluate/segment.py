@@ -28,8 +28,8 @@ import numpy as np
 from ..data import ORGAN_LABELS
 from . import figures as F
 from . import metrics as M
-from .common import (EvalData, downstream, mean_std, setup_model, split_seed_of, try_figures,
-                     write_results)
+from .common import (EvalData, downstream, mean_std, progress_bar, setup_model,
+                     split_seed_of, try_figures, write_results)
 from .finetune import _as_fractions, arrange, train_folds
 from .selection import resolve_inputs
 
@@ -85,13 +85,14 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
             pretrain_meta: dict | None = None, device: str = "cpu",
             say: Callable[[str], None] | None = None,
             seed: int | None = None, show: int = 8, out: str | Path | None = None,
-            figures: bool = True) -> dict:
+            figures: bool = True, progress: bool = True) -> dict:
     """Fine-tune the teacher encoder for segmentation and report the test Dice.
 
     Test and validation images: see :mod:`.selection`; splits, validation and seeds as in
     :func:`~.finetune.finetune`. ``arrays`` hold, per label fraction f and fold k, the
     row indices (into ``results["pool"]``) ``f{f}_k{k}_train`` / ``_val`` / ``_test`` and
-    the per-image test Dice ``f{f}_k{k}_test_dice``.
+    the per-image test Dice ``f{f}_k{k}_test_dice``. ``progress``: a bar of the training
+    epochs on stderr.
     """
     split_seed = split_seed_of(split_seed, seed)
     model, meta, encoder = setup_model(checkpoint_or_model, init_seed, pretrain_meta,
@@ -116,13 +117,15 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
         return M.dice(predict(va), m[va]).mean() if len(va) else float("nan")
 
     runs, show_data, arrays = [], None, {}
+    bar = progress_bar(progress, len(fractions) * len(splits) * epochs, "segment",
+                       unit="epoch")
     for frac in fractions:
         fold_res = []
         for k, _net, predict, tr, va, te, hist in train_folds(
                 model, d, splits, frac, make_net, batch_args, val_dice,
                 val_fraction=val_fraction, batch=batch, seed=split_seed, epochs=epochs, lr=lr,
                 weight_decay=weight_decay, patience=patience, warmup_epochs=warmup_epochs,
-                augment=augment, freeze_encoder=freeze_encoder):
+                augment=augment, freeze_encoder=freeze_encoder, bar=bar):
             prob = predict(te)
             fold_res.append(dict(dice_summary(prob, m[te]), fold=k, n_train=int(len(tr)),
                                  n_val=int(len(va)), best_epoch=hist["best_epoch"],
@@ -137,6 +140,7 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                      "dice": mean_std([f["dice"] for f in fold_res]),
                      "dice_positive_only": mean_std([f["dice_positive_only"] for f in fold_res]),
                      "folds": fold_res})
+    bar.close()
     results = {
         "protocol": "segment",
         "description": "teacher encoder + per-token PxP mask head, Dice + BCE, AdamW, cosine "
