@@ -364,3 +364,14 @@ class Config:
     @classmethod
     def from_json(cls, s: str) -> "Config":
         return cls.from_dict(json.loads(s))
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: a one-line summary and every field, overrides in bold."""
+        from .display import config_html
+
+        try:
+            preset = Config.preset_config(self.preset).to_dict() if self.preset in PRESETS \
+                else None
+        except (TypeError, ValueError):
+            preset = None
+        return config_html(self, preset)

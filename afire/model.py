@@ -132,6 +132,24 @@ class AFiRe:
         self.num_patches, self.num_tokens = d["L"], d["T"]
         self.embed_dim, self.patch_values = d["D"], d["Q"]
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters of one branch (the student; the teacher mirrors its encoder
+        and head) per network: encoder, head, decoder."""
+        return {net: sum(int(np.prod(p["shape"])) for p in self._t.param_table(net))
+                for net in _NETS}
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"AFiRe(preset={c.preset!r}, img_size={c.img_size}, patch_size={c.patch_size}, "
+                f"embed_dim={c.embed_dim}, depth={c.depth}, "
+                f"parameters={sum(self.parameter_counts().values())}, step={self.step}, "
+                f"device={self.device!r})")
+
+    def _repr_html_(self) -> str:
+        from .display import model_html
+
+        return model_html(self)
+
     # ------------------------------------------------------------------ training
     @property
     def step(self) -> int:

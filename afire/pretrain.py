@@ -41,6 +41,7 @@ from .data import DataError, ShardDataset, phantom_dataset
 from .data.loader import epoch_order
 from .data.progress import Progress, format_seconds
 from .device import require_device
+from .display import PretrainSummary
 from .model import AFiRe
 from .report import REPORT_FILES, read_log, write_report
 
@@ -682,7 +683,7 @@ def _finish(loop: _Loop, device: str, report: bool) -> dict:
         # the held-out phantom check says something only about a model trained on phantoms
         summary["report"] = write_report(out, model, summary, sample,
                                          anomaly=src.fingerprint.startswith("phantom:"))
-    return summary
+    return PretrainSummary(summary)
 
 
 def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathLike | None = None,
@@ -690,8 +691,9 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
              ckpt_every: int | None = None, keep_last: int = 3, progress: bool = True,
              on_bad_data: str = "skip", tensorboard: bool = False, max_steps: int | None = None,
              overwrite: bool = False, report: bool = True,
-             callback: Callable[[dict], None] | None = None, stream=None) -> dict:
-    """Pre-train AFiRe and return a summary dict.
+             callback: Callable[[dict], None] | None = None, stream=None) -> PretrainSummary:
+    """Pre-train AFiRe and return a summary dict (a :class:`~afire.display.PretrainSummary`,
+    which Jupyter shows as a table).
 
     Args:
         config: the run's Config (None only with ``resume``: the checkpoint's is used).

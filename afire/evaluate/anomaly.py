@@ -34,8 +34,8 @@ from ..model import GRAY_MEAN, GRAY_STD, AFiRe
 from . import figures as F
 from . import metrics as M
 from ..data.progress import Progress
-from .common import (EvalData, gap_features, group_holdout, progress_bar, setup_model,
-                     split_seed_of, try_figures, write_results)
+from .common import (EvalData, gap_features, group_holdout, progress_bar, results_of,
+                     setup_model, split_seed_of, try_figures, write_results)
 from .selection import resolve_inputs
 
 SQUID_LABEL = "SQUID protocol (threshold chosen on test)"
@@ -153,8 +153,8 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     the pre-trained model as it is). ``split_seed`` seeds the splits and the adaptation's
     batch order (``seed`` is its old name); ``init_seed`` replaces the model by a random
     initialisation with that seed. ``progress``: a bar on stderr during the adaptation.
-    Returns the results dict (also written to ``out/results.json`` with figures when
-    ``out`` is given);
+    Returns the results dict (an :class:`~afire.display.EvalResults`, shown as tables in
+    Jupyter; also written to ``out/results.json`` with figures when ``out`` is given);
     ``results["sets"]`` holds the adaptation normals and the scored test / validation
     images as :class:`EvalData`, and ``arrays`` their row indices in the pool
     (``results["pool"]``) when there is one.
@@ -271,7 +271,7 @@ def anomaly(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     results["model"] = adapted
     results["pool"] = pool
     results["sets"] = {"adapt": adapt_set, "test": test, "val": val}
-    return results
+    return results_of(results)
 
 
 def _figures(model: AFiRe, test: EvalData, s_test, roc, out: Path, n: int, seed: int) -> list:

@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import _C
 from ..data.progress import Progress
+from ..display import EvalResults
 from ..model import AFiRe
 
 
@@ -401,6 +402,12 @@ def json_safe(v: Any) -> Any:
     if isinstance(v, (Path,)):
         return os.fspath(v)
     return v
+
+
+def results_of(results: dict) -> EvalResults:
+    """A protocol's results dict as :class:`~afire.display.EvalResults` (the same dict,
+    shown as tables in Jupyter)."""
+    return EvalResults(results)
 
 
 def write_results(out: str | os.PathLike, results: dict) -> Path:

@@ -20,8 +20,8 @@ from . import figures as F
 from . import metrics as M
 from ..data.progress import Progress
 from .common import (EvalData, copy_teacher_encoder, cosine_lr, downstream, group_folds,
-                     group_holdout, mean_std, progress_bar, require_targets, setup_model,
-                     split_seed_of, subsample, try_figures, write_results)
+                     group_holdout, mean_std, progress_bar, require_targets, results_of,
+                     setup_model, split_seed_of, subsample, try_figures, write_results)
 from .selection import resolve_inputs
 
 
@@ -239,7 +239,8 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     left out of the metrics; images without any label are left out. Metric: per-class test
     AUC and their mean. ``split_seed`` seeds splits, heads and batches (``seed`` is its old
     name); ``init_seed`` replaces the encoder by a random initialisation with that seed.
-    ``progress``: a bar of the training epochs (all folds and fractions) on stderr.
+    ``progress``: a bar of the training epochs (all folds and fractions) on stderr. Returns
+    the results dict (an :class:`~afire.display.EvalResults`, shown as tables in Jupyter).
 
     ``arrays`` hold, per label fraction f and fold k, the row indices (into
     ``results["pool"]``, the combined data) of ``f{f}_k{k}_train`` / ``_val`` / ``_test``
@@ -333,7 +334,7 @@ def finetune(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
             results["figures"] = _figures(cam_fig_data, d, y, names, Path(out), gradcam)
         write_results(out, results)
     results["pool"] = d
-    return results
+    return results_of(results)
 
 
 def _figures(cam_data, d: EvalData, y, names, out: Path, n: int) -> list:

@@ -15,8 +15,8 @@ import numpy as np
 from . import figures as F
 from . import metrics as M
 from .common import (EvalData, downstream, gap_features, group_folds, group_holdout,
-                     mean_std, progress_bar, require_targets, setup_model, split_seed_of,
-                     try_figures, write_results)
+                     mean_std, progress_bar, require_targets, results_of, setup_model,
+                     split_seed_of, try_figures, write_results)
 from .selection import resolve_inputs
 
 
@@ -79,9 +79,10 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     old name); ``init_seed`` replaces the encoder by a random initialisation with that
     seed (the baseline). Images without a label are left out.
 
-    Returns the results dict (written to ``out`` when given; "data" records which images
-    were used and why, "notes" what was announced). ``progress``: a bar on stderr while
-    features are computed. ``results["pool"]`` (not written) is the pool, or the test set, as
+    Returns the results dict (an :class:`~afire.display.EvalResults`, shown as tables in
+    Jupyter; written to ``out`` when given; "data" records which images were used and why,
+    "notes" what was announced). ``progress``: a bar on stderr while features are
+    computed. ``results["pool"]`` (not written) is the pool, or the test set, as
     :class:`EvalData`; ``arrays["rows"]`` / ``arrays["fold"]`` give every scored row's
     index in it and its fold.
     """
@@ -169,7 +170,7 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
                                           split_seed)
         write_results(out, results)
     results["pool"] = scored
-    return results
+    return results_of(results)
 
 
 def _figures(y, logits, feats, names, out: Path, seed: int) -> list:

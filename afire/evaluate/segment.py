@@ -28,7 +28,7 @@ import numpy as np
 from ..data import ORGAN_LABELS
 from . import figures as F
 from . import metrics as M
-from .common import (EvalData, downstream, mean_std, progress_bar, setup_model,
+from .common import (EvalData, downstream, mean_std, progress_bar, results_of, setup_model,
                      split_seed_of, try_figures, write_results)
 from .finetune import _as_fractions, arrange, train_folds
 from .selection import resolve_inputs
@@ -92,7 +92,7 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     :func:`~.finetune.finetune`. ``arrays`` hold, per label fraction f and fold k, the
     row indices (into ``results["pool"]``) ``f{f}_k{k}_train`` / ``_val`` / ``_test`` and
     the per-image test Dice ``f{f}_k{k}_test_dice``. ``progress``: a bar of the training
-    epochs on stderr.
+    epochs on stderr. Returns the results dict (an :class:`~afire.display.EvalResults`).
     """
     split_seed = split_seed_of(split_seed, seed)
     model, meta, encoder = setup_model(checkpoint_or_model, init_seed, pretrain_meta,
@@ -178,4 +178,4 @@ def segment(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
             results["figures"] = [f] if f else []
         write_results(out, results)
     results["pool"] = d
-    return results
+    return results_of(results)
