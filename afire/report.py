@@ -88,13 +88,12 @@ def sample_grid(model, images: np.ndarray, path: str, step: int | None = None) -
 
 
 def _plot_matplotlib(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure outside pyplot: pyplot's backend (Jupyter's inline one) stays as it is
+    from matplotlib.figure import Figure
 
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    fig = Figure(figsize=(10, 6.5))
+    axes = fig.subplots(2, 2)
     for ax, (title, keys) in zip(axes.flat, CURVES):
         for k in keys:
             ax.plot(steps, [r[k] for r in rows], label=k)
@@ -103,7 +102,6 @@ def _plot_matplotlib(rows: list[dict], path: str) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _fmt(v: float) -> str:
@@ -159,7 +157,7 @@ def plot_losses(rows: list[dict], path: str, backend: str | None = None) -> str:
         raise ValueError(f"backend must be None, 'matplotlib' or 'pillow', got {backend!r}")
     if backend is None:
         try:
-            import matplotlib.pyplot  # noqa: F401
+            import matplotlib.figure  # noqa: F401
             backend = "matplotlib"
         except ImportError:
             backend = "pillow"

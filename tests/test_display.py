@@ -119,3 +119,22 @@ def test_pretrain_summary_is_a_dict_with_a_table(tmp_path):
     assert "final losses (step 1)" in h and "last.safetensors" in h
     assert repr(s).startswith("PretrainSummary\n") and "final losses" in repr(s)
 
+
+def test_figures_return_matplotlib_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from afire.evaluate import figures as F
+
+    x = phantom_dataset(3, size=32, seed=0)["images"]
+    maps = np.random.default_rng(0).random((3, 4, 4))
+    fig = F.overlay_figure(x, maps)                     # no path: a Figure, no file
+    assert isinstance(fig, Figure) and not list(tmp_path.iterdir())
+    fig = F.roc_figure({"a": (np.array([0, 0.5, 1]), np.array([0, 0.8, 1]), 0.7)},
+                       tmp_path / "roc.png", return_figure=True)
+    assert isinstance(fig, Figure) and (tmp_path / "roc.png").stat().st_size > 1000
+    assert F.grid_figure({"x": x}, tmp_path / "g.png") == str(tmp_path / "g.png")
+    # figures are made outside pyplot: nothing left open there, its backend untouched
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []

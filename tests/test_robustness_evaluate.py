@@ -447,9 +447,9 @@ def test_evaluate_figures_have_colour_bars(tmp_path, monkeypatch):
     figs = []
     real_save = F._save
 
-    def keep(fig, path):
+    def keep(fig, path, *args):
         figs.append(fig)
-        return real_save(fig, path)
+        return real_save(fig, path, *args)
 
     monkeypatch.setattr(F, "_save", keep)
     x = phantom_dataset(3, size=SIZE, seed=0)["images"]
