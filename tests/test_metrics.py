@@ -152,3 +152,32 @@ def test_multilabel_against_sklearn():
     assert r["mean_auc"] == pytest.approx(skm.roc_auc_score(y, s, average="macro"))
     want = skm.roc_auc_score(y, s, average=None)
     np.testing.assert_allclose(list(r["per_class"].values()), want)
+
+
+def test_bootstrap_ci():
+    from afire.evaluate.metrics import bootstrap_ci, roc_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = y + rng.normal(0, 1.0, 200)
+    r = bootstrap_ci(y, s, n=300, seed=1)
+    assert r["value"] == roc_auc(y, s) and r["low"] < r["value"] < r["high"]
+    assert r["n"] == 300 and r["level"] == 0.95
+    assert bootstrap_ci(y, s, n=300, seed=1) == r                   # seeded
+    # an independent computation of the same resamples
+    g = np.random.default_rng(1)
+    draws = [roc_auc(y[i], s[i]) for i in (g.integers(0, 200, 200) for _ in range(300))]
+    assert (r["low"], r["high"]) == tuple(np.percentile(draws, [2.5, 97.5]))
+    narrow = bootstrap_ci(y, s, n=300, seed=1, level=0.5)
+    assert r["low"] < narrow["low"] < narrow["high"] < r["high"]
+    # paired: identical scores differ by exactly 0; a better model's difference is > 0
+    same = bootstrap_ci(y, s, other_score=s, n=50)
+    assert same["value"] == same["low"] == same["high"] == 0.0
+    worse = s + rng.normal(0, 3.0, 200)
+    diff = bootstrap_ci(y, s, other_score=worse, n=300)
+    assert diff["value"] == roc_auc(y, s) - roc_auc(y, worse) and diff["low"] > 0
+    assert bootstrap_ci([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.2], n=200)["low"] == 1.0
+    with pytest.raises(ValueError, match="both classes"):
+        bootstrap_ci([1, 1], [0.3, 0.4], n=10)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_ci(y, s, level=1.0)
