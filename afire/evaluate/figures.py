@@ -26,9 +26,28 @@ def _figure_class():
     except ImportError:
         raise ImportError(f"figures need matplotlib ({VIZ_HINT})") from None
     if "ipykernel" in sys.modules:
-        # in Jupyter, pyplot's import sets up the inline display of returned Figures
-        import matplotlib.pyplot  # noqa: F401
+        _inline_display(Figure)
     return Figure
+
+
+def _inline_display(figure_class) -> None:
+    """In a Jupyter kernel: show a returned Figure as an image. The inline backend sets
+    this up only once pyplot draws, and these figures are made outside pyplot; a format
+    the user chose (``%config InlineBackend.figure_formats``) is kept."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None or not hasattr(shell, "kernel"):
+        return
+    formatters = shell.display_formatter.formatters
+    for mime in ("image/png", "image/svg+xml", "image/jpeg", "application/pdf"):
+        try:
+            formatters[mime].lookup_by_type(figure_class)
+            return
+        except (KeyError, AttributeError):
+            continue
+    from IPython.core.pylabtools import select_figure_formats
+
+    select_figure_formats(shell, {"png"})
 
 
 def _figure(rows: int = 1, cols: int = 1, figsize=(4.6, 4.4), squeeze: bool = True):
