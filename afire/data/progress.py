@@ -109,7 +109,8 @@ class Progress:
             self._bar = notebook_bar(**kw)
         else:
             self._fp = self.stream if self.in_place else _Lines(self.stream)
-            self._bar = _Bar(file=self._fp, ascii=not self.in_place, **kw)
+            # in logs: whole "#" blocks only (tqdm's ASCII bar draws fractions as digits)
+            self._bar = _Bar(file=self._fp, ascii=None if self.in_place else " #", **kw)
 
     @property
     def n(self) -> int:
