@@ -96,19 +96,19 @@ class EvalResults(dict):
 
     def _encoder(self) -> str:
         e = self.get("encoder") or {}
-        w = e.get("weights", "")
-        if e.get("init_seed") is not None:
-            w += f" (init_seed {e['init_seed']})"
-        if e.get("checkpoint"):
-            w += f", {e['checkpoint']}"
-        return w + (f", pre-training step {e['pretrain_step']}" if "pretrain_step" in e else "")
+        if e.get("init_seed") is not None:       # the random baseline
+            return f"{e.get('weights', 'random init')} (init_seed {e['init_seed']})"
+        text = f"trained weights (step {e.get('pretrain_step', '?')})"
+        return text + (f" of {e['checkpoint']}" if e.get("checkpoint") else "")
 
     def _counts(self) -> list[tuple[str, str]]:
         return [(k, fmt(v)) for k, v in (self.get("counts") or {}).items()]
 
     def __repr__(self) -> str:
         lines = [f"EvalResults({self.get('protocol', '?')}): {self._encoder()}"]
-        lines += [_text_rows(self._metric_rows())]
+        rows = self._metric_rows()
+        if rows:
+            lines.append(_text_rows(rows))
         if self.get("figures"):
             lines.append("  figures: " + ", ".join(str(f) for f in self["figures"]))
         lines.append(f"  keys: {', '.join(self)}")
