@@ -1,6 +1,6 @@
 /* The bf16 fast path of the CUDA backend (cuda/ops/bf16.cu): the GEMM-based ops with bf16
  * operands, fp32 accumulation and fp32 results (cuBLAS GemmEx, CUBLAS_COMPUTE_32F, tensor
- * cores). Weights arrive as bf16 shadow copies of the fp32 master weights (model.cu refreshes
+ * cores). Weights arrive as bf16 shadow copies of the fp32 master weights (params.cu refreshes
  * them from the fp32 parameters); fp32 activations and output gradients are rounded to bf16
  * (round to nearest even) into caller-provided scratch right before each GEMM. Everything
  * that is not a GEMM operand stays fp32: outputs, every gradient (weight gradients accumulate
