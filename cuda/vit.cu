@@ -1,6 +1,7 @@
 // The ViT encoder and the restoration decoder on the GPU: the twin of csrc/core/vit.c,
 // composed from the cuda/ops kernels in the same order as the CPU so every intermediate has a
 // CPU twin. Sizes as vit.c.
+#include "blocks.h"
 #include "model_internal.cuh"
 
 #define ENC_EPS 1e-6f  // vit.c
@@ -76,36 +77,6 @@ __global__ void zero_masked_rows_kernel(float *dres, const uint8_t *mask, int64_
 
 // ------------------------------------------------------------------ transformer blocks
 
-typedef struct {
-    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b;
-    float *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
-} block_view;
-
-static block_view block_at(const af_blocks_params *p, int l, int W, int R) {
-    size_t w = (size_t)W, m = (size_t)R * W, L_ = (size_t)l;
-    block_view v = {p->ln1_w + L_ * w, p->ln1_b + L_ * w, p->qkv_w + L_ * 3 * w * w,
-                    p->qkv_b + L_ * 3 * w, p->proj_w + L_ * w * w, p->proj_b + L_ * w,
-                    p->ln2_w + L_ * w, p->ln2_b + L_ * w, p->fc1_w + L_ * m * w,
-                    p->fc1_b + L_ * m, p->fc2_w + L_ * w * m, p->fc2_b + L_ * w};
-    return v;
-}
-
-typedef struct {
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res2, *ln2, *ln2_mean, *ln2_rstd,
-        *fch, *fch_gelu, *res3;
-} block_acts_view;
-
-static block_acts_view block_acts_at(const af_blocks_acts *a, int l, int T, int W, int R, int NH) {
-    int B = a->cap;  // the layer stride is the capacity, as vit.c
-    size_t N = (size_t)B * T, L_ = (size_t)l, w = (size_t)W, m = (size_t)R * W;
-    block_acts_view v = {a->ln1 + L_ * N * w, a->ln1_mean + L_ * N, a->ln1_rstd + L_ * N,
-                         a->qkv + L_ * N * 3 * w, a->att + L_ * (size_t)B * NH * T * T,
-                         a->atty + L_ * N * w, a->res2 + L_ * N * w, a->ln2 + L_ * N * w,
-                         a->ln2_mean + L_ * N, a->ln2_rstd + L_ * N, a->fch + L_ * N * m,
-                         a->fch_gelu + L_ * N * m, a->res3 + L_ * N * w};
-    return v;
-}
-
 // twin of vit.c blocks_forward
 static af_status blocks_forward(af_cuda_context *ctx, const af_cuda_model *m,
                                 af_blocks_acts *acts, const float *x,
@@ -114,9 +85,9 @@ static af_status blocks_forward(af_cuda_context *ctx, const af_cuda_model *m,
     int N = B * T;
     size_t nw = (size_t)N * W;
     for (int l = 0; l < NL; l++) {
-        block_view w = block_at(p, l, W, R);
-        block_acts_view a = block_acts_at(acts, l, T, W, R, NH);
-        const float *in = l == 0 ? x : block_acts_at(acts, l - 1, T, W, R, NH).res3;
+        af_block_view w = af_block_at(p, l, W, R);
+        af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
+        const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
         AF_TRY(af_cuda_layernorm_forward(ctx, a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b,
                                          N, W, eps));
         AF_TRY(linear_fwd(ctx, m, a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W));
@@ -142,9 +113,9 @@ static af_status blocks_backward(af_cuda_context *ctx, const af_cuda_model *m, a
     int N = B * T;
     size_t nw = (size_t)N * W, nm = (size_t)N * R * W, f = sizeof(float);
     for (int l = NL - 1; l >= 0; l--) {
-        block_view w = block_at(p, l, W, R), dw = block_at(g, l, W, R);
-        block_acts_view a = block_acts_at(acts, l, T, W, R, NH);
-        const float *in = l == 0 ? x : block_acts_at(acts, l - 1, T, W, R, NH).res3;
+        af_block_view w = af_block_at(p, l, W, R), dw = af_block_at(g, l, W, R);
+        af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
+        const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
         // MLP branch
         AF_TRY(dcopy(ctx, s->dres2, s->dres, nw * f));
         AF_TRY(dzero(ctx, s->dfch_gelu, nm * f));
@@ -174,10 +145,6 @@ static af_status blocks_backward(af_cuda_context *ctx, const af_cuda_model *m, a
     return AF_OK;
 }
 
-static const float *blocks_output(const af_blocks_acts *acts, int NL, int T, int W, int R, int NH) {
-    return block_acts_at(acts, NL - 1, T, W, R, NH).res3;
-}
-
 // ------------------------------------------------------------------ encoder
 
 extern "C" af_status af_cuda_encoder_forward(af_cuda_context *ctx, af_cuda_model *m, af_branch br,
@@ -195,7 +162,7 @@ extern "C" af_status af_cuda_encoder_forward(af_cuda_context *ctx, af_cuda_model
     LAUNCH_1D(encoder_embed_kernel, (int64_t)B * T * D, a->x0, emb, p->cls, p->pos, (int64_t)B, T, D);
     AF_TRY(blocks_forward(ctx, m, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio,
                           c->H, ENC_EPS));
-    const float *last = blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
+    const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     AF_TRY(af_cuda_layernorm_forward(ctx, a->out, a->lnf_mean, a->lnf_rstd, last, p->norm_w,
                                      p->norm_b, B * T, D, ENC_EPS));
     m->enc_B[br] = B;
@@ -213,7 +180,7 @@ extern "C" af_status af_cuda_encoder_backward(af_cuda_context *ctx, af_cuda_mode
     const af_encoder_acts *a = &m->enc_acts[AF_STUDENT];
     af_scratch *s = &m->scratch;
     int L = m->L, T = m->T, D = c->D, N = B * T, CPP = c->C * c->P * c->P;
-    const float *last = blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
+    const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     AF_TRY(dzero(ctx, s->dres, (size_t)N * D * sizeof(float)));
     AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w,
                                       a->lnf_mean, a->lnf_rstd, N, D));
@@ -249,7 +216,7 @@ extern "C" af_status af_cuda_decoder_forward(af_cuda_context *ctx, af_cuda_model
               (int64_t)B, T, Dd, c->shared_mask_token);
     AF_TRY(blocks_forward(ctx, m, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd, c->mlp_ratio,
                           c->Hd, DEC_EPS));
-    const float *last = blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
+    const float *last = af_blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     AF_TRY(af_cuda_layernorm_forward(ctx, a->lnf, a->lnf_mean, a->lnf_rstd, last, p->norm_w,
                                      p->norm_b, N, Dd, DEC_EPS));
     AF_TRY(linear_fwd(ctx, m, a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q));
@@ -276,7 +243,7 @@ extern "C" af_status af_cuda_decoder_backward(af_cuda_context *ctx, af_cuda_mode
     AF_TRY(dzero(ctx, s->dln, (size_t)N * Dd * sizeof(float)));
     AF_TRY(linear_bwd(ctx, m, s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N,
                       Dd, Q));
-    const float *last = blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
+    const float *last = af_blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     AF_TRY(dzero(ctx, s->dres, (size_t)N * Dd * sizeof(float)));
     AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w,
                                       a->lnf_mean, a->lnf_rstd, N, Dd));
