@@ -4,14 +4,14 @@
 
 #define L2_EPS 1e-12f  // head.c
 
-// twin of head.c transpose_bl: dst[j,b,:] = src[b,j,:] for src [B,L,C]
-__global__ void transpose_bl_kernel(float *dst, const float *src, int B, int L, int C) {
-    int64_t total = (int64_t)B * L * C;
+// twin of head.c transpose_bl: dst[j,b,:] = src[b,j,:] for src [B,L,IC]
+__global__ void transpose_bl_kernel(float *dst, const float *src, int B, int L, int IC) {
+    int64_t total = (int64_t)B * L * IC;
     AF_GRID_STRIDE(int64_t, i, total) {
-        int c = (int)(i % C);
-        int64_t r = i / C;  // dst row j*B + b
+        int c = (int)(i % IC);
+        int64_t r = i / IC;  // dst row j*B + b
         int64_t j = r / B, b = r % B;
-        dst[i] = src[(b * L + j) * C + c];
+        dst[i] = src[(b * L + j) * IC + c];
     }
 }
 

@@ -79,20 +79,20 @@ static inline const af_bf16 *shadow(const af_cuda_model *m, const float *w) {
 
 static inline af_status linear_fwd(af_cuda_context *ctx, const af_cuda_model *m, float *out,
                                    const float *inp, const float *w, const float *b, int N,
-                                   int C, int OC) {
-    if (!m->bf16) return af_cuda_linear_forward(ctx, out, inp, w, b, N, C, OC);
+                                   int IC, int OC) {
+    if (!m->bf16) return af_cuda_linear_forward(ctx, out, inp, w, b, N, IC, OC);
     const af_bf16 *wh = shadow(m, w);
     AF_CUDA_CHECK(wh != nullptr, "linear_forward: the weight has no bf16 shadow");
-    return af_cuda_linear_forward_bf16(ctx, out, inp, wh, b, N, C, OC, m->hscratch[0]);
+    return af_cuda_linear_forward_bf16(ctx, out, inp, wh, b, N, IC, OC, m->hscratch[0]);
 }
 
 static inline af_status linear_bwd(af_cuda_context *ctx, const af_cuda_model *m, float *dinp,
                                    float *dw, float *db, const float *dout, const float *inp,
-                                   const float *w, int N, int C, int OC) {
-    if (!m->bf16) return af_cuda_linear_backward(ctx, dinp, dw, db, dout, inp, w, N, C, OC);
+                                   const float *w, int N, int IC, int OC) {
+    if (!m->bf16) return af_cuda_linear_backward(ctx, dinp, dw, db, dout, inp, w, N, IC, OC);
     const af_bf16 *wh = shadow(m, w);
     AF_CUDA_CHECK(wh != nullptr, "linear_backward: the weight has no bf16 shadow");
-    return af_cuda_linear_backward_bf16(ctx, dinp, dw, db, dout, inp, wh, N, C, OC,
+    return af_cuda_linear_backward_bf16(ctx, dinp, dw, db, dout, inp, wh, N, IC, OC,
                                         m->hscratch[0], m->hscratch[1]);
 }
 

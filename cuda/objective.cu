@@ -166,28 +166,29 @@ extern "C" af_status af_cuda_sinkhorn_knopp(af_cuda_context *ctx, float *q, cons
 
 // ---- prototypes (METHOD §3): the same sums in the same order as the CPU ---------------------
 
-__global__ void prototypes_kernel(float *C, const float *src, int B, size_t LK, float m,
+__global__ void prototypes_kernel(float *protos, const float *src, int B, size_t LK, float m,
                                   int overwrite) {
     AF_GRID_STRIDE(size_t, e, LK) {
         double acc = 0.0;
         for (int b = 0; b < B; b++) acc += (double)src[(size_t)b * LK + e];
         double qbar = acc / B;
-        C[e] = overwrite ? (float)qbar
-                         : (float)__dadd_rn(__dmul_rn((double)m, (double)C[e]),
-                                            __dmul_rn(1.0 - (double)m, qbar));
+        protos[e] = overwrite ? (float)qbar
+                              : (float)__dadd_rn(__dmul_rn((double)m, (double)protos[e]),
+                                                 __dmul_rn(1.0 - (double)m, qbar));
     }
 }
 
-extern "C" af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *C, const float *src,
-                                               int B, int L, int K, float m, int overwrite) {
-    AF_CUDA_CHECK(C != nullptr && src != nullptr, "prototypes_update: NULL buffer");
+extern "C" af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *protos,
+                                               const float *src, int B, int L, int K, float m,
+                                               int overwrite) {
+    AF_CUDA_CHECK(protos != nullptr && src != nullptr, "prototypes_update: NULL buffer");
     AF_CUDA_CHECK(B > 0 && L > 0 && K > 0, "prototypes_update: B=%d, L=%d, K=%d must be > 0", B,
                   L, K);
     AF_CUDA_CHECK(isfinite(m) && m >= 0.0f && m <= 1.0f,
                   "prototypes_update: m must be in [0, 1], got %g", (double)m);
     size_t LK = (size_t)L * K;
-    prototypes_kernel<<<af_grid_1d((int64_t)LK, 256), 256, 0, ctx->stream>>>(C, src, B, LK, m,
-                                                                             overwrite);
+    prototypes_kernel<<<af_grid_1d((int64_t)LK, 256), 256, 0, ctx->stream>>>(protos, src, B, LK,
+                                                                             m, overwrite);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }
@@ -250,11 +251,12 @@ __global__ void student_kernel(float *q, float *logq, const float *s, int64_t NT
     }
 }
 
-// logc[l, :] = log(max(C_l / sum(C_l), floor)); one warp per row. C is trusted (see header).
-__global__ void logc_kernel(float *logc, const float *C, int L, int K) {
+// logc[l, :] = log(max(c_l, floor)), c_l = protos_l / sum(protos_l); one warp per row. protos
+// is trusted (see objective.cuh).
+__global__ void logc_kernel(float *logc, const float *protos, int L, int K) {
     const int l = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (l >= L) return;
-    const float *cl = C + (size_t)l * K;
+    const float *cl = protos + (size_t)l * K;
     const double rs = warp_row_sum_d(cl, K, lane);
     for (int k = lane; k < K; k += 32)
         logc[(size_t)l * K + k] = (float)log(fmax((double)cl[k] / rs, (double)AF_LOGC_FLOOR));
@@ -506,10 +508,10 @@ paper_final_kernel(float *l_stru, float *l_cate, const float *tl_s, const float 
 
 extern "C" af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, float *l_cate,
                                         float *ds_stru, float *ds_cate, const float *s,
-                                        const float *C, const uint8_t *abn, int B, int L, int K,
-                                        float tau_s, float tau, float w_stru, float w_cate,
+                                        const float *protos, const uint8_t *abn, int B, int L,
+                                        int K, float tau_s, float tau, float w_stru, float w_cate,
                                         float *scratch) {
-    AF_CUDA_CHECK(l_stru && l_cate && s && C && abn && scratch, "paper_loss: NULL buffer");
+    AF_CUDA_CHECK(l_stru && l_cate && s && protos && abn && scratch, "paper_loss: NULL buffer");
     AF_CUDA_CHECK(B > 0 && L > 0 && K > 0, "paper_loss: B=%d, L=%d, K=%d must be > 0", B, L, K);
     AF_CUDA_CHECK(positive_finite(tau_s), "paper_loss: tau_s must be > 0, got %g", (double)tau_s);
     AF_CUDA_CHECK(positive_finite(tau), "paper_loss: tau must be > 0, got %g", (double)tau);
@@ -531,7 +533,7 @@ extern "C" af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, flo
 
     paper_counts_kernel<<<1, RED_THREADS, 0, st>>>(cnt, abn, B, L);
     AF_CUDA_LAUNCHED();
-    logc_kernel<<<warp_rows_grid(L), WARP_BLOCK, 0, st>>>(logc, C, L, K);
+    logc_kernel<<<warp_rows_grid(L), WARP_BLOCK, 0, st>>>(logc, protos, L, K);
     AF_CUDA_LAUNCHED();
     student_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, st>>>(q, logq, s, NT, K, tau_s);
     AF_CUDA_LAUNCHED();
@@ -570,11 +572,11 @@ extern "C" af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, flo
 
 // ---- weighted restoration loss (Eq. 20) ------------------------------------------------------
 
-// dy += 2 w / (B L PPC) * weight * (y - x): the CPU's operations in its order (bit-identical).
+// dy += 2 w / (B L Q) * weight * (y - x): the CPU's operations in its order (bit-identical).
 __global__ void recon_grad_kernel(float *dy, const float *y, const float *x, const uint8_t *abn,
-                                  size_t n, int PPC, double inv_n, float w_abn, float weight) {
+                                  size_t n, int Q, double inv_n, float w_abn, float weight) {
     AF_GRID_STRIDE(size_t, e, n) {
-        const double w = (abn && abn[e / PPC]) ? (double)w_abn : 1.0;
+        const double w = (abn && abn[e / Q]) ? (double)w_abn : 1.0;
         const double c = __dmul_rn(__dmul_rn(__dmul_rn(2.0, w), inv_n), (double)weight);
         dy[e] = __fadd_rn(dy[e], (float)__dmul_rn(c, __dsub_rn((double)y[e], (double)x[e])));
     }
@@ -583,14 +585,14 @@ __global__ void recon_grad_kernel(float *dy, const float *y, const float *x, con
 // loss = sum_t w_t ||y_t - x_t||^2 * inv_n, one warp per token, warp partials in order.
 __global__ void __launch_bounds__(RED_THREADS)
 recon_loss_kernel(float *loss, const float *y, const float *x, const uint8_t *abn, int64_t NT,
-                  int PPC, double inv_n, float w_abn) {
+                  int Q, double inv_n, float w_abn) {
     __shared__ double red[32];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     double acc = 0.0;  // identical in every lane of the warp
     for (int64_t t = w; t < NT; t += nw) {
-        const float *yt = y + t * PPC, *xt = x + t * PPC;
+        const float *yt = y + t * Q, *xt = x + t * Q;
         double e = 0.0;
-        for (int p = lane; p < PPC; p += 32) {
+        for (int p = lane; p < Q; p += 32) {
             double d = (double)yt[p] - xt[p];
             e += d * d;
         }
@@ -608,37 +610,37 @@ recon_loss_kernel(float *loss, const float *y, const float *x, const uint8_t *ab
 
 extern "C" af_status af_cuda_recon_loss(af_cuda_context *ctx, float *loss, float *dy,
                                         const float *y, const float *x, const uint8_t *abn, int B,
-                                        int L, int PPC, float w_abn, float weight) {
+                                        int L, int Q, float w_abn, float weight) {
     AF_CUDA_CHECK(loss && y && x, "recon_loss: NULL buffer");
-    AF_CUDA_CHECK(B > 0 && L > 0 && PPC > 0, "recon_loss: B=%d, L=%d, PPC=%d must be > 0", B, L,
-                  PPC);
+    AF_CUDA_CHECK(B > 0 && L > 0 && Q > 0, "recon_loss: B=%d, L=%d, Q=%d must be > 0", B, L,
+                  Q);
     AF_CUDA_CHECK(isfinite(w_abn) && w_abn >= 0.0f,
                   "recon_loss: w_abn must be finite and >= 0, got %g", (double)w_abn);
     AF_CUDA_CHECK(isfinite(weight), "recon_loss: weight must be finite");
     const int64_t NT = (int64_t)B * L;
-    const size_t n = (size_t)NT * PPC;
-    const double inv_n = 1.0 / ((double)NT * PPC);
+    const size_t n = (size_t)NT * Q;
+    const double inv_n = 1.0 / ((double)NT * Q);
     if (dy != nullptr) {
         recon_grad_kernel<<<af_grid_1d((int64_t)n, 256), 256, 0, ctx->stream>>>(
-            dy, y, x, abn, n, PPC, inv_n, w_abn, weight);
+            dy, y, x, abn, n, Q, inv_n, w_abn, weight);
         AF_CUDA_LAUNCHED();
     }
-    recon_loss_kernel<<<1, RED_THREADS, 0, ctx->stream>>>(loss, y, x, abn, NT, PPC, inv_n, w_abn);
+    recon_loss_kernel<<<1, RED_THREADS, 0, ctx->stream>>>(loss, y, x, abn, NT, Q, inv_n, w_abn);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }
 
 // ---- released objective (METHOD §4, "released") ---------------------------------------------
 
-// One warp per token: z = s / tau_s, lse, -sum_k P_k (z_k - lse) and sum_k P_k.
-__device__ __forceinline__ void released_token(const float *st, const float *Pj, int K,
+// One warp per token: z = s / tau_s, lse, -sum_k target_k (z_k - lse) and sum_k target_k.
+__device__ __forceinline__ void released_token(const float *st, const float *tj, int K,
                                                float tau_s, int lane, double *lse_out,
                                                double *ce_out, double *psum_out) {
     const double lse = warp_row_lse_d(st, K, tau_s, lane);
     double ce = 0.0, ps = 0.0;
     for (int k = lane; k < K; k += 32) {
-        ce -= (double)Pj[k] * ((double)st[k] / tau_s - lse);
-        ps += Pj[k];
+        ce -= (double)tj[k] * ((double)st[k] / tau_s - lse);
+        ps += tj[k];
     }
     *lse_out = lse;
     *ce_out = warp_sum_d(ce);
@@ -647,7 +649,7 @@ __device__ __forceinline__ void released_token(const float *st, const float *Pj,
 
 // The loss and the count of normal tokens (written to *n_normal for the gradient kernel).
 __global__ void __launch_bounds__(RED_THREADS)
-released_loss_kernel(float *l_cst, int *n_normal, const float *s, const float *P,
+released_loss_kernel(float *l_cst, int *n_normal, const float *s, const float *target,
                      const uint8_t *abn, int64_t NT, int L, int K, float tau_s) {
     __shared__ double red[32];
     __shared__ long long cred[32];
@@ -657,7 +659,7 @@ released_loss_kernel(float *l_cst, int *n_normal, const float *s, const float *P
     for (int64_t t = w; t < NT; t += nw) {
         if (abn[t]) continue;
         double lse, ce, ps;
-        released_token(s + t * K, P + (t % L) * K, K, tau_s, lane, &lse, &ce, &ps);
+        released_token(s + t * K, target + (t % L) * K, K, tau_s, lane, &lse, &ce, &ps);
         acc += ce;
         count++;
     }
@@ -673,55 +675,55 @@ released_loss_kernel(float *l_cst, int *n_normal, const float *s, const float *P
     }
 }
 
-// ds += w_cst / n_normal * (softmax(z) * sum(P) - P) / tau_s on normal tokens.
+// ds += w_cst / n_normal * (softmax(z) * sum(target) - target) / tau_s on normal tokens.
 __global__ void released_grad_kernel(float *ds, const int *n_normal, const float *s,
-                                     const float *P, const uint8_t *abn, int64_t NT, int L, int K,
-                                     float tau_s, float w_cst) {
+                                     const float *target, const uint8_t *abn, int64_t NT, int L,
+                                     int K, float tau_s, float w_cst) {
     const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (t >= NT || abn[t]) return;
-    const float *st = s + t * K, *Pj = P + (t % L) * K;
+    const float *st = s + t * K, *tj = target + (t % L) * K;
     double lse, ce, ps;
-    released_token(st, Pj, K, tau_s, lane, &lse, &ce, &ps);
+    released_token(st, tj, K, tau_s, lane, &lse, &ce, &ps);
     const double c = (double)w_cst / *n_normal;  // >= 1: this token is normal
     for (int k = lane; k < K; k += 32) {
         double qk = exp((double)st[k] / tau_s - lse);
-        ds[t * K + k] += (float)(c * (qk * ps - Pj[k]) / tau_s);
+        ds[t * K + k] += (float)(c * (qk * ps - tj[k]) / tau_s);
     }
 }
 
 extern "C" size_t af_cuda_released_loss_scratch_floats(int L, int K) {
     if (L <= 0 || K <= 0) return 0;
-    return (size_t)L * (size_t)K + 2;  // P, then the normal-token count (an int)
+    return (size_t)L * (size_t)K + 2;  // target, then the normal-token count (an int)
 }
 
 extern "C" af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_recon,
-                                           float *ds, float *dy, const float *s, const float *C,
-                                           const uint8_t *abn, const float *y, const float *x,
-                                           int B, int L, int K, int PPC, float tau_s, float eps,
-                                           int iters, float w_cst, float w_recon,
-                                           float *scratch) {
-    AF_CUDA_CHECK(l_cst && l_recon && s && C && abn && y && x && scratch,
+                                           float *ds, float *dy, const float *s,
+                                           const float *protos, const uint8_t *abn,
+                                           const float *y, const float *x, int B, int L, int K,
+                                           int Q, float tau_s, float eps, int iters, float w_cst,
+                                           float w_recon, float *scratch) {
+    AF_CUDA_CHECK(l_cst && l_recon && s && protos && abn && y && x && scratch,
                   "released_loss: NULL buffer");
-    AF_CUDA_CHECK(B > 0 && L > 0 && K > 0 && PPC > 0,
-                  "released_loss: B=%d, L=%d, K=%d, PPC=%d must be > 0", B, L, K, PPC);
+    AF_CUDA_CHECK(B > 0 && L > 0 && K > 0 && Q > 0,
+                  "released_loss: B=%d, L=%d, K=%d, Q=%d must be > 0", B, L, K, Q);
     AF_CUDA_CHECK(positive_finite(tau_s), "released_loss: tau_s must be > 0, got %g",
                   (double)tau_s);
     AF_CUDA_CHECK(isfinite(w_cst), "released_loss: w_cst must be finite");
     AF_CUDA_CHECK((double)B * L <= 2147483647.0, "released_loss: B*L too large");
-    float *P = scratch;
+    float *target = scratch;
     int *n_normal = (int *)(scratch + (size_t)L * K);
-    AF_TRY(af_cuda_sinkhorn_knopp(ctx, P, C, L, K, eps, iters));
+    AF_TRY(af_cuda_sinkhorn_knopp(ctx, target, protos, L, K, eps, iters));
     const int64_t NT = (int64_t)B * L;
-    released_loss_kernel<<<1, RED_THREADS, 0, ctx->stream>>>(l_cst, n_normal, s, P, abn, NT, L, K,
-                                                             tau_s);
+    released_loss_kernel<<<1, RED_THREADS, 0, ctx->stream>>>(l_cst, n_normal, s, target, abn, NT,
+                                                             L, K, tau_s);
     AF_CUDA_LAUNCHED();
     if (ds != nullptr) {
         released_grad_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, ctx->stream>>>(
-            ds, n_normal, s, P, abn, NT, L, K, tau_s, w_cst);
+            ds, n_normal, s, target, abn, NT, L, K, tau_s, w_cst);
         AF_CUDA_LAUNCHED();
     }
-    return af_cuda_recon_loss(ctx, l_recon, dy, y, x, nullptr, B, L, PPC, 1.0f, w_recon);
+    return af_cuda_recon_loss(ctx, l_recon, dy, y, x, nullptr, B, L, Q, 1.0f, w_recon);
 }
 
 // ---- anomaly score (Eq. 51), METHOD §6 ---------------------------------------------------------
@@ -729,14 +731,14 @@ extern "C" af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, f
 // One block per image; warp w takes tokens w, w + 8, ... and keeps a running log-sum-exp;
 // the 8 warp results are merged in warp order.
 __global__ void anomaly_kernel(double *score, double *log_score, double *err, const float *y,
-                               const float *x, int L, int PPC) {
+                               const float *x, int L, int Q) {
     __shared__ double wm[32], ws[32];
     const int i = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     double m = -INFINITY, s = 0.0;
     for (int j = w; j < L; j += nw) {
-        const float *yj = y + ((size_t)i * L + j) * PPC, *xj = x + ((size_t)i * L + j) * PPC;
+        const float *yj = y + ((size_t)i * L + j) * Q, *xj = x + ((size_t)i * L + j) * Q;
         double e = 0.0;
-        for (int p = lane; p < PPC; p += 32) {
+        for (int p = lane; p < Q; p += 32) {
             double d = (double)yj[p] - xj[p];
             e += d * d;
         }
@@ -768,11 +770,11 @@ __global__ void anomaly_kernel(double *score, double *log_score, double *err, co
 
 extern "C" af_status af_cuda_anomaly_score(af_cuda_context *ctx, double *score,
                                            double *log_score, double *err, const float *y,
-                                           const float *x, int B, int L, int PPC) {
+                                           const float *x, int B, int L, int Q) {
     AF_CUDA_CHECK(y && x, "anomaly_score: NULL buffer");
-    AF_CUDA_CHECK(B > 0 && L > 0 && PPC > 0, "anomaly_score: B=%d, L=%d, PPC=%d must be > 0", B,
-                  L, PPC);
-    anomaly_kernel<<<B, WARP_BLOCK, 0, ctx->stream>>>(score, log_score, err, y, x, L, PPC);
+    AF_CUDA_CHECK(B > 0 && L > 0 && Q > 0, "anomaly_score: B=%d, L=%d, Q=%d must be > 0", B,
+                  L, Q);
+    anomaly_kernel<<<B, WARP_BLOCK, 0, ctx->stream>>>(score, log_score, err, y, x, L, Q);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }

@@ -1,6 +1,6 @@
 // The ViT encoder and the restoration decoder on the GPU: the twin of csrc/core/vit.c,
 // composed from the cuda/ops kernels in the same order as the CPU so every intermediate has a
-// CPU twin. Sizes as vit.c.
+// CPU twin. Dimension letters as afire.h; N = B*T rows.
 #include "blocks.h"
 #include "model_internal.cuh"
 
@@ -155,10 +155,10 @@ extern "C" af_status af_cuda_encoder_forward(af_cuda_context *ctx, af_cuda_model
     const af_config *c = &m->cfg;
     const af_encoder_params *p = &m->enc[br];
     af_encoder_acts *a = &m->enc_acts[br];
-    int L = m->L, T = m->T, D = c->D, CPP = c->C * c->P * c->P;
+    int L = m->L, T = m->T, D = c->D, Q = m->Q;
     AF_TRY(af_cuda_patchify_forward(ctx, a->patches, images, B, c->C, c->S, c->P, AF_PATCH_CPQ));
     float *emb = m->scratch.dres;  // [B*L, D] temporary
-    AF_TRY(linear_fwd(ctx, m, emb, a->patches, p->patch_w, p->patch_b, B * L, CPP, D));
+    AF_TRY(linear_fwd(ctx, m, emb, a->patches, p->patch_w, p->patch_b, B * L, Q, D));
     LAUNCH_1D(encoder_embed_kernel, (int64_t)B * T * D, a->x0, emb, p->cls, p->pos, (int64_t)B, T, D);
     AF_TRY(blocks_forward(ctx, m, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio,
                           c->H, ENC_EPS));
@@ -179,7 +179,7 @@ extern "C" af_status af_cuda_encoder_backward(af_cuda_context *ctx, af_cuda_mode
     af_encoder_params *g = &m->enc_grad;
     const af_encoder_acts *a = &m->enc_acts[AF_STUDENT];
     af_scratch *s = &m->scratch;
-    int L = m->L, T = m->T, D = c->D, N = B * T, CPP = c->C * c->P * c->P;
+    int L = m->L, T = m->T, D = c->D, N = B * T, Q = m->Q;
     const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     AF_TRY(dzero(ctx, s->dres, (size_t)N * D * sizeof(float)));
     AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w,
@@ -194,7 +194,7 @@ extern "C" af_status af_cuda_encoder_backward(af_cuda_context *ctx, af_cuda_mode
     float *demb = s->dln;  // [B*L, D] gathered rows 1..L
     AF_TRY(copy_blocks(ctx, demb, (size_t)L * D, s->dres + D, (size_t)T * D, (size_t)L * D, B));
     AF_TRY(linear_bwd(ctx, m, nullptr, g->patch_w, g->patch_b, demb, a->patches,
-                      p->patch_w, B * L, CPP, D));
+                      p->patch_w, B * L, Q, D));
     return AF_OK;
 }
 

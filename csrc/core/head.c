@@ -10,12 +10,12 @@
 
 #define L2_EPS 1e-12f /* F.normalize */
 
-/* dst[L,B,C] <- src[B,L,C] (and the inverse with swapped sizes). */
-static void transpose_bl(float *dst, const float *src, int B, int L, int C) {
+/* dst[L,B,IC] <- src[B,L,IC] (and the inverse with swapped sizes). */
+static void transpose_bl(float *dst, const float *src, int B, int L, int IC) {
     for (int b = 0; b < B; b++)
         for (int j = 0; j < L; j++)
-            memcpy(dst + ((size_t)j * B + b) * C, src + ((size_t)b * L + j) * C,
-                   (size_t)C * sizeof(float));
+            memcpy(dst + ((size_t)j * B + b) * IC, src + ((size_t)b * L + j) * IC,
+                   (size_t)IC * sizeof(float));
 }
 
 af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B) {

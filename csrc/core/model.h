@@ -1,10 +1,7 @@
 /* The three AFiRe networks on the CPU: ViT encoder, projection head, restoration decoder
  * (METHOD.md §2), their parameter layouts, forward/backward, AdamW, clipping and EMA (§5).
  *
- * Dimension letters as csrc/ops/ops.h: B batch, S image side, P patch, C in_chans,
- * L = (S/P)^2 patch tokens, T = L + 1 tokens with cls, D encoder width, H heads,
- * Dd decoder width, Hh head hidden width (1024), Bn head bottleneck (256), K classes,
- * NL number of transformer blocks, Q = P*P*C pixels per patch.
+ * Dimension letters as afire.h.
  *
  * State, llm.c style: each network owns ONE contiguous float buffer carved by a struct of
  * pointers (shapes in the comments). Gradients and the AdamW moments m, v mirror that
@@ -66,7 +63,7 @@ typedef struct {
 } af_blocks_params;
 
 typedef struct {
-    float *patch_w;          /* [D, C*P*P]  conv weight [D,C,P,P] flattened (c, p, q) */
+    float *patch_w;          /* [D, Q]  conv weight [D,C,P,P] flattened (c, p, q)     */
     float *patch_b;          /* [D]                                                  */
     float *cls;              /* [D]                                                  */
     float *pos;              /* [T, D]  row 0 (cls) zero for sincos                  */
@@ -146,7 +143,7 @@ typedef struct {
 } af_blocks_acts;
 
 typedef struct {
-    float *patches;          /* [B,L,C*P*P]                            */
+    float *patches;          /* [B,L,Q]  (c, p, q) order                */
     float *x0;               /* [B,T,D]  embedding + pos, block input  */
     af_blocks_acts blocks;
     float *out, *lnf_mean, *lnf_rstd; /* [B,T,D], [B,T] x2 final norm */
@@ -175,7 +172,8 @@ typedef struct {
     float *pred;             /* [B,L,Q]   cls dropped                  */
 } af_decoder_acts;
 
-/* Backward scratch shared by the three networks (sized for the widest). */
+/* Backward scratch shared by the three networks, sized for the widest: Wmax = max(D, Dd),
+ * Hmax = max(H, Hd). */
 typedef struct {
     float *dres;             /* [B,T,Wmax]  residual-stream gradient   */
     float *dres2;            /* [B,T,Wmax]                             */

@@ -2,7 +2,7 @@
  * (L_stru Eq. 12, L_cate Eq. 14-16, L_recon Eq. 20), the released objective and the
  * anomaly score (Eq. 51). See objective.h for the contract and METHOD.md §3-§4, §6.
  *
- * Dimension letters: B images, L patch tokens, K prototype classes, PPC values per patch.
+ * Dimension letters as afire.h.
  * A token t = (i, j) of image i at position j is stored at row t = i*L + j.
  *
  * Gradients of the contrastive terms are collected as dL/dz with z = s / tau_s (the
@@ -108,11 +108,11 @@ af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float e
 }
 
 /* ---------------------------------------------------------------------------------- */
-/* Spatial prototypes C[L,K], METHOD §3                                                */
+/* Spatial prototypes protos[L,K], METHOD §3                                           */
 
-af_status af_prototypes_update(float *C, const float *src, int B, int L, int K, float m,
+af_status af_prototypes_update(float *protos, const float *src, int B, int L, int K, float m,
                             int overwrite) {
-    AF_CHECK(C != NULL && src != NULL, AF_EINVAL, "prototypes_update: NULL buffer");
+    AF_CHECK(protos != NULL && src != NULL, AF_EINVAL, "prototypes_update: NULL buffer");
     AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL,
              "prototypes_update: B=%d, L=%d, K=%d must be > 0", B, L, K);
     AF_CHECK(isfinite(m) && m >= 0.0f && m <= 1.0f, AF_EINVAL,
@@ -124,7 +124,7 @@ af_status af_prototypes_update(float *C, const float *src, int B, int L, int K, 
         double acc = 0.0;
         for (int b = 0; b < B; b++) acc += src[(size_t)b * LK + e];
         double qbar = acc / B;
-        C[e] = overwrite ? (float)qbar : (float)(m * (double)C[e] + (1.0 - m) * qbar);
+        protos[e] = overwrite ? (float)qbar : (float)(m * (double)protos[e] + (1.0 - m) * qbar);
     }
     return AF_OK;
 }
@@ -151,19 +151,20 @@ static void student_probs(float *q, float *logq, const float *s, size_t NT, int 
     }
 }
 
-/* logc[L,K] = log(max(C_l / sum(C_l), AF_LOGC_FLOOR)); C must be >= 0 with rows > 0. */
-static af_status prototype_logs(float *logc, const float *C, int L, int K) {
+/* logc[L,K] = log(max(c_l, AF_LOGC_FLOOR)), c_l = protos_l / sum(protos_l); protos must be
+ * >= 0 with rows > 0. */
+static af_status prototype_logs(float *logc, const float *protos, int L, int K) {
     for (int l = 0; l < L; l++) {
-        const float *cl = C + (size_t)l * K;
+        const float *cl = protos + (size_t)l * K;
         double rs = 0.0;
         for (int k = 0; k < K; k++) {
             AF_CHECK(isfinite(cl[k]) && cl[k] >= 0.0f, AF_EINVAL,
-                     "C must be finite and >= 0 (probabilities), got %g at [%d, %d]",
+                     "prototypes C must be finite and >= 0 (probabilities), got %g at [%d, %d]",
                      (double)cl[k], l, k);
             rs += cl[k];
         }
         AF_CHECK(rs > 0.0 && isfinite(rs), AF_EINVAL,
-                 "C: row %d must have a positive finite sum, got %g", l, rs);
+                 "prototypes C: row %d must have a positive finite sum, got %g", l, rs);
         for (int k = 0; k < K; k++)
             logc[(size_t)l * K + k] = (float)log(fmax(cl[k] / rs, (double)AF_LOGC_FLOOR));
     }
@@ -203,9 +204,9 @@ size_t af_paper_loss_scratch_floats(int B, int L, int K) {
 }
 
 af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cate,
-                     const float *s, const float *C, const uint8_t *abn, int B, int L, int K,
-                     float tau_s, float tau, float w_stru, float w_cate, float *scratch) {
-    AF_CHECK(l_stru && l_cate && s && C && abn && scratch, AF_EINVAL,
+                     const float *s, const float *protos, const uint8_t *abn, int B, int L,
+                     int K, float tau_s, float tau, float w_stru, float w_cate, float *scratch) {
+    AF_CHECK(l_stru && l_cate && s && protos && abn && scratch, AF_EINVAL,
              "paper_loss: NULL buffer");
     AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL, "paper_loss: B=%d, L=%d, K=%d must be > 0",
              B, L, K);
@@ -224,7 +225,7 @@ af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_
     float *tl = tmp + (size_t)L * K, *wG = tl + NT;
     const double inv_tau = 1.0 / tau;
 
-    AF_TRY(prototype_logs(logc, C, L, K));
+    AF_TRY(prototype_logs(logc, protos, L, K));
     student_probs(q, logq, s, NT, K, tau_s);
 
     /* A[t,l] = log f(q_t, c_l) = (1/tau) sum_k q_tk log c_lk, for every token t */
@@ -364,29 +365,29 @@ af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_
 /* Weighted restoration loss (Eq. 20)                                                  */
 
 af_status af_recon_loss(float *loss, float *dy, const float *y, const float *x,
-                     const uint8_t *abn, int B, int L, int PPC, float w_abn, float weight) {
+                     const uint8_t *abn, int B, int L, int Q, float w_abn, float weight) {
     AF_CHECK(loss && y && x, AF_EINVAL, "recon_loss: NULL buffer");
-    AF_CHECK(B > 0 && L > 0 && PPC > 0, AF_EINVAL,
-             "recon_loss: B=%d, L=%d, PPC=%d must be > 0", B, L, PPC);
+    AF_CHECK(B > 0 && L > 0 && Q > 0, AF_EINVAL,
+             "recon_loss: B=%d, L=%d, Q=%d must be > 0", B, L, Q);
     AF_CHECK(isfinite(w_abn) && w_abn >= 0.0f, AF_EINVAL,
              "recon_loss: w_abn must be finite and >= 0, got %g", (double)w_abn);
     AF_CHECK(isfinite(weight), AF_EINVAL, "recon_loss: weight must be finite");
     const size_t NT = (size_t)B * L;
-    const double inv_n = 1.0 / ((double)NT * PPC);
+    const double inv_n = 1.0 / ((double)NT * Q);
     double sum = 0.0;
     for (size_t t = 0; t < NT; t++) {
         const double w = (abn && abn[t]) ? (double)w_abn : 1.0;
-        const float *yt = y + t * PPC, *xt = x + t * PPC;
+        const float *yt = y + t * Q, *xt = x + t * Q;
         double e = 0.0;
-        for (int p = 0; p < PPC; p++) {
+        for (int p = 0; p < Q; p++) {
             double d = (double)yt[p] - xt[p];
             e += d * d;
         }
         sum += w * e;
         if (dy) {
-            float *dyt = dy + t * PPC;
+            float *dyt = dy + t * Q;
             double c = 2.0 * w * inv_n * weight;
-            for (int p = 0; p < PPC; p++) dyt[p] += (float)(c * ((double)yt[p] - xt[p]));
+            for (int p = 0; p < Q; p++) dyt[p] += (float)(c * ((double)yt[p] - xt[p]));
         }
     }
     *loss = (float)(sum * inv_n);
@@ -402,18 +403,19 @@ size_t af_released_loss_scratch_floats(int L, int K) {
 }
 
 af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
-                        const float *C, const uint8_t *abn, const float *y, const float *x,
-                        int B, int L, int K, int PPC, float tau_s, float eps, int iters,
+                        const float *protos, const uint8_t *abn, const float *y,
+                        const float *x, int B, int L, int K, int Q, float tau_s, float eps,
+                        int iters,
                         float w_cst, float w_recon, float *scratch) {
-    AF_CHECK(l_cst && l_recon && s && C && abn && y && x && scratch, AF_EINVAL,
+    AF_CHECK(l_cst && l_recon && s && protos && abn && y && x && scratch, AF_EINVAL,
              "released_loss: NULL buffer");
-    AF_CHECK(B > 0 && L > 0 && K > 0 && PPC > 0, AF_EINVAL,
-             "released_loss: B=%d, L=%d, K=%d, PPC=%d must be > 0", B, L, K, PPC);
+    AF_CHECK(B > 0 && L > 0 && K > 0 && Q > 0, AF_EINVAL,
+             "released_loss: B=%d, L=%d, K=%d, Q=%d must be > 0", B, L, K, Q);
     AF_CHECK(positive_finite(tau_s), AF_EINVAL, "released_loss: tau_s must be > 0, got %g",
              (double)tau_s);
     AF_CHECK(isfinite(w_cst), AF_EINVAL, "released_loss: w_cst must be finite");
-    float *P = scratch;
-    AF_TRY(af_sinkhorn_knopp(P, C, L, K, eps, iters));
+    float *target = scratch;
+    AF_TRY(af_sinkhorn_knopp(target, protos, L, K, eps, iters));
 
     const size_t NT = (size_t)B * L;
     size_t n_normal = 0;
@@ -423,37 +425,37 @@ af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, c
     /* serial over tokens: the loss sum keeps one order; the work is O(B*L*K) */
     for (size_t t = 0; t < NT; t++) {
         if (abn[t]) continue;
-        const float *st = s + t * K, *Pj = P + (t % L) * K;
+        const float *st = s + t * K, *tj = target + (t % L) * K;
         double mx = -INFINITY;
         for (int k = 0; k < K; k++) mx = fmax(mx, (double)st[k] / tau_s);
         double se = 0.0, psum = 0.0, ce = 0.0;
         for (int k = 0; k < K; k++) se += exp((double)st[k] / tau_s - mx);
         const double lse = mx + log(se);
         for (int k = 0; k < K; k++) {
-            ce -= Pj[k] * ((double)st[k] / tau_s - lse);
-            psum += Pj[k];
+            ce -= tj[k] * ((double)st[k] / tau_s - lse);
+            psum += tj[k];
         }
         sum += ce;
         if (ds == NULL) continue;
-        /* d/dz of -sum_k P_k log softmax(z)_k = softmax(z) * sum(P) - P */
+        /* d/dz of -sum_k target_k log softmax(z)_k = softmax(z) * sum(target) - target */
         float *dst = ds + t * K;
         for (int k = 0; k < K; k++) {
             double qk = exp((double)st[k] / tau_s - lse);
-            dst[k] += (float)(c * (qk * psum - Pj[k]) / tau_s);
+            dst[k] += (float)(c * (qk * psum - tj[k]) / tau_s);
         }
     }
     *l_cst = n_normal ? (float)(sum / n_normal) : 0.0f;
-    return af_recon_loss(l_recon, dy, y, x, NULL, B, L, PPC, 1.0f, w_recon);
+    return af_recon_loss(l_recon, dy, y, x, NULL, B, L, Q, 1.0f, w_recon);
 }
 
 /* ---------------------------------------------------------------------------------- */
 /* Anomaly score (Eq. 51), METHOD §6                                                   */
 
 af_status af_anomaly_score(double *score, double *log_score, double *err, const float *y,
-                        const float *x, int B, int L, int PPC) {
+                        const float *x, int B, int L, int Q) {
     AF_CHECK(y && x, AF_EINVAL, "anomaly_score: NULL buffer");
-    AF_CHECK(B > 0 && L > 0 && PPC > 0, AF_EINVAL,
-             "anomaly_score: B=%d, L=%d, PPC=%d must be > 0", B, L, PPC);
+    AF_CHECK(B > 0 && L > 0 && Q > 0, AF_EINVAL,
+             "anomaly_score: B=%d, L=%d, Q=%d must be > 0", B, L, Q);
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < B; i++) {
         /* err in double: (y - x)^2 of float32 inputs cannot overflow it */
@@ -461,9 +463,9 @@ af_status af_anomaly_score(double *score, double *log_score, double *err, const 
         lse_acc acc;
         lse_init(&acc);
         for (int j = 0; j < L; j++) {
-            const float *yj = y + ((size_t)i * L + j) * PPC, *xj = x + ((size_t)i * L + j) * PPC;
+            const float *yj = y + ((size_t)i * L + j) * Q, *xj = x + ((size_t)i * L + j) * Q;
             double ej = 0.0;
-            for (int p = 0; p < PPC; p++) {
+            for (int p = 0; p < Q; p++) {
                 double d = (double)yj[p] - xj[p];
                 ej += d * d;
             }

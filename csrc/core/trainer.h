@@ -6,7 +6,7 @@
  *   L = w_stru L_stru + w_cate L_cate + w_recon L_recon (or the released objective)
  *   backward -> clip -> AdamW -> EMA teacher -> schedules advance
  *
- * Dimension letters as csrc/ops/ops.h; Q = P*P*C values per patch.
+ * Dimension letters as afire.h.
  */
 #ifndef AFIRE_TRAINER_H
 #define AFIRE_TRAINER_H
@@ -107,9 +107,9 @@ typedef struct {
     int B;                     /* batch capacity                                          */
     int S, C, L, T, Q, K, D;
     int64_t step;              /* completed steps                                         */
-    int protos_set;            /* C holds prototypes                                      */
-    float *protos;             /* C [L,K]                                                 */
-    float *protos_next;        /* C updated with the current batch, committed on success  */
+    int protos_set;            /* protos holds prototypes                                 */
+    float *protos;             /* [L,K] the paper's prototypes C                          */
+    float *protos_next;        /* protos with the current batch, committed on success     */
     uint8_t *x_prime, *mask, *abn;   /* [B,S,S], [B,S,S], [B,L]                           */
     float *img, *img_prime;    /* [B,C,S,S] normalised x and x'                           */
     float *target;             /* [B,L,Q] patchified normalised x (MAE order)            */

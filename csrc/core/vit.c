@@ -1,6 +1,6 @@
 /* ViT encoder and restoration decoder on the CPU (METHOD.md §2): pre-norm transformer
- * blocks shared by both, each *_forward next to its *_backward. Sizes as model.h:
- * N = B*T rows, W block width, R mlp ratio, NH heads. */
+ * blocks shared by both, each *_forward next to its *_backward. Dimension letters as
+ * afire.h; N = B*T rows. */
 #include "blocks.h"
 #include "common.h"
 #include "model.h"
@@ -89,11 +89,11 @@ af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int
     const af_config *c = &m->cfg;
     const af_encoder_params *p = &m->enc[br];
     af_encoder_acts *a = &m->enc_acts[br];
-    int L = m->L, T = m->T, D = c->D, CPP = c->C * c->P * c->P;
+    int L = m->L, T = m->T, D = c->D, Q = m->Q;
     /* patch embedding = the stride-P conv as a matmul over (c, p, q)-flattened patches */
     af_patchify_forward(a->patches, images, B, c->C, c->S, c->P, AF_PATCH_CPQ);
     float *emb = m->scratch.dres; /* [B*L, D] temporary */
-    af_linear_forward(emb, a->patches, p->patch_w, p->patch_b, B * L, CPP, D);
+    af_linear_forward(emb, a->patches, p->patch_w, p->patch_b, B * L, Q, D);
     for (int b = 0; b < B; b++) {
         float *x = a->x0 + (size_t)b * T * D;
         for (int d = 0; d < D; d++) x[d] = p->cls[d] + p->pos[d];
@@ -120,7 +120,7 @@ af_status af_encoder_backward(af_model *m, const float *dtokens) {
     af_encoder_params *g = &m->enc_grad;
     const af_encoder_acts *a = &m->enc_acts[AF_STUDENT];
     af_scratch *s = &m->scratch;
-    int L = m->L, T = m->T, D = c->D, N = B * T, CPP = c->C * c->P * c->P;
+    int L = m->L, T = m->T, D = c->D, N = B * T, Q = m->Q;
     const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     memset(s->dres, 0, (size_t)N * D * sizeof(float));
     af_layernorm_backward(s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w, a->lnf_mean,
@@ -138,7 +138,7 @@ af_status af_encoder_backward(af_model *m, const float *dtokens) {
     for (int b = 0; b < B; b++)
         memcpy(demb + (size_t)b * L * D, s->dres + ((size_t)b * T + 1) * D,
                (size_t)L * D * sizeof(float));
-    af_linear_backward(NULL, g->patch_w, g->patch_b, demb, a->patches, p->patch_w, B * L, CPP, D);
+    af_linear_backward(NULL, g->patch_w, g->patch_b, demb, a->patches, p->patch_w, B * L, Q, D);
     return AF_OK;
 }
 

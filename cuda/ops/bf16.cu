@@ -56,34 +56,34 @@ static af_status gemm_batched(af_cuda_context *ctx, cublasOperation_t ta, cublas
 }
 
 // ------------------------------------------------------------------ linear (see linear.cu)
-//   out[N,OC]     : gemm(T, N) m=OC n=N  k=C   A=weight(ld C) B=inp(ld C)   C=out(ld OC)
-//   dinp[N,C]    += gemm(N, N) m=C  n=N  k=OC  A=weight(ld C) B=dout(ld OC) C=dinp(ld C)
-//   dweight[OC,C]+= gemm(N, T) m=C  n=OC k=N   A=inp(ld C)    B=dout(ld OC) C=dweight(ld C)
+//   out[N,OC]     : gemm(T, N) m=OC n=N  k=IC  A=weight(ld IC) B=inp(ld IC)  C=out(ld OC)
+//   dinp[N,IC]   += gemm(N, N) m=IC n=N  k=OC  A=weight(ld IC) B=dout(ld OC) C=dinp(ld IC)
+//   dweight[OC,IC]+= gemm(N, T) m=IC n=OC k=N   A=inp(ld IC)    B=dout(ld OC) C=dweight(ld IC)
 
 extern "C" af_status af_cuda_linear_forward_bf16(af_cuda_context *ctx, float *out,
                                                  const float *inp, const af_bf16 *weight_h,
-                                                 const float *bias, int N, int C, int OC,
+                                                 const float *bias, int N, int IC, int OC,
                                                  af_bf16 *scratch) {
-    AF_CUDA_CHECK(N > 0 && C > 0 && OC > 0, "linear_forward_bf16: bad sizes N=%d C=%d OC=%d", N,
-                  C, OC);
+    AF_CUDA_CHECK(N > 0 && IC > 0 && OC > 0, "linear_forward_bf16: bad sizes N=%d IC=%d OC=%d", N,
+                  IC, OC);
     AF_CUDA_CHECK(out && inp && weight_h && scratch, "linear_forward_bf16: NULL pointer");
     if (bias != nullptr) {
         bias_rows_kernel<<<af_grid_1d((int64_t)N * OC, 256), 256, 0, ctx->stream>>>(out, bias, N,
                                                                                     OC);
         AF_CUDA_LAUNCHED();
     }
-    AF_TRY(af_cuda_to_bf16(ctx, scratch, inp, (size_t)N * C));
-    return gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, 1.0f, weight_h, C, scratch, C,
+    AF_TRY(af_cuda_to_bf16(ctx, scratch, inp, (size_t)N * IC));
+    return gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, 1.0f, weight_h, IC, scratch, IC,
                 bias != nullptr ? 1.0f : 0.0f, out, OC);
 }
 
 extern "C" af_status af_cuda_linear_backward_bf16(af_cuda_context *ctx, float *dinp,
                                                   float *dweight, float *dbias, const float *dout,
                                                   const float *inp, const af_bf16 *weight_h,
-                                                  int N, int C, int OC, af_bf16 *scratch_a,
+                                                  int N, int IC, int OC, af_bf16 *scratch_a,
                                                   af_bf16 *scratch_b) {
-    AF_CUDA_CHECK(N > 0 && C > 0 && OC > 0, "linear_backward_bf16: bad sizes N=%d C=%d OC=%d", N,
-                  C, OC);
+    AF_CUDA_CHECK(N > 0 && IC > 0 && OC > 0, "linear_backward_bf16: bad sizes N=%d IC=%d OC=%d", N,
+                  IC, OC);
     AF_CUDA_CHECK(dout != nullptr, "linear_backward_bf16: NULL dout");
     if (dinp != nullptr || dweight != nullptr) {
         AF_CUDA_CHECK(scratch_b != nullptr, "linear_backward_bf16: NULL scratch");
@@ -91,15 +91,15 @@ extern "C" af_status af_cuda_linear_backward_bf16(af_cuda_context *ctx, float *d
     }
     if (dinp != nullptr) {
         AF_CUDA_CHECK(weight_h != nullptr, "linear_backward_bf16: dinp needs weight");
-        AF_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, 1.0f, weight_h, C, scratch_b, OC,
-                    1.0f, dinp, C));
+        AF_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, 1.0f, weight_h, IC, scratch_b, OC,
+                    1.0f, dinp, IC));
     }
     if (dweight != nullptr) {
         AF_CUDA_CHECK(inp != nullptr && scratch_a != nullptr,
                       "linear_backward_bf16: dweight needs inp and scratch");
-        AF_TRY(af_cuda_to_bf16(ctx, scratch_a, inp, (size_t)N * C));
-        AF_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, 1.0f, scratch_a, C, scratch_b, OC,
-                    1.0f, dweight, C));
+        AF_TRY(af_cuda_to_bf16(ctx, scratch_a, inp, (size_t)N * IC));
+        AF_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, 1.0f, scratch_a, IC, scratch_b, OC,
+                    1.0f, dweight, IC));
     }
     if (dbias != nullptr) AF_TRY(af_cuda_colsum_accumulate(ctx, dbias, dout, N, OC));
     return AF_OK;

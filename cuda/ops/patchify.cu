@@ -1,5 +1,5 @@
 // Patchify / af_unpatchify: the twin of csrc/ops/patchify.c. One thread per patch element;
-// patches[b, l, k] with l = gi*G + gj (G = S/P) and k = (p*P + q)*C + c (PQC, MAE) or
+// patches[b, l, k] (k < Q) with l = gi*G + gj and k = (p*P + q)*C + c (PQC, MAE) or
 // (c*P + p)*P + q (CPQ, conv weight order) maps to img[b, c, gi*P + p, gj*P + q]. The map is a
 // bijection (S % P == 0), so the backward scatter needs no atomics.
 #include "common.cuh"
@@ -8,10 +8,10 @@ enum { MODE_PATCHIFY = 0, MODE_SCATTER_ADD = 1, MODE_UNPATCHIFY = 2 };
 
 __global__ void patch_kernel(float *patches, float *img, int64_t total, int C, int S, int P,
                              int order, int mode) {
-    const int G = S / P, K = P * P * C;
+    const int G = S / P, Q = P * P * C;
     AF_GRID_STRIDE(int64_t, j, total) {
-        int k = (int)(j % K);
-        int64_t bl = j / K;
+        int k = (int)(j % Q);
+        int64_t bl = j / Q;
         int l = (int)(bl % ((int64_t)G * G));
         int64_t b = bl / ((int64_t)G * G);
         int gi = l / G, gj = l % G, p, q, c;
