@@ -1,7 +1,8 @@
 /* The AFiRe objective on token logits (METHOD.md §3, §4, §6): Sinkhorn-Knopp, the
- * spatial prototypes (the paper's C, `protos` here), the paper losses (Eq. 12, 14-16, 20),
- * the released objective and the anomaly score (Eq. 51). Pure functions on arrays; the
- * networks live elsewhere. Dimension letters as afire.h.
+ * spatial prototypes (the paper's C, `protos` here, Eq. 7), the paper losses (Eq. 12,
+ * 14-16, 17, 20), the released objective and the anomaly score (Eq. 51). Pure functions on
+ * arrays; the networks live elsewhere. objective.c writes each equation as a function of its
+ * own; cuda/objective.cuh declares the GPU twins. Dimension letters as afire.h.
  *
  * Conventions:
  *   - fp32 storage, double accumulation for every long sum, fixed reduction order;
@@ -39,13 +40,14 @@ extern "C" {
  * No scratch. Multi-GPU: the total and the column sums are where an all-reduce goes. */
 af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters);
 
-/* Spatial prototypes protos[L,K] (METHOD §3): qbar_j = mean over b of src[b,j,:];
+/* Spatial prototypes protos[L,K] (Eq. 7, METHOD §3): qbar_j = mean over b of src[b,j,:];
  * protos_j = qbar_j when overwrite, else m*protos_j + (1-m)*qbar_j. m in [0,1]. */
 af_status af_prototypes_update(float *protos, const float *src, int B, int L, int K, float m,
                             int overwrite);
 
-/* Paper objective: L_stru (Eq. 12) and L_cate (Eq. 14-16, sign-corrected f, METHOD §4)
- * on student logits s[B,L,K] (cosine similarities from the head), q^S = softmax(s/tau_s).
+/* Paper objective, L_cst = L_stru + L_cate (Eq. 17): structure consistency L_stru (Eq. 12)
+ * and category consistency L_cate (Eq. 14-16, sign-corrected f, METHOD §4) on student
+ * logits s[B,L,K] (cosine similarities from the head), q^S = softmax(s/tau_s).
  * protos[L,K] must be >= 0 with positive, finite row sums; c_l = protos_l / sum(protos_l),
  * entries clamped to >= AF_LOGC_FLOOR before the log. Everything is evaluated in log space
  * (log f = -H/tau) with log-sum-exp, so f underflowing float32 does no harm.
