@@ -7,7 +7,7 @@
  * in fp32 with beta = 1), biases, the softmax and its backward.
  *
  * Same contracts, argument order and dimension letters as the fp32 ops of cuda_api.h
- * (backward ACCUMULATES into the gradients it is given, a NULL gradient is skipped); extra
+ * (backward WRITES dinp / dqkv, ACCUMULATES into dweight / dbias, skips a NULL gradient); extra
  * trailing arguments are the bf16 scratch buffers, sized as stated, which the call
  * overwrites. bf16 values are held as their 16-bit patterns (af_bf16) so this header stays
  * plain C.
@@ -34,7 +34,7 @@ af_status af_cuda_to_bf16(af_cuda_context *ctx, af_bf16 *dst, const float *src, 
 af_status af_cuda_linear_forward_bf16(af_cuda_context *ctx, float *out, const float *inp,
                                       const af_bf16 *weight_h, const float *bias, int N, int IC,
                                       int OC, af_bf16 *scratch);
-/* dinp += bf16(dout) @ weight_h; dweight += bf16(dout)^T @ bf16(inp); dbias += colsum(dout)
+/* dinp = bf16(dout) @ weight_h; dweight += bf16(dout)^T @ bf16(inp); dbias += colsum(dout)
  * in fp32. scratch_a: N*IC values (inp), scratch_b: N*OC values (dout). */
 af_status af_cuda_linear_backward_bf16(af_cuda_context *ctx, float *dinp, float *dweight,
                                        float *dbias, const float *dout, const float *inp,

@@ -2,12 +2,14 @@
  * the build has CUDA; callers go through py_cuda.c, which raises a clear error without it.
  *
  * The op functions mirror csrc/ops/ops.h (same names with an af_cuda_ prefix, same argument
- * order and dimension letters, same semantics: backward ACCUMULATES into the gradients it is
- * given, a NULL gradient is skipped). Differences: every pointer is a DEVICE pointer, work is
- * queued on the context's stream and returns before it finishes (af_cuda_synchronize waits),
- * and the functions return an af_status (AF_EINVAL on bad sizes, AF_ECUDA on a CUDA/cuBLAS
- * failure) instead of trusting the caller. These ops are fp32; the bf16 twins of linear and
- * attention used by the trainer's bf16 fast path are declared in cuda/bf16.cuh.
+ * order and dimension letters, same semantics, the gradient convention included: a backward
+ * WRITES (=) its activation-input gradients and ACCUMULATES (+=) into parameter gradients,
+ * af_cuda_residual_backward accumulates into both inputs, a NULL gradient is skipped).
+ * Differences: every pointer is a DEVICE pointer, work is queued on the context's stream and
+ * returns before it finishes (af_cuda_synchronize waits), and the functions return an
+ * af_status (AF_EINVAL on bad sizes, AF_ECUDA on a CUDA/cuBLAS failure) instead of trusting
+ * the caller. These ops are fp32; the bf16 twins of linear and attention used by the
+ * trainer's bf16 fast path are declared in cuda/bf16.cuh.
  */
 #ifndef AFIRE_CUDA_API_H
 #define AFIRE_CUDA_API_H

@@ -15,7 +15,8 @@ __global__ void transpose_bl_kernel(float *dst, const float *src, int B, int L, 
     }
 }
 
-// dtokens[b,1+j,:] += dx[b,j,:] (the last loop of af_head_backward)
+// dtokens[b,1+j,:] += dx[b,j,:] (the last loop of af_head_backward: the decoder's gradient is
+// already in dtokens). One thread per element of dx, each dtokens element has one writer.
 __global__ void add_rows_kernel(float *dtokens, const float *dx, int64_t B, int L, int D) {
     int64_t total = B * L * D;
     AF_GRID_STRIDE(int64_t, i, total) {
@@ -40,7 +41,8 @@ static af_status last_layer_forward(af_cuda_context *ctx, af_cuda_model *m, af_h
     return AF_OK;
 }
 
-// dz_t += dlogits_t @ w_eff; G = dlogits_t^T @ zn_t; dv += (G - w (G.w)) / ||v||
+// dz_t = dlogits_t @ w_eff (written: one GEMM per position covers its B rows of dz_t);
+// dw_eff = dlogits_t^T @ zn_t; dv += (dw_eff - w (dw_eff.w)) / ||v||
 static af_status last_layer_backward(af_cuda_context *ctx, af_cuda_model *m, float *dz_t, float *dv,
                                      const float *dlogits_t, const af_head_acts *a, int B) {
     const af_config *c = &m->cfg;
@@ -49,7 +51,7 @@ static af_status last_layer_backward(af_cuda_context *ctx, af_cuda_model *m, flo
     const float one = 1.0f, zero = 0.0f;
     AF_CUBLAS_TRY(cublasSgemmStridedBatched(ctx->cublas, CUBLAS_OP_N, CUBLAS_OP_N, Bn, rows, K, &one,
                                             a->w_eff, Bn, (long long)K * Bn, dlogits_t, K,
-                                            (long long)rows * K, &one, dz_t, Bn,
+                                            (long long)rows * K, &zero, dz_t, Bn,
                                             (long long)rows * Bn, nlast));
     AF_CUBLAS_TRY(cublasSgemmStridedBatched(ctx->cublas, CUBLAS_OP_N, CUBLAS_OP_T, Bn, K, rows, &one,
                                             a->zn_t, Bn, (long long)rows * Bn, dlogits_t, K,
@@ -95,26 +97,18 @@ extern "C" af_status af_cuda_head_backward(af_cuda_context *ctx, af_cuda_model *
     af_scratch *s = &m->scratch;
     int L = m->L, D = c->D, Hh = c->head_hidden, Bn = c->head_bottleneck, K = c->K;
     int N = B * L;
-    size_t f = sizeof(float);
     float *ga = s->dh_a, *gb = s->dh_b;
     LAUNCH_1D(transpose_bl_kernel, (int64_t)N * K, gb, dlogits, B, L, K);  // dlogits_t [L,B,K]
-    AF_TRY(dzero(ctx, s->dz_t, (size_t)N * Bn * f));
     AF_TRY(last_layer_backward(ctx, m, s->dz_t, g->last_v, gb, a, B));
     LAUNCH_1D(transpose_bl_kernel, (int64_t)N * Bn, ga, s->dz_t, L, B, Bn);  // dzn [B*L, Bn]
-    AF_TRY(dzero(ctx, gb, (size_t)N * Bn * f));
     AF_TRY(af_cuda_l2norm_backward(ctx, gb, ga, a->z, a->znorm, N, Bn, L2_EPS));
-    AF_TRY(dzero(ctx, ga, (size_t)N * Hh * f));
     AF_TRY(linear_bwd(ctx, m, ga, g->fc3_w, g->fc3_b, gb, a->g2, p->fc3_w, N, Hh, Bn));
-    AF_TRY(dzero(ctx, gb, (size_t)N * Hh * f));
     AF_TRY(af_cuda_gelu_backward(ctx, gb, ga, a->h2, (size_t)N * Hh));
-    AF_TRY(dzero(ctx, ga, (size_t)N * Hh * f));
     AF_TRY(linear_bwd(ctx, m, ga, g->fc2_w, g->fc2_b, gb, a->g1, p->fc2_w, N, Hh, Hh));
-    AF_TRY(dzero(ctx, gb, (size_t)N * Hh * f));
     AF_TRY(af_cuda_gelu_backward(ctx, gb, ga, a->h1, (size_t)N * Hh));
     if (dtokens == nullptr)
         return linear_bwd(ctx, m, nullptr, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D,
                           Hh);
-    AF_TRY(dzero(ctx, ga, (size_t)N * D * f));
     AF_TRY(linear_bwd(ctx, m, ga, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh));
     LAUNCH_1D(add_rows_kernel, (int64_t)N * D, dtokens, ga, (int64_t)B, L, D);
     return AF_OK;

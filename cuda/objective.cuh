@@ -4,7 +4,8 @@
  *     before it finishes (af_cuda_synchronize waits);
  *   - loss scalars are written to DEVICE memory (one float / double each), so a training
  *     step never waits for the host;
- *   - gradients ACCUMULATE (+=) like the CPU; a NULL gradient is skipped;
+ *   - gradients ACCUMULATE (+=) like the CPU (the objective's terms meet there); a NULL
+ *     gradient is skipped;
  *   - deterministic: every reduction runs in a fixed order, no float atomics;
  *   - sizes and hyper-parameters are checked on the host (AF_EINVAL). Checks that need the
  *     data (finite logits, protos >= 0 with positive row sums) are NOT made on the device: the

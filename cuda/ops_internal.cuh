@@ -5,10 +5,9 @@
 // Row softmax of inp * scale over N rows of IC (out may equal inp).
 af_status af_softmax_rows(af_cuda_context *ctx, float *out, const float *inp, int64_t N, int IC,
                           float scale);
-// dinp = (accumulate ? dinp : 0) + out * (dout - rowsum(dout * out)); dinp may equal dout
-// when accumulate == 0.
+// dinp = out * (dout - rowsum(dout * out)), written; dinp may equal dout.
 af_status af_softmax_rows_backward(af_cuda_context *ctx, float *dinp, const float *dout,
-                                   const float *out, int64_t N, int IC, int accumulate);
+                                   const float *out, int64_t N, int IC);
 // Weight normalisation of OC rows of IC (wn_linear.cu): w_eff = v / ||v||, vnorm = ||v||.
 af_status af_wn_normalise_rows(af_cuda_context *ctx, float *w_eff, float *vnorm, const float *v,
                                int OC, int IC);

@@ -289,11 +289,11 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
                                      c->w_recon, t->obj_scratch));
     }
 
-    // 5. backward (a non-finite loss only poisons the gradients: the update is gated)
+    // 5. backward (a non-finite loss only poisons the gradients: the update is gated); the
+    // decoder writes dtokens, the head adds its part
     AF_TRY(af_cuda_model_zero_grad(ctx, m));
-    AF_CUDA_TRY(cudaMemsetAsync(t->dtokens, 0, (size_t)B * t->T * t->D * f, ctx->stream));
-    AF_TRY(af_cuda_head_backward(ctx, m, t->dlogits, t->dtokens));
     AF_TRY(af_cuda_decoder_backward(ctx, m, t->dpred, t->dtokens));
+    AF_TRY(af_cuda_head_backward(ctx, m, t->dlogits, t->dtokens));
     AF_TRY(af_cuda_encoder_backward(ctx, m, t->dtokens));
 
     // 6. clip; the update flag = finite loss and finite gradient norm

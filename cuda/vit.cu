@@ -104,43 +104,38 @@ static af_status blocks_forward(af_cuda_context *ctx, const af_cuda_model *m,
     return AF_OK;
 }
 
-// twin of vit.c blocks_backward. In: s->dres = d(last res3). Out: s->dres = d(x).
+// twin of vit.c blocks_backward. In: s->dres = d(last res3). Out: s->dres = d(x). Parameter
+// grads accumulate; each residual adds the skip path's gradient to its branch's.
 static af_status blocks_backward(af_cuda_context *ctx, const af_cuda_model *m, af_scratch *s,
                                  af_blocks_params *g,
                                  const af_blocks_acts *acts, const float *x,
                                  const af_blocks_params *p, int NL, int B, int T, int W, int R,
                                  int NH) {
     int N = B * T;
-    size_t nw = (size_t)N * W, nm = (size_t)N * R * W, f = sizeof(float);
+    size_t nw = (size_t)N * W, nm = (size_t)N * R * W;
     for (int l = NL - 1; l >= 0; l--) {
         af_block_view w = af_block_at(p, l, W, R), dw = af_block_at(g, l, W, R);
         af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
         const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
-        // MLP branch
-        AF_TRY(dcopy(ctx, s->dres2, s->dres, nw * f));
-        AF_TRY(dzero(ctx, s->dfch_gelu, nm * f));
+        // MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2))))
         AF_TRY(linear_bwd(ctx, m, s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu,
                           w.fc2_w, N, R * W, W));
-        AF_TRY(dzero(ctx, s->dfch, nm * f));
         AF_TRY(af_cuda_gelu_backward(ctx, s->dfch, s->dfch_gelu, a.fch, nm));
-        AF_TRY(dzero(ctx, s->dln, nw * f));
         AF_TRY(linear_bwd(ctx, m, s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N,
                           W, R * W));
         AF_TRY(af_cuda_layernorm_backward(ctx, s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2,
                                           w.ln2_w, a.ln2_mean, a.ln2_rstd, N, W));
-        // attention branch
-        AF_TRY(dcopy(ctx, s->dres, s->dres2, nw * f));
-        AF_TRY(dzero(ctx, s->datty, nw * f));
+        AF_TRY(af_cuda_residual_backward(ctx, s->dres2, nullptr, s->dres, nw));  // + skip path
+        // attention branch: res2 = in + proj(attn(qkv(ln1(in))))
         AF_TRY(linear_bwd(ctx, m, s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty,
                           w.proj_w, N, W, W));
-        AF_TRY(dzero(ctx, s->dqkv, nw * 3 * f));
         AF_TRY(attention_bwd(ctx, m, s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W,
                              NH));
-        AF_TRY(dzero(ctx, s->dln, nw * f));
         AF_TRY(linear_bwd(ctx, m, s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N,
                           W, 3 * W));
         AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w,
                                           a.ln1_mean, a.ln1_rstd, N, W));
+        AF_TRY(af_cuda_residual_backward(ctx, s->dres, nullptr, s->dres2, nw));  // + skip path
     }
     return AF_OK;
 }
@@ -181,7 +176,6 @@ extern "C" af_status af_cuda_encoder_backward(af_cuda_context *ctx, af_cuda_mode
     af_scratch *s = &m->scratch;
     int L = m->L, T = m->T, D = c->D, N = B * T, Q = m->Q;
     const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
-    AF_TRY(dzero(ctx, s->dres, (size_t)N * D * sizeof(float)));
     AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w,
                                       a->lnf_mean, a->lnf_rstd, N, D));
     AF_TRY(blocks_backward(ctx, m, s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
@@ -240,11 +234,9 @@ extern "C" af_status af_cuda_decoder_backward(af_cuda_context *ctx, af_cuda_mode
     float *dfull = s->dh_a;  // [B,T,Q], zero on the cls rows
     AF_TRY(dzero(ctx, dfull, (size_t)N * Q * sizeof(float)));
     AF_TRY(copy_blocks(ctx, dfull + Q, (size_t)T * Q, dpred, (size_t)L * Q, (size_t)L * Q, B));
-    AF_TRY(dzero(ctx, s->dln, (size_t)N * Dd * sizeof(float)));
     AF_TRY(linear_bwd(ctx, m, s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N,
                       Dd, Q));
     const float *last = af_blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
-    AF_TRY(dzero(ctx, s->dres, (size_t)N * Dd * sizeof(float)));
     AF_TRY(af_cuda_layernorm_backward(ctx, s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w,
                                       a->lnf_mean, a->lnf_rstd, N, Dd));
     AF_TRY(blocks_backward(ctx, m, s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T,

@@ -241,13 +241,16 @@ af_status af_encoder_backward(af_model *m, const float *dtokens);
 
 /* Head on tokens[B,T,D] (rows 1..L) -> logits [B,L,K] = m->head_acts[br].logits. */
 af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B);
-/* dlogits[B,L,K] -> head grads (+=) and dtokens[B,T,D] (+=, rows 1..L; may be NULL). */
+/* dlogits[B,L,K] -> head grads (+=) and dtokens[B,T,D] += the head's part, rows 1..L (may
+ * be NULL). The tokens also feed the decoder: af_decoder_backward, called first, writes
+ * dtokens and this adds to it (ops.h: where two paths meet). */
 af_status af_head_backward(af_model *m, const float *dlogits, float *dtokens);
 
 /* Decoder (student only): tokens[B,T,D], token_mask[B,L] (nonzero = replace by the mask
  * token) -> pred [B,L,Q] = m->dec_acts.pred. */
 af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *token_mask, int B);
-/* dpred[B,L,Q] -> decoder grads (+=) and dtokens[B,T,D] (+=, all T rows; may be NULL). */
+/* dpred[B,L,Q] -> decoder grads (+=) and dtokens[B,T,D] written (=, all T rows; may be
+ * NULL). */
 af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens);
 
 void af_model_zero_grad(af_model *m);

@@ -6,7 +6,9 @@
  *
  * Conventions:
  *   - fp32 storage, double accumulation for every long sum, fixed reduction order;
- *   - gradients ACCUMULATE (+=) into the buffers given; a NULL gradient is skipped;
+ *   - gradients ACCUMULATE (+=) into the buffers given, because the terms of the objective
+ *     meet there (the trainer sums all of them into one dlogits and one dpred); a NULL
+ *     gradient is skipped;
  *   - loss values are returned UNweighted; the weights (w_*) only scale the gradients;
  *   - abn[B,L] is uint8, 1 = abnormal (inside the synthetic lesion), 0 = normal;
  *   - functions that need scratch take caller-owned memory whose size is given by the

@@ -153,7 +153,8 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
         return af_error(AF_ENONFINITE, "the student's outputs are NaN/Inf at step %lld (diverged "
                         "weights?); the model was not updated", (long long)t->step);
 
-    /* 4. losses and their gradients (unweighted values, weighted gradients) */
+    /* 4. losses and their gradients (unweighted values, weighted gradients); the terms meet
+     * in dlogits and dpred, so the objective accumulates into zeroed buffers */
     memset(t->dlogits, 0, sizeof(float) * BL * K);
     memset(t->dpred, 0, sizeof(float) * BL * Q);
     float ls = 0, lc = 0, lcst = 0, lr = 0;
@@ -168,11 +169,11 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
     }
     AF_TRY(af_step_stats_fill(stats, c, &sv, ls, lc, lcst, lr));
 
-    /* 5. backward: head and decoder gradients meet in the student encoder output */
+    /* 5. backward: head and decoder gradients meet in the student encoder output (the
+     * decoder writes dtokens, the head adds its part) */
     af_model_zero_grad(m);
-    memset(t->dtokens, 0, sizeof(float) * (size_t)B * t->T * t->D);
-    AF_TRY(af_head_backward(m, t->dlogits, t->dtokens));
     AF_TRY(af_decoder_backward(m, t->dpred, t->dtokens));
+    AF_TRY(af_head_backward(m, t->dlogits, t->dtokens));
     AF_TRY(af_encoder_backward(m, t->dtokens));
 
     /* 6. clip, then refuse to update with non-finite gradients */

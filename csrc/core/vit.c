@@ -37,7 +37,8 @@ static void blocks_forward(af_blocks_acts *acts, const float *x, const af_blocks
     }
 }
 
-/* In: s->dres = d(last res3). Out: s->dres = d(x). Parameter grads accumulate (+=). */
+/* In: s->dres = d(last res3). Out: s->dres = d(x). Parameter grads accumulate (+=); each
+ * residual adds the skip path's gradient to its branch's (ops.h). */
 static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_acts *acts,
                             const float *x, const af_blocks_params *p, int NL, int B, int T,
                             int W, int R, int NH) {
@@ -48,25 +49,19 @@ static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_
         af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
         const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
         /* MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2)))) */
-        memcpy(s->dres2, s->dres, nw * sizeof(float));
-        memset(s->dfch_gelu, 0, nm * sizeof(float));
         af_linear_backward(s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu, w.fc2_w, N, R * W, W);
-        memset(s->dfch, 0, nm * sizeof(float));
         af_gelu_backward(s->dfch, s->dfch_gelu, a.fch, nm);
-        memset(s->dln, 0, nw * sizeof(float));
         af_linear_backward(s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W, R * W);
         af_layernorm_backward(s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2, w.ln2_w, a.ln2_mean,
                            a.ln2_rstd, N, W);
+        af_residual_backward(s->dres2, NULL, s->dres, nw); /* + the skip path */
         /* attention branch: res2 = in + proj(attn(qkv(ln1(in)))) */
-        memcpy(s->dres, s->dres2, nw * sizeof(float));
-        memset(s->datty, 0, nw * sizeof(float));
         af_linear_backward(s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w, N, W, W);
-        memset(s->dqkv, 0, nw * 3 * sizeof(float));
         af_attention_backward(s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W, NH);
-        memset(s->dln, 0, nw * sizeof(float));
         af_linear_backward(s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W, 3 * W);
         af_layernorm_backward(s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,
                            a.ln1_rstd, N, W);
+        af_residual_backward(s->dres, NULL, s->dres2, nw); /* + the skip path */
     }
 }
 
@@ -122,7 +117,6 @@ af_status af_encoder_backward(af_model *m, const float *dtokens) {
     af_scratch *s = &m->scratch;
     int L = m->L, T = m->T, D = c->D, N = B * T, Q = m->Q;
     const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
-    memset(s->dres, 0, (size_t)N * D * sizeof(float));
     af_layernorm_backward(s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w, a->lnf_mean,
                        a->lnf_rstd, N, D);
     blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
@@ -191,10 +185,8 @@ af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens) {
     for (int b = 0; b < B; b++)
         memcpy(dfull + ((size_t)b * T + 1) * Q, dpred + (size_t)b * L * Q,
                (size_t)L * Q * sizeof(float));
-    memset(s->dln, 0, (size_t)N * Dd * sizeof(float));
     af_linear_backward(s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N, Dd, Q);
     const float *last = af_blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
-    memset(s->dres, 0, (size_t)N * Dd * sizeof(float));
     af_layernorm_backward(s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w, a->lnf_mean,
                        a->lnf_rstd, N, Dd);
     blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd,

@@ -32,12 +32,12 @@ void af_l2norm_backward(float *dinp, const float *dout, const float *inp, const 
             for (int c = 0; c < IC; c++) dot += x[c] * dy[c];
             float inv = 1.0f / nrm, k = dot * inv * inv;
             #pragma omp simd
-            for (int c = 0; c < IC; c++) dx[c] += (dy[c] - x[c] * k) * inv;
+            for (int c = 0; c < IC; c++) dx[c] = (dy[c] - x[c] * k) * inv;
         } else {
             /* clamped denominator is the constant eps */
             float inv = 1.0f / eps;
             #pragma omp simd
-            for (int c = 0; c < IC; c++) dx[c] += dy[c] * inv;
+            for (int c = 0; c < IC; c++) dx[c] = dy[c] * inv;
         }
     }
 }

@@ -49,7 +49,7 @@ void af_layernorm_backward(float *dinp, float *dweight, float *dbias, const floa
             #pragma omp simd
             for (int c = 0; c < IC; c++) {
                 float xhat = (x[c] - m) * s;
-                dx[c] += s * (dy[c] * weight[c] - gsum - xhat * gxsum);
+                dx[c] = s * (dy[c] * weight[c] - gsum - xhat * gxsum);
             }
         }
     }

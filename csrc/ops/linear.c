@@ -20,8 +20,8 @@ void af_linear_forward(float *out, const float *inp, const float *weight, const 
 
 void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int IC, int OC) {
-    if (dinp != NULL) /* dinp[N,IC] += dout[N,OC] @ weight[OC,IC] */
-        af_sgemm(0, 0, N, IC, OC, 1.0f, dout, OC, weight, IC, 1.0f, dinp, IC);
+    if (dinp != NULL) /* dinp[N,IC] = dout[N,OC] @ weight[OC,IC] */
+        af_sgemm(0, 0, N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dinp, IC);
     if (dweight != NULL) /* dweight[OC,IC] += dout^T @ inp */
         af_sgemm(1, 0, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
     if (dbias != NULL) {

@@ -6,8 +6,12 @@
  * Conventions:
  *   - all tensors are C-contiguous float32; weights use PyTorch's layout (out x in);
  *   - argument order: outputs, saved activations, inputs, weights, sizes;
- *   - backward functions ACCUMULATE (+=) into every gradient they are given; a NULL gradient
- *     pointer means "not needed" and is skipped;
+ *   - gradients (llm.c's convention): a backward WRITES (=) the gradient of its activation
+ *     inputs (dinp, dqkv, dimg) and ACCUMULATES (+=) into parameter gradients (dweight,
+ *     dbias, dv), which sum over calls until zeroed. Where two paths meet on one activation
+ *     (the residual stream, the encoder tokens fed to the head and the decoder) the caller
+ *     adds the second path explicitly; af_residual_backward, the add of a residual, is the one
+ *     op whose input gradients accumulate. A NULL gradient means "not needed" (skipped);
  *   - these functions never fail: sizes are validated by the caller (binding or model).
  */
 #ifndef AFIRE_OPS_H
@@ -28,7 +32,7 @@ void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const fl
 /* linear: out[N,OC] = inp[N,IC] @ weight[OC,IC]^T + bias[OC] (bias may be NULL). */
 void af_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int IC, int OC);
-/* dinp[N,IC] += dout @ weight; dweight[OC,IC] += dout^T @ inp; dbias[OC] += colsum(dout). */
+/* dinp[N,IC] = dout @ weight; dweight[OC,IC] += dout^T @ inp; dbias[OC] += colsum(dout). */
 void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int IC, int OC);
 
@@ -56,7 +60,7 @@ void af_attention_forward(float *out, float *att, const float *qkv, int B, int T
 void af_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *att, int B, int T, int D, int H);
 
-/* out[n] = a[n] + b[n]; backward: da += dout, db += dout. */
+/* out[n] = a[n] + b[n]; backward: da += dout, db += dout (accumulated: see the top). */
 void af_residual_forward(float *out, const float *a, const float *b, size_t n);
 void af_residual_backward(float *da, float *db, const float *dout, size_t n);
 
@@ -64,7 +68,8 @@ void af_residual_backward(float *da, float *db, const float *dout, size_t n);
  * grid order. order AF_PATCH_PQC: inside a patch (row p, col q, channel c) — MAE's
  * patchify, used for restoration targets; AF_PATCH_CPQ: (c, p, q) — the flattening of a
  * conv weight [D,C,P,P], used by the patch embedding. Identical when C == 1.
- * af_unpatchify is the inverse; af_patchify_backward scatters-adds dpatches into dimg. */
+ * af_unpatchify is the inverse; af_patchify_backward writes dimg from dpatches (the same
+ * permutation as af_unpatchify, patches do not overlap). */
 enum { AF_PATCH_PQC = 0, AF_PATCH_CPQ = 1 };
 void af_patchify_forward(float *patches, const float *img, int B, int C, int S, int P, int order);
 void af_patchify_backward(float *dimg, const float *dpatches, int B, int C, int S, int P, int order);

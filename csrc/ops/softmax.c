@@ -25,16 +25,6 @@ AF_TARGET_CLONES void af_softmax_row_backward(float *dx, const float *dy, const 
     for (int c = 0; c < IC; c++) dx[c] = y[c] * (dy[c] - dot);
 }
 
-/* Accumulating row: dx += y * (dy - <dy, y>). */
-AF_TARGET_CLONES static void softmax_row_backward_acc(float *dx, const float *dy, const float *y,
-                                                      int IC) {
-    float dot = 0.0f;
-    #pragma omp simd reduction(+ : dot)
-    for (int c = 0; c < IC; c++) dot += dy[c] * y[c];
-    #pragma omp simd
-    for (int c = 0; c < IC; c++) dx[c] += y[c] * (dy[c] - dot);
-}
-
 void af_softmax_forward(float *out, const float *inp, int N, int IC) {
     #pragma omp parallel for if (AF_OMP_ROWS(N, IC))
     for (int n = 0; n < N; n++) af_softmax_row(out + (size_t)n * IC, inp + (size_t)n * IC, IC);
@@ -44,6 +34,6 @@ void af_softmax_backward(float *dinp, const float *dout, const float *out, int N
     #pragma omp parallel for if (AF_OMP_ROWS(N, IC))
     for (int n = 0; n < N; n++) {
         size_t o = (size_t)n * IC;
-        softmax_row_backward_acc(dinp + o, dout + o, out + o, IC);
+        af_softmax_row_backward(dinp + o, dout + o, out + o, IC);
     }
 }

@@ -47,8 +47,8 @@ void af_wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *
 
 void af_wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
                         const float *w_eff, const float *vnorm, int N, int IC, int OC) {
-    if (dinp != NULL) /* dinp[N,IC] += dout[N,OC] @ w_eff[OC,IC] */
-        af_sgemm(0, 0, N, IC, OC, 1.0f, dout, OC, w_eff, IC, 1.0f, dinp, IC);
+    if (dinp != NULL) /* dinp[N,IC] = dout[N,OC] @ w_eff[OC,IC] */
+        af_sgemm(0, 0, N, IC, OC, 1.0f, dout, OC, w_eff, IC, 0.0f, dinp, IC);
     if (dv == NULL) return;
     /* With dw_eff = dout^T @ inp (the gradient w.r.t. w_eff), g_k its row k:
      *   dv_k += (g_k - w_k <w_k, g_k>) / ||v_k||   (projection off the unit direction). */

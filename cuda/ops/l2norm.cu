@@ -31,10 +31,10 @@ __global__ void l2norm_backward_kernel(float *dinp, const float *dout, const flo
         for (int c = lane; c < IC; c += 32) d += x[c] * g[c];
         d = af_warp_sum(d);
         float inv = 1.0f / n, k = d * inv * inv * inv;
-        for (int c = lane; c < IC; c += 32) dx[c] += g[c] * inv - x[c] * k;
+        for (int c = lane; c < IC; c += 32) dx[c] = g[c] * inv - x[c] * k;
     } else {
         float inv = 1.0f / eps;
-        for (int c = lane; c < IC; c += 32) dx[c] += g[c] * inv;
+        for (int c = lane; c < IC; c += 32) dx[c] = g[c] * inv;
     }
 }
 

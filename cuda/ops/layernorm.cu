@@ -46,7 +46,7 @@ __global__ void layernorm_dinp_kernel(float *dinp, const float *dout, const floa
     float *dx = dinp + (int64_t)row * IC;
     for (int c = lane; c < IC; c += 32) {
         float xhat = (x[c] - m) * r;
-        dx[c] += r * (g[c] * weight[c] - s1 - xhat * s2);
+        dx[c] = r * (g[c] * weight[c] - s1 - xhat * s2);
     }
 }
 

@@ -1,7 +1,7 @@
 // linear on the GPU: cuBLAS SGEMM (exact fp32 unless the context allows TF32).
 // Row-major X[N,IC] is column-major X^T, so out^T = W * inp^T needs no copies:
 //   out[N,OC]     : gemm(T, N) m=OC n=N  k=IC  A=weight(ld IC) B=inp(ld IC)  C=out(ld OC)
-//   dinp[N,IC]   += gemm(N, N) m=IC n=N  k=OC  A=weight(ld IC) B=dout(ld OC) C=dinp(ld IC)
+//   dinp[N,IC]    = gemm(N, N) m=IC n=N  k=OC  A=weight(ld IC) B=dout(ld OC) C=dinp(ld IC)
 //   dweight[OC,IC]+= gemm(N, T) m=IC n=OC k=N   A=inp(ld IC)    B=dout(ld OC) C=dweight(ld IC)
 #include "common.cuh"
 
@@ -35,11 +35,11 @@ extern "C" af_status af_cuda_linear_backward(af_cuda_context *ctx, float *dinp, 
     AF_CUDA_CHECK(N > 0 && IC > 0 && OC > 0, "linear_backward: bad sizes N=%d IC=%d OC=%d", N, IC,
                   OC);
     AF_CUDA_CHECK(dout != nullptr, "linear_backward: NULL dout");
-    const float one = 1.0f;
-    if (dinp != nullptr) {
+    const float one = 1.0f, zero = 0.0f;
+    if (dinp != nullptr) {  // written (beta 0): the GEMM is its only writer
         AF_CUDA_CHECK(weight != nullptr, "linear_backward: dinp needs weight");
         AF_CUBLAS_TRY(cublasSgemm(ctx->cublas, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, weight,
-                                  IC, dout, OC, &one, dinp, IC));
+                                  IC, dout, OC, &zero, dinp, IC));
     }
     if (dweight != nullptr) {
         AF_CUDA_CHECK(inp != nullptr, "linear_backward: dweight needs inp");

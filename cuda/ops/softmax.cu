@@ -19,10 +19,10 @@ __global__ void softmax_forward_kernel(float *out, const float *inp, int64_t N, 
     for (int c = lane; c < IC; c += 32) y[c] = expf(x[c] * scale - m) * inv;
 }
 
-// dinp (+)= out * (dout - sum(dout * out)). In place (dinp == dout, accumulate = 0) is safe:
-// each element is read and written by the same lane after the row sum is known.
+// dinp = out * (dout - sum(dout * out)). In place (dinp == dout) is safe: each element is read
+// and written by the same lane after the row sum is known.
 __global__ void softmax_backward_kernel(float *dinp, const float *dout, const float *out,
-                                        int64_t N, int IC, int accumulate) {
+                                        int64_t N, int IC) {
     int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
@@ -31,10 +31,7 @@ __global__ void softmax_backward_kernel(float *dinp, const float *dout, const fl
     float d = 0.0f;
     for (int c = lane; c < IC; c += 32) d += g[c] * y[c];
     d = af_warp_sum(d);
-    for (int c = lane; c < IC; c += 32) {
-        float v = y[c] * (g[c] - d);
-        dx[c] = accumulate ? dx[c] + v : v;
-    }
+    for (int c = lane; c < IC; c += 32) dx[c] = y[c] * (g[c] - d);
 }
 
 af_status af_softmax_rows(af_cuda_context *ctx, float *out, const float *inp, int64_t N, int IC,
@@ -46,9 +43,9 @@ af_status af_softmax_rows(af_cuda_context *ctx, float *out, const float *inp, in
 }
 
 af_status af_softmax_rows_backward(af_cuda_context *ctx, float *dinp, const float *dout,
-                                   const float *out, int64_t N, int IC, int accumulate) {
+                                   const float *out, int64_t N, int IC) {
     softmax_backward_kernel<<<(unsigned)((N + 7) / 8), 256, 0, ctx->stream>>>(dinp, dout, out, N,
-                                                                               IC, accumulate);
+                                                                               IC);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }
@@ -66,5 +63,5 @@ extern "C" af_status af_cuda_softmax_backward(af_cuda_context *ctx, float *dinp,
     AF_CUDA_CHECK(N > 0 && IC > 0, "softmax_backward: bad sizes N=%d IC=%d", N, IC);
     if (dinp == nullptr) return AF_OK;
     AF_CUDA_CHECK(dout && out, "softmax_backward: NULL pointer");
-    return af_softmax_rows_backward(ctx, dinp, dout, out, N, IC, 1);
+    return af_softmax_rows_backward(ctx, dinp, dout, out, N, IC);
 }

@@ -1,7 +1,7 @@
 // Weight-normalised linear without bias, gain 1 (weight_norm, dim=0): the twin of
 // csrc/ops/wn_linear.c. w_eff[OC,IC] = v / ||v_k||, out[N,OC] = inp @ w_eff^T.
-// Backward: dw_eff = dout^T inp (into scratch[OC,IC]), g_k its row k,
-//   dv_k += (g_k - w_eff_k (g_k . w_eff_k)) / ||v_k||.
+// Backward: dinp = dout @ w_eff (written); dw_eff = dout^T inp (into scratch[OC,IC]), g_k its
+// row k, dv_k += (g_k - w_eff_k (g_k . w_eff_k)) / ||v_k|| (a parameter: accumulated).
 #include "ops_internal.cuh"
 
 __global__ void wn_normalise_kernel(float *w_eff, float *vnorm, const float *v, int OC, int IC) {
