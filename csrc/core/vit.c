@@ -28,12 +28,12 @@ static void blocks_forward(af_blocks_acts *acts, const float *x, const af_blocks
         af_linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W);
         af_attention_forward(a.atty, a.att, a.qkv, B, T, W, NH);
         af_linear_forward(a.res2, a.atty, w.proj_w, w.proj_b, N, W, W);
-        add_inplace(a.res2, in, nw);
+        af_residual_forward(a.res2, a.res2, in, nw);
         af_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, W, eps);
         af_linear_forward(a.fch, a.ln2, w.fc1_w, w.fc1_b, N, W, R * W);
         af_gelu_forward(a.fch_gelu, a.fch, (size_t)N * R * W);
         af_linear_forward(a.res3, a.fch_gelu, w.fc2_w, w.fc2_b, N, R * W, W);
-        add_inplace(a.res3, a.res2, nw);
+        af_residual_forward(a.res3, a.res3, a.res2, nw);
     }
 }
 
