@@ -279,7 +279,7 @@ af_status af_clip_grad_per_tensor(af_model *m, float max_norm, float *norms, dou
 af_status af_clip_grad_global(af_model *m, float max_norm, double *total);
 int af_model_num_trainable(const af_model *m);
 
-/* teacher = momentum * teacher + (1 - momentum) * student over encoder + head. */
+/* Eq. 1: teacher = momentum * teacher + (1 - momentum) * student over encoder + head. */
 af_status af_ema_update(af_model *m, float momentum);
 
 #ifdef __cplusplus

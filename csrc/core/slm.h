@@ -1,6 +1,6 @@
 /* Synthetic Lesion Masks (METHOD.md section 1; paper Eq. 2-4).
  *
- * Sizes: B images, S image side, P patch side, L = (S/P)^2 patch tokens (row-major).
+ * Dimension letters as afire.h; patch tokens in row-major grid order.
  * Images are uint8 grayscale x[B,S,S] (NORMAL images); outputs are
  *   x_prime[B,S,S] = clip(x + M, 0, 255)            (x' == x wherever M == 0)
  *   mask[B,S,S]    = M, the saturated sum of the lesions
