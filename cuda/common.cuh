@@ -64,7 +64,7 @@ __device__ __forceinline__ float af_warp_max(float v) {
     return v;
 }
 
-// colsum[c] (+)= sum_r x[r, c] over rows in a fixed order (deterministic, no atomics):
+// colsum[c] += sum_r x[r, c] for x[N,IC], rows in a fixed order (deterministic, no atomics):
 // defined in cuda/ops/reduce.cu, used for bias and LayerNorm parameter gradients.
 af_status af_cuda_colsum_accumulate(af_cuda_context *ctx, float *colsum, const float *x, int N,
-                                    int C);
+                                    int IC);

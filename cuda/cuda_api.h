@@ -2,12 +2,14 @@
  * the build has CUDA; callers go through py_cuda.c, which raises a clear error without it.
  *
  * The op functions mirror csrc/ops/ops.h (same names with an af_cuda_ prefix, same argument
- * order and dimension letters, same semantics: backward ACCUMULATES into the gradients it is
- * given, a NULL gradient is skipped). Differences: every pointer is a DEVICE pointer, work is
- * queued on the context's stream and returns before it finishes (af_cuda_synchronize waits),
- * and the functions return an af_status (AF_EINVAL on bad sizes, AF_ECUDA on a CUDA/cuBLAS
- * failure) instead of trusting the caller. These ops are fp32; the bf16 twins of linear and
- * attention used by the trainer's bf16 fast path are declared in cuda/bf16.cuh.
+ * order and dimension letters, same semantics, the gradient convention included: a backward
+ * WRITES (=) its activation-input gradients and ACCUMULATES (+=) into parameter gradients,
+ * af_cuda_residual_backward accumulates into both inputs, a NULL gradient is skipped).
+ * Differences: every pointer is a DEVICE pointer, work is queued on the context's stream and
+ * returns before it finishes (af_cuda_synchronize waits), and the functions return an
+ * af_status (AF_EINVAL on bad sizes, AF_ECUDA on a CUDA/cuBLAS failure) instead of trusting
+ * the caller. These ops are fp32; the bf16 twins of linear and attention used by the
+ * trainer's bf16 fast path are declared in cuda/bf16.cuh.
  */
 #ifndef AFIRE_CUDA_API_H
 #define AFIRE_CUDA_API_H
@@ -64,29 +66,29 @@ af_status af_cuda_time(af_cuda_context *ctx, af_cuda_fn fn, float *const *dev,
                        const void *user, int warmup, int iters, float *ms);
 
 /* ---- ops (cuda/ops/), device pointers --------------------------------------------- */
-/* out[N,OC] = inp[N,C] @ weight[OC,C]^T + bias[OC] (bias may be NULL). */
+/* out[N,OC] = inp[N,IC] @ weight[OC,IC]^T + bias[OC] (bias may be NULL). */
 af_status af_cuda_linear_forward(af_cuda_context *ctx, float *out, const float *inp,
-                                 const float *weight, const float *bias, int N, int C, int OC);
+                                 const float *weight, const float *bias, int N, int IC, int OC);
 af_status af_cuda_linear_backward(af_cuda_context *ctx, float *dinp, float *dweight,
                                   float *dbias, const float *dout, const float *inp,
-                                  const float *weight, int N, int C, int OC);
+                                  const float *weight, int N, int IC, int OC);
 
 af_status af_cuda_layernorm_forward(af_cuda_context *ctx, float *out, float *mean, float *rstd,
                                     const float *inp, const float *weight, const float *bias,
-                                    int N, int C, float eps);
+                                    int N, int IC, float eps);
 af_status af_cuda_layernorm_backward(af_cuda_context *ctx, float *dinp, float *dweight,
                                      float *dbias, const float *dout, const float *inp,
                                      const float *weight, const float *mean, const float *rstd,
-                                     int N, int C);
+                                     int N, int IC);
 
 af_status af_cuda_gelu_forward(af_cuda_context *ctx, float *out, const float *inp, size_t n);
 af_status af_cuda_gelu_backward(af_cuda_context *ctx, float *dinp, const float *dout,
                                 const float *inp, size_t n);
 
 af_status af_cuda_softmax_forward(af_cuda_context *ctx, float *out, const float *inp, int N,
-                                  int C);
+                                  int IC);
 af_status af_cuda_softmax_backward(af_cuda_context *ctx, float *dinp, const float *dout,
-                                   const float *out, int N, int C);
+                                   const float *out, int N, int IC);
 
 /* qkv[B,T,3D] -> out[B,T,D], att[B,H,T,T] (softmax probabilities). The backward needs
  * scratch[B*H*T*T] (overwritten). */
@@ -110,18 +112,18 @@ af_status af_cuda_unpatchify(af_cuda_context *ctx, float *img, const float *patc
                              int C, int S, int P, int order);
 
 af_status af_cuda_l2norm_forward(af_cuda_context *ctx, float *out, float *norm,
-                                 const float *inp, int N, int C, float eps);
+                                 const float *inp, int N, int IC, float eps);
 af_status af_cuda_l2norm_backward(af_cuda_context *ctx, float *dinp, const float *dout,
-                                  const float *inp, const float *norm, int N, int C, float eps);
+                                  const float *inp, const float *norm, int N, int IC, float eps);
 
-/* The backward needs scratch[K*C] (overwritten) for the gradient w.r.t. w_eff. */
+/* The backward needs scratch[OC*IC] (overwritten) for the gradient w.r.t. w_eff. */
 af_status af_cuda_wn_linear_forward(af_cuda_context *ctx, float *out, float *w_eff,
                                     float *vnorm, const float *inp, const float *v, int N,
-                                    int C, int K);
+                                    int IC, int OC);
 af_status af_cuda_wn_linear_backward(af_cuda_context *ctx, float *dinp, float *dv,
                                      float *scratch, const float *dout, const float *inp,
-                                     const float *w_eff, const float *vnorm, int N, int C,
-                                     int K);
+                                     const float *w_eff, const float *vnorm, int N, int IC,
+                                     int OC);
 
 af_status af_cuda_adamw_update(af_cuda_context *ctx, float *params, const float *grads,
                                float *m, float *v, size_t n, float lr, float beta1,

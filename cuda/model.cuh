@@ -6,7 +6,8 @@
  * runs on the host (af_init_params, identical on every backend) and is uploaded once.
  * Activations are carved from one device block sized for `capacity` images, with the same
  * af_*_acts structs as the CPU (device pointers). Work is queued on ctx's stream; nothing
- * here synchronises. Dimension letters as csrc/ops/ops.h.
+ * here synchronises. Dimension letters as afire.h. Defined in params.cu, vit.cu,
+ * head.cu and optim.cu, the twins of params.c, vit.c, head.c and optim.c.
  *
  * This header is plain C (the binding, a .c file, reads the struct).
  */

@@ -1,5 +1,7 @@
 // The AFiRe objective on the GPU: the twin of csrc/core/objective.c (contracts in objective.h and
-// cuda/objective.cuh). Same math: log space, double accumulation wherever the CPU uses double.
+// cuda/objective.cuh), one function per equation with the CPU's names (structure_consistency,
+// category_consistency, ...). Same math: log space, double accumulation wherever the CPU uses
+// double.
 //
 // Determinism: every sum runs in a fixed order that depends only on the sizes (fixed thread to
 // data maps, butterfly warp sums, shared-memory partials added in index order); there are no
@@ -164,35 +166,36 @@ extern "C" af_status af_cuda_sinkhorn_knopp(af_cuda_context *ctx, float *q, cons
     return AF_OK;
 }
 
-// ---- prototypes (METHOD §3): the same sums in the same order as the CPU ---------------------
+// ---- Eq. 7: the spatial prototypes, METHOD §3; the same sums in the same order as the CPU ---
 
-__global__ void prototypes_kernel(float *C, const float *src, int B, size_t LK, float m,
+__global__ void prototypes_kernel(float *protos, const float *src, int B, size_t LK, float m,
                                   int overwrite) {
     AF_GRID_STRIDE(size_t, e, LK) {
         double acc = 0.0;
         for (int b = 0; b < B; b++) acc += (double)src[(size_t)b * LK + e];
         double qbar = acc / B;
-        C[e] = overwrite ? (float)qbar
-                         : (float)__dadd_rn(__dmul_rn((double)m, (double)C[e]),
-                                            __dmul_rn(1.0 - (double)m, qbar));
+        protos[e] = overwrite ? (float)qbar
+                              : (float)__dadd_rn(__dmul_rn((double)m, (double)protos[e]),
+                                                 __dmul_rn(1.0 - (double)m, qbar));
     }
 }
 
-extern "C" af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *C, const float *src,
-                                               int B, int L, int K, float m, int overwrite) {
-    AF_CUDA_CHECK(C != nullptr && src != nullptr, "prototypes_update: NULL buffer");
+extern "C" af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *protos,
+                                               const float *src, int B, int L, int K, float m,
+                                               int overwrite) {
+    AF_CUDA_CHECK(protos != nullptr && src != nullptr, "prototypes_update: NULL buffer");
     AF_CUDA_CHECK(B > 0 && L > 0 && K > 0, "prototypes_update: B=%d, L=%d, K=%d must be > 0", B,
                   L, K);
     AF_CUDA_CHECK(isfinite(m) && m >= 0.0f && m <= 1.0f,
                   "prototypes_update: m must be in [0, 1], got %g", (double)m);
     size_t LK = (size_t)L * K;
-    prototypes_kernel<<<af_grid_1d((int64_t)LK, 256), 256, 0, ctx->stream>>>(C, src, B, LK, m,
-                                                                             overwrite);
+    prototypes_kernel<<<af_grid_1d((int64_t)LK, 256), 256, 0, ctx->stream>>>(protos, src, B, LK,
+                                                                             m, overwrite);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }
 
-// ---- shared pieces of the contrastive losses -------------------------------------------------
+// ---- the student side that Eq. 12 and Eq. 14-16 share ---------------------------------------
 
 // out[m, n] = alpha * sum_k a[m, k] * b'[k, n], b' = b^T (TB: b is [N, Kd]) or b ([Kd, N]);
 // 16 x 16 output tiles, double accumulation in k order; batch z offsets every operand.
@@ -236,8 +239,8 @@ static af_status gemm_f64acc(af_cuda_context *ctx, float *out, int64_t ldo, int6
 }
 
 // q = softmax(s / tau_s), logq = its log (student_probs of objective.c); one warp per token.
-__global__ void student_kernel(float *q, float *logq, const float *s, int64_t NT, int K,
-                               float tau_s) {
+__global__ void student_probs_kernel(float *q, float *logq, const float *s, int64_t NT, int K,
+                                     float tau_s) {
     const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (t >= NT) return;
@@ -250,54 +253,15 @@ __global__ void student_kernel(float *q, float *logq, const float *s, int64_t NT
     }
 }
 
-// logc[l, :] = log(max(C_l / sum(C_l), floor)); one warp per row. C is trusted (see header).
-__global__ void logc_kernel(float *logc, const float *C, int L, int K) {
+// logc[l, :] = log(max(c_l, floor)), c_l = protos_l / sum(protos_l) (prototype_logs of
+// objective.c); one warp per row. protos is trusted (see objective.cuh).
+__global__ void prototype_logs_kernel(float *logc, const float *protos, int L, int K) {
     const int l = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (l >= L) return;
-    const float *cl = C + (size_t)l * K;
+    const float *cl = protos + (size_t)l * K;
     const double rs = warp_row_sum_d(cl, K, lane);
     for (int k = lane; k < K; k += 32)
         logc[(size_t)l * K + k] = (float)log(fmax((double)cl[k] / rs, (double)AF_LOGC_FLOOR));
-}
-
-// ---- paper objective: L_stru (Eq. 12), L_cate (Eq. 14-16), METHOD §4 ------------------------
-
-// Scratch layout, in floats (the two double arrays first, so they stay 8-byte aligned):
-//   lall  [B*L]    doubles: log of the full denominator of each anchor
-//   coef  [L*B*B]  doubles: coef[j,i,b] = dL_cate/dF[j,i,b] * (1/tau) (0 off anchors, i == b)
-//   cnt   [2+L]    ints: n_normal, n_anchor, normal tokens per position
-//   q, logq [B*L*K], logc [L*K], A [B*L*L] (log f(q_t, c_l)), W [B*L*L] (dL_stru/dA * 1/tau),
-//   G [B*L*K] (W @ logc), F [L*B*B] (log f(q_ij, q_bj)), tl_stru, tl_cate [B*L]
-typedef struct {
-    size_t lall, coef, cnt, q, logq, logc, A, W, G, F, tl_s, tl_c, total;
-} paper_layout;
-
-static int paper_layout_of(int B, int L, int K, paper_layout *o) {
-    if (B <= 0 || L <= 0 || K <= 0) return 0;
-    double b = B, l = L, k = K, nt = b * l;
-    double need = 2 * nt + 2 * l * b * b + (2 + l + 1) + 3 * nt * k + l * k + 2 * nt * l +
-                  l * b * b + 2 * nt;
-    if (need * sizeof(float) > (double)(SIZE_MAX / 2) || nt > 2147483647.0) return 0;
-    size_t NT = (size_t)B * L, off = 0;
-    o->lall = off; off += 2 * NT;
-    o->coef = off; off += 2 * (size_t)L * B * B;
-    o->cnt = off; off += 2 + (size_t)L; off += off & 1;
-    o->q = off; off += NT * K;
-    o->logq = off; off += NT * K;
-    o->logc = off; off += (size_t)L * K;
-    o->A = off; off += NT * L;
-    o->W = off; off += NT * L;
-    o->G = off; off += NT * K;
-    o->F = off; off += (size_t)L * B * B;
-    o->tl_s = off; off += NT;
-    o->tl_c = off; off += NT;
-    o->total = off;
-    return 1;
-}
-
-extern "C" size_t af_cuda_paper_loss_scratch_floats(int B, int L, int K) {
-    paper_layout lay;
-    return paper_layout_of(B, L, K, &lay) ? lay.total : 0;
 }
 
 // cnt[0] = normal tokens, cnt[1] = anchors, cnt[2 + j] = normal tokens at position j.
@@ -320,14 +284,84 @@ paper_counts_kernel(int *cnt, const uint8_t *abn, int B, int L) {
     }
 }
 
-// Per normal token: tl = lse_l A[t, l] - A[t, j]; W[t, l] = (softmax_l - [l == j]) / tau * c.
-__global__ void stru_rows_kernel(float *tl, float *W, const float *A, const uint8_t *abn,
-                                 const int *cnt, int64_t NT, int L, double inv_tau,
-                                 float w_stru) {
+// *mean = the mean of tl over the normal tokens (anchors = 0, count cnt[0]) or over the anchors
+// (anchors = 1: normal tokens at a position with >= 2 of them, count cnt[1]), in one block
+// (fixed order); 0 when there are none.
+__global__ void __launch_bounds__(RED_THREADS)
+token_mean_kernel(float *mean, const float *tl, const uint8_t *abn, const int *cnt, int64_t NT,
+                  int L, int anchors) {
+    __shared__ double red[32];
+    double s = 0.0;
+    for (int64_t t = threadIdx.x; t < NT; t += blockDim.x) {
+        if (abn[t] || (anchors && cnt[2 + t % L] < 2)) continue;
+        s += tl[t];
+    }
+    s = block_sum_d(s, red);
+    if (threadIdx.x == 0) {
+        const int n = cnt[anchors];
+        *mean = n ? (float)(s / n) : 0.0f;
+    }
+}
+
+// Scratch layout, in floats (the two double arrays first, so they stay 8-byte aligned):
+//   lall  [B*L]    doubles: log of the full denominator of each anchor
+//   coef  [L*B*B]  doubles: coef[j,i,b] = dL_cate/dF[j,i,b] * (1/tau) (0 off anchors, i == b)
+//   cnt   [2+L]    ints: n_normal, n_anchor, normal tokens per position
+//   q, logq [B*L*K], logc [L*K], A [B*L*L] (log f(q_t, c_l)), dA [B*L*L] (dL_stru/dA / tau),
+//   dq [B*L*K] (dA @ logc), F [L*B*B] (log f(q_ij, q_bj)), tl_stru, tl_cate [B*L]
+typedef struct {
+    size_t lall, coef, cnt, q, logq, logc, A, dA, dq, F, tl_s, tl_c, total;
+} paper_layout;
+
+static int paper_layout_of(int B, int L, int K, paper_layout *o) {
+    if (B <= 0 || L <= 0 || K <= 0) return 0;
+    double b = B, l = L, k = K, nt = b * l;
+    double need = 2 * nt + 2 * l * b * b + (2 + l + 1) + 3 * nt * k + l * k + 2 * nt * l +
+                  l * b * b + 2 * nt;
+    if (need * sizeof(float) > (double)(SIZE_MAX / 2) || nt > 2147483647.0) return 0;
+    size_t NT = (size_t)B * L, off = 0;
+    o->lall = off; off += 2 * NT;
+    o->coef = off; off += 2 * (size_t)L * B * B;
+    o->cnt = off; off += 2 + (size_t)L; off += off & 1;
+    o->q = off; off += NT * K;
+    o->logq = off; off += NT * K;
+    o->logc = off; off += (size_t)L * K;
+    o->A = off; off += NT * L;
+    o->dA = off; off += NT * L;
+    o->dq = off; off += NT * K;
+    o->F = off; off += (size_t)L * B * B;
+    o->tl_s = off; off += NT;
+    o->tl_c = off; off += NT;
+    o->total = off;
+    return 1;
+}
+
+extern "C" size_t af_cuda_paper_loss_scratch_floats(int B, int L, int K) {
+    paper_layout lay;
+    return paper_layout_of(B, L, K, &lay) ? lay.total : 0;
+}
+
+// The paper objective's working set on the device (paper_terms of objective.c).
+typedef struct {
+    const uint8_t *abn;
+    const int *cnt;
+    int B, L, K;
+    float tau_s;
+    double inv_tau;
+    float *q, *logq, *logc, *A, *dA, *dq, *F, *tl_s, *tl_c;
+    double *lall, *coef;
+} paper_terms;
+
+// ---- Eq. 12: structure consistency, METHOD §4 -----------------------------------------------
+
+// Per normal token: tl = lse_l A[t, l] - A[t, j]; dA[t, l] = (softmax_l - [l == j]) / tau * c.
+__global__ void structure_rows_kernel(float *tl, float *dA, const float *A, const uint8_t *abn,
+                                      const int *cnt, int64_t NT, int L, double inv_tau,
+                                      float w_stru) {
     const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (t >= NT) return;
-    float *wt = W ? W + t * L : nullptr;
+    float *wt = dA ? dA + t * L : nullptr;
     if (abn[t]) {
         if (lane == 0) tl[t] = 0.0f;
         if (wt)
@@ -349,13 +383,13 @@ __global__ void stru_rows_kernel(float *tl, float *W, const float *A, const uint
         wt[l] = (float)((exp((double)a[l] - lse) - (l == j)) * inv_tau * c_stru);
 }
 
-// ds[t] += q_t * (g_t - <q_t, g_t>) / tau_s for normal t (the softmax Jacobian, scaled).
-__global__ void stru_jac_kernel(float *ds, const float *G, const float *q, const uint8_t *abn,
-                                int64_t NT, int K, float tau_s) {
+// ds[t] += q_t * (g_t - <q_t, g_t>) / tau_s for normal t, g = dq (the softmax Jacobian).
+__global__ void structure_grad_kernel(float *ds, const float *dq, const float *q,
+                                      const uint8_t *abn, int64_t NT, int K, float tau_s) {
     const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (t >= NT || abn[t]) return;
-    const float *qt = q + t * K, *gt = G + t * K;
+    const float *qt = q + t * K, *gt = dq + t * K;
     double qg = 0.0;
     for (int k = lane; k < K; k += 32) qg += (double)qt[k] * gt[k];
     qg = warp_sum_d(qg);
@@ -363,11 +397,37 @@ __global__ void stru_jac_kernel(float *ds, const float *G, const float *q, const
         ds[t * K + k] += (float)((double)qt[k] * ((double)gt[k] - qg) / tau_s);
 }
 
+// Over the normal tokens t = (i, j):
+//   L_stru = -(1/|N|) sum_t log[ f(q_t, c_j) / sum_l f(q_t, c_l) ]
+//          = mean_t (log-sum-exp_l A[t,l] - A[t,j]).
+// *l_stru = L_stru (device float); ds += w * dL_stru/ds when ds is not NULL.
+static af_status structure_consistency(af_cuda_context *ctx, float *l_stru, float *ds,
+                                       const paper_terms *p, float w) {
+    const int64_t NT = (int64_t)p->B * p->L;
+    cudaStream_t st = ctx->stream;
+    structure_rows_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, st>>>(
+        p->tl_s, ds ? p->dA : nullptr, p->A, p->abn, p->cnt, NT, p->L, p->inv_tau, w);
+    AF_CUDA_LAUNCHED();
+    if (ds != nullptr) {  // ds += softmax-Jacobian of (dA @ logc)
+        AF_TRY(gemm_f64acc<false>(ctx, p->dq, p->K, 0, p->dA, p->L, 0, p->logc, p->K, 0, (int)NT,
+                                  p->K, p->L, 1.0, 1));
+        structure_grad_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, st>>>(ds, p->dq, p->q, p->abn,
+                                                                         NT, p->K, p->tau_s);
+        AF_CUDA_LAUNCHED();
+    }
+    token_mean_kernel<<<1, RED_THREADS, 0, st>>>(l_stru, p->tl_s, p->abn, p->cnt, NT, p->L, 0);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
+}
+
+// ---- Eq. 14-16: category consistency, METHOD §4 ---------------------------------------------
+
 // Per anchor (i, j): lpos, lall (log-sum-exp of the positive set and of everything), the
 // token loss lall - lpos, and the coefficients coef[j, i, b] of every F[j, i, b].
-__global__ void cate_anchor_kernel(float *tl, double *lall_out, double *coef, const float *F,
-                                   const float *A, const uint8_t *abn, const int *cnt, int B,
-                                   int L, double inv_tau, float w_cate, int want_coef) {
+__global__ void category_anchor_kernel(float *tl, double *lall_out, double *coef,
+                                       const float *F, const float *A, const uint8_t *abn,
+                                       const int *cnt, int B, int L, double inv_tau,
+                                       float w_cate, int want_coef) {
     const int64_t ti = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (ti >= (int64_t)B * L) return;
@@ -428,10 +488,10 @@ __global__ void cate_anchor_kernel(float *tl, double *lall_out, double *coef, co
 //   abnormal b (f(q_bj, c_j) term): q_b * (wG logc_j - <q_b, wG logc_j>),
 //                                   wG = sum_anchors i exp(A[b,j,j] - lall_i) / tau * c
 // and adds the sum / tau_s to ds.
-__global__ void cate_grad_kernel(float *ds, const double *coef, const double *lall,
-                                 const float *q, const float *logq, const float *logc,
-                                 const float *A, const uint8_t *abn, const int *cnt, int B, int L,
-                                 int K, double inv_tau, float w_cate, float tau_s) {
+__global__ void category_grad_kernel(float *ds, const double *coef, const double *lall,
+                                     const float *q, const float *logq, const float *logc,
+                                     const float *A, const uint8_t *abn, const int *cnt, int B,
+                                     int L, int K, double inv_tau, float w_cate, float tau_s) {
     extern __shared__ double sh_coef[];  // [2*B]: row coef[j,b,:], column coef[j,:,b]
     __shared__ double red[32];
     const int j = blockIdx.x / B, b = blockIdx.x % B;
@@ -485,31 +545,44 @@ __global__ void cate_grad_kernel(float *ds, const double *coef, const double *la
     }
 }
 
-// The two loss means, in one block (fixed order).
-__global__ void __launch_bounds__(RED_THREADS)
-paper_final_kernel(float *l_stru, float *l_cate, const float *tl_s, const float *tl_c,
-                   const uint8_t *abn, const int *cnt, int64_t NT, int L) {
-    __shared__ double red[32];
-    double ss = 0.0, sc = 0.0;
-    for (int64_t t = threadIdx.x; t < NT; t += blockDim.x) {
-        if (abn[t]) continue;
-        ss += tl_s[t];
-        if (cnt[2 + t % L] >= 2) sc += tl_c[t];
+// Per position j, for each anchor: a normal token (i, j) whose position holds another normal
+// token in the batch (pos > 0). Abnormal tokens are never pulled together (Appendix E).
+//   pos = sum_{b != i, (b,j) normal} f(q_ij, q_bj)                              (Eq. 14)
+//   neg = sum_{(b,j) abnormal} f(q_ij, q_bj) + f(q_bj, c_j)                     (Eq. 15)
+//   L_cate = -(1/|N'|) sum_anchors log[ pos / (pos + neg) ]                     (Eq. 16)
+// *l_cate = L_cate (device float); ds += w * dL_cate/ds when ds is not NULL.
+static af_status category_consistency(af_cuda_context *ctx, float *l_cate, float *ds,
+                                      const paper_terms *p, float w) {
+    const int B = p->B, L = p->L, K = p->K;
+    const int64_t NT = (int64_t)B * L, LK = (int64_t)L * K, BB = (int64_t)B * B;
+    cudaStream_t st = ctx->stream;
+    // F[j, i, b] = (1/tau) <q_ij, log q_bj>, batched over positions j
+    AF_TRY(gemm_f64acc<true>(ctx, p->F, B, BB, p->q, LK, K, p->logq, LK, K, B, B, K, p->inv_tau,
+                             L));
+    category_anchor_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, st>>>(
+        p->tl_c, p->lall, p->coef, p->F, p->A, p->abn, p->cnt, B, L, p->inv_tau, w, ds != nullptr);
+    AF_CUDA_LAUNCHED();
+    if (ds != nullptr) {
+        size_t shmem = 2 * (size_t)B * sizeof(double);
+        AF_CUDA_CHECK(shmem <= 48 * 1024, "paper_loss: B=%d is too large for the GPU kernel", B);
+        category_grad_kernel<<<(unsigned)NT, 128, shmem, st>>>(ds, p->coef, p->lall, p->q, p->logq,
+                                                               p->logc, p->A, p->abn, p->cnt, B, L,
+                                                               K, p->inv_tau, w, p->tau_s);
+        AF_CUDA_LAUNCHED();
     }
-    ss = block_sum_d(ss, red);
-    sc = block_sum_d(sc, red);
-    if (threadIdx.x == 0) {
-        *l_stru = cnt[0] ? (float)(ss / cnt[0]) : 0.0f;
-        *l_cate = cnt[1] ? (float)(sc / cnt[1]) : 0.0f;
-    }
+    token_mean_kernel<<<1, RED_THREADS, 0, st>>>(l_cate, p->tl_c, p->abn, p->cnt, NT, L, 1);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
 }
+
+// ---- Eq. 17: L_cst = L_stru + L_cate, the paper objective -----------------------------------
 
 extern "C" af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, float *l_cate,
                                         float *ds_stru, float *ds_cate, const float *s,
-                                        const float *C, const uint8_t *abn, int B, int L, int K,
-                                        float tau_s, float tau, float w_stru, float w_cate,
+                                        const float *protos, const uint8_t *abn, int B, int L,
+                                        int K, float tau_s, float tau, float w_stru, float w_cate,
                                         float *scratch) {
-    AF_CUDA_CHECK(l_stru && l_cate && s && C && abn && scratch, "paper_loss: NULL buffer");
+    AF_CUDA_CHECK(l_stru && l_cate && s && protos && abn && scratch, "paper_loss: NULL buffer");
     AF_CUDA_CHECK(B > 0 && L > 0 && K > 0, "paper_loss: B=%d, L=%d, K=%d must be > 0", B, L, K);
     AF_CUDA_CHECK(positive_finite(tau_s), "paper_loss: tau_s must be > 0, got %g", (double)tau_s);
     AF_CUDA_CHECK(positive_finite(tau), "paper_loss: tau must be > 0, got %g", (double)tau);
@@ -521,60 +594,34 @@ extern "C" af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, flo
     AF_CUDA_CHECK(((uintptr_t)scratch & 7u) == 0, "paper_loss: scratch must be 8-byte aligned");
 
     const int64_t NT = (int64_t)B * L;
-    const double inv_tau = 1.0 / tau;
-    double *lall = (double *)(scratch + lay.lall), *coef = (double *)(scratch + lay.coef);
     int *cnt = (int *)(scratch + lay.cnt);
-    float *q = scratch + lay.q, *logq = scratch + lay.logq, *logc = scratch + lay.logc;
-    float *A = scratch + lay.A, *W = scratch + lay.W, *G = scratch + lay.G, *F = scratch + lay.F;
-    float *tl_s = scratch + lay.tl_s, *tl_c = scratch + lay.tl_c;
+    paper_terms p = {abn, cnt, B, L, K, tau_s, 1.0 / tau,
+                     scratch + lay.q, scratch + lay.logq, scratch + lay.logc, scratch + lay.A,
+                     scratch + lay.dA, scratch + lay.dq, scratch + lay.F, scratch + lay.tl_s,
+                     scratch + lay.tl_c, (double *)(scratch + lay.lall),
+                     (double *)(scratch + lay.coef)};
     cudaStream_t st = ctx->stream;
 
     paper_counts_kernel<<<1, RED_THREADS, 0, st>>>(cnt, abn, B, L);
     AF_CUDA_LAUNCHED();
-    logc_kernel<<<warp_rows_grid(L), WARP_BLOCK, 0, st>>>(logc, C, L, K);
+    prototype_logs_kernel<<<warp_rows_grid(L), WARP_BLOCK, 0, st>>>(p.logc, protos, L, K);
     AF_CUDA_LAUNCHED();
-    student_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, st>>>(q, logq, s, NT, K, tau_s);
+    student_probs_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, st>>>(p.q, p.logq, s, NT, K, tau_s);
     AF_CUDA_LAUNCHED();
-    // A[t, l] = (1/tau) <q_t, log c_l>
-    AF_TRY(gemm_f64acc<true>(ctx, A, L, 0, q, K, 0, logc, K, 0, (int)NT, L, K, inv_tau, 1));
-
-    // L_stru and its gradient: ds += softmax-Jacobian of (W @ logc)
-    stru_rows_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, st>>>(tl_s, ds_stru ? W : nullptr, A,
-                                                                abn, cnt, NT, L, inv_tau, w_stru);
-    AF_CUDA_LAUNCHED();
-    if (ds_stru != nullptr) {
-        AF_TRY(gemm_f64acc<false>(ctx, G, K, 0, W, L, 0, logc, K, 0, (int)NT, K, L, 1.0, 1));
-        stru_jac_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, st>>>(ds_stru, G, q, abn, NT, K,
-                                                                   tau_s);
-        AF_CUDA_LAUNCHED();
-    }
-
-    // L_cate: F[j, i, b] = (1/tau) <q_ij, log q_bj>, batched over positions j
-    const int64_t LK = (int64_t)L * K, BB = (int64_t)B * B;
-    AF_TRY(gemm_f64acc<true>(ctx, F, B, BB, q, LK, K, logq, LK, K, B, B, K, inv_tau, L));
-    cate_anchor_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, st>>>(
-        tl_c, lall, coef, F, A, abn, cnt, B, L, inv_tau, w_cate, ds_cate != nullptr);
-    AF_CUDA_LAUNCHED();
-    if (ds_cate != nullptr) {
-        size_t shmem = 2 * (size_t)B * sizeof(double);
-        AF_CUDA_CHECK(shmem <= 48 * 1024, "paper_loss: B=%d is too large for the GPU kernel", B);
-        cate_grad_kernel<<<(unsigned)NT, 128, shmem, st>>>(ds_cate, coef, lall, q, logq, logc, A,
-                                                           abn, cnt, B, L, K, inv_tau, w_cate,
-                                                           tau_s);
-        AF_CUDA_LAUNCHED();
-    }
-    paper_final_kernel<<<1, RED_THREADS, 0, st>>>(l_stru, l_cate, tl_s, tl_c, abn, cnt, NT, L);
-    AF_CUDA_LAUNCHED();
-    return AF_OK;
+    // prototype_affinity of objective.c: A[t, l] = (1/tau) <q_t, log c_l>
+    AF_TRY(gemm_f64acc<true>(ctx, p.A, L, 0, p.q, K, 0, p.logc, K, 0, (int)NT, L, K, p.inv_tau,
+                             1));
+    AF_TRY(structure_consistency(ctx, l_stru, ds_stru, &p, w_stru));
+    return category_consistency(ctx, l_cate, ds_cate, &p, w_cate);
 }
 
-// ---- weighted restoration loss (Eq. 20) ------------------------------------------------------
+// ---- Eq. 20: weighted restoration loss, METHOD §4 -------------------------------------------
 
-// dy += 2 w / (B L PPC) * weight * (y - x): the CPU's operations in its order (bit-identical).
+// dy += 2 w / (B L Q) * weight * (y - x): the CPU's operations in its order (bit-identical).
 __global__ void recon_grad_kernel(float *dy, const float *y, const float *x, const uint8_t *abn,
-                                  size_t n, int PPC, double inv_n, float w_abn, float weight) {
+                                  size_t n, int Q, double inv_n, float w_abn, float weight) {
     AF_GRID_STRIDE(size_t, e, n) {
-        const double w = (abn && abn[e / PPC]) ? (double)w_abn : 1.0;
+        const double w = (abn && abn[e / Q]) ? (double)w_abn : 1.0;
         const double c = __dmul_rn(__dmul_rn(__dmul_rn(2.0, w), inv_n), (double)weight);
         dy[e] = __fadd_rn(dy[e], (float)__dmul_rn(c, __dsub_rn((double)y[e], (double)x[e])));
     }
@@ -583,14 +630,14 @@ __global__ void recon_grad_kernel(float *dy, const float *y, const float *x, con
 // loss = sum_t w_t ||y_t - x_t||^2 * inv_n, one warp per token, warp partials in order.
 __global__ void __launch_bounds__(RED_THREADS)
 recon_loss_kernel(float *loss, const float *y, const float *x, const uint8_t *abn, int64_t NT,
-                  int PPC, double inv_n, float w_abn) {
+                  int Q, double inv_n, float w_abn) {
     __shared__ double red[32];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     double acc = 0.0;  // identical in every lane of the warp
     for (int64_t t = w; t < NT; t += nw) {
-        const float *yt = y + t * PPC, *xt = x + t * PPC;
+        const float *yt = y + t * Q, *xt = x + t * Q;
         double e = 0.0;
-        for (int p = lane; p < PPC; p += 32) {
+        for (int p = lane; p < Q; p += 32) {
             double d = (double)yt[p] - xt[p];
             e += d * d;
         }
@@ -608,37 +655,37 @@ recon_loss_kernel(float *loss, const float *y, const float *x, const uint8_t *ab
 
 extern "C" af_status af_cuda_recon_loss(af_cuda_context *ctx, float *loss, float *dy,
                                         const float *y, const float *x, const uint8_t *abn, int B,
-                                        int L, int PPC, float w_abn, float weight) {
+                                        int L, int Q, float w_abn, float weight) {
     AF_CUDA_CHECK(loss && y && x, "recon_loss: NULL buffer");
-    AF_CUDA_CHECK(B > 0 && L > 0 && PPC > 0, "recon_loss: B=%d, L=%d, PPC=%d must be > 0", B, L,
-                  PPC);
+    AF_CUDA_CHECK(B > 0 && L > 0 && Q > 0, "recon_loss: B=%d, L=%d, Q=%d must be > 0", B, L,
+                  Q);
     AF_CUDA_CHECK(isfinite(w_abn) && w_abn >= 0.0f,
                   "recon_loss: w_abn must be finite and >= 0, got %g", (double)w_abn);
     AF_CUDA_CHECK(isfinite(weight), "recon_loss: weight must be finite");
     const int64_t NT = (int64_t)B * L;
-    const size_t n = (size_t)NT * PPC;
-    const double inv_n = 1.0 / ((double)NT * PPC);
+    const size_t n = (size_t)NT * Q;
+    const double inv_n = 1.0 / ((double)NT * Q);
     if (dy != nullptr) {
         recon_grad_kernel<<<af_grid_1d((int64_t)n, 256), 256, 0, ctx->stream>>>(
-            dy, y, x, abn, n, PPC, inv_n, w_abn, weight);
+            dy, y, x, abn, n, Q, inv_n, w_abn, weight);
         AF_CUDA_LAUNCHED();
     }
-    recon_loss_kernel<<<1, RED_THREADS, 0, ctx->stream>>>(loss, y, x, abn, NT, PPC, inv_n, w_abn);
+    recon_loss_kernel<<<1, RED_THREADS, 0, ctx->stream>>>(loss, y, x, abn, NT, Q, inv_n, w_abn);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }
 
 // ---- released objective (METHOD §4, "released") ---------------------------------------------
 
-// One warp per token: z = s / tau_s, lse, -sum_k P_k (z_k - lse) and sum_k P_k.
-__device__ __forceinline__ void released_token(const float *st, const float *Pj, int K,
+// One warp per token: z = s / tau_s, lse, -sum_k target_k (z_k - lse) and sum_k target_k.
+__device__ __forceinline__ void released_token(const float *st, const float *tj, int K,
                                                float tau_s, int lane, double *lse_out,
                                                double *ce_out, double *psum_out) {
     const double lse = warp_row_lse_d(st, K, tau_s, lane);
     double ce = 0.0, ps = 0.0;
     for (int k = lane; k < K; k += 32) {
-        ce -= (double)Pj[k] * ((double)st[k] / tau_s - lse);
-        ps += Pj[k];
+        ce -= (double)tj[k] * ((double)st[k] / tau_s - lse);
+        ps += tj[k];
     }
     *lse_out = lse;
     *ce_out = warp_sum_d(ce);
@@ -647,7 +694,7 @@ __device__ __forceinline__ void released_token(const float *st, const float *Pj,
 
 // The loss and the count of normal tokens (written to *n_normal for the gradient kernel).
 __global__ void __launch_bounds__(RED_THREADS)
-released_loss_kernel(float *l_cst, int *n_normal, const float *s, const float *P,
+released_loss_kernel(float *l_cst, int *n_normal, const float *s, const float *target,
                      const uint8_t *abn, int64_t NT, int L, int K, float tau_s) {
     __shared__ double red[32];
     __shared__ long long cred[32];
@@ -657,7 +704,7 @@ released_loss_kernel(float *l_cst, int *n_normal, const float *s, const float *P
     for (int64_t t = w; t < NT; t += nw) {
         if (abn[t]) continue;
         double lse, ce, ps;
-        released_token(s + t * K, P + (t % L) * K, K, tau_s, lane, &lse, &ce, &ps);
+        released_token(s + t * K, target + (t % L) * K, K, tau_s, lane, &lse, &ce, &ps);
         acc += ce;
         count++;
     }
@@ -673,70 +720,70 @@ released_loss_kernel(float *l_cst, int *n_normal, const float *s, const float *P
     }
 }
 
-// ds += w_cst / n_normal * (softmax(z) * sum(P) - P) / tau_s on normal tokens.
+// ds += w_cst / n_normal * (softmax(z) * sum(target) - target) / tau_s on normal tokens.
 __global__ void released_grad_kernel(float *ds, const int *n_normal, const float *s,
-                                     const float *P, const uint8_t *abn, int64_t NT, int L, int K,
-                                     float tau_s, float w_cst) {
+                                     const float *target, const uint8_t *abn, int64_t NT, int L,
+                                     int K, float tau_s, float w_cst) {
     const int64_t t = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (t >= NT || abn[t]) return;
-    const float *st = s + t * K, *Pj = P + (t % L) * K;
+    const float *st = s + t * K, *tj = target + (t % L) * K;
     double lse, ce, ps;
-    released_token(st, Pj, K, tau_s, lane, &lse, &ce, &ps);
+    released_token(st, tj, K, tau_s, lane, &lse, &ce, &ps);
     const double c = (double)w_cst / *n_normal;  // >= 1: this token is normal
     for (int k = lane; k < K; k += 32) {
         double qk = exp((double)st[k] / tau_s - lse);
-        ds[t * K + k] += (float)(c * (qk * ps - Pj[k]) / tau_s);
+        ds[t * K + k] += (float)(c * (qk * ps - tj[k]) / tau_s);
     }
 }
 
 extern "C" size_t af_cuda_released_loss_scratch_floats(int L, int K) {
     if (L <= 0 || K <= 0) return 0;
-    return (size_t)L * (size_t)K + 2;  // P, then the normal-token count (an int)
+    return (size_t)L * (size_t)K + 2;  // target, then the normal-token count (an int)
 }
 
 extern "C" af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_recon,
-                                           float *ds, float *dy, const float *s, const float *C,
-                                           const uint8_t *abn, const float *y, const float *x,
-                                           int B, int L, int K, int PPC, float tau_s, float eps,
-                                           int iters, float w_cst, float w_recon,
-                                           float *scratch) {
-    AF_CUDA_CHECK(l_cst && l_recon && s && C && abn && y && x && scratch,
+                                           float *ds, float *dy, const float *s,
+                                           const float *protos, const uint8_t *abn,
+                                           const float *y, const float *x, int B, int L, int K,
+                                           int Q, float tau_s, float eps, int iters, float w_cst,
+                                           float w_recon, float *scratch) {
+    AF_CUDA_CHECK(l_cst && l_recon && s && protos && abn && y && x && scratch,
                   "released_loss: NULL buffer");
-    AF_CUDA_CHECK(B > 0 && L > 0 && K > 0 && PPC > 0,
-                  "released_loss: B=%d, L=%d, K=%d, PPC=%d must be > 0", B, L, K, PPC);
+    AF_CUDA_CHECK(B > 0 && L > 0 && K > 0 && Q > 0,
+                  "released_loss: B=%d, L=%d, K=%d, Q=%d must be > 0", B, L, K, Q);
     AF_CUDA_CHECK(positive_finite(tau_s), "released_loss: tau_s must be > 0, got %g",
                   (double)tau_s);
     AF_CUDA_CHECK(isfinite(w_cst), "released_loss: w_cst must be finite");
     AF_CUDA_CHECK((double)B * L <= 2147483647.0, "released_loss: B*L too large");
-    float *P = scratch;
+    float *target = scratch;
     int *n_normal = (int *)(scratch + (size_t)L * K);
-    AF_TRY(af_cuda_sinkhorn_knopp(ctx, P, C, L, K, eps, iters));
+    AF_TRY(af_cuda_sinkhorn_knopp(ctx, target, protos, L, K, eps, iters));
     const int64_t NT = (int64_t)B * L;
-    released_loss_kernel<<<1, RED_THREADS, 0, ctx->stream>>>(l_cst, n_normal, s, P, abn, NT, L, K,
-                                                             tau_s);
+    released_loss_kernel<<<1, RED_THREADS, 0, ctx->stream>>>(l_cst, n_normal, s, target, abn, NT,
+                                                             L, K, tau_s);
     AF_CUDA_LAUNCHED();
     if (ds != nullptr) {
         released_grad_kernel<<<warp_rows_grid(NT), WARP_BLOCK, 0, ctx->stream>>>(
-            ds, n_normal, s, P, abn, NT, L, K, tau_s, w_cst);
+            ds, n_normal, s, target, abn, NT, L, K, tau_s, w_cst);
         AF_CUDA_LAUNCHED();
     }
-    return af_cuda_recon_loss(ctx, l_recon, dy, y, x, nullptr, B, L, PPC, 1.0f, w_recon);
+    return af_cuda_recon_loss(ctx, l_recon, dy, y, x, nullptr, B, L, Q, 1.0f, w_recon);
 }
 
-// ---- anomaly score (Eq. 51), METHOD §6 ---------------------------------------------------------
+// ---- Eq. 51: anomaly score, METHOD §6 -------------------------------------------------------
 
 // One block per image; warp w takes tokens w, w + 8, ... and keeps a running log-sum-exp;
 // the 8 warp results are merged in warp order.
 __global__ void anomaly_kernel(double *score, double *log_score, double *err, const float *y,
-                               const float *x, int L, int PPC) {
+                               const float *x, int L, int Q) {
     __shared__ double wm[32], ws[32];
     const int i = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     double m = -INFINITY, s = 0.0;
     for (int j = w; j < L; j += nw) {
-        const float *yj = y + ((size_t)i * L + j) * PPC, *xj = x + ((size_t)i * L + j) * PPC;
+        const float *yj = y + ((size_t)i * L + j) * Q, *xj = x + ((size_t)i * L + j) * Q;
         double e = 0.0;
-        for (int p = lane; p < PPC; p += 32) {
+        for (int p = lane; p < Q; p += 32) {
             double d = (double)yj[p] - xj[p];
             e += d * d;
         }
@@ -768,11 +815,11 @@ __global__ void anomaly_kernel(double *score, double *log_score, double *err, co
 
 extern "C" af_status af_cuda_anomaly_score(af_cuda_context *ctx, double *score,
                                            double *log_score, double *err, const float *y,
-                                           const float *x, int B, int L, int PPC) {
+                                           const float *x, int B, int L, int Q) {
     AF_CUDA_CHECK(y && x, "anomaly_score: NULL buffer");
-    AF_CUDA_CHECK(B > 0 && L > 0 && PPC > 0, "anomaly_score: B=%d, L=%d, PPC=%d must be > 0", B,
-                  L, PPC);
-    anomaly_kernel<<<B, WARP_BLOCK, 0, ctx->stream>>>(score, log_score, err, y, x, L, PPC);
+    AF_CUDA_CHECK(B > 0 && L > 0 && Q > 0, "anomaly_score: B=%d, L=%d, Q=%d must be > 0", B,
+                  L, Q);
+    anomaly_kernel<<<B, WARP_BLOCK, 0, ctx->stream>>>(score, log_score, err, y, x, L, Q);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }

@@ -4,10 +4,11 @@
  *     before it finishes (af_cuda_synchronize waits);
  *   - loss scalars are written to DEVICE memory (one float / double each), so a training
  *     step never waits for the host;
- *   - gradients ACCUMULATE (+=) like the CPU; a NULL gradient is skipped;
+ *   - gradients ACCUMULATE (+=) like the CPU (the objective's terms meet there); a NULL
+ *     gradient is skipped;
  *   - deterministic: every reduction runs in a fixed order, no float atomics;
  *   - sizes and hyper-parameters are checked on the host (AF_EINVAL). Checks that need the
- *     data (finite logits, C >= 0 with positive row sums) are NOT made on the device: the
+ *     data (finite logits, protos >= 0 with positive row sums) are NOT made on the device: the
  *     caller owns them (the CPU twins report them).
  * SLM results are bit-identical to af_slm_generate; the objective matches objective.c to float
  * rounding (double accumulation where the CPU uses double).
@@ -42,8 +43,8 @@ af_status af_cuda_slm_generate(af_cuda_context *ctx, uint8_t *x_prime, uint8_t *
 af_status af_cuda_sinkhorn_knopp(af_cuda_context *ctx, float *q, const float *logits, int N,
                                  int K, float eps, int iters);
 
-/* af_prototypes_update: C[L,K] from src[B,L,K]. */
-af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *C, const float *src, int B,
+/* af_prototypes_update: protos[L,K] from src[B,L,K]. */
+af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *protos, const float *src, int B,
                                     int L, int K, float m, int overwrite);
 
 /* af_paper_loss: l_stru, l_cate are device floats; ds_stru/ds_cate [B,L,K] may be NULL or the
@@ -51,28 +52,29 @@ af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *C, const float 
  * aligned (0 when the sizes are invalid or too large). */
 size_t af_cuda_paper_loss_scratch_floats(int B, int L, int K);
 af_status af_cuda_paper_loss(af_cuda_context *ctx, float *l_stru, float *l_cate, float *ds_stru,
-                             float *ds_cate, const float *s, const float *C, const uint8_t *abn,
-                             int B, int L, int K, float tau_s, float tau, float w_stru,
-                             float w_cate, float *scratch);
+                             float *ds_cate, const float *s, const float *protos,
+                             const uint8_t *abn, int B, int L, int K, float tau_s, float tau,
+                             float w_stru, float w_cate, float *scratch);
 
-/* af_recon_loss: loss is a device float; dy [B,L,PPC] may be NULL; abn may be NULL (all 1). */
+/* af_recon_loss: loss is a device float; dy [B,L,Q] may be NULL; abn may be NULL (all 1). */
 af_status af_cuda_recon_loss(af_cuda_context *ctx, float *loss, float *dy, const float *y,
-                             const float *x, const uint8_t *abn, int B, int L, int PPC,
+                             const float *x, const uint8_t *abn, int B, int L, int Q,
                              float w_abn, float weight);
 
 /* af_released_loss: l_cst, l_recon are device floats; ds, dy may be NULL. scratch:
- * af_cuda_released_loss_scratch_floats(L, K) device floats (P is left in its first L*K). */
+ * af_cuda_released_loss_scratch_floats(L, K) device floats (the Sinkhorn target is left in its
+ * first L*K). */
 size_t af_cuda_released_loss_scratch_floats(int L, int K);
 af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_recon, float *ds,
-                                float *dy, const float *s, const float *C, const uint8_t *abn,
-                                const float *y, const float *x, int B, int L, int K, int PPC,
+                                float *dy, const float *s, const float *protos, const uint8_t *abn,
+                                const float *y, const float *x, int B, int L, int K, int Q,
                                 float tau_s, float eps, int iters, float w_cst, float w_recon,
                                 float *scratch);
 
 /* af_anomaly_score: score[B], log_score[B], err[B,L] are device doubles; each may be NULL. */
 af_status af_cuda_anomaly_score(af_cuda_context *ctx, double *score, double *log_score,
                                 double *err, const float *y, const float *x, int B, int L,
-                                int PPC);
+                                int Q);
 
 /* Test helper (host-level entry points): like af_cuda_run_host, for buffers of any element
  * type. bytes == 0, or host == NULL for roles other than AF_CUDA_SCRATCH, passes NULL. */

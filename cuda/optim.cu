@@ -75,7 +75,7 @@ __global__ void adamw_multi_kernel(const af_cuda_tensor *ts, const int *ok, floa
     }
 }
 
-// twin of af_ema_update: teacher = keep * teacher + take * student (encoder and head)
+// twin of af_ema_update (Eq. 1): teacher = keep * teacher + take * student (encoder and head)
 __global__ void ema_multi_kernel(const af_cuda_tensor *ts, const int *ok, float keep, float take) {
     if (ok != nullptr && !*ok) return;
     const af_cuda_tensor t = ts[blockIdx.y];

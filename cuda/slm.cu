@@ -22,9 +22,9 @@ struct slm_dev_lesion {
 
 // ---- the float steps of slm.c, operation by operation ------------------------------------
 
-// falloff() of slm.c: Eq. 2-3 on the W x H box.
-__device__ __forceinline__ float slm_falloff(int w, int h, int W, int H, float gamma2) {
-    float hw = __fmul_rn(0.5f, (float)W), hh = __fmul_rn(0.5f, (float)H);
+// falloff() of slm.c: Eq. 2-3 on the LW x LH box.
+__device__ __forceinline__ float slm_falloff(int w, int h, int LW, int LH, float gamma2) {
+    float hw = __fmul_rn(0.5f, (float)LW), hh = __fmul_rn(0.5f, (float)LH);
     float u = __fdiv_rn(__fsub_rn(__fadd_rn((float)w, 0.5f), hw), hw);
     float v = __fdiv_rn(__fsub_rn(__fadd_rn((float)h, 0.5f), hh), hh);
     return af_exp_exact(__fdiv_rn(-__fadd_rn(__fmul_rn(u, u), __fmul_rn(v, v)), gamma2));

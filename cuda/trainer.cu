@@ -37,16 +37,14 @@ struct is_nonfinite {
     __device__ bool operator()(float v) const { return !isfinite(v); }
 };
 
-// The total loss (as af_trainer_grads, in double) and the update flag: finite loss and
+// The total loss (af_step_loss, as the host reports it) and the update flag: finite loss and
 // finite gradient norm.
-__global__ void finalize_kernel(af_cuda_step_scalars *s, int paper, float w_stru, float w_cate,
-                                float w_recon) {
+__global__ void finalize_kernel(af_cuda_step_scalars *s, int objective, float w_stru,
+                                float w_cate, float w_recon) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    double total = paper ? w_stru * (double)s->f_stru + w_cate * (double)s->f_cate +
-                               w_recon * (double)s->f_recon
-                         : w_stru * (double)s->f_cst + w_recon * (double)s->f_recon;
-    s->loss = total;
-    s->ok = isfinite(total) && isfinite(s->grad_norm);
+    s->loss = af_step_loss(objective, w_stru, w_cate, w_recon, s->f_stru, s->f_cate, s->f_cst,
+                           s->f_recon);
+    s->ok = isfinite(s->loss) && isfinite(s->grad_norm);
 }
 
 // protos <- protos_next, only when the step is accepted
@@ -291,16 +289,17 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
                                      c->w_recon, t->obj_scratch));
     }
 
-    // 5. backward (a non-finite loss only poisons the gradients: the update is gated)
+    // 5. backward (a non-finite loss only poisons the gradients: the update is gated); the
+    // decoder writes dtokens, the head adds its part
     AF_TRY(af_cuda_model_zero_grad(ctx, m));
-    AF_CUDA_TRY(cudaMemsetAsync(t->dtokens, 0, (size_t)B * t->T * t->D * f, ctx->stream));
-    AF_TRY(af_cuda_head_backward(ctx, m, t->dlogits, t->dtokens));
     AF_TRY(af_cuda_decoder_backward(ctx, m, t->dpred, t->dtokens));
+    AF_TRY(af_cuda_head_backward(ctx, m, t->dlogits, t->dtokens));
     AF_TRY(af_cuda_encoder_backward(ctx, m, t->dtokens));
 
     // 6. clip; the update flag = finite loss and finite gradient norm
     AF_TRY(af_cuda_clip_grad(ctx, m, c->clip > 0 ? c->clip : 0.0f, c->clip_global, &d->grad_norm));
-    finalize_kernel<<<1, 32, 0, ctx->stream>>>(d, paper, c->w_stru, c->w_cate, c->w_recon);
+    finalize_kernel<<<1, 32, 0, ctx->stream>>>(d, c->objective, c->w_stru, c->w_cate,
+                                               c->w_recon);
     AF_CUDA_LAUNCHED();
 
     // 7. AdamW, EMA teacher, prototypes: skipped on the device unless d->ok
@@ -319,33 +318,8 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
     // the stats and the refusals of af_trainer_grads, from the downloaded scalars
     const af_cuda_step_scalars *h = t->host;
     stats->abnormal_fraction = (double)h->n_abn / (double)BL;
-    double total;
-    if (paper) {
-        stats->l_stru = h->f_stru;
-        stats->l_cate = h->f_cate;
-        stats->l_cst = (double)h->f_stru + h->f_cate;
-        stats->l_recon = h->f_recon;
-        total = c->w_stru * (double)h->f_stru + c->w_cate * (double)h->f_cate +
-                c->w_recon * (double)h->f_recon;
-    } else {
-        stats->l_cst = h->f_cst;
-        stats->l_recon = h->f_recon;
-        total = c->w_stru * (double)h->f_cst + c->w_recon * (double)h->f_recon;
-    }
-    stats->loss = total;
-    stats->lr = sv.lr;
-    stats->wd = sv.wd;
-    stats->ema = sv.ema;
-    stats->teacher_temp = sv.teacher_temp;
-    stats->last_layer_frozen = sv.freeze_last_layer;
-    if (!isfinite(total))
-        return af_error(AF_ENONFINITE, "non-finite loss at step %lld (stru %g, cate %g, cst %g, "
-                        "recon %g); the model was not updated", (long long)t->step,
-                        stats->l_stru, stats->l_cate, stats->l_cst, stats->l_recon);
-    stats->grad_norm = h->grad_norm;
-    if (!isfinite(h->grad_norm) || !h->ok)
-        return af_error(AF_ENONFINITE, "non-finite gradient norm at step %lld; the model was "
-                        "not updated", (long long)t->step);
+    AF_TRY(af_step_stats_fill(stats, c, &sv, h->f_stru, h->f_cate, h->f_cst, h->f_recon));
+    AF_TRY(af_step_stats_grad_norm(stats, h->grad_norm, h->ok));
     if (update) {
         t->protos_set = 1;
         t->step++;

@@ -20,11 +20,11 @@
 
 #include "cuda_api.h"
 #include "model.cuh"
+#include "trainer.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-#include "trainer.h" /* C header without its own extern "C" (schedule.h) */
 
 /* Scalars of one step, written on the device and downloaded once (pinned host copy). */
 typedef struct {

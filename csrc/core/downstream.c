@@ -4,6 +4,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "blocks.h"
 #include "common.h"
 #include "downstream.h"
 #include "ops/ops.h"
@@ -142,7 +143,7 @@ void af_ft_adamw(af_ft_net *n, const af_ft_step_args *a, int nseg, const size_t 
 }
 
 const float *af_ft_last_block(const af_model *m) {
-    const af_blocks_acts *a = &m->enc_acts[AF_STUDENT].blocks;
-    /* stacked [NL, cap, T, D]: the layer stride is the reserved capacity */
-    return a->res3 + (size_t)(m->cfg.depth - 1) * a->cap * m->T * m->cfg.D;
+    const af_config *c = &m->cfg;
+    return af_blocks_output(&m->enc_acts[AF_STUDENT].blocks, c->depth, m->T, c->D, c->mlp_ratio,
+                            c->H);
 }

@@ -2,9 +2,8 @@
  * classifier (encoder + GAP + LayerNorm + Linear, Grad-CAM) and the segmenter (encoder +
  * per-token linear mask head), all on the CPU in fp32.
  *
- * Dimension letters as csrc/ops/ops.h and model.h: B batch, S image side, P patch,
- * G = S/P patch grid side, L = G*G patch tokens, T = L + 1, D encoder width, N samples,
- * NC classes (called C in the Python API; here C is the encoder's input channel count).
+ * Dimension letters as afire.h (NC is called C in the Python API; here C is the encoder's
+ * input channel count).
  *
  * Files: augment.c (af_augment), probe.c (BCE, the probe), finetune.c (af_classifier),
  * segment.c (af_segmenter, the BCE + Dice loss). Both networks reuse af_model's student

@@ -107,9 +107,7 @@ static void classifier_head_backward(af_classifier *c, float *hg, int B) {
     int D = c->net.D, T = c->net.T, L = c->net.L, NC = c->NC;
     head_view g = {NULL, NULL, NULL, NULL};
     if (hg) g = carve_head(hg, D, NC);
-    memset(c->dnormed, 0, (size_t)B * D * sizeof(float));
     af_linear_backward(c->dnormed, g.fc_w, g.fc_b, c->dlogits, c->normed, c->fc_w, B, D, NC);
-    memset(c->dpooled, 0, (size_t)B * D * sizeof(float));
     af_layernorm_backward(c->dpooled, g.norm_w, g.norm_b, c->dnormed, c->pooled, c->norm_w,
                        c->ln_mean, c->ln_rstd, B, D);
     float inv = 1.0f / (float)L; /* d mean / d token_j */
@@ -181,7 +179,6 @@ af_status af_classifier_gradcam(af_classifier *c, float *cam, const uint8_t *ima
         for (int b = 0; b < B; b++) c->dlogits[(size_t)b * NC + k] = 1.0f;
         classifier_head_backward(c, NULL, B); /* d logit_k / d tokens, no param grads */
         const float *last = af_ft_last_block(m);
-        memset(c->dlast, 0, (size_t)B * T * D * sizeof(float));
         af_layernorm_backward(c->dlast, NULL, NULL, c->net.dtokens, last, ep->norm_w, ea->lnf_mean,
                            ea->lnf_rstd, B * T, D);
         float *w = c->dnormed; /* [D] scratch, free after the head backward */

@@ -10,12 +10,12 @@
 
 #define L2_EPS 1e-12f /* F.normalize */
 
-/* dst[L,B,C] <- src[B,L,C] (and the inverse with swapped sizes). */
-static void transpose_bl(float *dst, const float *src, int B, int L, int C) {
+/* dst[L,B,IC] <- src[B,L,IC] (and the inverse with swapped sizes). */
+static void transpose_bl(float *dst, const float *src, int B, int L, int IC) {
     for (int b = 0; b < B; b++)
         for (int j = 0; j < L; j++)
-            memcpy(dst + ((size_t)j * B + b) * C, src + ((size_t)b * L + j) * C,
-                   (size_t)C * sizeof(float));
+            memcpy(dst + ((size_t)j * B + b) * IC, src + ((size_t)b * L + j) * IC,
+                   (size_t)IC * sizeof(float));
 }
 
 af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B) {
@@ -68,7 +68,6 @@ af_status af_head_backward(af_model *m, const float *dlogits, float *dtokens) {
     float *ga = s->dh_a, *gb = s->dh_b;
     /* last layer(s), position-major */
     transpose_bl(gb, dlogits, B, L, K); /* dlogits_t [L,B,K] */
-    memset(s->dz_t, 0, (size_t)N * Bn * sizeof(float));
     if (c->shared_last_layer) {
         af_wn_linear_backward(s->dz_t, g->last_v, gb, a->zn_t, a->w_eff, a->vnorm, N, Bn, K);
     } else {
@@ -79,22 +78,17 @@ af_status af_head_backward(af_model *m, const float *dlogits, float *dtokens) {
                                a->w_eff + j * kb, a->vnorm + (size_t)j * K, B, Bn, K);
     }
     transpose_bl(ga, s->dz_t, L, B, Bn); /* dzn [B*L, Bn] */
-    memset(gb, 0, (size_t)N * Bn * sizeof(float));
     af_l2norm_backward(gb, ga, a->z, a->znorm, N, Bn, L2_EPS); /* dz */
-    memset(ga, 0, (size_t)N * Hh * sizeof(float));
     af_linear_backward(ga, g->fc3_w, g->fc3_b, gb, a->g2, p->fc3_w, N, Hh, Bn); /* dg2 */
-    memset(gb, 0, (size_t)N * Hh * sizeof(float));
     af_gelu_backward(gb, ga, a->h2, (size_t)N * Hh); /* dh2 */
-    memset(ga, 0, (size_t)N * Hh * sizeof(float));
     af_linear_backward(ga, g->fc2_w, g->fc2_b, gb, a->g1, p->fc2_w, N, Hh, Hh); /* dg1 */
-    memset(gb, 0, (size_t)N * Hh * sizeof(float));
     af_gelu_backward(gb, ga, a->h1, (size_t)N * Hh); /* dh1 */
     if (dtokens == NULL) {
         af_linear_backward(NULL, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh);
         return AF_OK;
     }
-    memset(ga, 0, (size_t)N * D * sizeof(float));
     af_linear_backward(ga, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh); /* dx */
+    /* the encoder tokens also feed the decoder: its gradient is already there */
     for (int b = 0; b < B; b++) {
         float *dt = dtokens + ((size_t)b * T + 1) * D;
         const float *dx = ga + (size_t)b * L * D;

@@ -1,10 +1,7 @@
 /* The three AFiRe networks on the CPU: ViT encoder, projection head, restoration decoder
  * (METHOD.md §2), their parameter layouts, forward/backward, AdamW, clipping and EMA (§5).
  *
- * Dimension letters as csrc/ops/ops.h: B batch, S image side, P patch, C in_chans,
- * L = (S/P)^2 patch tokens, T = L + 1 tokens with cls, D encoder width, H heads,
- * Dd decoder width, Hh head hidden width (1024), Bn head bottleneck (256), K classes,
- * NL number of transformer blocks, Q = P*P*C pixels per patch.
+ * Dimension letters as afire.h.
  *
  * State, llm.c style: each network owns ONE contiguous float buffer carved by a struct of
  * pointers (shapes in the comments). Gradients and the AdamW moments m, v mirror that
@@ -66,7 +63,7 @@ typedef struct {
 } af_blocks_params;
 
 typedef struct {
-    float *patch_w;          /* [D, C*P*P]  conv weight [D,C,P,P] flattened (c, p, q) */
+    float *patch_w;          /* [D, Q]  conv weight [D,C,P,P] flattened (c, p, q)     */
     float *patch_b;          /* [D]                                                  */
     float *cls;              /* [D]                                                  */
     float *pos;              /* [T, D]  row 0 (cls) zero for sincos                  */
@@ -146,7 +143,7 @@ typedef struct {
 } af_blocks_acts;
 
 typedef struct {
-    float *patches;          /* [B,L,C*P*P]                            */
+    float *patches;          /* [B,L,Q]  (c, p, q) order                */
     float *x0;               /* [B,T,D]  embedding + pos, block input  */
     af_blocks_acts blocks;
     float *out, *lnf_mean, *lnf_rstd; /* [B,T,D], [B,T] x2 final norm */
@@ -175,7 +172,8 @@ typedef struct {
     float *pred;             /* [B,L,Q]   cls dropped                  */
 } af_decoder_acts;
 
-/* Backward scratch shared by the three networks (sized for the widest). */
+/* Backward scratch shared by the three networks, sized for the widest: Wmax = max(D, Dd),
+ * Hmax = max(H, Hd). */
 typedef struct {
     float *dres;             /* [B,T,Wmax]  residual-stream gradient   */
     float *dres2;            /* [B,T,Wmax]                             */
@@ -243,13 +241,16 @@ af_status af_encoder_backward(af_model *m, const float *dtokens);
 
 /* Head on tokens[B,T,D] (rows 1..L) -> logits [B,L,K] = m->head_acts[br].logits. */
 af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B);
-/* dlogits[B,L,K] -> head grads (+=) and dtokens[B,T,D] (+=, rows 1..L; may be NULL). */
+/* dlogits[B,L,K] -> head grads (+=) and dtokens[B,T,D] += the head's part, rows 1..L (may
+ * be NULL). The tokens also feed the decoder: af_decoder_backward, called first, writes
+ * dtokens and this adds to it (ops.h: where two paths meet). */
 af_status af_head_backward(af_model *m, const float *dlogits, float *dtokens);
 
 /* Decoder (student only): tokens[B,T,D], token_mask[B,L] (nonzero = replace by the mask
  * token) -> pred [B,L,Q] = m->dec_acts.pred. */
 af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *token_mask, int B);
-/* dpred[B,L,Q] -> decoder grads (+=) and dtokens[B,T,D] (+=, all T rows; may be NULL). */
+/* dpred[B,L,Q] -> decoder grads (+=) and dtokens[B,T,D] written (=, all T rows; may be
+ * NULL). */
 af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens);
 
 void af_model_zero_grad(af_model *m);
@@ -278,7 +279,7 @@ af_status af_clip_grad_per_tensor(af_model *m, float max_norm, float *norms, dou
 af_status af_clip_grad_global(af_model *m, float max_norm, double *total);
 int af_model_num_trainable(const af_model *m);
 
-/* teacher = momentum * teacher + (1 - momentum) * student over encoder + head. */
+/* Eq. 1: teacher = momentum * teacher + (1 - momentum) * student over encoder + head. */
 af_status af_ema_update(af_model *m, float momentum);
 
 #ifdef __cplusplus

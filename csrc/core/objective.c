@@ -1,8 +1,10 @@
-/* The AFiRe objective on token logits: Sinkhorn-Knopp, prototypes, the paper losses
- * (L_stru Eq. 12, L_cate Eq. 14-16, L_recon Eq. 20), the released objective and the
- * anomaly score (Eq. 51). See objective.h for the contract and METHOD.md §3-§4, §6.
+/* The AFiRe objective on token logits, one function per equation of the paper: Sinkhorn-
+ * Knopp, the prototype EMA (Eq. 7), structure consistency (Eq. 12), category consistency
+ * (Eq. 14-16), their sum L_cst (Eq. 17), restoration (Eq. 20), the released objective and
+ * the anomaly score (Eq. 51). cuda/objective.cu is the twin, with the same function names.
+ * See objective.h for the contract and METHOD.md §3-§4, §6.
  *
- * Dimension letters: B images, L patch tokens, K prototype classes, PPC values per patch.
+ * Dimension letters as afire.h.
  * A token t = (i, j) of image i at position j is stored at row t = i*L + j.
  *
  * Gradients of the contrastive terms are collected as dL/dz with z = s / tau_s (the
@@ -43,7 +45,7 @@ static inline double lse_value(const lse_acc *a) {
 static int positive_finite(float v) { return isfinite(v) && v > 0.0f; }
 
 /* ---------------------------------------------------------------------------------- */
-/* Sinkhorn-Knopp (SwAV), METHOD §3                                                    */
+/* Sinkhorn-Knopp (SwAV), METHOD §3 (the paper gives it no equation number)            */
 
 af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters) {
     AF_CHECK(q != NULL && logits != NULL, AF_EINVAL, "sinkhorn_knopp: NULL buffer");
@@ -108,11 +110,11 @@ af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float e
 }
 
 /* ---------------------------------------------------------------------------------- */
-/* Spatial prototypes C[L,K], METHOD §3                                                */
+/* Eq. 7: the spatial prototypes protos[L,K], an EMA of the batch means, METHOD §3     */
 
-af_status af_prototypes_update(float *C, const float *src, int B, int L, int K, float m,
+af_status af_prototypes_update(float *protos, const float *src, int B, int L, int K, float m,
                             int overwrite) {
-    AF_CHECK(C != NULL && src != NULL, AF_EINVAL, "prototypes_update: NULL buffer");
+    AF_CHECK(protos != NULL && src != NULL, AF_EINVAL, "prototypes_update: NULL buffer");
     AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL,
              "prototypes_update: B=%d, L=%d, K=%d must be > 0", B, L, K);
     AF_CHECK(isfinite(m) && m >= 0.0f && m <= 1.0f, AF_EINVAL,
@@ -124,13 +126,13 @@ af_status af_prototypes_update(float *C, const float *src, int B, int L, int K, 
         double acc = 0.0;
         for (int b = 0; b < B; b++) acc += src[(size_t)b * LK + e];
         double qbar = acc / B;
-        C[e] = overwrite ? (float)qbar : (float)(m * (double)C[e] + (1.0 - m) * qbar);
+        protos[e] = overwrite ? (float)qbar : (float)(m * (double)protos[e] + (1.0 - m) * qbar);
     }
     return AF_OK;
 }
 
 /* ---------------------------------------------------------------------------------- */
-/* Shared pieces of the contrastive losses                                             */
+/* The student side that Eq. 12 and Eq. 14-16 share                                    */
 
 /* Per token: logq = log_softmax(s / tau_s), q = exp(logq). */
 static void student_probs(float *q, float *logq, const float *s, size_t NT, int K,
@@ -151,19 +153,20 @@ static void student_probs(float *q, float *logq, const float *s, size_t NT, int 
     }
 }
 
-/* logc[L,K] = log(max(C_l / sum(C_l), AF_LOGC_FLOOR)); C must be >= 0 with rows > 0. */
-static af_status prototype_logs(float *logc, const float *C, int L, int K) {
+/* logc[L,K] = log(max(c_l, AF_LOGC_FLOOR)), c_l = protos_l / sum(protos_l); protos must be
+ * >= 0 with rows > 0. */
+static af_status prototype_logs(float *logc, const float *protos, int L, int K) {
     for (int l = 0; l < L; l++) {
-        const float *cl = C + (size_t)l * K;
+        const float *cl = protos + (size_t)l * K;
         double rs = 0.0;
         for (int k = 0; k < K; k++) {
             AF_CHECK(isfinite(cl[k]) && cl[k] >= 0.0f, AF_EINVAL,
-                     "C must be finite and >= 0 (probabilities), got %g at [%d, %d]",
+                     "prototypes C must be finite and >= 0 (probabilities), got %g at [%d, %d]",
                      (double)cl[k], l, k);
             rs += cl[k];
         }
         AF_CHECK(rs > 0.0 && isfinite(rs), AF_EINVAL,
-                 "C: row %d must have a positive finite sum, got %g", l, rs);
+                 "prototypes C: row %d must have a positive finite sum, got %g", l, rs);
         for (int k = 0; k < K; k++)
             logc[(size_t)l * K + k] = (float)log(fmax(cl[k] / rs, (double)AF_LOGC_FLOOR));
     }
@@ -177,6 +180,16 @@ static inline double logf_dot(const float *p, const float *v, int K, double inv_
     return acc * inv_tau;
 }
 
+/* A[t,l] = log f(q_t, c_l) for every token t and position l: Eq. 12 normalises it over l,
+ * Eq. 15 reads it at l = j (the f(q_bj, c_j) term). */
+static void prototype_affinity(float *A, const float *q, const float *logc, size_t NT, int L,
+                               int K, double inv_tau) {
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < NT; t++)
+        for (int l = 0; l < L; l++)
+            A[t * L + l] = (float)logf_dot(q + t * K, logc + (size_t)l * K, K, inv_tau);
+}
+
 /* dz += q * (g - <q, g>): the softmax Jacobian applied to g = dL/dq. */
 static inline void softmax_jac_add(float *dz, const float *q, const float *g, int K) {
     double qg = 0.0;
@@ -184,16 +197,21 @@ static inline void softmax_jac_add(float *dz, const float *q, const float *g, in
     for (int k = 0; k < K; k++) dz[k] += (float)(q[k] * (g[k] - qg));
 }
 
-/* ---------------------------------------------------------------------------------- */
-/* Paper objective: L_stru (Eq. 12) and L_cate (Eq. 14-16), METHOD §4                  */
-
-/* Scratch layout (floats), in this order:
+/* The paper objective's working set, carved from its scratch in this order (floats):
  *   q, logq, g  [B*L*K]  student probabilities, their logs, dL/dz accumulator
  *   logc        [L*K]    log c_l
  *   A           [B*L*L]  A[t,l] = log f(q_t, c_l)
  *   F           [L*B*B]  F[j,i,b] = log f(q_ij, q_bj)
  *   tmp         [L*K]    one K-vector per position
  *   tl, wG      [B*L]    per-token loss; coefficient of log f(q_bj, c_j) (abnormal b) */
+typedef struct {
+    const uint8_t *abn;
+    int B, L, K;
+    float tau_s;
+    double inv_tau;
+    float *q, *logq, *g, *logc, *A, *F, *tmp, *tl, *wG;
+} paper_terms;
+
 size_t af_paper_loss_scratch_floats(int B, int L, int K) {
     if (B <= 0 || L <= 0 || K <= 0) return 0;
     double b = B, l = L, k = K;
@@ -202,41 +220,23 @@ size_t af_paper_loss_scratch_floats(int B, int L, int K) {
     return (size_t)n;
 }
 
-af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cate,
-                     const float *s, const float *C, const uint8_t *abn, int B, int L, int K,
-                     float tau_s, float tau, float w_stru, float w_cate, float *scratch) {
-    AF_CHECK(l_stru && l_cate && s && C && abn && scratch, AF_EINVAL,
-             "paper_loss: NULL buffer");
-    AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL, "paper_loss: B=%d, L=%d, K=%d must be > 0",
-             B, L, K);
-    AF_CHECK(positive_finite(tau_s), AF_EINVAL, "paper_loss: tau_s must be > 0, got %g",
-             (double)tau_s);
-    AF_CHECK(positive_finite(tau), AF_EINVAL, "paper_loss: tau must be > 0, got %g",
-             (double)tau);
-    AF_CHECK(isfinite(w_stru) && isfinite(w_cate), AF_EINVAL,
-             "paper_loss: w_stru and w_cate must be finite");
-    AF_CHECK(af_paper_loss_scratch_floats(B, L, K) > 0, AF_ENOMEM,
-             "paper_loss: B=%d, L=%d, K=%d need too much scratch", B, L, K);
+/* ---------------------------------------------------------------------------------- */
+/* Eq. 12: structure consistency, METHOD §4                                            */
 
-    const size_t NT = (size_t)B * L, BLK = NT * K;
-    float *q = scratch, *logq = q + BLK, *g = logq + BLK, *logc = g + BLK;
-    float *A = logc + (size_t)L * K, *F = A + NT * L, *tmp = F + (size_t)L * B * B;
-    float *tl = tmp + (size_t)L * K, *wG = tl + NT;
-    const double inv_tau = 1.0 / tau;
-
-    AF_TRY(prototype_logs(logc, C, L, K));
-    student_probs(q, logq, s, NT, K, tau_s);
-
-    /* A[t,l] = log f(q_t, c_l) = (1/tau) sum_k q_tk log c_lk, for every token t */
-#pragma omp parallel for schedule(static)
-    for (size_t t = 0; t < NT; t++)
-        for (int l = 0; l < L; l++)
-            A[t * L + l] = (float)logf_dot(q + t * K, logc + (size_t)l * K, K, inv_tau);
-
-    /* ---- L_stru (Eq. 12): normal tokens, -log softmax_l(A[t,:])[j] ---- */
+/* Over the normal tokens t = (i, j):
+ *   L_stru = -(1/|N|) sum_t log[ f(q_t, c_j) / sum_l f(q_t, c_l) ]
+ *          = mean_t (log-sum-exp_l A[t,l] - A[t,j]).
+ * *l_stru = L_stru (0 without a normal token); ds += w * dL_stru/ds when ds is not NULL.
+ * The gradient flows into q^S only (c is a buffer); rows of p->g serve as temporaries. */
+static void structure_consistency(float *l_stru, float *ds, const paper_terms *p, float w) {
+    const uint8_t *abn = p->abn;
+    const int L = p->L, K = p->K;
+    const size_t NT = (size_t)p->B * L;
+    const double inv_tau = p->inv_tau;
+    const float *A = p->A, *logc = p->logc, *q = p->q;
     size_t n_normal = 0;
     for (size_t t = 0; t < NT; t++) n_normal += abn[t] == 0;
-    const double c_stru = n_normal ? (double)w_stru / n_normal : 0.0;
+    const double c_stru = n_normal ? (double)w / n_normal : 0.0;
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < NT; t++) {
         if (abn[t]) continue;
@@ -247,37 +247,53 @@ af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_
         double se = 0.0;
         for (int l = 0; l < L; l++) se += exp(a[l] - mx);
         double lse = mx + log(se);
-        tl[t] = (float)(lse - a[j]);
-        if (ds_stru == NULL) continue;
+        p->tl[t] = (float)(lse - a[j]);
+        if (ds == NULL) continue;
         /* dL/dq_k = (1/tau) sum_l (softmax(a)_l - [l == j]) log c_lk; g row is temp */
-        float *gt = g + t * K;
+        float *gt = p->g + t * K;
         for (int k = 0; k < K; k++) gt[k] = 0.0f;
         for (int l = 0; l < L; l++) {
             double cl = (exp(a[l] - lse) - (l == j)) * inv_tau * c_stru;
             const float *lc = logc + (size_t)l * K;
             for (int k = 0; k < K; k++) gt[k] += (float)(cl * lc[k]);
         }
-        float *dst = ds_stru + t * K;
+        float *dst = ds + t * K;
         const float *qt = q + t * K;
         double qg = 0.0;
         for (int k = 0; k < K; k++) qg += (double)qt[k] * gt[k];
-        for (int k = 0; k < K; k++) dst[k] += (float)(qt[k] * (gt[k] - qg) / tau_s);
+        for (int k = 0; k < K; k++) dst[k] += (float)(qt[k] * (gt[k] - qg) / p->tau_s);
     }
     double sum = 0.0;
     for (size_t t = 0; t < NT; t++)
-        if (!abn[t]) sum += tl[t];
+        if (!abn[t]) sum += p->tl[t];
     *l_stru = n_normal ? (float)(sum / n_normal) : 0.0f;
+}
 
-    /* ---- L_cate (Eq. 14-16), per position j; anchors: normal (i,j) with another normal
-     * token at j (pos > 0). Abnormal tokens are never pulled together (Appendix E). ---- */
+/* ---------------------------------------------------------------------------------- */
+/* Eq. 14-16: category consistency, METHOD §4                                          */
+
+/* Per position j, for each anchor: a normal token (i, j) whose position holds another
+ * normal token in the batch (pos > 0). Abnormal tokens are never pulled together
+ * (Appendix E).
+ *   pos = sum_{b != i, (b,j) normal} f(q_ij, q_bj)                              (Eq. 14)
+ *   neg = sum_{(b,j) abnormal} f(q_ij, q_bj) + f(q_bj, c_j)                     (Eq. 15)
+ *   L_cate = -(1/|N'|) sum_anchors log[ pos / (pos + neg) ]                     (Eq. 16)
+ * *l_cate = L_cate (0 without an anchor); ds += w * dL_cate/ds when ds is not NULL. */
+static void category_consistency(float *l_cate, float *ds, const paper_terms *p, float w) {
+    const uint8_t *abn = p->abn;
+    const int B = p->B, L = p->L, K = p->K;
+    const size_t NT = (size_t)B * L, BLK = NT * K;
+    const double inv_tau = p->inv_tau;
+    const float *A = p->A, *logc = p->logc, *q = p->q, *logq = p->logq;
+    float *g = p->g, *tl = p->tl, *wG = p->wG;
     size_t n_anchor = 0;
     for (int j = 0; j < L; j++) {
         size_t nn = 0;
         for (int b = 0; b < B; b++) nn += abn[(size_t)b * L + j] == 0;
         if (nn >= 2) n_anchor += nn;
     }
-    const double c_cate = n_anchor ? (double)w_cate / n_anchor : 0.0;
-    const int want_grad = ds_cate != NULL && n_anchor > 0;
+    const double c_cate = n_anchor ? (double)w / n_anchor : 0.0;
+    const int want_grad = ds != NULL && n_anchor > 0;
     if (want_grad) {
         for (size_t e = 0; e < BLK; e++) g[e] = 0.0f;
         for (size_t t = 0; t < NT; t++) wG[t] = 0.0f;
@@ -287,7 +303,7 @@ af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_
         int nn = 0;
         for (int b = 0; b < B; b++) nn += abn[(size_t)b * L + j] == 0;
         if (nn < 2) continue;
-        float *Fj = F + (size_t)j * B * B, *gi = tmp + (size_t)j * K;
+        float *Fj = p->F + (size_t)j * B * B, *gi = p->tmp + (size_t)j * K;
         for (int i = 0; i < B; i++) {
             if (abn[(size_t)i * L + j]) continue;
             const float *qi = q + ((size_t)i * L + j) * K;
@@ -345,10 +361,10 @@ af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_
         }
     }
     if (want_grad) {
-        const float inv_tau_s = 1.0f / tau_s;
-        for (size_t e = 0; e < BLK; e++) ds_cate[e] += g[e] * inv_tau_s;
+        const float inv_tau_s = 1.0f / p->tau_s;
+        for (size_t e = 0; e < BLK; e++) ds[e] += g[e] * inv_tau_s;
     }
-    sum = 0.0;
+    double sum = 0.0;
     for (int j = 0; j < L; j++) {
         int nn = 0;
         for (int b = 0; b < B; b++) nn += abn[(size_t)b * L + j] == 0;
@@ -357,36 +373,68 @@ af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_
             if (!abn[(size_t)i * L + j]) sum += tl[(size_t)i * L + j];
     }
     *l_cate = n_anchor ? (float)(sum / n_anchor) : 0.0f;
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* Eq. 17: L_cst = L_stru + L_cate, the paper objective                                */
+
+af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cate,
+                     const float *s, const float *protos, const uint8_t *abn, int B, int L,
+                     int K, float tau_s, float tau, float w_stru, float w_cate, float *scratch) {
+    AF_CHECK(l_stru && l_cate && s && protos && abn && scratch, AF_EINVAL,
+             "paper_loss: NULL buffer");
+    AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL, "paper_loss: B=%d, L=%d, K=%d must be > 0",
+             B, L, K);
+    AF_CHECK(positive_finite(tau_s), AF_EINVAL, "paper_loss: tau_s must be > 0, got %g",
+             (double)tau_s);
+    AF_CHECK(positive_finite(tau), AF_EINVAL, "paper_loss: tau must be > 0, got %g",
+             (double)tau);
+    AF_CHECK(isfinite(w_stru) && isfinite(w_cate), AF_EINVAL,
+             "paper_loss: w_stru and w_cate must be finite");
+    AF_CHECK(af_paper_loss_scratch_floats(B, L, K) > 0, AF_ENOMEM,
+             "paper_loss: B=%d, L=%d, K=%d need too much scratch", B, L, K);
+
+    const size_t NT = (size_t)B * L, BLK = NT * K;
+    paper_terms p = {abn, B, L, K, tau_s, 1.0 / tau};
+    p.q = scratch, p.logq = p.q + BLK, p.g = p.logq + BLK, p.logc = p.g + BLK;
+    p.A = p.logc + (size_t)L * K, p.F = p.A + NT * L, p.tmp = p.F + (size_t)L * B * B;
+    p.tl = p.tmp + (size_t)L * K, p.wG = p.tl + NT;
+
+    AF_TRY(prototype_logs(p.logc, protos, L, K));
+    student_probs(p.q, p.logq, s, NT, K, tau_s);
+    prototype_affinity(p.A, p.q, p.logc, NT, L, K, p.inv_tau);
+    structure_consistency(l_stru, ds_stru, &p, w_stru);
+    category_consistency(l_cate, ds_cate, &p, w_cate);
     return AF_OK;
 }
 
 /* ---------------------------------------------------------------------------------- */
-/* Weighted restoration loss (Eq. 20)                                                  */
+/* Eq. 20: weighted restoration loss, METHOD §4                                        */
 
 af_status af_recon_loss(float *loss, float *dy, const float *y, const float *x,
-                     const uint8_t *abn, int B, int L, int PPC, float w_abn, float weight) {
+                     const uint8_t *abn, int B, int L, int Q, float w_abn, float weight) {
     AF_CHECK(loss && y && x, AF_EINVAL, "recon_loss: NULL buffer");
-    AF_CHECK(B > 0 && L > 0 && PPC > 0, AF_EINVAL,
-             "recon_loss: B=%d, L=%d, PPC=%d must be > 0", B, L, PPC);
+    AF_CHECK(B > 0 && L > 0 && Q > 0, AF_EINVAL,
+             "recon_loss: B=%d, L=%d, Q=%d must be > 0", B, L, Q);
     AF_CHECK(isfinite(w_abn) && w_abn >= 0.0f, AF_EINVAL,
              "recon_loss: w_abn must be finite and >= 0, got %g", (double)w_abn);
     AF_CHECK(isfinite(weight), AF_EINVAL, "recon_loss: weight must be finite");
     const size_t NT = (size_t)B * L;
-    const double inv_n = 1.0 / ((double)NT * PPC);
+    const double inv_n = 1.0 / ((double)NT * Q);
     double sum = 0.0;
     for (size_t t = 0; t < NT; t++) {
         const double w = (abn && abn[t]) ? (double)w_abn : 1.0;
-        const float *yt = y + t * PPC, *xt = x + t * PPC;
+        const float *yt = y + t * Q, *xt = x + t * Q;
         double e = 0.0;
-        for (int p = 0; p < PPC; p++) {
+        for (int p = 0; p < Q; p++) {
             double d = (double)yt[p] - xt[p];
             e += d * d;
         }
         sum += w * e;
         if (dy) {
-            float *dyt = dy + t * PPC;
+            float *dyt = dy + t * Q;
             double c = 2.0 * w * inv_n * weight;
-            for (int p = 0; p < PPC; p++) dyt[p] += (float)(c * ((double)yt[p] - xt[p]));
+            for (int p = 0; p < Q; p++) dyt[p] += (float)(c * ((double)yt[p] - xt[p]));
         }
     }
     *loss = (float)(sum * inv_n);
@@ -402,18 +450,19 @@ size_t af_released_loss_scratch_floats(int L, int K) {
 }
 
 af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
-                        const float *C, const uint8_t *abn, const float *y, const float *x,
-                        int B, int L, int K, int PPC, float tau_s, float eps, int iters,
+                        const float *protos, const uint8_t *abn, const float *y,
+                        const float *x, int B, int L, int K, int Q, float tau_s, float eps,
+                        int iters,
                         float w_cst, float w_recon, float *scratch) {
-    AF_CHECK(l_cst && l_recon && s && C && abn && y && x && scratch, AF_EINVAL,
+    AF_CHECK(l_cst && l_recon && s && protos && abn && y && x && scratch, AF_EINVAL,
              "released_loss: NULL buffer");
-    AF_CHECK(B > 0 && L > 0 && K > 0 && PPC > 0, AF_EINVAL,
-             "released_loss: B=%d, L=%d, K=%d, PPC=%d must be > 0", B, L, K, PPC);
+    AF_CHECK(B > 0 && L > 0 && K > 0 && Q > 0, AF_EINVAL,
+             "released_loss: B=%d, L=%d, K=%d, Q=%d must be > 0", B, L, K, Q);
     AF_CHECK(positive_finite(tau_s), AF_EINVAL, "released_loss: tau_s must be > 0, got %g",
              (double)tau_s);
     AF_CHECK(isfinite(w_cst), AF_EINVAL, "released_loss: w_cst must be finite");
-    float *P = scratch;
-    AF_TRY(af_sinkhorn_knopp(P, C, L, K, eps, iters));
+    float *target = scratch;
+    AF_TRY(af_sinkhorn_knopp(target, protos, L, K, eps, iters));
 
     const size_t NT = (size_t)B * L;
     size_t n_normal = 0;
@@ -423,37 +472,37 @@ af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, c
     /* serial over tokens: the loss sum keeps one order; the work is O(B*L*K) */
     for (size_t t = 0; t < NT; t++) {
         if (abn[t]) continue;
-        const float *st = s + t * K, *Pj = P + (t % L) * K;
+        const float *st = s + t * K, *tj = target + (t % L) * K;
         double mx = -INFINITY;
         for (int k = 0; k < K; k++) mx = fmax(mx, (double)st[k] / tau_s);
         double se = 0.0, psum = 0.0, ce = 0.0;
         for (int k = 0; k < K; k++) se += exp((double)st[k] / tau_s - mx);
         const double lse = mx + log(se);
         for (int k = 0; k < K; k++) {
-            ce -= Pj[k] * ((double)st[k] / tau_s - lse);
-            psum += Pj[k];
+            ce -= tj[k] * ((double)st[k] / tau_s - lse);
+            psum += tj[k];
         }
         sum += ce;
         if (ds == NULL) continue;
-        /* d/dz of -sum_k P_k log softmax(z)_k = softmax(z) * sum(P) - P */
+        /* d/dz of -sum_k target_k log softmax(z)_k = softmax(z) * sum(target) - target */
         float *dst = ds + t * K;
         for (int k = 0; k < K; k++) {
             double qk = exp((double)st[k] / tau_s - lse);
-            dst[k] += (float)(c * (qk * psum - Pj[k]) / tau_s);
+            dst[k] += (float)(c * (qk * psum - tj[k]) / tau_s);
         }
     }
     *l_cst = n_normal ? (float)(sum / n_normal) : 0.0f;
-    return af_recon_loss(l_recon, dy, y, x, NULL, B, L, PPC, 1.0f, w_recon);
+    return af_recon_loss(l_recon, dy, y, x, NULL, B, L, Q, 1.0f, w_recon);
 }
 
 /* ---------------------------------------------------------------------------------- */
-/* Anomaly score (Eq. 51), METHOD §6                                                   */
+/* Eq. 51: anomaly score, METHOD §6                                                    */
 
 af_status af_anomaly_score(double *score, double *log_score, double *err, const float *y,
-                        const float *x, int B, int L, int PPC) {
+                        const float *x, int B, int L, int Q) {
     AF_CHECK(y && x, AF_EINVAL, "anomaly_score: NULL buffer");
-    AF_CHECK(B > 0 && L > 0 && PPC > 0, AF_EINVAL,
-             "anomaly_score: B=%d, L=%d, PPC=%d must be > 0", B, L, PPC);
+    AF_CHECK(B > 0 && L > 0 && Q > 0, AF_EINVAL,
+             "anomaly_score: B=%d, L=%d, Q=%d must be > 0", B, L, Q);
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < B; i++) {
         /* err in double: (y - x)^2 of float32 inputs cannot overflow it */
@@ -461,9 +510,9 @@ af_status af_anomaly_score(double *score, double *log_score, double *err, const 
         lse_acc acc;
         lse_init(&acc);
         for (int j = 0; j < L; j++) {
-            const float *yj = y + ((size_t)i * L + j) * PPC, *xj = x + ((size_t)i * L + j) * PPC;
+            const float *yj = y + ((size_t)i * L + j) * Q, *xj = x + ((size_t)i * L + j) * Q;
             double ej = 0.0;
-            for (int p = 0; p < PPC; p++) {
+            for (int p = 0; p < Q; p++) {
                 double d = (double)yj[p] - xj[p];
                 ej += d * d;
             }

@@ -1,13 +1,14 @@
 /* The AFiRe objective on token logits (METHOD.md §3, §4, §6): Sinkhorn-Knopp, the
- * spatial prototypes C, the paper losses (Eq. 12, 14-16, 20), the released objective and
- * the anomaly score (Eq. 51). Pure functions on arrays; the networks live elsewhere.
- *
- * Dimension letters: B images, L patch tokens per image, K prototype classes,
- * PPC = P*P*in_chans values per patch, N rows of a flattened [N,K] matrix.
+ * spatial prototypes (the paper's C, `protos` here, Eq. 7), the paper losses (Eq. 12,
+ * 14-16, 17, 20), the released objective and the anomaly score (Eq. 51). Pure functions on
+ * arrays; the networks live elsewhere. objective.c writes each equation as a function of its
+ * own; cuda/objective.cuh declares the GPU twins. Dimension letters as afire.h.
  *
  * Conventions:
  *   - fp32 storage, double accumulation for every long sum, fixed reduction order;
- *   - gradients ACCUMULATE (+=) into the buffers given; a NULL gradient is skipped;
+ *   - gradients ACCUMULATE (+=) into the buffers given, because the terms of the objective
+ *     meet there (the trainer sums all of them into one dlogits and one dpred); a NULL
+ *     gradient is skipped;
  *   - loss values are returned UNweighted; the weights (w_*) only scale the gradients;
  *   - abn[B,L] is uint8, 1 = abnormal (inside the synthetic lesion), 0 = normal;
  *   - functions that need scratch take caller-owned memory whose size is given by the
@@ -41,15 +42,16 @@ extern "C" {
  * No scratch. Multi-GPU: the total and the column sums are where an all-reduce goes. */
 af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters);
 
-/* Spatial prototypes C[L,K] (METHOD §3): qbar_j = mean over b of src[b,j,:];
- * C_j = qbar_j when overwrite, else m*C_j + (1-m)*qbar_j. m in [0,1]. */
-af_status af_prototypes_update(float *C, const float *src, int B, int L, int K, float m,
+/* Spatial prototypes protos[L,K] (Eq. 7, METHOD §3): qbar_j = mean over b of src[b,j,:];
+ * protos_j = qbar_j when overwrite, else m*protos_j + (1-m)*qbar_j. m in [0,1]. */
+af_status af_prototypes_update(float *protos, const float *src, int B, int L, int K, float m,
                             int overwrite);
 
-/* Paper objective: L_stru (Eq. 12) and L_cate (Eq. 14-16, sign-corrected f, METHOD §4)
- * on student logits s[B,L,K] (cosine similarities from the head), q^S = softmax(s/tau_s).
- * C[L,K] must be >= 0 with positive, finite row sums; c_l = C_l / sum(C_l), entries
- * clamped to >= AF_LOGC_FLOOR before the log. Everything is evaluated in log space
+/* Paper objective, L_cst = L_stru + L_cate (Eq. 17): structure consistency L_stru (Eq. 12)
+ * and category consistency L_cate (Eq. 14-16, sign-corrected f, METHOD §4) on student
+ * logits s[B,L,K] (cosine similarities from the head), q^S = softmax(s/tau_s).
+ * protos[L,K] must be >= 0 with positive, finite row sums; c_l = protos_l / sum(protos_l),
+ * entries clamped to >= AF_LOGC_FLOOR before the log. Everything is evaluated in log space
  * (log f = -H/tau) with log-sum-exp, so f underflowing float32 does no harm.
  *   l_stru: mean over normal tokens (0 when there are none),
  *   l_cate: mean over anchors = normal tokens whose position holds another normal token
@@ -59,33 +61,34 @@ af_status af_prototypes_update(float *C, const float *src, int B, int L, int K, 
  * scratch: af_paper_loss_scratch_floats(B, L, K) floats. */
 size_t af_paper_loss_scratch_floats(int B, int L, int K);
 af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_cate,
-                     const float *s, const float *C, const uint8_t *abn, int B, int L, int K,
-                     float tau_s, float tau, float w_stru, float w_cate, float *scratch);
+                     const float *s, const float *protos, const uint8_t *abn, int B, int L,
+                     int K, float tau_s, float tau, float w_stru, float w_cate, float *scratch);
 
-/* Weighted restoration loss (Eq. 20): loss = (1/(B*L)) sum_ij w_ij ||y_ij - x_ij||^2 / PPC,
+/* Weighted restoration loss (Eq. 20): loss = (1/(B*L)) sum_ij w_ij ||y_ij - x_ij||^2 / Q,
  * w_ij = w_abn where abn[i,j] = 1, else 1 (abn may be NULL: all 1).
  * dy += weight * dloss/dy (dy may be NULL). No scratch. */
 af_status af_recon_loss(float *loss, float *dy, const float *y, const float *x,
-                     const uint8_t *abn, int B, int L, int PPC, float w_abn, float weight);
+                     const uint8_t *abn, int B, int L, int Q, float w_abn, float weight);
 
-/* Released objective: P = af_sinkhorn_knopp(C as logits, eps, iters) over the L rows of C;
- * l_cst = mean over normal tokens of -sum_k P_jk log softmax(s_ij / tau_s)_k (0 when no
- * normal token); l_recon = plain MSE over all B*L*PPC values of y against x.
+/* Released objective: target = af_sinkhorn_knopp(protos as logits, eps, iters) over the L
+ * rows of protos; l_cst = mean over normal tokens of -sum_k target_jk log softmax(s_ij /
+ * tau_s)_k (0 when no normal token); l_recon = plain MSE over all B*L*Q values of y against x.
  * ds += w_cst * dl_cst/ds, dy += w_recon * dl_recon/dy (each may be NULL). Defaults:
  * tau_s 0.1, eps 0.05, iters 3. scratch: af_released_loss_scratch_floats(L, K) floats
- * (P is left there, rows = positions). */
+ * (target is left there, rows = positions). */
 size_t af_released_loss_scratch_floats(int L, int K);
 af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
-                        const float *C, const uint8_t *abn, const float *y, const float *x,
-                        int B, int L, int K, int PPC, float tau_s, float eps, int iters,
+                        const float *protos, const uint8_t *abn, const float *y,
+                        const float *x, int B, int L, int K, int Q, float tau_s, float eps,
+                        int iters,
                         float w_cst, float w_recon, float *scratch);
 
-/* Anomaly score (Eq. 51). err[B,L] = ||y_ij - x_ij||^2 (sum over the PPC values, in
+/* Anomaly score (Eq. 51). err[B,L] = ||y_ij - x_ij||^2 (sum over the Q values, in
  * normalised pixel units, double); log_score[B] = log((1/L) sum_j exp(err_ij)) computed
  * with log-sum-exp (always finite); score[B] = 1/A(x_i) = exp(log_score) (inf only where
  * it overflows double). Higher = more abnormal. Any output may be NULL. No scratch. */
 af_status af_anomaly_score(double *score, double *log_score, double *err, const float *y,
-                        const float *x, int B, int L, int PPC);
+                        const float *x, int B, int L, int Q);
 
 #ifdef __cplusplus
 }

@@ -80,7 +80,8 @@ static void blocks_sizes(size_t *s, int NL, int W, int R) {
 
 static void encoder_sizes(size_t *s, const af_config *c) {
     size_t D = (size_t)c->D, L = (size_t)(c->S / c->P) * (c->S / c->P);
-    s[0] = D * c->C * c->P * c->P;
+    size_t Q = (size_t)c->P * c->P * c->C;
+    s[0] = D * Q;
     s[1] = D;
     s[2] = D;
     s[3] = (L + 1) * D;
@@ -251,7 +252,7 @@ af_status af_param_table(const af_config *c, af_net net, af_param_info **table, 
         add(&tb, "cls_token", 2, 0, 3, 1, 1, D, 0, 1, AF_INIT_NORMAL, 0.02f);
         add(&tb, "pos_embed", 3, 0, 3, 1, T, D, 0, c->learned_pos, AF_INIT_SINCOS, 0.f);
         add(&tb, "patch_embed.proj.weight", 0, 0, 4, D, C, P, P, 1, AF_INIT_XAVIER,
-            xavier(D, C * P * P));
+            xavier(D, Q));
         add(&tb, "patch_embed.proj.bias", 1, 0, 1, D, 0, 0, 0, 1, AF_INIT_ZERO, 0.f);
         add_blocks(&tb, "blocks", 4, c->depth, c->D, c->mlp_ratio);
         add(&tb, "norm.weight", 4 + NB_FIELDS, 0, 1, D, 0, 0, 0, 1, AF_INIT_ONE, 1.f);
@@ -402,7 +403,7 @@ size_t af_acts_carve(const af_config *c, int cap, int branches, float *base, siz
             continue;
         }
         af_encoder_acts *e = &enc[br];
-        e->patches = take(b, Bc * L * c->C * c->P * c->P);
+        e->patches = take(b, Bc * L * Q);
         e->x0 = take(b, Bc * T * D);
         blocks_acts_carve(&e->blocks, b, c->depth, cap, Ti, c->D, c->mlp_ratio, c->H);
         e->out = take(b, Bc * T * D), e->lnf_mean = take(b, Bc * T), e->lnf_rstd = take(b, Bc * T);

@@ -3,6 +3,10 @@
 #define AFIRE_SCHEDULE_H
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Linear warm-up from `start` to `base` over `warmup` steps, then a half cosine from `base`
  * to `final` over the remaining total - warmup steps. Steps past `total` stay at `final`. */
 double af_cosine_schedule(double base, double final, int64_t warmup, double start,
@@ -27,4 +31,7 @@ typedef struct {
 
 af_schedule_values af_schedule_at(const af_schedule *s, int64_t step);
 
+#ifdef __cplusplus
+}
+#endif
 #endif

@@ -139,7 +139,6 @@ af_status af_segmenter_grads(af_segmenter *s, double *loss, double *bce, double 
         af_linear_backward(NULL, gw, gb, s->dplogits, s->tok, s->w, B * s->net.L, s->net.D, s->PP);
         return AF_OK;
     }
-    memset(s->dtok, 0, (size_t)B * L * D * sizeof(float));
     af_linear_backward(s->dtok, gw, gb, s->dplogits, s->tok, s->w, B * s->net.L, s->net.D, s->PP);
     for (int b = 0; b < B; b++) {
         float *dt = s->net.dtokens + (size_t)b * T * D;

@@ -3,8 +3,8 @@
  * Random draws of image i, all from stream af_stream(AF_RNG_SLM, step, i) (the stream keeps
  * the low 32 bits of step and the low 24 bits of i):
  *   slot 0            R, the number of lesions
- *   slot 1 + 8r + 0   W of lesion r          slot 1 + 8r + 2   x0 of lesion r
- *   slot 1 + 8r + 1   H of lesion r          slot 1 + 8r + 3   y0 of lesion r
+ *   slot 1 + 8r + 0   LW of lesion r         slot 1 + 8r + 2   x0 of lesion r
+ *   slot 1 + 8r + 1   LH of lesion r         slot 1 + 8r + 3   y0 of lesion r
  *   slot 1 + 8r + 4   the foreground pixel the texture crop of lesion r is centred on
  * Fixed slots: lesion r draws the same numbers whatever R is, and the slots 5..7 of each
  * lesion are left free for later additions without changing existing masks.
@@ -240,10 +240,10 @@ af_status af_slm_lesions(af_slm_lesion *out, int *count, const uint8_t *x, int S
 /* ------------------------------------------------------------------------------------ */
 /* Drawing one lesion into M. */
 
-/* Eq. 2-3 on the W x H box, radius normalised by the semi-axes, pixel centres. */
-static inline float falloff(int w, int h, int W, int H, float gamma2) {
-    float u = ((float)w + 0.5f - 0.5f * (float)W) / (0.5f * (float)W);
-    float v = ((float)h + 0.5f - 0.5f * (float)H) / (0.5f * (float)H);
+/* Eq. 2-3 on the LW x LH box, radius normalised by the semi-axes, pixel centres. */
+static inline float falloff(int w, int h, int LW, int LH, float gamma2) {
+    float u = ((float)w + 0.5f - 0.5f * (float)LW) / (0.5f * (float)LW);
+    float v = ((float)h + 0.5f - 0.5f * (float)LH) / (0.5f * (float)LH);
     /* af_exp_exact, not expf: cuda/slm.cu reproduces this bit for bit (fp_exact.h) */
     return af_exp_exact(-(u * u + v * v) / gamma2);
 }
@@ -261,21 +261,21 @@ static inline void bilinear_src(int i, float ratio, int in, int *a, int *b, floa
 
 static void lesion_draw(uint8_t *M, const uint8_t *x, int S, const af_slm_lesion *ls,
                         const af_slm_config *cfg) {
-    int W = ls->w, H = ls->h;
+    int LW = ls->w, LH = ls->h;
     /* delta is a decreasing function of the normalised radius: its maximum is at the centre
      * pixel and its minimum at a corner, evaluated with the very same expression. */
-    float dmax = falloff((W - 1) / 2, (H - 1) / 2, W, H, cfg->gamma2);
-    float dmin = falloff(0, 0, W, H, cfg->gamma2);
+    float dmax = falloff((LW - 1) / 2, (LH - 1) / 2, LW, LH, cfg->gamma2);
+    float dmin = falloff(0, 0, LW, LH, cfg->gamma2);
     float range = dmax - dmin;
-    float rx = (float)ls->crop_w / (float)W, ry = (float)ls->crop_h / (float)H;
+    float rx = (float)ls->crop_w / (float)LW, ry = (float)ls->crop_h / (float)LH;
     const uint8_t *crop = x + (size_t)ls->crop_y0 * S + ls->crop_x0;
-    for (int h = 0; h < H; h++) {
+    for (int h = 0; h < LH; h++) {
         int ya, yb;
         float fy;
         bilinear_src(h, ry, ls->crop_h, &ya, &yb, &fy);
         const uint8_t *ra = crop + (size_t)ya * S, *rb = crop + (size_t)yb * S;
         uint8_t *mrow = M + (size_t)(ls->y0 + h) * S + ls->x0;
-        for (int w = 0; w < W; w++) {
+        for (int w = 0; w < LW; w++) {
             int xa, xb;
             float fx;
             bilinear_src(w, rx, ls->crop_w, &xa, &xb, &fx);
@@ -283,7 +283,7 @@ static void lesion_draw(uint8_t *M, const uint8_t *x, int S, const af_slm_lesion
                         fy * ((1.0f - fx) * (float)rb[xa] + fx * (float)rb[xb]);
             float d = cfg->strength;
             if (range > 0.0f) {
-                d = (falloff(w, h, W, H, cfg->gamma2) - dmin) / range * cfg->strength;
+                d = (falloff(w, h, LW, LH, cfg->gamma2) - dmin) / range * cfg->strength;
                 if (d < 0.0f) d = 0.0f;
                 if (d > cfg->strength) d = cfg->strength;
             }

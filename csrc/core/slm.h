@@ -1,6 +1,6 @@
 /* Synthetic Lesion Masks (METHOD.md section 1; paper Eq. 2-4).
  *
- * Sizes: B images, S image side, P patch side, L = (S/P)^2 patch tokens (row-major).
+ * Dimension letters as afire.h; patch tokens in row-major grid order.
  * Images are uint8 grayscale x[B,S,S] (NORMAL images); outputs are
  *   x_prime[B,S,S] = clip(x + M, 0, 255)            (x' == x wherever M == 0)
  *   mask[B,S,S]    = M, the saturated sum of the lesions
@@ -21,14 +21,14 @@
  *    AF_SLM_REGION_LARGEST (released code): the largest 8-connected foreground component
  *    (pixel count; ties: the one met first in row-major order), the box is centred on the
  *    centre of its bounding box; the same eta for every lesion of the image.
- *  - Lesion sizes: W, H ~ U{lo..hi} with hi = min(size_max, S), lo = min(size_min,
+ *  - Lesion sizes: LW, LH ~ U{lo..hi} with hi = min(size_max, S), lo = min(size_min,
  *    max(1, S/2), hi): for S >= 2*size_min and S >= size_max the configured range is used
  *    unchanged (S = 224 with [16,64] or [16,128]); smaller images get a clamped range, so a
- *    lesion always fits inside the image. Top-left x0 ~ U{0..S-W}, y0 ~ U{0..S-H}.
- *  - Shape (Eq. 2-3): on the W x H box, with pixel centres u = (w + 0.5 - W/2) / (W/2),
- *    v = (h + 0.5 - H/2) / (H/2), delta = exp(-(u^2 + v^2) / gamma2), min-max rescaled over
- *    the box to [0, strength] (a constant box, W = H = 1, gets strength everywhere).
- *  - Lesion value = bilinear(eta -> W x H, half-pixel centres, edge clamped) * delta,
+ *    lesion always fits inside the image. Top-left x0 ~ U{0..S-LW}, y0 ~ U{0..S-LH}.
+ *  - Shape (Eq. 2-3): on the LW x LH box, with pixel centres u = (w + 0.5 - LW/2) / (LW/2),
+ *    v = (h + 0.5 - LH/2) / (LH/2), delta = exp(-(u^2 + v^2) / gamma2), min-max rescaled over
+ *    the box to [0, strength] (a constant box, LW = LH = 1, gets strength everywhere).
+ *  - Lesion value = bilinear(eta -> LW x LH, half-pixel centres, edge clamped) * delta,
  *    rounded half up to an integer; lesions add into M with saturation at 255.
  *  - Token labels: AF_SLM_TOKENS_MEAN (paper, default) patch j is abnormal iff
  *    mean(M over patch j) > mean(M over the image), compared exactly in integers (an image
@@ -54,7 +54,7 @@ enum { AF_SLM_REGION_RANDOM = 0, AF_SLM_REGION_LARGEST = 1 };
 
 typedef struct {
     int lesions_min, lesions_max; /* R ~ U{lesions_min..lesions_max}        (1, 4)    */
-    int size_min, size_max;       /* W, H ~ U{size_min..size_max} at S=224  (16, 64)  */
+    int size_min, size_max;       /* LW, LH ~ U{size_min..size_max} at S=224 (16, 64) */
     int crop_max;                 /* side of the texture crop eta           (60)      */
     float gamma2;                 /* gamma^2 of Eq. 2                       (0.5)     */
     float strength;               /* max of the rescaled fall-off           (0.5)     */

@@ -153,45 +153,27 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
         return af_error(AF_ENONFINITE, "the student's outputs are NaN/Inf at step %lld (diverged "
                         "weights?); the model was not updated", (long long)t->step);
 
-    /* 4. losses and their gradients (unweighted values, weighted gradients) */
+    /* 4. losses and their gradients (unweighted values, weighted gradients); the terms meet
+     * in dlogits and dpred, so the objective accumulates into zeroed buffers */
     memset(t->dlogits, 0, sizeof(float) * BL * K);
     memset(t->dpred, 0, sizeof(float) * BL * Q);
-    double total;
+    float ls = 0, lc = 0, lcst = 0, lr = 0;
     if (c->objective == AF_OBJECTIVE_PAPER) {
-        float ls = 0, lc = 0, lr = 0;
         AF_TRY(af_paper_loss(&ls, &lc, t->dlogits, t->dlogits, logits, t->protos_next, t->abn, B, L,
                           K, c->tau_s, c->tau, c->w_stru, c->w_cate, t->obj_scratch));
         AF_TRY(af_recon_loss(&lr, t->dpred, pred, t->target, t->abn, B, L, Q, c->w_abn, c->w_recon));
-        stats->l_stru = ls;
-        stats->l_cate = lc;
-        stats->l_cst = (double)ls + lc;
-        stats->l_recon = lr;
-        total = c->w_stru * (double)ls + c->w_cate * (double)lc + c->w_recon * (double)lr;
     } else {
-        float lc = 0, lr = 0;
-        AF_TRY(af_released_loss(&lc, &lr, t->dlogits, t->dpred, logits, t->protos_next, t->abn, pred,
-                             t->target, B, L, K, Q, c->tau_s, c->sinkhorn_eps, c->sinkhorn_iters,
-                             c->w_stru, c->w_recon, t->obj_scratch));
-        stats->l_cst = lc;
-        stats->l_recon = lr;
-        total = c->w_stru * (double)lc + c->w_recon * (double)lr;
+        AF_TRY(af_released_loss(&lcst, &lr, t->dlogits, t->dpred, logits, t->protos_next, t->abn,
+                             pred, t->target, B, L, K, Q, c->tau_s, c->sinkhorn_eps,
+                             c->sinkhorn_iters, c->w_stru, c->w_recon, t->obj_scratch));
     }
-    stats->loss = total;
-    stats->lr = sv.lr;
-    stats->wd = sv.wd;
-    stats->ema = sv.ema;
-    stats->teacher_temp = sv.teacher_temp;
-    stats->last_layer_frozen = sv.freeze_last_layer;
-    if (!isfinite(total))
-        return af_error(AF_ENONFINITE, "non-finite loss at step %lld (stru %g, cate %g, cst %g, "
-                        "recon %g); the model was not updated", (long long)t->step,
-                        stats->l_stru, stats->l_cate, stats->l_cst, stats->l_recon);
+    AF_TRY(af_step_stats_fill(stats, c, &sv, ls, lc, lcst, lr));
 
-    /* 5. backward: head and decoder gradients meet in the student encoder output */
+    /* 5. backward: head and decoder gradients meet in the student encoder output (the
+     * decoder writes dtokens, the head adds its part) */
     af_model_zero_grad(m);
-    memset(t->dtokens, 0, sizeof(float) * (size_t)B * t->T * t->D);
-    AF_TRY(af_head_backward(m, t->dlogits, t->dtokens));
     AF_TRY(af_decoder_backward(m, t->dpred, t->dtokens));
+    AF_TRY(af_head_backward(m, t->dlogits, t->dtokens));
     AF_TRY(af_encoder_backward(m, t->dtokens));
 
     /* 6. clip, then refuse to update with non-finite gradients */
@@ -203,12 +185,7 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
             for (size_t i = 0; i < m->numel[net]; i++) gnorm += (double)m->grads[net][i] * m->grads[net][i];
         gnorm = sqrt(gnorm);
     }
-    stats->grad_norm = gnorm;
-    if (!isfinite(gnorm))
-        return af_error(AF_ENONFINITE, "non-finite gradient norm at step %lld; the model was "
-                        "not updated", (long long)t->step);
-
-    return AF_OK;
+    return af_step_stats_grad_norm(stats, gnorm, 1);
 }
 
 af_status af_trainer_step(af_trainer *t, const uint8_t *images, int B, af_step_stats *stats) {

@@ -6,16 +6,22 @@
  *   L = w_stru L_stru + w_cate L_cate + w_recon L_recon (or the released objective)
  *   backward -> clip -> AdamW -> EMA teacher -> schedules advance
  *
- * Dimension letters as csrc/ops/ops.h; Q = P*P*C values per patch.
+ * Dimension letters as afire.h.
  */
 #ifndef AFIRE_TRAINER_H
 #define AFIRE_TRAINER_H
 
+#include <math.h>
 #include <stdint.h>
 
 #include "model.h"
+#include "rng.h" /* AF_HOSTDEV */
 #include "schedule.h"
 #include "slm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 enum { AF_OBJECTIVE_PAPER = 0, AF_OBJECTIVE_RELEASED = 1 };
 /* GEMM precision of the CUDA trainer. The CPU trainer ignores it: it always runs fp32. */
@@ -45,15 +51,65 @@ typedef struct {
     int last_layer_frozen;
 } af_step_stats;
 
+/* The step statistics are filled by the CPU and the GPU trainer alike, through these. */
+
+/* The weighted loss from the objective's unweighted terms, in double: paper
+ * w_stru l_stru + w_cate l_cate + w_recon l_recon; released w_stru l_cst + w_recon l_recon.
+ * The GPU trainer also evaluates it on the device (the flag that gates its update). */
+AF_HOSTDEV double af_step_loss(int objective, float w_stru, float w_cate, float w_recon,
+                               float l_stru, float l_cate, float l_cst, float l_recon) {
+    if (objective == AF_OBJECTIVE_PAPER)
+        return w_stru * (double)l_stru + w_cate * (double)l_cate + w_recon * (double)l_recon;
+    return w_stru * (double)l_cst + w_recon * (double)l_recon;
+}
+
+/* Loss and schedule fields of `s` (s->step set) from the objective's outputs (paper:
+ * l_stru, l_cate, l_recon, and l_cst = l_stru + l_cate; released: l_cst, l_recon) and the
+ * schedule values of the step. AF_ENONFINITE when the total loss is not finite. */
+static inline af_status af_step_stats_fill(af_step_stats *s, const af_trainer_config *c,
+                                           const af_schedule_values *sv, float l_stru,
+                                           float l_cate, float l_cst, float l_recon) {
+    if (c->objective == AF_OBJECTIVE_PAPER) {
+        s->l_stru = l_stru;
+        s->l_cate = l_cate;
+        s->l_cst = (double)l_stru + l_cate;
+    } else {
+        s->l_cst = l_cst;
+    }
+    s->l_recon = l_recon;
+    s->loss = af_step_loss(c->objective, c->w_stru, c->w_cate, c->w_recon, l_stru, l_cate, l_cst,
+                           l_recon);
+    s->lr = sv->lr;
+    s->wd = sv->wd;
+    s->ema = sv->ema;
+    s->teacher_temp = sv->teacher_temp;
+    s->last_layer_frozen = sv->freeze_last_layer;
+    if (!isfinite(s->loss))
+        return af_error(AF_ENONFINITE, "non-finite loss at step %lld (stru %g, cate %g, cst %g, "
+                        "recon %g); the model was not updated", (long long)s->step, s->l_stru,
+                        s->l_cate, s->l_cst, s->l_recon);
+    return AF_OK;
+}
+
+/* s->grad_norm = the pre-clip norm; AF_ENONFINITE when it is not finite or !ok (the GPU's
+ * device flag refused the update). */
+static inline af_status af_step_stats_grad_norm(af_step_stats *s, double norm, int ok) {
+    s->grad_norm = norm;
+    if (!ok || !isfinite(norm))
+        return af_error(AF_ENONFINITE, "non-finite gradient norm at step %lld; the model was "
+                        "not updated", (long long)s->step);
+    return AF_OK;
+}
+
 typedef struct {
     af_trainer_config cfg;
     af_model *model;
     int B;                     /* batch capacity                                          */
     int S, C, L, T, Q, K, D;
     int64_t step;              /* completed steps                                         */
-    int protos_set;            /* C holds prototypes                                      */
-    float *protos;             /* C [L,K]                                                 */
-    float *protos_next;        /* C updated with the current batch, committed on success  */
+    int protos_set;            /* protos holds prototypes                                 */
+    float *protos;             /* [L,K] the paper's prototypes C                          */
+    float *protos_next;        /* protos with the current batch, committed on success     */
     uint8_t *x_prime, *mask, *abn;   /* [B,S,S], [B,S,S], [B,L]                           */
     float *img, *img_prime;    /* [B,C,S,S] normalised x and x'                           */
     float *target;             /* [B,L,Q] patchified normalised x (MAE order)            */
@@ -96,4 +152,7 @@ af_status af_trainer_anomaly(af_trainer *t, double *score, double *log_score, do
 af_status af_trainer_acquire(af_trainer *t);
 void af_trainer_release(af_trainer *t);
 
+#ifdef __cplusplus
+}
+#endif
 #endif

@@ -1,6 +1,7 @@
 /* ViT encoder and restoration decoder on the CPU (METHOD.md §2): pre-norm transformer
- * blocks shared by both, each *_forward next to its *_backward. Sizes as model.h:
- * N = B*T rows, W block width, R mlp ratio, NH heads. */
+ * blocks shared by both, each *_forward next to its *_backward. Dimension letters as
+ * afire.h; N = B*T rows. */
+#include "blocks.h"
 #include "common.h"
 #include "model.h"
 #include "ops/ops.h"
@@ -9,38 +10,6 @@
 #define DEC_EPS 1e-5f /* released decoder uses nn.LayerNorm's default eps    */
 
 /* ------------------------------------------------------------------ transformer blocks */
-
-/* Pointers of block l inside stacked [NL, ...] parameters. */
-typedef struct {
-    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b;
-    float *ln2_w, *ln2_b, *fc1_w, *fc1_b, *fc2_w, *fc2_b;
-} block_view;
-
-static block_view block_at(const af_blocks_params *p, int l, int W, int R) {
-    size_t w = (size_t)W, m = (size_t)R * W, L_ = (size_t)l;
-    block_view v = {p->ln1_w + L_ * w, p->ln1_b + L_ * w, p->qkv_w + L_ * 3 * w * w,
-                    p->qkv_b + L_ * 3 * w, p->proj_w + L_ * w * w, p->proj_b + L_ * w,
-                    p->ln2_w + L_ * w, p->ln2_b + L_ * w, p->fc1_w + L_ * m * w,
-                    p->fc1_b + L_ * m, p->fc2_w + L_ * w * m, p->fc2_b + L_ * w};
-    return v;
-}
-
-/* Saved activations of block l (stacked [NL, B, ...] for the current B). */
-typedef struct {
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res2, *ln2, *ln2_mean, *ln2_rstd,
-        *fch, *fch_gelu, *res3;
-} block_acts_view;
-
-static block_acts_view block_acts_at(const af_blocks_acts *a, int l, int T, int W, int R, int NH) {
-    int B = a->cap; /* the layer stride is the capacity, not the current batch */
-    size_t N = (size_t)B * T, L_ = (size_t)l, w = (size_t)W, m = (size_t)R * W;
-    block_acts_view v = {a->ln1 + L_ * N * w, a->ln1_mean + L_ * N, a->ln1_rstd + L_ * N,
-                         a->qkv + L_ * N * 3 * w, a->att + L_ * (size_t)B * NH * T * T,
-                         a->atty + L_ * N * w, a->res2 + L_ * N * w, a->ln2 + L_ * N * w,
-                         a->ln2_mean + L_ * N, a->ln2_rstd + L_ * N, a->fch + L_ * N * m,
-                         a->fch_gelu + L_ * N * m, a->res3 + L_ * N * w};
-    return v;
-}
 
 static void add_inplace(float *y, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
@@ -52,58 +21,48 @@ static void blocks_forward(af_blocks_acts *acts, const float *x, const af_blocks
     int N = B * T;
     size_t nw = (size_t)N * W;
     for (int l = 0; l < NL; l++) {
-        block_view w = block_at(p, l, W, R);
-        block_acts_view a = block_acts_at(acts, l, T, W, R, NH);
-        const float *in = l == 0 ? x : block_acts_at(acts, l - 1, T, W, R, NH).res3;
+        af_block_view w = af_block_at(p, l, W, R);
+        af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
+        const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
         af_layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b, N, W, eps);
         af_linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W);
         af_attention_forward(a.atty, a.att, a.qkv, B, T, W, NH);
         af_linear_forward(a.res2, a.atty, w.proj_w, w.proj_b, N, W, W);
-        add_inplace(a.res2, in, nw);
+        af_residual_forward(a.res2, a.res2, in, nw);
         af_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, W, eps);
         af_linear_forward(a.fch, a.ln2, w.fc1_w, w.fc1_b, N, W, R * W);
         af_gelu_forward(a.fch_gelu, a.fch, (size_t)N * R * W);
         af_linear_forward(a.res3, a.fch_gelu, w.fc2_w, w.fc2_b, N, R * W, W);
-        add_inplace(a.res3, a.res2, nw);
+        af_residual_forward(a.res3, a.res3, a.res2, nw);
     }
 }
 
-/* In: s->dres = d(last res3). Out: s->dres = d(x). Parameter grads accumulate (+=). */
+/* In: s->dres = d(last res3). Out: s->dres = d(x). Parameter grads accumulate (+=); each
+ * residual adds the skip path's gradient to its branch's (ops.h). */
 static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_acts *acts,
                             const float *x, const af_blocks_params *p, int NL, int B, int T,
                             int W, int R, int NH) {
     int N = B * T;
     size_t nw = (size_t)N * W, nm = (size_t)N * R * W;
     for (int l = NL - 1; l >= 0; l--) {
-        block_view w = block_at(p, l, W, R), dw = block_at(g, l, W, R);
-        block_acts_view a = block_acts_at(acts, l, T, W, R, NH);
-        const float *in = l == 0 ? x : block_acts_at(acts, l - 1, T, W, R, NH).res3;
+        af_block_view w = af_block_at(p, l, W, R), dw = af_block_at(g, l, W, R);
+        af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
+        const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
         /* MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2)))) */
-        memcpy(s->dres2, s->dres, nw * sizeof(float));
-        memset(s->dfch_gelu, 0, nm * sizeof(float));
         af_linear_backward(s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu, w.fc2_w, N, R * W, W);
-        memset(s->dfch, 0, nm * sizeof(float));
         af_gelu_backward(s->dfch, s->dfch_gelu, a.fch, nm);
-        memset(s->dln, 0, nw * sizeof(float));
         af_linear_backward(s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W, R * W);
         af_layernorm_backward(s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2, w.ln2_w, a.ln2_mean,
                            a.ln2_rstd, N, W);
+        af_residual_backward(s->dres2, NULL, s->dres, nw); /* + the skip path */
         /* attention branch: res2 = in + proj(attn(qkv(ln1(in)))) */
-        memcpy(s->dres, s->dres2, nw * sizeof(float));
-        memset(s->datty, 0, nw * sizeof(float));
         af_linear_backward(s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w, N, W, W);
-        memset(s->dqkv, 0, nw * 3 * sizeof(float));
         af_attention_backward(s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W, NH);
-        memset(s->dln, 0, nw * sizeof(float));
         af_linear_backward(s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W, 3 * W);
         af_layernorm_backward(s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,
                            a.ln1_rstd, N, W);
+        af_residual_backward(s->dres, NULL, s->dres2, nw); /* + the skip path */
     }
-}
-
-static const float *blocks_output(const af_blocks_acts *acts, int NL, int B, int T, int W, int R,
-                                  int NH) {
-    return block_acts_at(acts, NL - 1, T, W, R, NH).res3;
 }
 
 static af_status check_batch(const af_model *m, int B, const char *what) {
@@ -125,11 +84,11 @@ af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int
     const af_config *c = &m->cfg;
     const af_encoder_params *p = &m->enc[br];
     af_encoder_acts *a = &m->enc_acts[br];
-    int L = m->L, T = m->T, D = c->D, CPP = c->C * c->P * c->P;
+    int L = m->L, T = m->T, D = c->D, Q = m->Q;
     /* patch embedding = the stride-P conv as a matmul over (c, p, q)-flattened patches */
     af_patchify_forward(a->patches, images, B, c->C, c->S, c->P, AF_PATCH_CPQ);
     float *emb = m->scratch.dres; /* [B*L, D] temporary */
-    af_linear_forward(emb, a->patches, p->patch_w, p->patch_b, B * L, CPP, D);
+    af_linear_forward(emb, a->patches, p->patch_w, p->patch_b, B * L, Q, D);
     for (int b = 0; b < B; b++) {
         float *x = a->x0 + (size_t)b * T * D;
         for (int d = 0; d < D; d++) x[d] = p->cls[d] + p->pos[d];
@@ -140,7 +99,7 @@ af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int
         }
     }
     blocks_forward(&a->blocks, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio, c->H, ENC_EPS);
-    const float *last = blocks_output(&a->blocks, c->depth, B, T, D, c->mlp_ratio, c->H);
+    const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     af_layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, B * T, D,
                       ENC_EPS);
     m->enc_B[br] = B;
@@ -156,9 +115,8 @@ af_status af_encoder_backward(af_model *m, const float *dtokens) {
     af_encoder_params *g = &m->enc_grad;
     const af_encoder_acts *a = &m->enc_acts[AF_STUDENT];
     af_scratch *s = &m->scratch;
-    int L = m->L, T = m->T, D = c->D, N = B * T, CPP = c->C * c->P * c->P;
-    const float *last = blocks_output(&a->blocks, c->depth, B, T, D, c->mlp_ratio, c->H);
-    memset(s->dres, 0, (size_t)N * D * sizeof(float));
+    int L = m->L, T = m->T, D = c->D, N = B * T, Q = m->Q;
+    const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     af_layernorm_backward(s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w, a->lnf_mean,
                        a->lnf_rstd, N, D);
     blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
@@ -174,7 +132,7 @@ af_status af_encoder_backward(af_model *m, const float *dtokens) {
     for (int b = 0; b < B; b++)
         memcpy(demb + (size_t)b * L * D, s->dres + ((size_t)b * T + 1) * D,
                (size_t)L * D * sizeof(float));
-    af_linear_backward(NULL, g->patch_w, g->patch_b, demb, a->patches, p->patch_w, B * L, CPP, D);
+    af_linear_backward(NULL, g->patch_w, g->patch_b, demb, a->patches, p->patch_w, B * L, Q, D);
     return AF_OK;
 }
 
@@ -202,7 +160,7 @@ af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *to
         }
     blocks_forward(&a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd,
                    DEC_EPS);
-    const float *last = blocks_output(&a->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd);
+    const float *last = af_blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     af_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, N, Dd, DEC_EPS);
     af_linear_forward(a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q);
     for (int b = 0; b < B; b++) /* drop cls */
@@ -227,10 +185,8 @@ af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens) {
     for (int b = 0; b < B; b++)
         memcpy(dfull + ((size_t)b * T + 1) * Q, dpred + (size_t)b * L * Q,
                (size_t)L * Q * sizeof(float));
-    memset(s->dln, 0, (size_t)N * Dd * sizeof(float));
     af_linear_backward(s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N, Dd, Q);
-    const float *last = blocks_output(&a->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd);
-    memset(s->dres, 0, (size_t)N * Dd * sizeof(float));
+    const float *last = af_blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     af_layernorm_backward(s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w, a->lnf_mean,
                        a->lnf_rstd, N, Dd);
     blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd,

@@ -46,20 +46,20 @@ void af_attention_backward(float *dqkv, float *scratch, const float *dout, const
         const float *a = att + (size_t)bh * T * T;
         const float *dy = dout + (size_t)b * T * D + (size_t)h * hd;
         float *ds = scratch + (size_t)bh * T * T;
-        /* datt[T,T] = dout @ v^T ; dv += att^T @ dout */
+        /* datt[T,T] = dout @ v^T ; dv = att^T @ dout */
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, 1.0f, dy, D, v, ld,
                           0.0f, ds, T);
         scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1.0f, a, T, dy, D,
-                          1.0f, dv, ld);
+                          0.0f, dv, ld);
         /* softmax backward in place: dscores = att * (datt - <datt, att>_row) */
         for (int t = 0; t < T; t++) {
             size_t o = (size_t)t * T;
             af_softmax_row_backward(ds + o, ds + o, a + o, T);
         }
-        /* scores = scale q k^T: dq += scale ds @ k ; dk += scale ds^T @ q */
+        /* scores = scale q k^T: dq = scale ds @ k ; dk = scale ds^T @ q */
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, scale, ds, T, k,
-                          ld, 1.0f, dq, ld);
+                          ld, 0.0f, dq, ld);
         scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, scale, ds, T, q, ld,
-                          1.0f, dk, ld);
+                          0.0f, dk, ld);
     }
 }

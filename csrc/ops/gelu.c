@@ -21,7 +21,7 @@ AF_TARGET_CLONES static void gelu_backward_range(float *dinp, const float *dout,
     for (size_t i = lo; i < hi; i++) {
         float x = inp[i];
         float pdf = AF_INV_SQRT_2PI * af_expf(-0.5f * x * x);
-        dinp[i] += dout[i] * (af_normcdf(x) + x * pdf);
+        dinp[i] = dout[i] * (af_normcdf(x) + x * pdf);
     }
 }
 

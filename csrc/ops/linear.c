@@ -6,7 +6,7 @@
 #include "ops_internal.h"
 
 void af_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
-                    int N, int C, int OC) {
+                    int N, int IC, int OC) {
     /* Seed out with the bias rows, then let sgemm accumulate (beta = 1): no second pass. */
     float beta = 0.0f;
     if (bias != NULL) {
@@ -14,16 +14,16 @@ void af_linear_forward(float *out, const float *inp, const float *weight, const 
         for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OC, bias, (size_t)OC * sizeof(float));
         beta = 1.0f;
     }
-    /* out[N,OC] = inp[N,C] @ weight[OC,C]^T */
-    af_sgemm(0, 1, N, OC, C, 1.0f, inp, C, weight, C, beta, out, OC);
+    /* out[N,OC] = inp[N,IC] @ weight[OC,IC]^T */
+    af_sgemm(0, 1, N, OC, IC, 1.0f, inp, IC, weight, IC, beta, out, OC);
 }
 
 void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                     const float *inp, const float *weight, int N, int C, int OC) {
-    if (dinp != NULL) /* dinp[N,C] += dout[N,OC] @ weight[OC,C] */
-        af_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C);
-    if (dweight != NULL) /* dweight[OC,C] += dout^T @ inp */
-        af_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C);
+                     const float *inp, const float *weight, int N, int IC, int OC) {
+    if (dinp != NULL) /* dinp[N,IC] = dout[N,OC] @ weight[OC,IC] */
+        af_sgemm(0, 0, N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dinp, IC);
+    if (dweight != NULL) /* dweight[OC,IC] += dout^T @ inp */
+        af_sgemm(1, 0, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC);
     if (dbias != NULL) {
         /* Column sums in a fixed row order; threads own disjoint column blocks. */
         enum { CB = 64 };

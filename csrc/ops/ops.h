@@ -1,15 +1,17 @@
 /* CPU layer kernels: each forward next to its backward, llm.c style, fp32.
  *
- * Dimension letters (used in every file of the C core):
- *   B batch, T tokens per image (= L + 1 with the cls token), L patch tokens, D width,
- *   H attention heads (head size hd = D / H), N rows of a flattened (B*T, C) matrix,
- *   C input features, OC output features, S image side, P patch side, K prototype classes.
+ * Dimension letters as csrc/core/afire.h (here D and H are the width and heads of whichever
+ * attention is called, N the rows of a flattened [N, IC] matrix).
  *
  * Conventions:
  *   - all tensors are C-contiguous float32; weights use PyTorch's layout (out x in);
  *   - argument order: outputs, saved activations, inputs, weights, sizes;
- *   - backward functions ACCUMULATE (+=) into every gradient they are given; a NULL gradient
- *     pointer means "not needed" and is skipped;
+ *   - gradients (llm.c's convention): a backward WRITES (=) the gradient of its activation
+ *     inputs (dinp, dqkv, dimg) and ACCUMULATES (+=) into parameter gradients (dweight,
+ *     dbias, dv), which sum over calls until zeroed. Where two paths meet on one activation
+ *     (the residual stream, the encoder tokens fed to the head and the decoder) the caller
+ *     adds the second path explicitly; af_residual_backward, the add of a residual, is the one
+ *     op whose input gradients accumulate. A NULL gradient means "not needed" (skipped);
  *   - these functions never fail: sizes are validated by the caller (binding or model).
  */
 #ifndef AFIRE_OPS_H
@@ -18,27 +20,28 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* GEMM for the whole C core (gemm.c): row-major C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C,
- * trans flags 0/1. Split over OpenMP threads along the longer side of C, one single-threaded
- * OpenBLAS call per thread: all parallelism is OpenMP, so call this rather than
- * scipy_cblas_sgemm for any large product (afire's OpenBLAS copy is pinned to one thread).
- * Deterministic whatever the thread count: the K reduction is never split. */
+/* GEMM for the whole C core (gemm.c), in BLAS names: row-major
+ * C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C, trans flags 0/1. Split over OpenMP threads
+ * along the longer side of C, one single-threaded OpenBLAS call per thread: all parallelism
+ * is OpenMP, so call this rather than scipy_cblas_sgemm for any large product (afire's
+ * OpenBLAS copy is pinned to one thread). Deterministic whatever the thread count: the K
+ * reduction is never split. */
 void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
               int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
-/* linear: out[N,OC] = inp[N,C] @ weight[OC,C]^T + bias[OC] (bias may be NULL). */
+/* linear: out[N,OC] = inp[N,IC] @ weight[OC,IC]^T + bias[OC] (bias may be NULL). */
 void af_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
-                    int N, int C, int OC);
-/* dinp[N,C] += dout @ weight; dweight[OC,C] += dout^T @ inp; dbias[OC] += colsum(dout). */
+                    int N, int IC, int OC);
+/* dinp[N,IC] = dout @ weight; dweight[OC,IC] += dout^T @ inp; dbias[OC] += colsum(dout). */
 void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                     const float *inp, const float *weight, int N, int C, int OC);
+                     const float *inp, const float *weight, int N, int IC, int OC);
 
-/* LayerNorm over the last dim: saves mean[N], rstd[N] for the backward. */
+/* LayerNorm over the IC features of each row: saves mean[N], rstd[N] for the backward. */
 void af_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                       const float *weight, const float *bias, int N, int C, float eps);
+                       const float *weight, const float *bias, int N, int IC, float eps);
 void af_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                         const float *inp, const float *weight, const float *mean,
-                        const float *rstd, int N, int C);
+                        const float *rstd, int N, int IC);
 
 /* GELU with the exact erf form: 0.5 x (1 + erf(x / sqrt 2)) = x Phi(x) (not the tanh
  * approximation). Phi comes from a vectorisable erfc fit (gelu.c): relative error below
@@ -46,9 +49,9 @@ void af_layernorm_backward(float *dinp, float *dweight, float *dbias, const floa
 void af_gelu_forward(float *out, const float *inp, size_t n);
 void af_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
 
-/* Row softmax of inp[N,C]. The backward needs the forward output. */
-void af_softmax_forward(float *out, const float *inp, int N, int C);
-void af_softmax_backward(float *dinp, const float *dout, const float *out, int N, int C);
+/* Row softmax of inp[N,IC]. The backward needs the forward output. */
+void af_softmax_forward(float *out, const float *inp, int N, int IC);
+void af_softmax_backward(float *dinp, const float *dout, const float *out, int N, int IC);
 
 /* Multi-head non-causal self-attention on fused qkv[B,T,3D] (q | k | v, heads contiguous
  * inside each, as timm). out[B,T,D]; att[B,H,T,T] saves the softmax probabilities.
@@ -57,15 +60,16 @@ void af_attention_forward(float *out, float *att, const float *qkv, int B, int T
 void af_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *att, int B, int T, int D, int H);
 
-/* out[n] = a[n] + b[n]; backward: da += dout, db += dout. */
+/* out[n] = a[n] + b[n]; backward: da += dout, db += dout (accumulated: see the top). */
 void af_residual_forward(float *out, const float *a, const float *b, size_t n);
 void af_residual_backward(float *da, float *db, const float *dout, size_t n);
 
-/* Patchify images img[B,C,S,S] into patches[B,L,P*P*C], L = (S/P)^2, patches in row-major
+/* Patchify images img[B,C,S,S] into patches[B,L,Q], L = (S/P)^2, patches in row-major
  * grid order. order AF_PATCH_PQC: inside a patch (row p, col q, channel c) — MAE's
  * patchify, used for restoration targets; AF_PATCH_CPQ: (c, p, q) — the flattening of a
  * conv weight [D,C,P,P], used by the patch embedding. Identical when C == 1.
- * af_unpatchify is the inverse; af_patchify_backward scatters-adds dpatches into dimg. */
+ * af_unpatchify is the inverse; af_patchify_backward writes dimg from dpatches (the same
+ * permutation as af_unpatchify, patches do not overlap). */
 enum { AF_PATCH_PQC = 0, AF_PATCH_CPQ = 1 };
 void af_patchify_forward(float *patches, const float *img, int B, int C, int S, int P, int order);
 void af_patchify_backward(float *dimg, const float *dpatches, int B, int C, int S, int P, int order);
@@ -79,18 +83,18 @@ void af_unpatchify(float *img, const float *patches, int B, int C, int S, int P,
  * cls, row 0 is zero. D must be divisible by 4. */
 void af_sincos_2d_embed(float *out, int D, int G, int cls);
 
-/* Row L2-normalise: out = inp / max(||inp||, eps) (F.normalize), norm[N] saved. */
-void af_l2norm_forward(float *out, float *norm, const float *inp, int N, int C, float eps);
+/* Row L2-normalise inp[N,IC]: out = inp / max(||inp||, eps) (F.normalize), norm[N] saved. */
+void af_l2norm_forward(float *out, float *norm, const float *inp, int N, int IC, float eps);
 void af_l2norm_backward(float *dinp, const float *dout, const float *inp, const float *norm,
-                     int N, int C, float eps);
+                     int N, int IC, float eps);
 
 /* Weight-normalised linear without bias, gain fixed at 1 (PyTorch weight_norm, dim=0):
- * w_eff[K,C] = v[K,C] / ||v_k||; out[N,K] = inp[N,C] @ w_eff^T. The forward writes w_eff
- * and vnorm[K] for the backward. */
+ * w_eff[OC,IC] = v[OC,IC] / ||v_k||; out[N,OC] = inp[N,IC] @ w_eff^T. The forward writes
+ * w_eff and vnorm[OC] for the backward. */
 void af_wn_linear_forward(float *out, float *w_eff, float *vnorm, const float *inp,
-                       const float *v, int N, int C, int K);
+                       const float *v, int N, int IC, int OC);
 void af_wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
-                        const float *w_eff, const float *vnorm, int N, int C, int K);
+                        const float *w_eff, const float *vnorm, int N, int IC, int OC);
 
 /* One AdamW step (PyTorch semantics, decoupled weight decay, bias-corrected, t >= 1):
  * p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;

@@ -54,7 +54,7 @@ static inline float af_expf(float x) {
 /* Elementwise loops below this many elements stay on one thread: forking costs more. */
 #define AF_OMP_MIN_ELEMS ((size_t)1 << 15)
 /* Row loops: parallel when rows * cols reaches the same amount of work. */
-#define AF_OMP_ROWS(N, C) ((size_t)(N) * (size_t)(C) >= AF_OMP_MIN_ELEMS)
+#define AF_OMP_ROWS(N, IC) ((size_t)(N) * (size_t)(IC) >= AF_OMP_MIN_ELEMS)
 /* Standard normal CDF Phi(x) = 0.5 (1 + erf(x / sqrt 2)) without a libm call (libm's erff
  * kept GELU scalar: 19 ms for ViT-B/16's 2.4M fc1 activations at B=4). Phi(x) = 1 - erfc(z)/2
  * for x >= 0, erfc(z)/2 for x < 0, z = |x|/sqrt 2, with erfc(z) = t exp(-z^2 + P(t)),
@@ -86,14 +86,14 @@ void af_blas_single_thread(void);
 /* [lo, hi) = part idx of `parts` of [0, n), boundaries on multiples of `align`. */
 void af_chunk(int n, int parts, int idx, int align, int *lo, int *hi);
 
-/* y[C] = softmax(x[C]) (y == x allowed); softmax.c, shared with attention.c. */
-void af_softmax_row(float *y, const float *x, int C);
-/* dx[C] = y * (dy - <dy, y>), ASSIGNED (not accumulated); dx == dy allowed. */
-void af_softmax_row_backward(float *dx, const float *dy, const float *y, int C);
+/* y[IC] = softmax(x[IC]) (y == x allowed); softmax.c, shared with attention.c. */
+void af_softmax_row(float *y, const float *x, int IC);
+/* dx[IC] = y * (dy - <dy, y>), written (=); dx == dy allowed. */
+void af_softmax_row_backward(float *dx, const float *dy, const float *y, int IC);
 
-/* af_wn_linear_backward's dv without a K x C buffer (used when that allocation fails;
+/* af_wn_linear_backward's dv without an OC x IC buffer (used when that allocation fails;
  * exposed to the binding as _wn_linear_backward_dv_lowmem so tests can reach it). */
 void af_wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *inp,
-                                  const float *w_eff, const float *vnorm, int N, int C, int K);
+                                  const float *w_eff, const float *vnorm, int N, int IC, int OC);
 
 #endif

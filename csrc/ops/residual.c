@@ -1,4 +1,5 @@
-/* Residual connection: elementwise sum. */
+/* Residual connection: elementwise sum. Its backward is where two gradient paths meet, so it
+ * is the one op whose input gradients accumulate (ops.h). */
 #include "ops.h"
 #include "ops_internal.h"
 

@@ -2,48 +2,38 @@
 #include "ops.h"
 #include "ops_internal.h"
 
-AF_TARGET_CLONES void af_softmax_row(float *y, const float *x, int C) {
+AF_TARGET_CLONES void af_softmax_row(float *y, const float *x, int IC) {
     float mx = x[0];
     #pragma omp simd reduction(max : mx)
-    for (int c = 1; c < C; c++) mx = x[c] > mx ? x[c] : mx;
+    for (int c = 1; c < IC; c++) mx = x[c] > mx ? x[c] : mx;
     float sum = 0.0f;
     #pragma omp simd reduction(+ : sum)
-    for (int c = 0; c < C; c++) {
+    for (int c = 0; c < IC; c++) {
         y[c] = af_expf(x[c] - mx);
         sum += y[c];
     }
     float inv = 1.0f / sum;
     #pragma omp simd
-    for (int c = 0; c < C; c++) y[c] *= inv;
+    for (int c = 0; c < IC; c++) y[c] *= inv;
 }
 
-AF_TARGET_CLONES void af_softmax_row_backward(float *dx, const float *dy, const float *y, int C) {
+AF_TARGET_CLONES void af_softmax_row_backward(float *dx, const float *dy, const float *y, int IC) {
     float dot = 0.0f;
     #pragma omp simd reduction(+ : dot)
-    for (int c = 0; c < C; c++) dot += dy[c] * y[c];
+    for (int c = 0; c < IC; c++) dot += dy[c] * y[c];
     #pragma omp simd
-    for (int c = 0; c < C; c++) dx[c] = y[c] * (dy[c] - dot);
+    for (int c = 0; c < IC; c++) dx[c] = y[c] * (dy[c] - dot);
 }
 
-/* Accumulating row: dx += y * (dy - <dy, y>). */
-AF_TARGET_CLONES static void softmax_row_backward_acc(float *dx, const float *dy, const float *y,
-                                                      int C) {
-    float dot = 0.0f;
-    #pragma omp simd reduction(+ : dot)
-    for (int c = 0; c < C; c++) dot += dy[c] * y[c];
-    #pragma omp simd
-    for (int c = 0; c < C; c++) dx[c] += y[c] * (dy[c] - dot);
+void af_softmax_forward(float *out, const float *inp, int N, int IC) {
+    #pragma omp parallel for if (AF_OMP_ROWS(N, IC))
+    for (int n = 0; n < N; n++) af_softmax_row(out + (size_t)n * IC, inp + (size_t)n * IC, IC);
 }
 
-void af_softmax_forward(float *out, const float *inp, int N, int C) {
-    #pragma omp parallel for if (AF_OMP_ROWS(N, C))
-    for (int n = 0; n < N; n++) af_softmax_row(out + (size_t)n * C, inp + (size_t)n * C, C);
-}
-
-void af_softmax_backward(float *dinp, const float *dout, const float *out, int N, int C) {
-    #pragma omp parallel for if (AF_OMP_ROWS(N, C))
+void af_softmax_backward(float *dinp, const float *dout, const float *out, int N, int IC) {
+    #pragma omp parallel for if (AF_OMP_ROWS(N, IC))
     for (int n = 0; n < N; n++) {
-        size_t o = (size_t)n * C;
-        softmax_row_backward_acc(dinp + o, dout + o, out + o, C);
+        size_t o = (size_t)n * IC;
+        af_softmax_row_backward(dinp + o, dout + o, out + o, IC);
     }
 }

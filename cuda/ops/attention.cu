@@ -8,10 +8,12 @@
 //   S = scale Q K^T   : gemm(T,N) m=T  n=T k=hd  A=K  B=Q   -> att
 //   O = P V           : gemm(N,N) m=hd n=T k=T   A=V  B=P   -> out
 //   dP = dO V^T       : gemm(T,N) m=T  n=T k=hd  A=V  B=dO  -> scratch
-//   dV += P^T dO      : gemm(N,T) m=hd n=T k=T   A=dO B=P
+//   dV = P^T dO       : gemm(N,T) m=hd n=T k=T   A=dO B=P
 //   dS = P (dP - rowsum(dP P))   (softmax backward, in place on scratch)
-//   dQ += scale dS K  : gemm(N,N) m=hd n=T k=T   A=K  B=dS
-//   dK += scale dS^T Q: gemm(N,T) m=hd n=T k=T   A=Q  B=dS
+//   dQ = scale dS K   : gemm(N,N) m=hd n=T k=T   A=K  B=dS
+//   dK = scale dS^T Q : gemm(N,T) m=hd n=T k=T   A=Q  B=dS
+// dQ, dK, dV are written (beta 0): over the heads h, the three GEMMs cover every element of
+// dqkv exactly once.
 #include <math.h>
 
 #include "common.cuh"
@@ -66,18 +68,18 @@ extern "C" af_status af_cuda_attention_backward(af_cuda_context *ctx, float *dqk
                                                 &one, v, 3 * D, s_qkv, g, D, s_out, &zero, dp, T,
                                                 s_att, B));
         AF_CUBLAS_TRY(cublasSgemmStridedBatched(ctx->cublas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T,
-                                                &one, g, D, s_out, p, T, s_att, &one, dv, 3 * D,
+                                                &one, g, D, s_out, p, T, s_att, &zero, dv, 3 * D,
                                                 s_qkv, B));
     }
-    AF_TRY(af_softmax_rows_backward(ctx, scratch, scratch, att, (int64_t)B * H * T, T, 0));
+    AF_TRY(af_softmax_rows_backward(ctx, scratch, scratch, att, (int64_t)B * H * T, T));
     for (int h = 0; h < H; h++) {
         const float *q = qkv + h * hd, *k = qkv + D + h * hd, *ds = scratch + (size_t)h * T * T;
         float *dq = dqkv + h * hd, *dk = dqkv + D + h * hd;
         AF_CUBLAS_TRY(cublasSgemmStridedBatched(ctx->cublas, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T,
-                                                &scale, k, 3 * D, s_qkv, ds, T, s_att, &one, dq,
+                                                &scale, k, 3 * D, s_qkv, ds, T, s_att, &zero, dq,
                                                 3 * D, s_qkv, B));
         AF_CUBLAS_TRY(cublasSgemmStridedBatched(ctx->cublas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T,
-                                                &scale, q, 3 * D, s_qkv, ds, T, s_att, &one, dk,
+                                                &scale, q, 3 * D, s_qkv, ds, T, s_att, &zero, dk,
                                                 3 * D, s_qkv, B));
     }
     return AF_OK;

@@ -2,7 +2,7 @@
 // attention.cu, with the same operand layouts and comments' notation, but cuBLAS GemmEx with
 // bf16 A/B, fp32 C and CUBLAS_COMPUTE_32F. The fp32 operands are rounded into bf16 scratch
 // first (one elementwise kernel each); outputs and gradients stay fp32, so accumulating into
-// a gradient (beta = 1) keeps fp32 sums across calls. The softmax and its backward run in
+// a parameter gradient (beta = 1) keeps fp32 sums across calls. The softmax and its backward run in
 // fp32 on att / scratch exactly as the fp32 path.
 #include <cuda_bf16.h>
 #include <math.h>
@@ -56,34 +56,34 @@ static af_status gemm_batched(af_cuda_context *ctx, cublasOperation_t ta, cublas
 }
 
 // ------------------------------------------------------------------ linear (see linear.cu)
-//   out[N,OC]     : gemm(T, N) m=OC n=N  k=C   A=weight(ld C) B=inp(ld C)   C=out(ld OC)
-//   dinp[N,C]    += gemm(N, N) m=C  n=N  k=OC  A=weight(ld C) B=dout(ld OC) C=dinp(ld C)
-//   dweight[OC,C]+= gemm(N, T) m=C  n=OC k=N   A=inp(ld C)    B=dout(ld OC) C=dweight(ld C)
+//   out[N,OC]     : gemm(T, N) m=OC n=N  k=IC  A=weight(ld IC) B=inp(ld IC)  C=out(ld OC)
+//   dinp[N,IC]    = gemm(N, N) m=IC n=N  k=OC  A=weight(ld IC) B=dout(ld OC) C=dinp(ld IC)
+//   dweight[OC,IC]+= gemm(N, T) m=IC n=OC k=N   A=inp(ld IC)    B=dout(ld OC) C=dweight(ld IC)
 
 extern "C" af_status af_cuda_linear_forward_bf16(af_cuda_context *ctx, float *out,
                                                  const float *inp, const af_bf16 *weight_h,
-                                                 const float *bias, int N, int C, int OC,
+                                                 const float *bias, int N, int IC, int OC,
                                                  af_bf16 *scratch) {
-    AF_CUDA_CHECK(N > 0 && C > 0 && OC > 0, "linear_forward_bf16: bad sizes N=%d C=%d OC=%d", N,
-                  C, OC);
+    AF_CUDA_CHECK(N > 0 && IC > 0 && OC > 0, "linear_forward_bf16: bad sizes N=%d IC=%d OC=%d", N,
+                  IC, OC);
     AF_CUDA_CHECK(out && inp && weight_h && scratch, "linear_forward_bf16: NULL pointer");
     if (bias != nullptr) {
         bias_rows_kernel<<<af_grid_1d((int64_t)N * OC, 256), 256, 0, ctx->stream>>>(out, bias, N,
                                                                                     OC);
         AF_CUDA_LAUNCHED();
     }
-    AF_TRY(af_cuda_to_bf16(ctx, scratch, inp, (size_t)N * C));
-    return gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, 1.0f, weight_h, C, scratch, C,
+    AF_TRY(af_cuda_to_bf16(ctx, scratch, inp, (size_t)N * IC));
+    return gemm(ctx, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, 1.0f, weight_h, IC, scratch, IC,
                 bias != nullptr ? 1.0f : 0.0f, out, OC);
 }
 
 extern "C" af_status af_cuda_linear_backward_bf16(af_cuda_context *ctx, float *dinp,
                                                   float *dweight, float *dbias, const float *dout,
                                                   const float *inp, const af_bf16 *weight_h,
-                                                  int N, int C, int OC, af_bf16 *scratch_a,
+                                                  int N, int IC, int OC, af_bf16 *scratch_a,
                                                   af_bf16 *scratch_b) {
-    AF_CUDA_CHECK(N > 0 && C > 0 && OC > 0, "linear_backward_bf16: bad sizes N=%d C=%d OC=%d", N,
-                  C, OC);
+    AF_CUDA_CHECK(N > 0 && IC > 0 && OC > 0, "linear_backward_bf16: bad sizes N=%d IC=%d OC=%d", N,
+                  IC, OC);
     AF_CUDA_CHECK(dout != nullptr, "linear_backward_bf16: NULL dout");
     if (dinp != nullptr || dweight != nullptr) {
         AF_CUDA_CHECK(scratch_b != nullptr, "linear_backward_bf16: NULL scratch");
@@ -91,15 +91,15 @@ extern "C" af_status af_cuda_linear_backward_bf16(af_cuda_context *ctx, float *d
     }
     if (dinp != nullptr) {
         AF_CUDA_CHECK(weight_h != nullptr, "linear_backward_bf16: dinp needs weight");
-        AF_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, 1.0f, weight_h, C, scratch_b, OC,
-                    1.0f, dinp, C));
+        AF_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, 1.0f, weight_h, IC, scratch_b, OC,
+                    0.0f, dinp, IC));
     }
     if (dweight != nullptr) {
         AF_CUDA_CHECK(inp != nullptr && scratch_a != nullptr,
                       "linear_backward_bf16: dweight needs inp and scratch");
-        AF_TRY(af_cuda_to_bf16(ctx, scratch_a, inp, (size_t)N * C));
-        AF_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, 1.0f, scratch_a, C, scratch_b, OC,
-                    1.0f, dweight, C));
+        AF_TRY(af_cuda_to_bf16(ctx, scratch_a, inp, (size_t)N * IC));
+        AF_TRY(gemm(ctx, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, 1.0f, scratch_a, IC, scratch_b, OC,
+                    1.0f, dweight, IC));
     }
     if (dbias != nullptr) AF_TRY(af_cuda_colsum_accumulate(ctx, dbias, dout, N, OC));
     return AF_OK;
@@ -110,10 +110,11 @@ extern "C" af_status af_cuda_linear_backward_bf16(af_cuda_context *ctx, float *d
 //   S = scale Q K^T   : gemm(T,N) m=T  n=T k=hd  A=K  B=Q   -> att (fp32), softmax in place
 //   O = P V           : gemm(N,N) m=hd n=T k=T   A=V  B=P   -> out
 //   dP = dO V^T       : gemm(T,N) m=T  n=T k=hd  A=V  B=dO  -> scratch (fp32)
-//   dV += P^T dO      : gemm(N,T) m=hd n=T k=T   A=dO B=P
+//   dV = P^T dO       : gemm(N,T) m=hd n=T k=T   A=dO B=P
 //   dS = P (dP - rowsum(dP P))   (fp32, in place on scratch), then rounded to bf16
-//   dQ += scale dS K  : gemm(N,N) m=hd n=T k=T   A=K  B=dS
-//   dK += scale dS^T Q: gemm(N,T) m=hd n=T k=T   A=Q  B=dS
+//   dQ = scale dS K   : gemm(N,N) m=hd n=T k=T   A=K  B=dS
+//   dK = scale dS^T Q : gemm(N,T) m=hd n=T k=T   A=Q  B=dS
+// dQ, dK, dV are written (beta 0): each element of dqkv has exactly one writer.
 
 static af_status check_attention(const char *what, int B, int T, int D, int H) {
     AF_CUDA_CHECK(B > 0 && T > 0 && D > 0 && H > 0, "%s: bad sizes B=%d T=%d D=%d H=%d", what, B,
@@ -173,17 +174,17 @@ extern "C" af_status af_cuda_attention_backward_bf16(af_cuda_context *ctx, float
         AF_TRY(gemm_batched(ctx, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hd, 1.0f, v, 3 * D, s_qkv, g, D,
                             s_out, 0.0f, dp, T, s_att, B));
         AF_TRY(gemm_batched(ctx, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, 1.0f, g, D, s_out, p, T,
-                            s_att, 1.0f, dv, 3 * D, s_qkv, B));
+                            s_att, 0.0f, dv, 3 * D, s_qkv, B));
     }
-    AF_TRY(af_softmax_rows_backward(ctx, scratch, scratch, att, (int64_t)B * H * T, T, 0));
+    AF_TRY(af_softmax_rows_backward(ctx, scratch, scratch, att, (int64_t)B * H * T, T));
     AF_TRY(af_cuda_to_bf16(ctx, p_h, scratch, (size_t)B * H * T * T));  // dS replaces P
     for (int h = 0; h < H; h++) {
         const af_bf16 *q = qkv_h + h * hd, *k = qkv_h + D + h * hd, *ds = p_h + (size_t)h * T * T;
         float *dq = dqkv + h * hd, *dk = dqkv + D + h * hd;
         AF_TRY(gemm_batched(ctx, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T, scale, k, 3 * D, s_qkv, ds, T,
-                            s_att, 1.0f, dq, 3 * D, s_qkv, B));
+                            s_att, 0.0f, dq, 3 * D, s_qkv, B));
         AF_TRY(gemm_batched(ctx, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, scale, q, 3 * D, s_qkv, ds, T,
-                            s_att, 1.0f, dk, 3 * D, s_qkv, B));
+                            s_att, 0.0f, dk, 3 * D, s_qkv, B));
     }
     return AF_OK;
 }

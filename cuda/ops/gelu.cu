@@ -17,7 +17,7 @@ __global__ void gelu_backward_kernel(float *dinp, const float *dout, const float
         float x = inp[i];
         float cdf = 0.5f * (1.0f + erff(x * AF_INV_SQRT2));
         float pdf = AF_INV_SQRT_2PI * expf(-0.5f * x * x);
-        dinp[i] += dout[i] * (cdf + x * pdf);
+        dinp[i] = dout[i] * (cdf + x * pdf);
     }
 }
 

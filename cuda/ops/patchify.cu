@@ -1,17 +1,17 @@
 // Patchify / af_unpatchify: the twin of csrc/ops/patchify.c. One thread per patch element;
-// patches[b, l, k] with l = gi*G + gj (G = S/P) and k = (p*P + q)*C + c (PQC, MAE) or
+// patches[b, l, k] (k < Q) with l = gi*G + gj and k = (p*P + q)*C + c (PQC, MAE) or
 // (c*P + p)*P + q (CPQ, conv weight order) maps to img[b, c, gi*P + p, gj*P + q]. The map is a
-// bijection (S % P == 0), so the backward scatter needs no atomics.
+// bijection (S % P == 0): the backward is unpatchify, one writer per pixel, no atomics.
 #include "common.cuh"
 
-enum { MODE_PATCHIFY = 0, MODE_SCATTER_ADD = 1, MODE_UNPATCHIFY = 2 };
+enum { MODE_PATCHIFY = 0, MODE_UNPATCHIFY = 1 };
 
 __global__ void patch_kernel(float *patches, float *img, int64_t total, int C, int S, int P,
                              int order, int mode) {
-    const int G = S / P, K = P * P * C;
+    const int G = S / P, Q = P * P * C;
     AF_GRID_STRIDE(int64_t, j, total) {
-        int k = (int)(j % K);
-        int64_t bl = j / K;
+        int k = (int)(j % Q);
+        int64_t bl = j / Q;
         int l = (int)(bl % ((int64_t)G * G));
         int64_t b = bl / ((int64_t)G * G);
         int gi = l / G, gj = l % G, p, q, c;
@@ -27,8 +27,6 @@ __global__ void patch_kernel(float *patches, float *img, int64_t total, int C, i
         int64_t pix = ((b * C + c) * S + (int64_t)gi * P + p) * S + (int64_t)gj * P + q;
         if (mode == MODE_PATCHIFY)
             patches[j] = img[pix];
-        else if (mode == MODE_SCATTER_ADD)
-            img[pix] += patches[j];
         else
             img[pix] = patches[j];
     }
@@ -59,7 +57,7 @@ extern "C" af_status af_cuda_patchify_backward(af_cuda_context *ctx, float *dimg
                                                const float *dpatches, int B, int C, int S, int P,
                                                int order) {
     return run(ctx, "patchify_backward", (float *)dpatches, dimg, B, C, S, P, order,
-               MODE_SCATTER_ADD);
+               MODE_UNPATCHIFY);
 }
 
 extern "C" af_status af_cuda_unpatchify(af_cuda_context *ctx, float *img, const float *patches,

@@ -1,4 +1,5 @@
-// Residual add: the twin of csrc/ops/residual.c.
+// Residual add: the twin of csrc/ops/residual.c. Its backward is where two gradient paths
+// meet: the one op whose input gradients accumulate (cuda_api.h).
 #include "common.cuh"
 
 __global__ void residual_forward_kernel(float *out, const float *a, const float *b, size_t n) {

@@ -2,68 +2,66 @@
 #include "common.cuh"
 #include "ops_internal.cuh"
 
-__global__ void softmax_forward_kernel(float *out, const float *inp, int64_t N, int C,
+__global__ void softmax_forward_kernel(float *out, const float *inp, int64_t N, int IC,
                                        float scale) {
     int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const float *x = inp + row * C;
-    float *y = out + row * C;
+    const float *x = inp + row * IC;
+    float *y = out + row * IC;
     float m = -INFINITY;
-    for (int c = lane; c < C; c += 32) m = fmaxf(m, x[c] * scale);
+    for (int c = lane; c < IC; c += 32) m = fmaxf(m, x[c] * scale);
     m = af_warp_max(m);
     float s = 0.0f;
-    for (int c = lane; c < C; c += 32) s += expf(x[c] * scale - m);
+    for (int c = lane; c < IC; c += 32) s += expf(x[c] * scale - m);
     s = af_warp_sum(s);
     float inv = 1.0f / s;
-    for (int c = lane; c < C; c += 32) y[c] = expf(x[c] * scale - m) * inv;
+    for (int c = lane; c < IC; c += 32) y[c] = expf(x[c] * scale - m) * inv;
 }
 
-// dinp (+)= out * (dout - sum(dout * out)). In place (dinp == dout, accumulate = 0) is safe:
-// each element is read and written by the same lane after the row sum is known.
+// dinp = out * (dout - sum(dout * out)). In place (dinp == dout) is safe: each element is read
+// and written by the same lane after the row sum is known.
 __global__ void softmax_backward_kernel(float *dinp, const float *dout, const float *out,
-                                        int64_t N, int C, int accumulate) {
+                                        int64_t N, int IC) {
     int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= N) return;
-    const float *g = dout + row * C, *y = out + row * C;
-    float *dx = dinp + row * C;
+    const float *g = dout + row * IC, *y = out + row * IC;
+    float *dx = dinp + row * IC;
     float d = 0.0f;
-    for (int c = lane; c < C; c += 32) d += g[c] * y[c];
+    for (int c = lane; c < IC; c += 32) d += g[c] * y[c];
     d = af_warp_sum(d);
-    for (int c = lane; c < C; c += 32) {
-        float v = y[c] * (g[c] - d);
-        dx[c] = accumulate ? dx[c] + v : v;
-    }
+    for (int c = lane; c < IC; c += 32) dx[c] = y[c] * (g[c] - d);
 }
 
-af_status af_softmax_rows(af_cuda_context *ctx, float *out, const float *inp, int64_t N, int C,
+af_status af_softmax_rows(af_cuda_context *ctx, float *out, const float *inp, int64_t N, int IC,
                           float scale) {
-    softmax_forward_kernel<<<(unsigned)((N + 7) / 8), 256, 0, ctx->stream>>>(out, inp, N, C, scale);
+    softmax_forward_kernel<<<(unsigned)((N + 7) / 8), 256, 0, ctx->stream>>>(out, inp, N, IC,
+                                                                               scale);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }
 
 af_status af_softmax_rows_backward(af_cuda_context *ctx, float *dinp, const float *dout,
-                                   const float *out, int64_t N, int C, int accumulate) {
+                                   const float *out, int64_t N, int IC) {
     softmax_backward_kernel<<<(unsigned)((N + 7) / 8), 256, 0, ctx->stream>>>(dinp, dout, out, N,
-                                                                               C, accumulate);
+                                                                               IC);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }
 
 extern "C" af_status af_cuda_softmax_forward(af_cuda_context *ctx, float *out, const float *inp,
-                                             int N, int C) {
-    AF_CUDA_CHECK(N > 0 && C > 0, "softmax_forward: bad sizes N=%d C=%d", N, C);
+                                             int N, int IC) {
+    AF_CUDA_CHECK(N > 0 && IC > 0, "softmax_forward: bad sizes N=%d IC=%d", N, IC);
     AF_CUDA_CHECK(out && inp, "softmax_forward: NULL pointer");
-    return af_softmax_rows(ctx, out, inp, N, C, 1.0f);
+    return af_softmax_rows(ctx, out, inp, N, IC, 1.0f);
 }
 
 extern "C" af_status af_cuda_softmax_backward(af_cuda_context *ctx, float *dinp,
                                               const float *dout, const float *out, int N,
-                                              int C) {
-    AF_CUDA_CHECK(N > 0 && C > 0, "softmax_backward: bad sizes N=%d C=%d", N, C);
+                                              int IC) {
+    AF_CUDA_CHECK(N > 0 && IC > 0, "softmax_backward: bad sizes N=%d IC=%d", N, IC);
     if (dinp == nullptr) return AF_OK;
     AF_CUDA_CHECK(dout && out, "softmax_backward: NULL pointer");
-    return af_softmax_rows_backward(ctx, dinp, dout, out, N, C, 1);
+    return af_softmax_rows_backward(ctx, dinp, dout, out, N, IC);
 }
