@@ -145,7 +145,27 @@ static int type(parser *ps, af_op_param *q) {
     return bad(ps, "unknown type");
 }
 
-static af_op_param *new_param(parser *ps) {
+/* **config: the SLM config keywords, typed by AF_SLM_CFG_FORMAT. */
+static int config_params(parser *ps) {
+    static const char *names[] = {AF_SLM_CFG_KWLIST};
+    const char *kinds = AF_SLM_CFG_FORMAT + 1; /* past '$' */
+    if (ps->g->n + (int)strlen(kinds) > AF_OP_MAX_PARAMS) return bad(ps, "too many parameters");
+    for (int k = 0; kinds[k]; k++) {
+        af_op_param *q = &ps->g->p[ps->g->n++];
+        snprintf(q->name, sizeof q->name, "%s", names[k]);
+        q->kind = kinds[k];
+        q->range = 'x'; /* af_slm_config_check decides */
+        q->same_as = q->from = q->cond = q->slot = -1;
+        q->cfg = (int8_t)k;
+        q->flags = AF_OP_OPTIONAL | AF_OP_KWONLY;
+    }
+    return 0;
+}
+
+/* One entry of any list: [@]name [shape] [:type] [!] [=default]. `kind`: '?' a parameter
+ * (an array when it has a shape), 'o' a result, 't' scratch. Adds it to the docstring
+ * (`sep` first) unless it is the GPU twin's only. */
+static af_op_param *entry(parser *ps, char kind, const char *sep) {
     af_op_sig *g = ps->g;
     if (g->n == AF_OP_MAX_PARAMS + AF_OP_MAX_SLOTS) {
         bad(ps, "too many entries");
@@ -153,150 +173,118 @@ static af_op_param *new_param(parser *ps) {
     }
     af_op_param *q = &g->p[g->n++];
     memset(q, 0, sizeof *q);
-    q->kind = 'a';
-    q->dtype = 'f';
+    q->kind = kind, q->dtype = 'f';
     q->same_as = q->from = q->cond = q->slot = q->cfg = -1;
-    return q;
-}
-
-/* **config: the SLM config keywords, typed by AF_SLM_CFG_FORMAT. */
-static int config_params(parser *ps) {
-    static const char *names[] = {AF_SLM_CFG_KWLIST};
-    const char *kinds = AF_SLM_CFG_FORMAT + 1; /* past '$' */
-    for (int k = 0; kinds[k]; k++) {
-        af_op_param *q = new_param(ps);
-        if (q == NULL) return -1;
-        snprintf(q->name, sizeof q->name, "%s", names[k]);
-        q->kind = kinds[k];
-        q->range = 'x'; /* af_slm_config_check decides */
-        q->cfg = (int8_t)k;
-        q->flags = AF_OP_OPTIONAL | AF_OP_KWONLY;
+    if (*ps->s == '@') {
+        q->flags |= AF_OP_GPU;
+        ps->s++;
     }
-    return 0;
+    const char *start = ps->s;
+    if (ident(ps, q->name, sizeof q->name) < 0) return NULL;
+    if (*ps->s == '[') {
+        if (q->kind == '?') q->kind = 'a';
+        if (shape(ps, q, ps->ref[g->n - 1]) < 0) return NULL;
+    }
+    if (*ps->s == ':' && type(ps, q) < 0) return NULL;
+    if (q->kind == '?') return bad(ps, "a scalar needs a type"), NULL;
+    if (*ps->s == '!') {
+        q->flags |= AF_OP_INPLACE;
+        ps->s++;
+    }
+    size_t len = (size_t)(ps->s - start);
+    if (*ps->s == '=') {
+        ps->s++;
+        q->flags |= AF_OP_OPTIONAL;
+        if (word(ps, "True")) {
+            q->def = 1;
+        } else if (!word(ps, "None") && !word(ps, "False")) {
+            char *end;
+            q->def = strtod(ps->s, &end);
+            if (end == ps->s) return bad(ps, "bad default"), NULL;
+            ps->s = end + (*end == 'f'); /* a C float literal from STR() */
+        }
+        len = (size_t)(ps->s - start) - (ps->s[-1] == 'f'); /* the docstring shows 0.1 */
+    }
+    if (!(q->flags & AF_OP_GPU) || on_gpu) {
+        doc_add(ps, sep, strlen(sep));
+        doc_add(ps, start, len);
+    }
+    return q;
 }
 
 /* The parameters, up to "->" (returns 1) or the end (0). */
 static int parse_params(parser *ps) {
-    af_op_sig *g = ps->g;
-    int kwonly = 0, ndoc = 0, star = 0;
+    const char *sep = "";
+    int kwonly = 0;
     for (;;) {
         skip_ws(ps);
         if (*ps->s == '\0' || *ps->s == '\n') return 0;
         if (word(ps, "->")) return 1;
-        const char *start = ps->s;
-        int shown = 1;
         if (word(ps, "**config")) {
+            doc_add(ps, sep, strlen(sep));
+            doc_add(ps, "**config", 8);
             if (config_params(ps) < 0) return -1;
-            kwonly = 1;
-        } else if (*ps->s == '*') {
+        } else if (*ps->s == '*') { /* shown before the next parameter this build has */
             ps->s++;
-            kwonly = star = 1;
+            kwonly = 1;
+            sep = *sep ? ", *, " : "*, ";
             continue;
         } else {
-            af_op_param *q = new_param(ps);
+            af_op_param *q = entry(ps, '?', sep);
             if (q == NULL) return -1;
-            if (*ps->s == '@') {
-                q->flags |= AF_OP_GPU;
-                shown = on_gpu;
-                ps->s++, start++;
-            }
-            if (ident(ps, q->name, sizeof q->name) < 0) return -1;
-            q->kind = '?';
-            if (*ps->s == '[') {
-                q->kind = 'a';
-                if (shape(ps, q, ps->ref[g->n - 1]) < 0) return -1;
-            }
-            if (*ps->s == ':' && type(ps, q) < 0) return -1;
-            if (q->kind == '?') return bad(ps, "a scalar needs a type");
-            if (*ps->s == '!') {
-                q->flags |= AF_OP_INPLACE;
-                ps->s++;
-            }
-            if (*ps->s == '=') {
-                ps->s++;
-                q->flags |= AF_OP_OPTIONAL;
-                if (word(ps, "None")) q->def = 0;
-                else if (word(ps, "True")) q->def = 1;
-                else if (word(ps, "False")) q->def = 0;
-                else {
-                    char *end;
-                    q->def = strtod(ps->s, &end);
-                    if (end == ps->s) return bad(ps, "bad default");
-                    ps->s = end + (*end == 'f'); /* a C float literal from AF_STR */
-                }
-            }
             if (kwonly) q->flags |= AF_OP_KWONLY;
             if (*ps->s != ' ' && *ps->s != '\0' && *ps->s != '\n') return bad(ps, "unexpected text");
+            if ((q->flags & AF_OP_GPU) && !on_gpu) continue;
         }
-        if (!shown) continue;
-        size_t len = (size_t)(ps->s - start);
-        if (len > 2 && ps->s[-1] == 'f' && ps->s[-2] >= '0' && ps->s[-2] <= '9') len--; /* 0.1f */
-        if (ndoc++) doc_add(ps, ", ", 2);
-        if (star) doc_add(ps, "*, ", 3);
-        star = 0;
-        doc_add(ps, start, len);
+        sep = ", ";
     }
 }
 
-/* The results; their docstring leaves out the clauses on a parameter this build lacks. */
+/* The results, then the scratch after "using"; the docstring leaves out the clauses on a
+ * parameter this build lacks. */
 static int parse_results(parser *ps) {
     af_op_sig *g = ps->g;
     skip_ws(ps);
     doc_add(ps, " -> ", 4);
-    if (word(ps, "None")) {
-        doc_add(ps, "None", 4);
-    } else {
-        g->tuple = *ps->s == '(';
-        if (g->tuple) ps->s++, doc_add(ps, "(", 1);
-        for (int nres = 0;; nres++) {
+    if (word(ps, "None")) doc_add(ps, "None", 4);
+    g->tuple = *ps->s == '(';
+    if (g->tuple) ps->s++, doc_add(ps, "(", 1);
+    for (const char *sep = "";; sep = ", ") {
+        skip_ws(ps);
+        if (*ps->s == ')' || *ps->s == '\0' || *ps->s == '\n' || strncmp(ps->s, "using ", 6) == 0)
+            break;
+        af_op_param *q = entry(ps, 'o', sep);
+        if (q == NULL) return -1;
+        for (;;) { /* from x, if x, unless x */
             skip_ws(ps);
-            if (*ps->s == ')' || *ps->s == '\0' || *ps->s == '\n' || strncmp(ps->s, "using ", 6) == 0)
-                break;
-            const char *start = ps->s;
-            af_op_param *q = new_param(ps);
-            if (q == NULL || ident(ps, q->name, sizeof q->name) < 0) return -1;
-            q->kind = 'o';
-            if (*ps->s == '[' && shape(ps, q, ps->ref[g->n - 1]) < 0) return -1;
-            if (*ps->s == ':' && type(ps, q) < 0) return -1;
-            if (nres) doc_add(ps, ", ", 2);
-            doc_add(ps, start, (size_t)(ps->s - start));
-            for (;;) { /* from x, if x, unless x */
-                skip_ws(ps);
-                const char *clause = ps->s;
-                int unless = 0;
-                int8_t *field = word(ps, "from ") ? &q->from
-                                : word(ps, "if ") ? &q->cond
-                                : (unless = word(ps, "unless ")) ? &q->cond : NULL;
-                if (field == NULL) break;
-                char name[24];
-                if (ident(ps, name, sizeof name) < 0) return -1;
-                if ((*field = (int8_t)find(g, name, g->nparams)) < 0) return bad(ps, "unknown name");
-                if (unless) q->flags |= AF_OP_UNLESS;
-                if (!(g->p[*field].flags & AF_OP_GPU) || on_gpu) {
-                    doc_add(ps, " ", 1);
-                    doc_add(ps, clause, (size_t)(ps->s - clause));
-                }
+            const char *clause = ps->s;
+            int unless = 0;
+            int8_t *field = word(ps, "from ") ? &q->from
+                            : word(ps, "if ") ? &q->cond
+                            : (unless = word(ps, "unless ")) ? &q->cond : NULL;
+            char name[24];
+            if (field == NULL) break;
+            if (ident(ps, name, sizeof name) < 0) return -1;
+            if ((*field = (int8_t)find(g, name, g->nparams)) < 0) return bad(ps, "unknown name");
+            if (unless) q->flags |= AF_OP_UNLESS;
+            if (!(g->p[*field].flags & AF_OP_GPU) || on_gpu) {
+                doc_add(ps, " ", 1);
+                doc_add(ps, clause, (size_t)(ps->s - clause));
             }
         }
-        if (g->tuple && *ps->s++ != ')') return bad(ps, "expected )");
-        if (g->tuple) doc_add(ps, ")", 1);
     }
+    if (g->tuple && *ps->s++ != ')') return bad(ps, "expected )");
+    if (g->tuple) doc_add(ps, ")", 1);
+    size_t doc = ps->doc;
     skip_ws(ps);
-    if (word(ps, "using")) { /* scratch */
+    if (word(ps, "using")) {
         for (;;) {
             skip_ws(ps);
             if (*ps->s == '\0' || *ps->s == '\n') break;
-            af_op_param *q = new_param(ps);
-            if (q == NULL) return -1;
-            if (*ps->s == '@') {
-                q->flags |= AF_OP_GPU;
-                ps->s++;
-            }
-            if (ident(ps, q->name, sizeof q->name) < 0) return -1;
-            q->kind = 't';
-            if (*ps->s != '[' || shape(ps, q, ps->ref[g->n - 1]) < 0) return bad(ps, "scratch shape");
+            if (entry(ps, 't', "") == NULL) return -1;
         }
     }
+    ps->doc = doc, g->doc[doc] = '\0'; /* scratch is not part of the docstring */
     return *ps->s == '\0' || *ps->s == '\n' ? 0 : bad(ps, "unexpected text");
 }
 
