@@ -658,29 +658,29 @@ static int check_dims(af_op_call *o, const af_op_param *q) {
         int64_t have = PyArray_DIM(a, d), factor = q->dim[d].coef;
         int unknown;
         int64_t want = dim_value(o, &q->dim[d], &unknown);
+        if (want == have) continue;
+        if (want == -1) { /* bind the unknown letter: have / the rest of the product */
+            for (int f = 0; f < q->dim[d].n; f++)
+                if (q->dim[d].letter[f] != unknown) factor *= o->let[q->dim[d].letter[f]];
+            if (factor >= 1 && have % factor == 0) {
+                o->let[unknown] = have / factor, o->bound |= 1u << unknown;
+                continue;
+            }
+        }
         char text[48];
         dim_text(g, &q->dim[d], text, sizeof text);
-        if (want >= 0 && want != have) { /* a product names its letters: 12 (P*P*C) */
+        if (want >= 0) /* a product names its letters: 12 (P*P*C) */
             PyErr_Format(PyExc_ValueError, "%s: dimension %d must be %lld%s%s%s, got %lld",
                          q->name, d, (long long)want, q->dim[d].n > 1 ? " (" : "",
                          q->dim[d].n > 1 ? text : "", q->dim[d].n > 1 ? ")" : "", (long long)have);
-            return -1;
-        }
-        if (want == -2 || want == -3) {
+        else if (want == -1)
+            PyErr_Format(PyExc_ValueError, "%s: dimension %d must be a multiple of %lld (%s), "
+                         "got %lld", q->name, d, (long long)factor, text, (long long)have);
+        else
             PyErr_Format(want == -2 ? PyExc_ValueError : PyExc_SystemError,
                          "%s: dimension %d must be %s, %s", q->name, d, text,
                          want == -2 ? "which is too large" : "which has two unknown letters");
-            return -1;
-        }
-        if (want != -1) continue;
-        for (int f = 0; f < q->dim[d].n; f++)
-            if (q->dim[d].letter[f] != unknown) factor *= o->let[q->dim[d].letter[f]];
-        if (factor < 1 || have % factor != 0) {
-            PyErr_Format(PyExc_ValueError, "%s: dimension %d must be a multiple of %lld (%s), "
-                         "got %lld", q->name, d, (long long)factor, text, (long long)have);
-            return -1;
-        }
-        o->let[unknown] = have / factor, o->bound |= 1u << unknown;
+        return -1;
     }
     return 0;
 }
