@@ -29,8 +29,8 @@
  *   **config            the SLM config keywords (AF_SLM_CFG_*, defaults from slm.h)
  *   @x                  only in the GPU twin (its extra keywords, its scratch); the CPU twin
  *                       acts as if x had its default
- * Results, zero-filled (backward kernels accumulate into them): `out[N,OC]` is returned
- * alone, `(a, b)` as a tuple (even of one), `None` for in-place ops; `loss:float` is one
+ * Results, zero-filled (a kernel that accumulates gives the plain gradient): `out[N,OC]` is
+ * returned alone, `(a, b)` as a tuple (even of one), `None` for in-place ops; `loss:float` is one
  * float returned as a Python float; `dbias[OC] if has_bias`, `ds_cate[s] unless combined`
  * are None when the bool says so; `ds_stru[s] from ds` starts as a copy of ds when given.
  * `using datt[att]`: zero-filled scratch, not returned.
