@@ -233,7 +233,8 @@ static int parse_params(parser *ps) {
             af_op_param *q = entry(ps, '?', sep);
             if (q == NULL) return -1;
             if (kwonly) q->flags |= AF_OP_KWONLY;
-            if (*ps->s != ' ' && *ps->s != '\0' && *ps->s != '\n') return bad(ps, "unexpected text");
+            if (*ps->s != ' ' && *ps->s != '\0' && *ps->s != '\n')
+                return bad(ps, "unexpected text");
             if ((q->flags & AF_OP_GPU) && !on_gpu) continue;
         }
         sep = ", ";
@@ -647,8 +648,9 @@ static int check_dims(af_op_call *o, const af_op_param *q) {
     PyArrayObject *a = o->arr[q->slot];
     if (q->same_as >= 0) {
         PyArrayObject *ref = o->arr[g->p[q->same_as].slot];
-        if (ref == NULL || (PyArray_NDIM(a) == PyArray_NDIM(ref) &&
-                            PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(ref), PyArray_NDIM(a))))
+        int nd = PyArray_NDIM(a);
+        if (ref == NULL || (nd == PyArray_NDIM(ref) &&
+                            PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(ref), nd)))
             return 0;
         PyErr_Format(PyExc_ValueError, "%s must have the same shape as %s", q->name,
                      g->p[q->same_as].name);
@@ -909,11 +911,10 @@ int af_op_register(PyObject *m, const char *module) {
 /* ------------------------------------------------------------------ GPU timing */
 
 #ifdef AFIRE_HAVE_CUDA
-/* A call whose sizes come from names[] = values[] (letters and scalars), with device
- * buffers for every array slot: inputs uniform, the rest zero. */
-static af_status time_setup(af_cuda_context *ctx, const af_op_row *row, const af_op_sig *g,
-                            af_op_call *o, void **dev, const char *const *names,
-                            const int64_t *values, int n) {
+/* A call of `row` whose sizes come from names[k] = values[k] (letters and scalars). 0, or -1
+ * with an exception set. */
+static int time_call(const af_op_row *row, const af_op_sig *g, af_op_call *o,
+                     const char *const *names, const int64_t *values, int n) {
     memset(o, 0, sizeof *o);
     o->sig = g, o->name = row->name;
     for (int i = 0; i < g->nparams; i++) o->iv[i] = (int64_t)g->p[i].def, o->fv[i] = g->p[i].def;
@@ -927,17 +928,26 @@ static af_status time_setup(af_cuda_context *ctx, const af_op_row *row, const af
         if (q->slot < 0 || (i >= g->nparams && !present(o, q))) continue;
         npy_intp shape[AF_OP_MAX_DIMS];
         int ndim;
-        if (result_shape(o, q, shape, &ndim) < 0) {
-            PyErr_Clear();
-            return af_error(AF_EINVAL, "time: the sizes of %s in %s are unknown", q->name, row->name);
-        }
+        if (result_shape(o, q, shape, &ndim) < 0) return -1;
         size_t count = 1;
         for (int d = 0; d < ndim; d++) count *= (size_t)shape[d];
         o->count[q->slot] = count, o->bytes[q->slot] = count * sizeof(float);
+    }
+    return 0;
+}
+
+/* Device buffers for every array of a timed call: inputs uniform in [-1, 1), the rest 0. */
+static af_status time_buffers(af_cuda_context *ctx, const af_op_call *o, void **dev) {
+    const af_op_sig *g = o->sig;
+    for (int i = 0; i < g->n; i++) {
+        const af_op_param *q = &g->p[i];
+        if (q->slot < 0 || o->count[q->slot] == 0) continue;
+        size_t count = o->count[q->slot];
         af_status st = af_cuda_malloc(ctx, (float **)&dev[q->slot], count);
+        float *buf = (float *)dev[q->slot];
         if (st == AF_OK)
-            st = q->kind == 'a' ? af_cuda_fill_uniform(ctx, (float *)dev[q->slot], count, (uint64_t)i)
-                                : af_cuda_zero(ctx, (float *)dev[q->slot], count);
+            st = q->kind == 'a' ? af_cuda_fill_uniform(ctx, buf, count, (uint64_t)i)
+                                : af_cuda_zero(ctx, buf, count);
         if (st != AF_OK) return st;
     }
     return AF_OK;
@@ -952,22 +962,24 @@ static int row_index(const char *name) {
 PyObject *af_op_time_pair(const char *fwd, const char *bwd, const char *const *names,
                           const int64_t *values, int n, int warmup, int iters, int tf32) {
     int row[2] = {row_index(fwd), row_index(bwd)};
+    af_op_call o[2];
     if (row[0] < 0 || row[1] < 0) {
         PyErr_Format(PyExc_SystemError, "time: no GPU op %s / %s", fwd, bwd);
         return NULL;
     }
+    for (int k = 0; k < 2; k++)
+        if (time_call(&af_op_rows[row[k]], &af_op_sigs[row[k]], &o[k], names, values, n) < 0)
+            return NULL;
     af_cuda_context *ctx = af_op_context_acquire();
     if (ctx == NULL) return NULL;
-    af_op_call o[2];
     void *dev[2][AF_OP_MAX_SLOTS] = {{NULL}};
     float ms[2] = {0.0f, 0.0f};
     af_status st;
     Py_BEGIN_ALLOW_THREADS
     st = af_cuda_context_set_tf32(ctx, tf32);
     for (int k = 0; k < 2 && st == AF_OK; k++) {
-        st = time_setup(ctx, &af_op_rows[row[k]], &af_op_sigs[row[k]], &o[k], dev[k], names,
-                        values, n);
         job_t job = {af_op_rows[row[k]].run, &o[k]};
+        st = time_buffers(ctx, &o[k], dev[k]);
         if (st == AF_OK) st = af_cuda_time(ctx, run_job, dev[k], &job, warmup, iters, &ms[k]);
     }
     af_cuda_synchronize(ctx);

@@ -169,7 +169,8 @@ static int check_released(af_op_call *o) {
 static int check_slm(af_op_call *o) {
     int B = I(B), S = I(S), W = I(W), P = I(patch);
     if (W != S) {
-        PyErr_Format(PyExc_ValueError, "images must be square [B, S, S], got [%d, %d, %d]", B, S, W);
+        PyErr_Format(PyExc_ValueError, "images must be square [B, S, S], got [%d, %d, %d]", B, S,
+                     W);
         return -1;
     }
     if (S < 1 || S > AF_SLM_MAX_SIDE) {
