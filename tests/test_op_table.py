@@ -2,6 +2,9 @@
 from one row, checked by one checker. The CPU and GPU twins must therefore refuse the same
 bad input with the same exception and message -- checked here before any device is touched,
 so it runs on every CUDA build, with or without a GPU."""
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 
@@ -67,7 +70,15 @@ def test_cpu_refuses_with_a_message_naming_something(module, name, args, kw):
     assert exc in (TypeError, ValueError) and msg
 
 
-@pytest.mark.skipif(not cuda.compiled(), reason="this build has no CUDA backend")
+def same_build():
+    """afire._C_cuda was built beside afire._C (not, say, found through another checkout's
+    editable install, as in .ci/sanitize.sh's CPU-only copy)."""
+    spec = importlib.util.find_spec("afire._C_cuda")
+    return spec is not None and os.path.dirname(spec.origin) == os.path.dirname(_C.__file__)
+
+
+@pytest.mark.skipif(not cuda.compiled() or not same_build(),
+                    reason="no CUDA backend built beside this afire._C")
 @pytest.mark.parametrize("module,name,args,kw", BAD, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
 def test_gpu_twin_refuses_exactly_like_the_cpu(module, name, args, kw):
     want = refusal(getattr(getattr(_C, module), name), args, kw)
