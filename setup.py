@@ -57,11 +57,10 @@ if SANITIZE:
 # `import afire` never loads CUDA libraries (they can clash with PyTorch's own copies).
 # the first entries are CUDA-only bindings; the rest are files the CUDA extension also needs
 CUDA_ONLY = ["csrc/python/py_cuda.c", "csrc/python/py_cuda_module.c",
-             "csrc/python/py_cuda_objective.c", "csrc/python/py_cuda_trainer.c",
-             "csrc/python/py_cuda_tensor.c"]
+             "csrc/python/py_cuda_trainer.c", "csrc/python/py_cuda_tensor.c"]
 CUDA_BINDING = CUDA_ONLY + ["csrc/core/error.c", "csrc/python/py_util.c", "csrc/core/slm.c",
-                             # argument checks shared with the CPU bindings
-                             "csrc/python/py_args.c",
+                             # the op table and its checker, shared with the CPU bindings
+                             "csrc/python/py_op.c", "csrc/python/py_op_table.c",
                              # the Trainer methods shared with the CPU binding
                              "csrc/python/py_trainer_common.c",
                              # DLPack export shared with afire._C.Tensor

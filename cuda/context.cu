@@ -115,37 +115,45 @@ extern "C" af_status af_cuda_fill_uniform(af_cuda_context *ctx, float *dst, size
 }
 
 // Upload, run, download; every device buffer is released whatever fails.
-extern "C" af_status af_cuda_run_host(af_cuda_context *ctx, int nargs, float *const *host,
-                                      const size_t *count, const int *role, af_cuda_fn fn,
-                                      const void *user) {
-    AF_CUDA_CHECK(nargs >= 0 && nargs <= AF_CUDA_MAX_ARGS, "af_cuda_run_host: %d arrays", nargs);
-    float *dev[AF_CUDA_MAX_ARGS] = {nullptr};
+extern "C" af_status af_cuda_run_host(af_cuda_context *ctx, int nargs, const af_cuda_buf *bufs,
+                                      af_cuda_fn fn, const void *user) {
+    AF_CUDA_CHECK(nargs >= 0 && nargs <= AF_CUDA_MAX_ARGS, "af_cuda_run_host: %d buffers", nargs);
+    void *dev[AF_CUDA_MAX_ARGS] = {nullptr};
     af_status st = AF_OK;
     cudaError_t e = cudaSetDevice(ctx->device);
     if (e != cudaSuccess) st = af_error(AF_ECUDA, "cudaSetDevice: %s", cudaGetErrorString(e));
     for (int i = 0; st == AF_OK && i < nargs; i++) {
-        if (count[i] == 0 || (host[i] == nullptr && role[i] != AF_CUDA_SCRATCH)) continue;
-        st = af_cuda_malloc(ctx, &dev[i], count[i]);
-        if (st != AF_OK) break;
-        st = role[i] == AF_CUDA_OUT || role[i] == AF_CUDA_SCRATCH
-                 ? af_cuda_zero(ctx, dev[i], count[i])
-                 : af_cuda_upload(ctx, dev[i], host[i], count[i]);
+        const af_cuda_buf *b = &bufs[i];
+        if (b->bytes == 0 || (b->host == nullptr && b->role != AF_CUDA_SCRATCH)) continue;
+        e = cudaMalloc(&dev[i], b->bytes);
+        if (e != cudaSuccess) {
+            dev[i] = nullptr;
+            cudaGetLastError();
+            st = af_error(e == cudaErrorMemoryAllocation ? AF_ENOMEM : AF_ECUDA,
+                          "cudaMalloc of %zu bytes failed: %s", b->bytes, cudaGetErrorString(e));
+            break;
+        }
+        e = b->role == AF_CUDA_OUT || b->role == AF_CUDA_SCRATCH
+                ? cudaMemsetAsync(dev[i], 0, b->bytes, ctx->stream)
+                : cudaMemcpyAsync(dev[i], b->host, b->bytes, cudaMemcpyHostToDevice, ctx->stream);
+        if (e != cudaSuccess) st = af_error(AF_ECUDA, "upload failed: %s", cudaGetErrorString(e));
     }
     if (st == AF_OK) st = fn(ctx, dev, user);
-    for (int i = 0; st == AF_OK && i < nargs; i++)
-        if (dev[i] != nullptr && (role[i] == AF_CUDA_OUT || role[i] == AF_CUDA_INOUT))
-            st = af_cuda_download(ctx, host[i], dev[i], count[i]);
-    if (st == AF_OK) {
-        e = cudaStreamSynchronize(ctx->stream);
-        if (e != cudaSuccess) st = af_error(AF_ECUDA, "kernel failed: %s", cudaGetErrorString(e));
-    } else {
-        cudaStreamSynchronize(ctx->stream);  // drain before freeing what queued work uses
+    for (int i = 0; st == AF_OK && i < nargs; i++) {
+        const af_cuda_buf *b = &bufs[i];
+        if (dev[i] == nullptr || (b->role != AF_CUDA_OUT && b->role != AF_CUDA_INOUT)) continue;
+        e = cudaMemcpyAsync(b->host, dev[i], b->bytes, cudaMemcpyDeviceToHost, ctx->stream);
+        if (e != cudaSuccess) st = af_error(AF_ECUDA, "download failed: %s", cudaGetErrorString(e));
     }
-    for (int i = 0; i < nargs; i++) af_cuda_free(dev[i]);
+    e = cudaStreamSynchronize(ctx->stream);  // drain before freeing what queued work uses
+    if (st == AF_OK && e != cudaSuccess)
+        st = af_error(AF_ECUDA, "kernel failed: %s", cudaGetErrorString(e));
+    for (int i = 0; i < nargs; i++)
+        if (dev[i] != nullptr) cudaFree(dev[i]);
     return st;
 }
 
-extern "C" af_status af_cuda_time(af_cuda_context *ctx, af_cuda_fn fn, float *const *dev,
+extern "C" af_status af_cuda_time(af_cuda_context *ctx, af_cuda_fn fn, void *const *dev,
                                   const void *user, int warmup, int iters, float *ms) {
     AF_CUDA_CHECK(iters > 0 && warmup >= 0, "need iters > 0 and warmup >= 0");
     *ms = 0.0f;

@@ -48,21 +48,26 @@ af_status af_cuda_zero(af_cuda_context *ctx, float *dst, size_t count);
 /* dst[i] = af_rand_uniform(seed, 0, i) * 2 - 1: benchmark inputs without a host copy. */
 af_status af_cuda_fill_uniform(af_cuda_context *ctx, float *dst, size_t count, uint64_t seed);
 
-/* Runs fn(ctx, dev, user) on device copies of nargs host arrays, then copies back:
- * role[i] = AF_CUDA_IN (uploaded), AF_CUDA_OUT (zero-filled on the device, downloaded) or
- * AF_CUDA_INOUT (uploaded and downloaded) or AF_CUDA_SCRATCH (count[i] zero-filled floats on
- * the device only; host[i] unused). count[i] == 0, or host[i] == NULL for the other roles,
- * passes NULL. Device memory is freed on every path. At most AF_CUDA_MAX_ARGS arrays. */
+/* Runs fn(ctx, dev, user) on device copies of nargs host buffers, then copies back:
+ * role AF_CUDA_IN (uploaded), AF_CUDA_OUT (zero-filled on the device, downloaded),
+ * AF_CUDA_INOUT (uploaded and downloaded) or AF_CUDA_SCRATCH (zero-filled on the device only;
+ * host unused). bytes == 0, or host == NULL for the other roles, passes NULL. Device memory is
+ * freed on every path. At most AF_CUDA_MAX_ARGS buffers. The host-level test entry points
+ * (csrc/python/py_op.c) run every GPU op through it. */
 enum { AF_CUDA_IN = 0, AF_CUDA_OUT = 1, AF_CUDA_INOUT = 2, AF_CUDA_SCRATCH = 3 };
 #define AF_CUDA_MAX_ARGS 12
-typedef af_status (*af_cuda_fn)(af_cuda_context *ctx, float *const *dev, const void *user);
-af_status af_cuda_run_host(af_cuda_context *ctx, int nargs, float *const *host,
-                           const size_t *count, const int *role, af_cuda_fn fn,
-                           const void *user);
+typedef struct {
+    void *host;
+    size_t bytes;
+    int role;
+} af_cuda_buf;
+typedef af_status (*af_cuda_fn)(af_cuda_context *ctx, void *const *dev, const void *user);
+af_status af_cuda_run_host(af_cuda_context *ctx, int nargs, const af_cuda_buf *bufs,
+                           af_cuda_fn fn, const void *user);
 
 /* Mean GPU milliseconds per call of fn(ctx, dev, user) over `iters` calls after `warmup`
  * calls, timed with CUDA events on the context's stream (dev: device buffers). */
-af_status af_cuda_time(af_cuda_context *ctx, af_cuda_fn fn, float *const *dev,
+af_status af_cuda_time(af_cuda_context *ctx, af_cuda_fn fn, void *const *dev,
                        const void *user, int warmup, int iters, float *ms);
 
 /* ---- ops (cuda/ops/), device pointers --------------------------------------------- */

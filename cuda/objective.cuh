@@ -13,7 +13,7 @@
  * SLM results are bit-identical to af_slm_generate; the objective matches objective.c to float
  * rounding (double accumulation where the CPU uses double).
  *
- * Plain C declarations: included by the .cu files and by the C binding py_cuda_objective.c.
+ * Plain C declarations: included by the .cu files and by the C bindings (csrc/python/py_op_table.c).
  */
 #ifndef AFIRE_CUDA_OBJECTIVE_CUH
 #define AFIRE_CUDA_OBJECTIVE_CUH
@@ -75,17 +75,6 @@ af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_rec
 af_status af_cuda_anomaly_score(af_cuda_context *ctx, double *score, double *log_score,
                                 double *err, const float *y, const float *x, int B, int L,
                                 int Q);
-
-/* Test helper (host-level entry points): like af_cuda_run_host, for buffers of any element
- * type. bytes == 0, or host == NULL for roles other than AF_CUDA_SCRATCH, passes NULL. */
-typedef struct {
-    void *host;
-    size_t bytes;
-    int role; /* AF_CUDA_IN, AF_CUDA_OUT, AF_CUDA_INOUT, AF_CUDA_SCRATCH (cuda_api.h) */
-} af_cuda_buf;
-typedef af_status (*af_cuda_bytes_fn)(af_cuda_context *ctx, void *const *dev, const void *user);
-af_status af_cuda_run_host_bytes(af_cuda_context *ctx, int nargs, const af_cuda_buf *bufs,
-                                 af_cuda_bytes_fn fn, const void *user);
 
 #ifdef __cplusplus
 }

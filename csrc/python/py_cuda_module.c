@@ -16,7 +16,7 @@ PyMODINIT_FUNC PyInit__C_cuda(void) {
         return NULL;
     }
     PyObject *sub = PyObject_GetAttrString(m, "cuda");
-    int rc = sub == NULL ? -1 : (af_register_cuda_objective(sub) < 0 || af_register_cuda_trainer(sub) < 0) ? -1 : 0;
+    int rc = sub == NULL ? -1 : af_register_cuda_trainer(sub) ? -1 : 0;
     Py_XDECREF(sub);
     if (rc < 0) {
         Py_DECREF(m);

@@ -1,22 +1,5 @@
 /* afire._C.slm: Synthetic Lesion Masks (csrc/core/slm.h states the rules). */
-#include "py_args.h"
-
-/* The config keywords (AF_SLM_CFG_*, af_slm_config_finish) and af_slm_generate's checks live
- * in py_args.c, shared with the GPU twin in py_cuda_objective.c. */
-
-static PyObject *py_slm_generate(PyObject *self, PyObject *args, PyObject *kw) {
-    af_slm_generate_args a;
-    if (af_parse_slm_generate(args, kw, &a) < 0) return NULL;
-    af_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = af_slm_generate(AF_U8(a.xp), AF_U8(a.masks), AF_U8(a.labels), AF_U8(a.images), a.B, a.S,
-                      a.P, &a.cfg, a.seed, a.step, a.first);
-    Py_END_ALLOW_THREADS
-    PyObject *result = st == AF_OK ? Py_BuildValue("(OOO)", a.xp, a.masks, a.labels)
-                                   : af_raise(st);
-    af_owned_release(&a.own);
-    return result;
-}
+#include "py_op.h" /* Python.h first; slm_generate is a row of the op table (py_op_table.c) */
 
 static PyObject *py_slm_lesions(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"image", "seed", "step", "index", AF_SLM_CFG_KWLIST, NULL};
@@ -126,10 +109,6 @@ static PyObject *py_default_config(PyObject *self, PyObject *unused) {
     "crop_max=60, gamma2=0.5, strength=0.5, token_rule='paper'|'released', "                 \
     "region_rule='random'|'largest'."
 static PyMethodDef slm_methods[] = {
-    {"slm_generate", KW py_slm_generate, METH_VARARGS | METH_KEYWORDS,
-     "slm_generate(images, seed, step=0, first_index=0, patch=16, **config)\n"
-     "  -> (x_prime uint8[B,S,S], masks uint8[B,S,S], token_labels uint8[B,L])\n"
-     "images: uint8[B,S,S] normal images; image b has global index first_index + b.\n" CFG_DOC},
     {"slm_lesions", KW py_slm_lesions, METH_VARARGS | METH_KEYWORDS,
      "slm_lesions(image, seed, step=0, index=0, **config) -> list of\n"
      "  (x0, y0, W, H, crop_x0, crop_y0, crop_w, crop_h): the lesions slm_generate draws for\n"
@@ -143,8 +122,7 @@ static PyMethodDef slm_methods[] = {
     {NULL}};
 
 int af_register_slm(PyObject *m) {
-    return af_add_submodule(m, "slm", slm_methods,
-                            "Synthetic Lesion Masks (METHOD.md section 1), CPU, OpenMP.")
-               ? 0
-               : -1;
+    PyObject *sub = af_add_submodule(m, "slm", slm_methods,
+                                     "Synthetic Lesion Masks (METHOD.md section 1), CPU, OpenMP.");
+    return sub == NULL ? -1 : af_op_register(sub, "slm");
 }

@@ -69,7 +69,6 @@ int af_register_phantom(PyObject *m);
 int af_register_trainer(PyObject *m);
 int af_register_downstream(PyObject *m);
 /* CUDA extension only: add functions/types to the afire._C_cuda.cuda submodule. */
-int af_register_cuda_objective(PyObject *cuda_submodule);
 int af_register_cuda_trainer(PyObject *cuda_submodule);
 
 #endif
