@@ -22,6 +22,7 @@ af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B)
     AF_CHECK(m != NULL && tokens != NULL, AF_EINVAL, "head_forward: NULL argument");
     AF_CHECK(br == AF_STUDENT || br == AF_TEACHER, AF_EINVAL, "head_forward: bad branch %d", br);
     AF_CHECK((int)br < m->branches, AF_EINVAL, "head_forward: this model has no teacher activations");
+    AF_CHECK(!m->inference, AF_EINVAL, "head_forward: this model was made for inference (no head)");
     AF_CHECK(B >= 1 && B <= m->capacity, AF_EINVAL, "head_forward: batch %d not in [1, %d]", B,
              m->capacity);
     const af_config *c = &m->cfg;
@@ -56,6 +57,7 @@ af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B)
 
 af_status af_head_backward(af_model *m, const float *dlogits, float *dtokens) {
     AF_CHECK(m != NULL && dlogits != NULL, AF_EINVAL, "head_backward: NULL argument");
+    AF_CHECK(!m->inference, AF_EINVAL, "head_backward: this model was made for inference");
     int B = m->head_B[AF_STUDENT];
     AF_CHECK(B > 0, AF_EINVAL, "head_backward: no student head forward to differentiate");
     const af_config *c = &m->cfg;

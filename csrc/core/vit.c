@@ -15,9 +15,11 @@ static void add_inplace(float *y, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
 }
 
-/* x[B,T,W] -> NL blocks; the output is the last block's res3. */
-static void blocks_forward(af_blocks_acts *acts, const float *x, const af_blocks_params *p,
-                           int NL, int B, int T, int W, int R, int NH, float eps) {
+/* x[B,T,W] -> NL blocks; the output is the last block's res3. The attention is the fused
+ * one (no T x T kept; att_stats NULL in a forward that keeps nothing) on the model's scratch. */
+static void blocks_forward(af_blocks_acts *acts, af_scratch *s, const float *x,
+                           const af_blocks_params *p, int NL, int B, int T, int W, int R, int NH,
+                           float eps) {
     int N = B * T;
     size_t nw = (size_t)N * W;
     for (int l = 0; l < NL; l++) {
@@ -26,7 +28,8 @@ static void blocks_forward(af_blocks_acts *acts, const float *x, const af_blocks
         const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
         af_layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b, N, W, eps);
         af_linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W);
-        af_attention_forward(a.atty, a.att, a.qkv, B, T, W, NH);
+        af_attention_fused_forward(a.atty, a.att_stats, s->datt, s->datt_floats, a.qkv, B, T, W,
+                                   NH);
         af_linear_forward(a.res2, a.atty, w.proj_w, w.proj_b, N, W, W);
         af_residual_forward(a.res2, a.res2, in, nw);
         af_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, W, eps);
@@ -48,8 +51,14 @@ static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_
         af_block_view w = af_block_at(p, l, W, R), dw = af_block_at(g, l, W, R);
         af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
         const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
-        /* MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2)))) */
-        af_linear_backward(s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, a.fch_gelu, w.fc2_w, N, R * W, W);
+        /* MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2)))); gelu(fc1) again when the
+         * layout did not keep it (into dfch, free until the gelu backward overwrites it) */
+        const float *fch_gelu = a.fch_gelu;
+        if (acts->gelu_shared) {
+            af_gelu_forward(s->dfch, a.fch, nm);
+            fch_gelu = s->dfch;
+        }
+        af_linear_backward(s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, fch_gelu, w.fc2_w, N, R * W, W);
         af_gelu_backward(s->dfch, s->dfch_gelu, a.fch, nm);
         af_linear_backward(s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W, R * W);
         af_layernorm_backward(s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2, w.ln2_w, a.ln2_mean,
@@ -57,7 +66,8 @@ static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_
         af_residual_backward(s->dres2, NULL, s->dres, nw); /* + the skip path */
         /* attention branch: res2 = in + proj(attn(qkv(ln1(in)))) */
         af_linear_backward(s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w, N, W, W);
-        af_attention_backward(s->dqkv, s->datt, s->datty, a.qkv, a.att, B, T, W, NH);
+        af_attention_fused_backward(s->dqkv, s->datt, s->datt_floats, s->datty, a.qkv,
+                                    a.att_stats, B, T, W, NH);
         af_linear_backward(s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W, 3 * W);
         af_layernorm_backward(s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,
                            a.ln1_rstd, N, W);
@@ -98,7 +108,8 @@ af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int
             for (int d = 0; d < D; d++) xr[d] = e[d] + pe[d];
         }
     }
-    blocks_forward(&a->blocks, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio, c->H, ENC_EPS);
+    blocks_forward(&a->blocks, &m->scratch, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio,
+                   c->H, ENC_EPS);
     const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     af_layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, B * T, D,
                       ENC_EPS);
@@ -108,6 +119,7 @@ af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int
 
 af_status af_encoder_backward(af_model *m, const float *dtokens) {
     AF_CHECK(m != NULL && dtokens != NULL, AF_EINVAL, "encoder_backward: NULL argument");
+    AF_CHECK(!m->inference, AF_EINVAL, "encoder_backward: this model was made for inference");
     int B = m->enc_B[AF_STUDENT];
     AF_CHECK(B > 0, AF_EINVAL, "encoder_backward: no student encoder forward to differentiate");
     const af_config *c = &m->cfg;
@@ -158,8 +170,8 @@ af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *to
             }
             add_inplace(x, p->pos + (size_t)t * Dd, (size_t)Dd);
         }
-    blocks_forward(&a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd, c->mlp_ratio, c->Hd,
-                   DEC_EPS);
+    blocks_forward(&a->blocks, &m->scratch, a->x0, &p->blocks, c->depth_d, B, T, Dd,
+                   c->mlp_ratio, c->Hd, DEC_EPS);
     const float *last = af_blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     af_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, N, Dd, DEC_EPS);
     af_linear_forward(a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q);
@@ -172,6 +184,7 @@ af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *to
 
 af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens) {
     AF_CHECK(m != NULL && dpred != NULL, AF_EINVAL, "decoder_backward: NULL argument");
+    AF_CHECK(!m->inference, AF_EINVAL, "decoder_backward: this model was made for inference");
     int B = m->dec_B;
     AF_CHECK(B > 0, AF_EINVAL, "decoder_backward: no decoder forward to differentiate");
     const af_config *c = &m->cfg;

@@ -60,6 +60,21 @@ void af_attention_forward(float *out, float *att, const float *qkv, int B, int T
 void af_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *att, int B, int T, int D, int H);
 
+/* The same attention without the T x T probabilities (the CPU model's): the forward saves
+ * stats[B,H,T,2] = (row max, 1 / row sum) of each softmax row (stats may be NULL: inference),
+ * the backward recomputes the probabilities from them, bit for bit the forward's. Both need
+ * scratch of af_attention_fused_scratch_floats(B, T, H, threads) floats (any H' <= H and
+ * B' <= B fit too); the forward uses at most scratch_floats / (64 T) threads, the backward
+ * needs scratch_floats >= 2 T^2. Results do not depend on the thread count. */
+size_t af_attention_fused_scratch_floats(int B, int T, int H, int threads);
+/* Enough for the forward alone (with `threads` threads). */
+size_t af_attention_fused_forward_scratch_floats(int T, int threads);
+void af_attention_fused_forward(float *out, float *stats, float *scratch, size_t scratch_floats,
+                                const float *qkv, int B, int T, int D, int H);
+void af_attention_fused_backward(float *dqkv, float *scratch, size_t scratch_floats,
+                                 const float *dout, const float *qkv, const float *stats, int B,
+                                 int T, int D, int H);
+
 /* out[n] = a[n] + b[n]; backward: da += dout, db += dout (accumulated: see the top). */
 void af_residual_forward(float *out, const float *a, const float *b, size_t n);
 void af_residual_backward(float *da, float *db, const float *dout, size_t n);

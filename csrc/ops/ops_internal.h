@@ -88,6 +88,10 @@ void af_chunk(int n, int parts, int idx, int align, int *lo, int *hi);
 
 /* y[IC] = softmax(x[IC]) (y == x allowed); softmax.c, shared with attention.c. */
 void af_softmax_row(float *y, const float *x, int IC);
+/* af_softmax_row, also writing the row max and 1/sum; af_softmax_row_replay rebuilds the same
+ * y (bit for bit) from x and those two numbers (y == x allowed in both). */
+void af_softmax_row_stats(float *y, const float *x, int IC, float *mx, float *inv);
+void af_softmax_row_replay(float *y, const float *x, int IC, float mx, float inv);
 /* dx[IC] = y * (dy - <dy, y>), written (=); dx == dy allowed. */
 void af_softmax_row_backward(float *dx, const float *dy, const float *y, int IC);
 

@@ -263,6 +263,17 @@ static int check_slm(af_op_call *o) {
                                  I(H))),                                                         \
       af_cuda_attention_backward(CTX, F(dqkv), F(datt), F(dout), F(qkv), F(att), I(B), I(T),     \
                                  I(D), I(H)))                                                    \
+    X(ops, attention_fused_forward, "qkv[B,T,3*D] H:int>0 -> (out[B,T,D], stats[B,H,T,2]) "     \
+      "using scratch[B,H,T,2*T]\n\nThe CPU model's attention: saves the softmax row max and "    \
+      "1/sum,\nnot the T x T probabilities.", check_heads,                                      \
+      VOID(af_attention_fused_forward(F(out), F(stats), F(scratch), COUNT(scratch), F(qkv),     \
+                                      I(B), I(T), I(D), I(H))),                                 \
+      NONE)                                                                                      \
+    X(ops, attention_fused_backward, "dout[B,T,D] qkv[B,T,3*D] stats[B,H,T,2] H:int>0 -> "      \
+      "(dqkv[qkv]) using scratch[B,H,T,2*T]", check_heads,                                       \
+      VOID(af_attention_fused_backward(F(dqkv), F(scratch), COUNT(scratch), F(dout), F(qkv),    \
+                                       F(stats), I(B), I(T), I(D), I(H))),                      \
+      NONE)                                                                                      \
     X(ops, residual_forward, "a[...] b[a] -> out[a]\n\na + b.", NULL,                            \
       VOID(af_residual_forward(F(out), F(a), F(b), COUNT(a))),                                   \
       af_cuda_residual_forward(CTX, F(out), F(a), F(b), COUNT(a)))                               \
