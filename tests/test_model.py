@@ -102,3 +102,50 @@ def test_step_setter_validates(bad):
     with pytest.raises(ValueError, match="step must be an int >= 0"):
         m.step = bad
     assert m.step == 2
+
+
+# ------------------------------------------------------------------ inference-only models
+
+def test_inference_model_matches_the_training_model(tmp_path):
+    m = model()
+    x = phantom_like(3, seed=2)
+    m.train_step(phantom_like(4, seed=1))
+    m.save(tmp_path / "c.safetensors")
+    i = AFiRe.load(tmp_path / "c.safetensors", inference=True)
+    assert i.inference and "inference=True" in repr(i)
+    for branch in ("teacher", "student"):
+        np.testing.assert_array_equal(i.encode(x, branch), m.encode(x, branch))
+    np.testing.assert_array_equal(i.restore(x), m.restore(x))
+    mask = np.zeros((3, m.num_patches), np.uint8)
+    mask[:, ::3] = 1
+    np.testing.assert_array_equal(i.restore(x, mask), m.restore(x, mask))
+    np.testing.assert_array_equal(i.anomaly_score(x), m.anomaly_score(x))
+    # only what those need: no head, gradients or moments
+    nets = {k.rsplit(".", 1)[0].split(".")[0] + "." + k.split(".")[1]
+            for k in i.state_tensors() if k != "prototypes"}
+    assert nets == {"student.encoder", "teacher.encoder", "student.decoder"}
+    with pytest.raises(ValueError, match="inference"):
+        i.train_step(x)
+    with pytest.raises(ValueError, match="inference"):
+        i.save(tmp_path / "d.safetensors")
+    with pytest.raises(TypeError, match="inference"):
+        AFiRe(small_cfg(), inference="yes")
+
+
+def test_inference_model_batches_and_imports():
+    cfg = small_cfg(batch_size=2)
+    i = AFiRe(cfg, inference=True)
+    t = AFiRe(cfg)
+    x = phantom_like(5, seed=4)  # more than the capacity: encode splits it
+    np.testing.assert_array_equal(i.encode(x, "student"), t.encode(x, "student"))
+    # named weights go into an inference model too (its views are the C buffers)
+    i2 = AFiRe(small_cfg(seed=9, batch_size=2), inference=True)
+    i2.set_state_tensors(t.state_tensors(), skip_prefixes=("teacher.", "student.decoder",
+                                                           "prototypes"))
+    np.testing.assert_array_equal(i2.encode(x, "student"), t.encode(x, "student"))
+
+
+def test_cpu_precision_argument():
+    with pytest.raises(ValueError, match="precision"):
+        AFiRe(small_cfg(), precision="fp16")
+    assert AFiRe(small_cfg()).precision == "fp32"  # the CPU default, whatever cfg.precision

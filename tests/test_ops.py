@@ -278,6 +278,34 @@ def test_attention_one_token():
     close(dqkv[:, :, 4:], dy, atol=1e-7)
 
 
+@pytest.mark.parametrize("B,T,D,H", [(2, 5, 8, 2), (1, 70, 16, 4), (3, 1, 6, 2), (1, 131, 8, 1)])
+def test_attention_fused(B, T, D, H):
+    # the CPU model's attention: no T x T saved; same outputs and gradients as the T x T op,
+    # bit for bit (the backward recomputes the forward's probabilities exactly)
+    qkv, dy = randn(B, T, 3 * D), randn(B, T, D)
+    out, stats = ops.attention_fused_forward(qkv, H)
+    assert out.shape == (B, T, D) and stats.shape == (B, H, T, 2)
+    rout, ratt = ref_attention(f64(qkv), H)
+    close(out, rout, atol=1e-5, rtol=1e-4)
+    s = np.einsum("bthi,bshi->bhts", f64(qkv[..., :D]).reshape(B, T, H, -1),
+                  f64(qkv[..., D:2 * D]).reshape(B, T, H, -1)) / math.sqrt(D // H)
+    close(stats[..., 0], s.max(-1), atol=1e-5, rtol=1e-5)
+    close(stats[..., 1], 1.0 / np.exp(s - s.max(-1, keepdims=True)).sum(-1), rtol=1e-5)
+    (dqkv,) = ops.attention_fused_backward(dy, qkv, stats, H)
+    close(dqkv, ref_attention_backward(f64(dy), f64(qkv), H), atol=1e-4, rtol=1e-4)
+    out_tt, att = ops.attention_forward(qkv, H)
+    np.testing.assert_array_equal(out, out_tt)
+    np.testing.assert_array_equal(dqkv, ops.attention_backward(dy, qkv, att, H)[0])
+
+
+def test_attention_fused_fd():
+    B, T, D, H = 1, 3, 4, 2
+    qkv, dy = randn(B, T, 3 * D), randn(B, T, D)
+    _, stats = ops.attention_fused_forward(qkv, H)
+    (dqkv,) = ops.attention_fused_backward(dy, qkv, stats, H)
+    close(dqkv, fd_grad(lambda t: ref_attention(t, H)[0], qkv, dy), atol=1e-4)
+
+
 # ------------------------------------------------------------------ patchify
 
 @pytest.mark.parametrize("B,C,S,P", [(2, 3, 8, 4), (1, 1, 6, 2), (2, 2, 4, 4), (1, 3, 5, 1)])
