@@ -15,63 +15,60 @@ static void add_inplace(float *y, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
 }
 
-/* x[B,T,W] -> NL blocks; the output is the last block's res3. The attention is the fused
- * one (no T x T kept; att_stats NULL in a forward that keeps nothing) on the model's scratch. */
+/* x[B,T,W] -> NL blocks; the output is the last block's res3. Three row-tile kernels and the
+ * fused attention per block (no T x T kept; att_stats NULL in a forward that keeps nothing)
+ * on the model's scratch. */
 static void blocks_forward(af_blocks_acts *acts, af_scratch *s, const float *x,
                            const af_blocks_params *p, int NL, int B, int T, int W, int R, int NH,
                            float eps) {
     int N = B * T;
-    size_t nw = (size_t)N * W;
     for (int l = 0; l < NL; l++) {
         af_block_view w = af_block_at(p, l, W, R);
         af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
+        /* with a shared slot, `in` is this layer's res3: read before the MLP overwrites it */
         const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
-        af_layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b, N, W, eps);
-        af_linear_forward(a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W);
+        af_layernorm_linear_forward(a.ln1, a.ln1_mean, a.ln1_rstd, a.qkv, in, w.ln1_w, w.ln1_b,
+                                    eps, w.qkv_w, w.qkv_b, N, W, 3 * W);
         af_attention_fused_forward(a.atty, a.att_stats, s->datt, s->datt_floats, a.qkv, B, T, W,
                                    NH);
-        af_linear_forward(a.res2, a.atty, w.proj_w, w.proj_b, N, W, W);
-        af_residual_forward(a.res2, a.res2, in, nw);
-        af_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, W, eps);
-        af_linear_forward(a.fch, a.ln2, w.fc1_w, w.fc1_b, N, W, R * W);
-        af_gelu_forward(a.fch_gelu, a.fch, (size_t)N * R * W);
-        af_linear_forward(a.res3, a.fch_gelu, w.fc2_w, w.fc2_b, N, R * W, W);
-        af_residual_forward(a.res3, a.res3, a.res2, nw);
+        af_linear_residual_layernorm_forward(a.res2, a.ln2, a.ln2_mean, a.ln2_rstd, a.atty,
+                                             w.proj_w, w.proj_b, in, w.ln2_w, w.ln2_b, eps, N,
+                                             W, W);
+        af_mlp_forward(a.fch, a.fch_gelu, a.res3, a.ln2, w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b,
+                       a.res2, N, W, R * W);
     }
 }
 
 /* In: s->dres = d(last res3). Out: s->dres = d(x). Parameter grads accumulate (+=); each
- * residual adds the skip path's gradient to its branch's (ops.h). */
+ * residual adds the skip path's gradient to its branch's (ops.h). gelu(fc1) is recomputed
+ * (into dfch_gelu) next to its backward, whether or not the layout kept it. */
 static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_acts *acts,
                             const float *x, const af_blocks_params *p, int NL, int B, int T,
                             int W, int R, int NH) {
     int N = B * T;
-    size_t nw = (size_t)N * W, nm = (size_t)N * R * W;
     for (int l = NL - 1; l >= 0; l--) {
         af_block_view w = af_block_at(p, l, W, R), dw = af_block_at(g, l, W, R);
         af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
         const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
-        /* MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2)))); gelu(fc1) again when the
-         * layout did not keep it (into dfch, free until the gelu backward overwrites it) */
-        const float *fch_gelu = a.fch_gelu;
-        if (acts->gelu_shared) {
-            af_gelu_forward(s->dfch, a.fch, nm);
-            fch_gelu = s->dfch;
-        }
-        af_linear_backward(s->dfch_gelu, dw.fc2_w, dw.fc2_b, s->dres, fch_gelu, w.fc2_w, N, R * W, W);
-        af_gelu_backward(s->dfch, s->dfch_gelu, a.fch, nm);
-        af_linear_backward(s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W, R * W);
-        af_layernorm_backward(s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2, w.ln2_w, a.ln2_mean,
-                           a.ln2_rstd, N, W);
-        af_residual_backward(s->dres2, NULL, s->dres, nw); /* + the skip path */
+        /* MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2)))) */
+        af_mlp_backward_data(s->dfch, s->dfch_gelu, s->dres, a.fch, w.fc2_w, N, W, R * W);
+        af_linear_backward(NULL, dw.fc2_w, dw.fc2_b, s->dres, s->dfch_gelu, w.fc2_w, N, R * W, W);
+        af_linear_backward(NULL, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W, R * W);
+        /* dres2 = LN2 backward of dfch @ fc1_w, + the skip path (dres) */
+        af_linear_layernorm_backward_data(s->dres2, s->dln, s->dfch, w.fc1_w, a.res2, w.ln2_w,
+                                          a.ln2_mean, a.ln2_rstd, s->dres, N, W, R * W);
+        af_layernorm_backward(NULL, dw.ln2_w, dw.ln2_b, s->dln, a.res2, w.ln2_w, a.ln2_mean,
+                              a.ln2_rstd, N, W);
         /* attention branch: res2 = in + proj(attn(qkv(ln1(in)))) */
         af_linear_backward(s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w, N, W, W);
         af_attention_fused_backward(s->dqkv, s->datt, s->datt_floats, s->datty, a.qkv,
                                     a.att_stats, B, T, W, NH);
-        af_linear_backward(s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W, 3 * W);
-        af_layernorm_backward(s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,
-                           a.ln1_rstd, N, W);
-        af_residual_backward(s->dres, NULL, s->dres2, nw); /* + the skip path */
+        af_linear_backward(NULL, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W, 3 * W);
+        /* dres = LN1 backward of dqkv @ qkv_w, + the skip path (dres2) */
+        af_linear_layernorm_backward_data(s->dres, s->dln, s->dqkv, w.qkv_w, in, w.ln1_w,
+                                          a.ln1_mean, a.ln1_rstd, s->dres2, N, W, 3 * W);
+        af_layernorm_backward(NULL, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,
+                              a.ln1_rstd, N, W);
     }
 }
 

@@ -128,7 +128,7 @@ void af_attention_fused_forward(float *out, float *stats, float *scratch, size_t
 #else
         float *s = scratch;
 #endif
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic)
         for (int task = 0; task < tasks; task++) {
             int bh = task / nq, blk = task % nq, t0, t1;
             af_chunk(T, nq, blk, 8, &t0, &t1);
@@ -168,7 +168,7 @@ void af_attention_fused_backward(float *dqkv, float *scratch, size_t scratch_flo
     for (int g0 = 0; g0 < slices; g0 += G) {
         int gn = slices - g0 < G ? slices - g0 : G;
         /* phase A: (slice, query block) -> P, dS rows in the scratch; dq rows */
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic)
         for (int task = 0; task < gn * nq; task++) {
             int g = task / nq, blk = task % nq, bh = g0 + g, t0, t1;
             af_chunk(T, nq, blk, 8, &t0, &t1);
@@ -196,7 +196,7 @@ void af_attention_fused_backward(float *dqkv, float *scratch, size_t scratch_flo
                               T, k, ld, 0.0f, dqkv + off + (size_t)t0 * ld, ld);
         }
         /* phase B: (slice, key block) -> dv = P^T dout, dk = scale dS^T q */
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic)
         for (int task = 0; task < gn * nq; task++) {
             int g = task / nq, blk = task % nq, bh = g0 + g, s0, s1;
             af_chunk(T, nq, blk, 8, &s0, &s1);

@@ -92,7 +92,7 @@ void af_layernorm_backward(float *dinp, float *dweight, float *dbias, const floa
         /* Sums over rows in a fixed order; threads own disjoint column blocks. */
         enum { CB = 64 };
         int nblocks = (IC + CB - 1) / CB;
-        #pragma omp parallel for if (AF_OMP_ROWS(N, IC))
+        #pragma omp parallel for if ((size_t)N * IC >= AF_OMP_MIN_SUM_ELEMS)
         for (int blk = 0; blk < nblocks; blk++) {
             int c0 = blk * CB, c1 = c0 + CB < IC ? c0 + CB : IC;
             af_layernorm_params_backward(dweight, dbias, dout, inp, mean, rstd, 0, N, c0, c1, IC);

@@ -28,7 +28,7 @@ void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *
         /* Column sums in a fixed row order; threads own disjoint column blocks. */
         enum { CB = 64 };
         int nblocks = (OC + CB - 1) / CB;
-        #pragma omp parallel for if (AF_OMP_ROWS(N, OC))
+        #pragma omp parallel for if ((size_t)N * OC >= AF_OMP_MIN_SUM_ELEMS)
         for (int blk = 0; blk < nblocks; blk++) {
             int o0 = blk * CB, o1 = o0 + CB < OC ? o0 + CB : OC;
             float acc[CB];

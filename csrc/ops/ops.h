@@ -75,6 +75,33 @@ void af_attention_fused_backward(float *dqkv, float *scratch, size_t scratch_flo
                                  const float *dout, const float *qkv, const float *stats, int B,
                                  int T, int D, int H);
 
+/* Fused row-tile kernels of the transformer block (fused.c): each runs its steps on tiles of
+ * ~64 rows, one tile per thread at a time, so intermediates stay in cache; the results equal
+ * the ops composed (up to the order of a few additions), whatever the thread count.
+ *   af_layernorm_linear_forward: y = LN(x) (mean, rstd saved), out = y @ w^T + b
+ *   af_linear_residual_layernorm_forward: r = x @ w^T + b + res, y = LN(r)
+ *   af_mlp_forward: h = x @ w1^T + b1, g = gelu(h), out = g @ w2^T + b2 + res (res may be NULL)
+ *   af_mlp_backward_data: dh = (dout @ w2) * gelu'(h), and g = gelu(h) again (for dw2)
+ *   af_linear_layernorm_backward_data: dy = dout @ w, dx = LN backward of dy (+ skip when
+ *     not NULL): the input gradients; the parameter gradients stay with af_linear_backward
+ *     and af_layernorm_backward (dinp NULL). x [N,IC] is the LayerNorm's input. */
+void af_layernorm_linear_forward(float *y, float *mean, float *rstd, float *out, const float *x,
+                                 const float *ln_w, const float *ln_b, float eps, const float *w,
+                                 const float *b, int N, int IC, int OC);
+void af_linear_residual_layernorm_forward(float *r, float *y, float *mean, float *rstd,
+                                          const float *x, const float *w, const float *b,
+                                          const float *res, const float *ln_w,
+                                          const float *ln_b, float eps, int N, int IC, int OC);
+void af_mlp_forward(float *h, float *g, float *out, const float *x, const float *w1,
+                    const float *b1, const float *w2, const float *b2, const float *res, int N,
+                    int IC, int HC);
+void af_mlp_backward_data(float *dh, float *g, const float *dout, const float *h,
+                          const float *w2, int N, int IC, int HC);
+void af_linear_layernorm_backward_data(float *dx, float *dy, const float *dout, const float *w,
+                                       const float *x, const float *ln_w, const float *mean,
+                                       const float *rstd, const float *skip, int N, int IC,
+                                       int OC);
+
 /* out[n] = a[n] + b[n]; backward: da += dout, db += dout (accumulated: see the top). */
 void af_residual_forward(float *out, const float *a, const float *b, size_t n);
 void af_residual_backward(float *da, float *db, const float *dout, size_t n);

@@ -58,6 +58,9 @@ static inline float af_expf(float x) {
 
 /* Elementwise loops below this many elements stay on one thread: forking costs more. */
 #define AF_OMP_MIN_ELEMS ((size_t)1 << 15)
+/* Column sums (bias and LayerNorm parameter gradients) read ~0.1 ns per element: parallel
+ * from this many elements. */
+#define AF_OMP_MIN_SUM_ELEMS ((size_t)1 << 18)
 /* Row loops: parallel when rows * cols reaches the same amount of work. */
 #define AF_OMP_ROWS(N, IC) ((size_t)(N) * (size_t)(IC) >= AF_OMP_MIN_ELEMS)
 /* Standard normal CDF Phi(x) = 0.5 (1 + erf(x / sqrt 2)) without a libm call (libm's erff
@@ -83,8 +86,9 @@ static inline float af_normcdf(float x) {
     return x >= 0.0f ? 1.0f - half_erfc : half_erfc;
 }
 
-/* GEMMs below this many multiply-adds run on the calling thread. */
-#define AF_GEMM_MIN_PAR_MACS (1 << 18)
+/* GEMMs below this many multiply-adds (~25 us on one core) run on the calling thread: waking
+ * a passive OpenMP worker costs a few microseconds, more on a loaded machine. */
+#define AF_GEMM_MIN_PAR_MACS (1 << 21)
 
 /* Pin afire's private OpenBLAS to one thread (call outside parallel regions). */
 void af_blas_single_thread(void);
