@@ -33,11 +33,11 @@ af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B)
     for (int b = 0; b < B; b++)
         memcpy(a->x + (size_t)b * L * D, tokens + ((size_t)b * T + 1) * D,
                (size_t)L * D * sizeof(float));
-    af_linear_forward(a->h1, a->x, p->fc1_w, p->fc1_b, N, D, Hh);
+    af_model_linear_forward(m, a->h1, a->x, p->fc1_w, p->fc1_b, N, D, Hh);
     af_gelu_forward(a->g1, a->h1, (size_t)N * Hh);
-    af_linear_forward(a->h2, a->g1, p->fc2_w, p->fc2_b, N, Hh, Hh);
+    af_model_linear_forward(m, a->h2, a->g1, p->fc2_w, p->fc2_b, N, Hh, Hh);
     af_gelu_forward(a->g2, a->h2, (size_t)N * Hh);
-    af_linear_forward(a->z, a->g2, p->fc3_w, p->fc3_b, N, Hh, Bn);
+    af_model_linear_forward(m, a->z, a->g2, p->fc3_w, p->fc3_b, N, Hh, Bn);
     float *zn = m->scratch.dh_a; /* [B*L, Bn] temporary, kept position-major in zn_t */
     af_l2norm_forward(zn, a->znorm, a->z, N, Bn, L2_EPS);
     transpose_bl(a->zn_t, zn, B, L, Bn);
@@ -81,15 +81,15 @@ af_status af_head_backward(af_model *m, const float *dlogits, float *dtokens) {
     }
     transpose_bl(ga, s->dz_t, L, B, Bn); /* dzn [B*L, Bn] */
     af_l2norm_backward(gb, ga, a->z, a->znorm, N, Bn, L2_EPS); /* dz */
-    af_linear_backward(ga, g->fc3_w, g->fc3_b, gb, a->g2, p->fc3_w, N, Hh, Bn); /* dg2 */
+    af_model_linear_backward(m, ga, g->fc3_w, g->fc3_b, gb, a->g2, p->fc3_w, N, Hh, Bn); /* dg2 */
     af_gelu_backward(gb, ga, a->h2, (size_t)N * Hh); /* dh2 */
-    af_linear_backward(ga, g->fc2_w, g->fc2_b, gb, a->g1, p->fc2_w, N, Hh, Hh); /* dg1 */
+    af_model_linear_backward(m, ga, g->fc2_w, g->fc2_b, gb, a->g1, p->fc2_w, N, Hh, Hh); /* dg1 */
     af_gelu_backward(gb, ga, a->h1, (size_t)N * Hh); /* dh1 */
     if (dtokens == NULL) {
-        af_linear_backward(NULL, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh);
+        af_model_linear_backward(m, NULL, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh);
         return AF_OK;
     }
-    af_linear_backward(ga, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh); /* dx */
+    af_model_linear_backward(m, ga, g->fc1_w, g->fc1_b, gb, a->x, p->fc1_w, N, D, Hh); /* dx */
     /* the encoder tokens also feed the decoder: its gradient is already there */
     for (int b = 0; b < B; b++) {
         float *dt = dtokens + ((size_t)b * T + 1) * D;

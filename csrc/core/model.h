@@ -250,6 +250,9 @@ typedef struct {
     int capacity, branches;
     af_acts_layout layout;  /* what the activations keep (af_acts_layout_cpu)              */
     int inference;          /* 1: made for inference: no gradients, moments or head         */
+    int bf16;               /* 1: linear layers' GEMMs in bf16 (af_gemm_bf16), fp32 sums     */
+    void *bf16_ws;          /* their workspace, sized by af_model_reserve                    */
+    size_t bf16_ws_bytes;
     float *act_mem;
     size_t act_floats;
     af_encoder_acts enc_acts[2];
@@ -264,8 +267,18 @@ af_status af_model_create(af_model **out, const af_config *cfg);
 /* The same for inference only (inference = 1): parameters of the student and teacher
  * encoders and of the decoder, no head, no gradients or AdamW moments, activations for the
  * forwards only (af_acts_layout_cpu(1)); the backward, head and optimiser functions refuse
- * such a model. inference = 0 is af_model_create. */
-af_status af_model_create_mode(af_model **out, const af_config *cfg, int inference);
+ * such a model. inference = 0 is af_model_create. bf16 = 1: the GEMMs of the linear layers
+ * take bf16 operands (af_gemm_bf16), everything else stays fp32. */
+af_status af_model_create_mode(af_model **out, const af_config *cfg, int inference,
+                               int bf16);
+
+/* A linear layer of the CPU model (ops.h's af_linear_*) in the model's precision: fp32, or
+ * bf16 GEMMs on m->bf16_ws (vit.c). */
+void af_model_linear_forward(const af_model *m, float *out, const float *inp, const float *w,
+                             const float *b, int N, int IC, int OC);
+void af_model_linear_backward(const af_model *m, float *dinp, float *dw, float *db,
+                              const float *dout, const float *inp, const float *w, int N, int IC,
+                              int OC);
 void af_model_free(af_model *m);
 /* Size activations for up to B images (allocation happens here, never in a step). */
 af_status af_model_reserve(af_model *m, int B);

@@ -512,6 +512,32 @@ af_status af_acts_size_layout(const af_config *c, int cap, int branches, size_t 
     return AF_OK;
 }
 
+/* Bytes of af_gemm_bf16 workspace for every linear layer of the model at `cap` images
+ * (forward, and unless inference the input and weight gradients), `threads` threads. */
+static size_t bf16_workspace(const af_config *c, int cap, int inference, int threads) {
+    int L = (c->S / c->P) * (c->S / c->P), T = L + 1, Q = c->P * c->P * c->C;
+    int R = c->mlp_ratio, D = c->D, Dd = c->Dd;
+    int shapes[][3] = {/* rows, IC, OC */
+                       {cap * L, Q, D},          {cap * T, D, 3 * D},  {cap * T, D, D},
+                       {cap * T, D, R * D},      {cap * T, R * D, D},  {cap * L, D, c->head_hidden},
+                       {cap * L, c->head_hidden, c->head_hidden},
+                       {cap * L, c->head_hidden, c->head_bottleneck},
+                       {cap * T, D, Dd},         {cap * T, Dd, 3 * Dd}, {cap * T, Dd, Dd},
+                       {cap * T, Dd, R * Dd},    {cap * T, R * Dd, Dd}, {cap * T, Dd, Q}};
+    size_t ws = 0;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        int N = shapes[i][0], IC = shapes[i][1], OC = shapes[i][2];
+        size_t f = af_gemm_bf16_workspace(N, OC, IC, threads);
+        if (!inference) {
+            size_t d = af_gemm_bf16_workspace(N, IC, OC, threads);
+            size_t w = af_gemm_bf16_workspace(OC, IC, N, threads);
+            f = max_sz(f, max_sz(d, w));
+        }
+        ws = max_sz(ws, f);
+    }
+    return ws;
+}
+
 af_status af_model_reserve(af_model *m, int B) {
     AF_CHECK(m != NULL, AF_EINVAL, "reserve: model is NULL");
     AF_CHECK(B >= 1, AF_EINVAL, "batch size must be >= 1, got %d", B);
@@ -522,10 +548,17 @@ af_status af_model_reserve(af_model *m, int B) {
     float *mem = af_calloc(floats, sizeof(float));
     if (mem == NULL) return AF_ENOMEM;
     uint8_t *mask = af_calloc((size_t)B * m->L, 1);
-    if (mask == NULL) {
+    size_t ws_bytes = m->bf16 ? bf16_workspace(&m->cfg, B, m->inference, m->layout.threads) : 0;
+    void *ws = ws_bytes ? af_calloc(ws_bytes, 1) : NULL;
+    if (mask == NULL || (ws_bytes && ws == NULL)) {
         af_free(mem);
+        af_free(mask);
+        af_free(ws);
         return AF_ENOMEM;
     }
+    af_free(m->bf16_ws);
+    m->bf16_ws = ws;
+    m->bf16_ws_bytes = ws_bytes;
     af_free(m->act_mem);
     af_free(m->dec_acts.mask);
     m->act_mem = mem;
@@ -551,14 +584,15 @@ void af_model_free(af_model *m) {
     af_free(m->teacher[1]);
     af_free(m->act_mem);
     af_free(m->dec_acts.mask);
+    af_free(m->bf16_ws);
     af_free(m);
 }
 
 af_status af_model_create(af_model **out, const af_config *cfg) {
-    return af_model_create_mode(out, cfg, 0);
+    return af_model_create_mode(out, cfg, 0, 0);
 }
 
-af_status af_model_create_mode(af_model **out, const af_config *cfg, int inference) {
+af_status af_model_create_mode(af_model **out, const af_config *cfg, int inference, int bf16) {
     AF_CHECK(out != NULL, AF_EINVAL, "model_create: out is NULL");
     *out = NULL;
     AF_TRY(af_config_validate(cfg));
@@ -567,6 +601,7 @@ af_status af_model_create_mode(af_model **out, const af_config *cfg, int inferen
     m->cfg = *cfg;
     m->branches = 2;
     m->inference = inference != 0;
+    m->bf16 = bf16 != 0;
     m->L = (cfg->S / cfg->P) * (cfg->S / cfg->P);
     m->T = m->L + 1;
     m->Q = cfg->P * cfg->P * cfg->C;

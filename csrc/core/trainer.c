@@ -34,7 +34,8 @@ af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int 
     if (t == NULL) return AF_ENOMEM;
     t->cfg = *cfg;
     t->B = batch;
-    af_status st = af_model_create_mode(&t->model, &cfg->net, cfg->inference);
+    af_status st = af_model_create_mode(&t->model, &cfg->net, cfg->inference,
+                                        cfg->precision == AF_PRECISION_BF16);
     if (st == AF_OK) st = af_model_reserve(t->model, batch);
     if (st != AF_OK) {
         af_trainer_free(t);

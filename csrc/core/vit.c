@@ -9,6 +9,23 @@
 #define ENC_EPS 1e-6f /* timm ViT LayerNorm (norm_layer eps=1e-6)            */
 #define DEC_EPS 1e-5f /* released decoder uses nn.LayerNorm's default eps    */
 
+/* ------------------------------------------------------------------ linear layers */
+
+void af_model_linear_forward(const af_model *m, float *out, const float *inp, const float *w,
+                             const float *b, int N, int IC, int OC) {
+    if (m->bf16) af_linear_forward_bf16(out, inp, w, b, N, IC, OC, m->bf16_ws, m->bf16_ws_bytes);
+    else af_linear_forward(out, inp, w, b, N, IC, OC);
+}
+
+void af_model_linear_backward(const af_model *m, float *dinp, float *dw, float *db,
+                              const float *dout, const float *inp, const float *w, int N, int IC,
+                              int OC) {
+    if (m->bf16)
+        af_linear_backward_bf16(dinp, dw, db, dout, inp, w, N, IC, OC, m->bf16_ws,
+                                m->bf16_ws_bytes);
+    else af_linear_backward(dinp, dw, db, dout, inp, w, N, IC, OC);
+}
+
 /* ------------------------------------------------------------------ transformer blocks */
 
 static void add_inplace(float *y, const float *x, size_t n) {
@@ -72,6 +89,64 @@ static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_
     }
 }
 
+/* The bf16 twins of blocks_forward / blocks_backward: the same steps as separate ops, each
+ * linear layer one bf16 GEMM over all rows (af_gemm_bf16 packs its B operand once for all
+ * threads; row tiles would pack it once per tile). */
+static void blocks_forward_bf16(const af_model *m, af_blocks_acts *acts, af_scratch *s,
+                                const float *x, const af_blocks_params *p, int NL, int B, int T,
+                                int W, int R, int NH, float eps) {
+    int N = B * T;
+    size_t nw = (size_t)N * W;
+    for (int l = 0; l < NL; l++) {
+        af_block_view w = af_block_at(p, l, W, R);
+        af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
+        const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
+        af_layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b, N, W, eps);
+        af_model_linear_forward(m, a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W);
+        af_attention_fused_forward(a.atty, a.att_stats, s->datt, s->datt_floats, a.qkv, B, T, W,
+                                   NH);
+        af_model_linear_forward(m, a.res2, a.atty, w.proj_w, w.proj_b, N, W, W);
+        af_residual_forward(a.res2, a.res2, in, nw);
+        af_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, W, eps);
+        af_model_linear_forward(m, a.fch, a.ln2, w.fc1_w, w.fc1_b, N, W, R * W);
+        af_gelu_forward(a.fch_gelu, a.fch, (size_t)N * R * W);
+        af_model_linear_forward(m, a.res3, a.fch_gelu, w.fc2_w, w.fc2_b, N, R * W, W);
+        af_residual_forward(a.res3, a.res3, a.res2, nw);
+    }
+}
+
+static void blocks_backward_bf16(const af_model *m, af_scratch *s, af_blocks_params *g,
+                                 const af_blocks_acts *acts, const float *x,
+                                 const af_blocks_params *p, int NL, int B, int T, int W, int R,
+                                 int NH) {
+    int N = B * T;
+    size_t nw = (size_t)N * W, nm = (size_t)N * R * W;
+    for (int l = NL - 1; l >= 0; l--) {
+        af_block_view w = af_block_at(p, l, W, R), dw = af_block_at(g, l, W, R);
+        af_block_acts_view a = af_block_acts_at(acts, l, T, W, R, NH);
+        const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
+        /* MLP: dg = dres @ fc2_w; gelu(fc1) again (dfch_gelu) and dfch in one pass */
+        af_model_linear_backward(m, s->dfch, NULL, NULL, s->dres, NULL, w.fc2_w, N, R * W, W);
+        af_gelu_recompute_backward(s->dfch_gelu, s->dfch, s->dfch, a.fch, nm);
+        af_model_linear_backward(m, NULL, dw.fc2_w, dw.fc2_b, s->dres, s->dfch_gelu, w.fc2_w, N,
+                                 R * W, W);
+        af_model_linear_backward(m, s->dln, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W,
+                                 R * W);
+        af_layernorm_backward(s->dres2, dw.ln2_w, dw.ln2_b, s->dln, a.res2, w.ln2_w, a.ln2_mean,
+                              a.ln2_rstd, N, W);
+        af_residual_backward(s->dres2, NULL, s->dres, nw); /* + the skip path */
+        af_model_linear_backward(m, s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w,
+                                 N, W, W);
+        af_attention_fused_backward(s->dqkv, s->datt, s->datt_floats, s->datty, a.qkv,
+                                    a.att_stats, B, T, W, NH);
+        af_model_linear_backward(m, s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W,
+                                 3 * W);
+        af_layernorm_backward(s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,
+                              a.ln1_rstd, N, W);
+        af_residual_backward(s->dres, NULL, s->dres2, nw); /* + the skip path */
+    }
+}
+
 static af_status check_batch(const af_model *m, int B, const char *what) {
     AF_CHECK(m != NULL, AF_EINVAL, "%s: model is NULL", what);
     AF_CHECK(B >= 1, AF_EINVAL, "%s: batch size must be >= 1, got %d", what, B);
@@ -95,7 +170,7 @@ af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int
     /* patch embedding = the stride-P conv as a matmul over (c, p, q)-flattened patches */
     af_patchify_forward(a->patches, images, B, c->C, c->S, c->P, AF_PATCH_CPQ);
     float *emb = m->scratch.dres; /* [B*L, D] temporary */
-    af_linear_forward(emb, a->patches, p->patch_w, p->patch_b, B * L, Q, D);
+    af_model_linear_forward(m, emb, a->patches, p->patch_w, p->patch_b, B * L, Q, D);
     for (int b = 0; b < B; b++) {
         float *x = a->x0 + (size_t)b * T * D;
         for (int d = 0; d < D; d++) x[d] = p->cls[d] + p->pos[d];
@@ -105,8 +180,12 @@ af_status af_encoder_forward(af_model *m, af_branch br, const float *images, int
             for (int d = 0; d < D; d++) xr[d] = e[d] + pe[d];
         }
     }
-    blocks_forward(&a->blocks, &m->scratch, a->x0, &p->blocks, c->depth, B, T, D, c->mlp_ratio,
-                   c->H, ENC_EPS);
+    if (m->bf16)
+        blocks_forward_bf16(m, &a->blocks, &m->scratch, a->x0, &p->blocks, c->depth, B, T, D,
+                            c->mlp_ratio, c->H, ENC_EPS);
+    else
+        blocks_forward(&a->blocks, &m->scratch, a->x0, &p->blocks, c->depth, B, T, D,
+                       c->mlp_ratio, c->H, ENC_EPS);
     const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     af_layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, B * T, D,
                       ENC_EPS);
@@ -128,8 +207,12 @@ af_status af_encoder_backward(af_model *m, const float *dtokens) {
     const float *last = af_blocks_output(&a->blocks, c->depth, T, D, c->mlp_ratio, c->H);
     af_layernorm_backward(s->dres, g->norm_w, g->norm_b, dtokens, last, p->norm_w, a->lnf_mean,
                        a->lnf_rstd, N, D);
-    blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
-                    c->mlp_ratio, c->H);
+    if (m->bf16)
+        blocks_backward_bf16(m, s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
+                             c->mlp_ratio, c->H);
+    else
+        blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth, B, T, D,
+                        c->mlp_ratio, c->H);
     /* s->dres = d(x0): x0[b,0] = cls + pos[0], x0[b,1+j] = emb[b,j] + pos[1+j] */
     for (int b = 0; b < B; b++) {
         const float *dx = s->dres + (size_t)b * T * D;
@@ -141,7 +224,8 @@ af_status af_encoder_backward(af_model *m, const float *dtokens) {
     for (int b = 0; b < B; b++)
         memcpy(demb + (size_t)b * L * D, s->dres + ((size_t)b * T + 1) * D,
                (size_t)L * D * sizeof(float));
-    af_linear_backward(NULL, g->patch_w, g->patch_b, demb, a->patches, p->patch_w, B * L, Q, D);
+    af_model_linear_backward(m, NULL, g->patch_w, g->patch_b, demb, a->patches, p->patch_w,
+                             B * L, Q, D);
     return AF_OK;
 }
 
@@ -156,7 +240,7 @@ af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *to
     int L = m->L, T = m->T, D = c->D, Dd = c->Dd, Q = m->Q, N = B * T;
     memcpy(a->tokens, tokens, (size_t)N * D * sizeof(float));
     memcpy(a->mask, token_mask, (size_t)B * L);
-    af_linear_forward(a->x0, a->tokens, p->embed_w, p->embed_b, N, D, Dd);
+    af_model_linear_forward(m, a->x0, a->tokens, p->embed_w, p->embed_b, N, D, Dd);
     /* masked tokens (lesion patches) are replaced after the embedding; cls never is */
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -167,11 +251,15 @@ af_status af_decoder_forward(af_model *m, const float *tokens, const uint8_t *to
             }
             add_inplace(x, p->pos + (size_t)t * Dd, (size_t)Dd);
         }
-    blocks_forward(&a->blocks, &m->scratch, a->x0, &p->blocks, c->depth_d, B, T, Dd,
-                   c->mlp_ratio, c->Hd, DEC_EPS);
+    if (m->bf16)
+        blocks_forward_bf16(m, &a->blocks, &m->scratch, a->x0, &p->blocks, c->depth_d, B, T, Dd,
+                            c->mlp_ratio, c->Hd, DEC_EPS);
+    else
+        blocks_forward(&a->blocks, &m->scratch, a->x0, &p->blocks, c->depth_d, B, T, Dd,
+                       c->mlp_ratio, c->Hd, DEC_EPS);
     const float *last = af_blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     af_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, last, p->norm_w, p->norm_b, N, Dd, DEC_EPS);
-    af_linear_forward(a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q);
+    af_model_linear_forward(m, a->pred_full, a->lnf, p->pred_w, p->pred_b, N, Dd, Q);
     for (int b = 0; b < B; b++) /* drop cls */
         memcpy(a->pred + (size_t)b * L * Q, a->pred_full + ((size_t)b * T + 1) * Q,
                (size_t)L * Q * sizeof(float));
@@ -195,12 +283,16 @@ af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens) {
     for (int b = 0; b < B; b++)
         memcpy(dfull + ((size_t)b * T + 1) * Q, dpred + (size_t)b * L * Q,
                (size_t)L * Q * sizeof(float));
-    af_linear_backward(s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N, Dd, Q);
+    af_model_linear_backward(m, s->dln, g->pred_w, g->pred_b, dfull, a->lnf, p->pred_w, N, Dd, Q);
     const float *last = af_blocks_output(&a->blocks, c->depth_d, T, Dd, c->mlp_ratio, c->Hd);
     af_layernorm_backward(s->dres, g->norm_w, g->norm_b, s->dln, last, p->norm_w, a->lnf_mean,
                        a->lnf_rstd, N, Dd);
-    blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd,
-                    c->mlp_ratio, c->Hd);
+    if (m->bf16)
+        blocks_backward_bf16(m, s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T,
+                             Dd, c->mlp_ratio, c->Hd);
+    else
+        blocks_backward(s, &g->blocks, &a->blocks, a->x0, &p->blocks, c->depth_d, B, T, Dd,
+                        c->mlp_ratio, c->Hd);
     /* the fixed pos embedding takes no gradient; a replaced token's gradient goes to its
      * mask token and not to the embedding */
     for (int b = 0; b < B; b++)
@@ -211,6 +303,7 @@ af_status af_decoder_backward(af_model *m, const float *dpred, float *dtokens) {
                             (size_t)Dd);
                 memset(dx, 0, (size_t)Dd * sizeof(float));
             }
-    af_linear_backward(dtokens, g->embed_w, g->embed_b, s->dres, a->tokens, p->embed_w, N, D, Dd);
+    af_model_linear_backward(m, dtokens, g->embed_w, g->embed_b, s->dres, a->tokens, p->embed_w,
+                             N, D, Dd);
     return AF_OK;
 }

@@ -161,3 +161,13 @@ void af_linear_layernorm_backward_data(float *dx, float *dy, const float *dout, 
         }
     }
 }
+
+void af_gelu_recompute_backward(float *g, float *dh, const float *dg, const float *h, size_t n) {
+    enum { CHUNK = 1 << 14 };
+    size_t chunks = (n + CHUNK - 1) / CHUNK;
+    #pragma omp parallel for if (n >= AF_OMP_MIN_ELEMS)
+    for (size_t c = 0; c < chunks; c++) {
+        size_t lo = c * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;
+        gelu_fwd_bwd_rows(g, dh, dg, h, lo, hi);
+    }
+}

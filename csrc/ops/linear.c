@@ -42,3 +42,26 @@ void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *
         }
     }
 }
+
+/* ------------------------------------------------------------------ bf16 GEMMs */
+
+void af_linear_forward_bf16(float *out, const float *inp, const float *weight, const float *bias,
+                            int N, int IC, int OC, void *ws, size_t ws_bytes) {
+    float beta = 0.0f;
+    if (bias != NULL) {
+        #pragma omp parallel for if ((size_t)N * OC >= AF_OMP_MIN_SUM_ELEMS)
+        for (int n = 0; n < N; n++) memcpy(out + (size_t)n * OC, bias, (size_t)OC * sizeof(float));
+        beta = 1.0f;
+    }
+    af_gemm_bf16(0, 1, N, OC, IC, 1.0f, inp, IC, weight, IC, beta, out, OC, ws, ws_bytes);
+}
+
+void af_linear_backward_bf16(float *dinp, float *dweight, float *dbias, const float *dout,
+                             const float *inp, const float *weight, int N, int IC, int OC,
+                             void *ws, size_t ws_bytes) {
+    if (dinp != NULL)
+        af_gemm_bf16(0, 0, N, IC, OC, 1.0f, dout, OC, weight, IC, 0.0f, dinp, IC, ws, ws_bytes);
+    if (dweight != NULL)
+        af_gemm_bf16(1, 0, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dweight, IC, ws, ws_bytes);
+    if (dbias != NULL) af_linear_backward(NULL, NULL, dbias, dout, inp, weight, N, IC, OC);
+}

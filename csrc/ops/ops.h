@@ -29,12 +29,34 @@
 void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
               int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
+/* The bf16 GEMM (gemm_bf16.c): af_sgemm's arguments with A and B rounded to bfloat16
+ * (nearest even) and the products summed in fp32. ws: af_gemm_bf16_workspace(M, N, K, t)
+ * bytes for up to t threads (fewer threads run when it holds fewer). Threads own 32-row blocks
+ * of C (none inside a parallel region): deterministic whatever the thread count. Backends:
+ * AMX tiles when the CPU has amx_bf16 and Linux grants the tile state, else portable loops
+ * with the same input rounding (a different, fixed, summation order). */
+enum { AF_BF16_PORTABLE = 0, AF_BF16_AMX = 2 };
+int af_bf16_backend(void);
+size_t af_gemm_bf16_workspace(int M, int N, int K, int threads);
+void af_gemm_bf16(int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                  int lda, const float *B, int ldb, float beta, float *C, int ldc, void *ws,
+                  size_t ws_bytes);
+
 /* linear: out[N,OC] = inp[N,IC] @ weight[OC,IC]^T + bias[OC] (bias may be NULL). */
 void af_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int IC, int OC);
 /* dinp[N,IC] = dout @ weight; dweight[OC,IC] += dout^T @ inp; dbias[OC] += colsum(dout). */
 void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int IC, int OC);
+
+/* The same with the GEMMs in bf16 (af_gemm_bf16; biases and sums fp32). ws holds
+ * af_gemm_bf16_workspace bytes for each GEMM: forward (N, OC, IC), input gradient
+ * (N, IC, OC), weight gradient (OC, IC, N). */
+void af_linear_forward_bf16(float *out, const float *inp, const float *weight, const float *bias,
+                            int N, int IC, int OC, void *ws, size_t ws_bytes);
+void af_linear_backward_bf16(float *dinp, float *dweight, float *dbias, const float *dout,
+                             const float *inp, const float *weight, int N, int IC, int OC,
+                             void *ws, size_t ws_bytes);
 
 /* LayerNorm over the IC features of each row: saves mean[N], rstd[N] for the backward. */
 void af_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
@@ -97,6 +119,8 @@ void af_mlp_forward(float *h, float *g, float *out, const float *x, const float 
                     int IC, int HC);
 void af_mlp_backward_data(float *dh, float *g, const float *dout, const float *h,
                           const float *w2, int N, int IC, int HC);
+/* g = gelu(h) and dh = dg * gelu'(h) in one pass over n values (dh == dg allowed). */
+void af_gelu_recompute_backward(float *g, float *dh, const float *dg, const float *h, size_t n);
 void af_linear_layernorm_backward_data(float *dx, float *dy, const float *dout, const float *w,
                                        const float *x, const float *ln_w, const float *mean,
                                        const float *rstd, const float *skip, int N, int IC,

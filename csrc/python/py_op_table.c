@@ -11,6 +11,9 @@
 #include "py_op.h" /* Python.h first */
 
 #include <limits.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "objective.h"
 #include "ops/ops.h"
@@ -68,6 +71,31 @@ static int check_patches(af_op_call *o) {
     }
     int64_t G = S / P;
     return af_op_let(o, "L", G * G, "patches", 1);
+}
+
+/* The bf16 GEMM's workspace, in floats, for this thread count. */
+static int check_gemm_bf16(af_op_call *o) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    size_t bytes = af_gemm_bf16_workspace(I(M), I(N), I(K), threads);
+    return af_op_let(o, "WS", (int64_t)((bytes + 3) / 4), "ws", 0);
+}
+
+/* The bf16 linear layer's workspace (forward, input and weight gradients), in floats. */
+static int check_linear_bf16(af_op_call *o) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    int N = I(N), C = I(C), OC = I(OC);
+    size_t f = af_gemm_bf16_workspace(N, OC, C, threads);
+    size_t d = af_gemm_bf16_workspace(N, C, OC, threads);
+    size_t w = af_gemm_bf16_workspace(OC, C, N, threads);
+    size_t bytes = f > d ? f : d;
+    bytes = bytes > w ? bytes : w;
+    return af_op_let(o, "WS", (int64_t)((bytes + 3) / 4), "ws", 0);
 }
 
 /* With eps = 0 the zero-norm branch would divide by eps. */
@@ -273,6 +301,23 @@ static int check_slm(af_op_call *o) {
       "(dqkv[qkv]) using scratch[B,H,T,2*T]", check_heads,                                       \
       VOID(af_attention_fused_backward(F(dqkv), F(scratch), COUNT(scratch), F(dout), F(qkv),    \
                                        F(stats), I(B), I(T), I(D), I(H))),                      \
+      NONE)                                                                                      \
+    X(ops, linear_forward_bf16, "inp[N,C] weight[OC,C] bias[OC]=None -> out[N,OC] using ws[WS]"  \
+      "\n\nlinear_forward with bf16 GEMM operands and fp32 sums (precision='bf16').",            \
+      check_linear_bf16,                                                                         \
+      VOID(af_linear_forward_bf16(F(out), F(inp), F(weight), F(bias), I(N), I(C), I(OC), F(ws), \
+                                  (size_t)COUNT(ws) * 4)),                                       \
+      NONE)                                                                                      \
+    X(ops, linear_backward_bf16, "dout[N,OC] inp[N,C] weight[OC,C] has_bias:bool=True -> "       \
+      "(dinp[N,C], dweight[OC,C], dbias[OC] if has_bias) using ws[WS]", check_linear_bf16,       \
+      VOID(af_linear_backward_bf16(F(dinp), F(dweight), F(dbias), F(dout), F(inp), F(weight),   \
+                                   I(N), I(C), I(OC), F(ws), (size_t)COUNT(ws) * 4)),            \
+      NONE)                                                                                      \
+    X(ops, matmul_bf16, "a[M,K] b[K,N] -> out[M,N] using ws[WS]\n\na @ b with a and b "        \
+      "rounded to bfloat16 and fp32 sums\n(the GEMM of the CPU's precision='bf16').",            \
+      check_gemm_bf16,                                                                            \
+      VOID(af_gemm_bf16(0, 0, I(M), I(N), I(K), 1.0f, F(a), I(K), F(b), I(N), 0.0f, F(out),     \
+                        I(N), F(ws), (size_t)COUNT(ws) * 4)),                                    \
       NONE)                                                                                      \
     X(ops, residual_forward, "a[...] b[a] -> out[a]\n\na + b.", NULL,                            \
       VOID(af_residual_forward(F(out), F(a), F(b), COUNT(a))),                                   \
