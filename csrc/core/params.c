@@ -535,7 +535,9 @@ static size_t bf16_workspace(const af_config *c, int cap, int inference, int thr
         }
         ws = max_sz(ws, f);
     }
-    return ws;
+    /* the attention's GEMMs use it too, one slot per thread */
+    ws = max_sz(ws, af_attention_bf16_workspace(T, D, c->H, threads));
+    return max_sz(ws, af_attention_bf16_workspace(T, Dd, c->Hd, threads));
 }
 
 af_status af_model_reserve(af_model *m, int B) {

@@ -47,7 +47,7 @@ static void blocks_forward(af_blocks_acts *acts, af_scratch *s, const float *x,
         af_layernorm_linear_forward(a.ln1, a.ln1_mean, a.ln1_rstd, a.qkv, in, w.ln1_w, w.ln1_b,
                                     eps, w.qkv_w, w.qkv_b, N, W, 3 * W);
         af_attention_fused_forward(a.atty, a.att_stats, s->datt, s->datt_floats, a.qkv, B, T, W,
-                                   NH);
+                                   NH, NULL, 0);
         af_linear_residual_layernorm_forward(a.res2, a.ln2, a.ln2_mean, a.ln2_rstd, a.atty,
                                              w.proj_w, w.proj_b, in, w.ln2_w, w.ln2_b, eps, N,
                                              W, W);
@@ -79,7 +79,7 @@ static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_
         /* attention branch: res2 = in + proj(attn(qkv(ln1(in)))) */
         af_linear_backward(s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w, N, W, W);
         af_attention_fused_backward(s->dqkv, s->datt, s->datt_floats, s->datty, a.qkv,
-                                    a.att_stats, B, T, W, NH);
+                                    a.att_stats, B, T, W, NH, NULL, 0);
         af_linear_backward(NULL, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W, 3 * W);
         /* dres = LN1 backward of dqkv @ qkv_w, + the skip path (dres2) */
         af_linear_layernorm_backward_data(s->dres, s->dln, s->dqkv, w.qkv_w, in, w.ln1_w,
@@ -104,7 +104,7 @@ static void blocks_forward_bf16(const af_model *m, af_blocks_acts *acts, af_scra
         af_layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, in, w.ln1_w, w.ln1_b, N, W, eps);
         af_model_linear_forward(m, a.qkv, a.ln1, w.qkv_w, w.qkv_b, N, W, 3 * W);
         af_attention_fused_forward(a.atty, a.att_stats, s->datt, s->datt_floats, a.qkv, B, T, W,
-                                   NH);
+                                   NH, m->bf16_ws, m->bf16_ws_bytes);
         af_model_linear_forward(m, a.res2, a.atty, w.proj_w, w.proj_b, N, W, W);
         af_residual_forward(a.res2, a.res2, in, nw);
         af_layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, N, W, eps);
@@ -138,7 +138,7 @@ static void blocks_backward_bf16(const af_model *m, af_scratch *s, af_blocks_par
         af_model_linear_backward(m, s->datty, dw.proj_w, dw.proj_b, s->dres2, a.atty, w.proj_w,
                                  N, W, W);
         af_attention_fused_backward(s->dqkv, s->datt, s->datt_floats, s->datty, a.qkv,
-                                    a.att_stats, B, T, W, NH);
+                                    a.att_stats, B, T, W, NH, m->bf16_ws, m->bf16_ws_bytes);
         af_model_linear_backward(m, s->dln, dw.qkv_w, dw.qkv_b, s->dqkv, a.ln1, w.qkv_w, N, W,
                                  3 * W);
         af_layernorm_backward(s->dres, dw.ln1_w, dw.ln1_b, s->dln, in, w.ln1_w, a.ln1_mean,

@@ -91,11 +91,15 @@ void af_attention_backward(float *dqkv, float *scratch, const float *dout, const
 size_t af_attention_fused_scratch_floats(int B, int T, int H, int threads);
 /* Enough for the forward alone (with `threads` threads). */
 size_t af_attention_fused_forward_scratch_floats(int T, int threads);
+/* bf16_ws (NULL: fp32 GEMMs) makes the GEMMs bf16 (af_gemm_bf16); it needs
+ * af_attention_bf16_workspace(T, D, H, threads) bytes for `threads` threads. */
+size_t af_attention_bf16_workspace(int T, int D, int H, int threads);
 void af_attention_fused_forward(float *out, float *stats, float *scratch, size_t scratch_floats,
-                                const float *qkv, int B, int T, int D, int H);
+                                const float *qkv, int B, int T, int D, int H, void *bf16_ws,
+                                size_t bf16_ws_bytes);
 void af_attention_fused_backward(float *dqkv, float *scratch, size_t scratch_floats,
                                  const float *dout, const float *qkv, const float *stats, int B,
-                                 int T, int D, int H);
+                                 int T, int D, int H, void *bf16_ws, size_t bf16_ws_bytes);
 
 /* Fused row-tile kernels of the transformer block (fused.c): each runs its steps on tiles of
  * ~64 rows, one tile per thread at a time, so intermediates stay in cache; the results equal

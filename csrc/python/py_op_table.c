@@ -295,12 +295,12 @@ static int check_slm(af_op_call *o) {
       "using scratch[B,H,T,2*T]\n\nThe CPU model's attention: saves the softmax row max and "    \
       "1/sum,\nnot the T x T probabilities.", check_heads,                                      \
       VOID(af_attention_fused_forward(F(out), F(stats), F(scratch), COUNT(scratch), F(qkv),     \
-                                      I(B), I(T), I(D), I(H))),                                 \
+                                      I(B), I(T), I(D), I(H), NULL, 0)),                        \
       NONE)                                                                                      \
     X(ops, attention_fused_backward, "dout[B,T,D] qkv[B,T,3*D] stats[B,H,T,2] H:int>0 -> "      \
       "(dqkv[qkv]) using scratch[B,H,T,2*T]", check_heads,                                       \
       VOID(af_attention_fused_backward(F(dqkv), F(scratch), COUNT(scratch), F(dout), F(qkv),    \
-                                       F(stats), I(B), I(T), I(D), I(H))),                      \
+                                       F(stats), I(B), I(T), I(D), I(H), NULL, 0)),             \
       NONE)                                                                                      \
     X(ops, linear_forward_bf16, "inp[N,C] weight[OC,C] bias[OC]=None -> out[N,OC] using ws[WS]"  \
       "\n\nlinear_forward with bf16 GEMM operands and fp32 sums (precision='bf16').",            \
