@@ -587,3 +587,36 @@ def test_gelu_wide_range_accuracy():
     assert np.max(np.abs(g - ref)[big] / np.abs(ref[big])) < 3e-6
     lo, hi = ops.gelu_forward(np.array([-200.0, 200.0], np.float32))
     assert abs(lo) < 1e-30 and hi == 200.0
+
+
+# ------------------------------------------------------------------ bf16 GEMMs (precision="bf16")
+
+def bf16_round(x):
+    """x rounded to bfloat16 (nearest even), as float64."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("N,C,OC", [(1, 1, 1), (3, 5, 7), (70, 33, 65), (197, 64, 96)])
+def test_linear_bf16_is_the_product_of_bf16_inputs(N, C, OC):
+    # exact products of the bf16-rounded inputs, summed in fp32: within fp32 rounding of the
+    # float64 product of the same rounded inputs (K <= 197 terms)
+    x, w, b, dy = randn(N, C), randn(OC, C), randn(OC), randn(N, OC)
+    out = ops.linear_forward_bf16(x, w, b)
+    close(out, bf16_round(x) @ bf16_round(w).T + b, rtol=1e-5, atol=1e-5)
+    dinp, dw, db = ops.linear_backward_bf16(dy, x, w)
+    close(dinp, bf16_round(dy) @ bf16_round(w), rtol=1e-5, atol=1e-5)
+    close(dw, bf16_round(dy).T @ bf16_round(x), rtol=1e-5, atol=1e-5)
+    close(db, f64(dy).sum(0), rtol=1e-6, atol=1e-5)
+    # against fp32: bf16 has 8 significant bits (relative rounding 2^-9 per operand)
+    ref = f64(x) @ f64(w).T + b
+    assert np.abs(out - ref).max() <= 2e-2 * np.abs(ref).max()
+    close(ops.matmul_bf16(x, w.T.copy()), bf16_round(x) @ bf16_round(w).T, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_bf16_rounds_to_nearest_even():
+    # 1 + 2^-8 is a tie between bf16 1 and 1 + 2^-7: nearest even is 1; 1 + 3 * 2^-8 -> 1 + 2^-6
+    x = np.array([[1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8]], np.float32)
+    w = np.eye(2, dtype=np.float32)
+    np.testing.assert_array_equal(ops.linear_forward_bf16(x, w), [[1.0, 1 + 2.0 ** -6]])
