@@ -102,8 +102,9 @@ void af_attention_fused_backward(float *dqkv, float *scratch, size_t scratch_flo
                                  int T, int D, int H, void *bf16_ws, size_t bf16_ws_bytes);
 
 /* Fused row-tile kernels of the transformer block (fused.c): each runs its steps on tiles of
- * ~64 rows, one tile per thread at a time, so intermediates stay in cache; the results equal
- * the ops composed (up to the order of a few additions), whatever the thread count.
+ * 64-256 rows (set by N alone), one tile per thread at a time, so intermediates stay in
+ * cache; the results equal the ops composed (up to the order of a few additions), whatever
+ * the thread count.
  *   af_layernorm_linear_forward: y = LN(x) (mean, rstd saved), out = y @ w^T + b
  *   af_linear_residual_layernorm_forward: r = x @ w^T + b + res, y = LN(r)
  *   af_mlp_forward: h = x @ w1^T + b1, g = gelu(h), out = g @ w2^T + b2 + res (res may be NULL)
