@@ -69,8 +69,9 @@ static void blocks_backward(af_scratch *s, af_blocks_params *g, const af_blocks_
         const float *in = l == 0 ? x : af_block_acts_at(acts, l - 1, T, W, R, NH).res3;
         /* MLP branch: res3 = res2 + fc2(gelu(fc1(ln2(res2)))) */
         af_mlp_backward_data(s->dfch, s->dfch_gelu, s->dres, a.fch, w.fc2_w, N, W, R * W);
-        af_linear_backward(NULL, dw.fc2_w, dw.fc2_b, s->dres, s->dfch_gelu, w.fc2_w, N, R * W, W);
-        af_linear_backward(NULL, dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, w.fc1_w, N, W, R * W);
+        af_linear_grad mlp[2] = {{dw.fc2_w, dw.fc2_b, s->dres, s->dfch_gelu, N, R * W, W},
+                                 {dw.fc1_w, dw.fc1_b, s->dfch, a.ln2, N, W, R * W}};
+        af_linear_backward_params(mlp, 2);
         /* dres2 = LN2 backward of dfch @ fc1_w, + the skip path (dres) */
         af_linear_layernorm_backward_data(s->dres2, s->dln, s->dfch, w.fc1_w, a.res2, w.ln2_w,
                                           a.ln2_mean, a.ln2_rstd, s->dres, N, W, R * W);

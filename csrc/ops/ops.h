@@ -49,6 +49,17 @@ void af_linear_forward(float *out, const float *inp, const float *weight, const 
 void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int IC, int OC);
 
+/* Parameter gradients of n independent linear layers (dweight += dout^T @ inp, dbias +=
+ * colsum(dout); either may be NULL): with at least as many layers as threads, one layer per
+ * thread, so no operand is packed by two threads; otherwise af_linear_backward each. Either
+ * way the sums are af_linear_backward's: the result does not depend on the thread count. */
+typedef struct {
+    float *dweight, *dbias;
+    const float *dout, *inp;
+    int N, IC, OC;
+} af_linear_grad;
+void af_linear_backward_params(const af_linear_grad *g, int n);
+
 /* The same with the GEMMs in bf16 (af_gemm_bf16; biases and sums fp32). ws holds
  * af_gemm_bf16_workspace bytes for each GEMM: forward (N, OC, IC), input gradient
  * (N, IC, OC), weight gradient (OC, IC, N). */
