@@ -221,8 +221,10 @@ typedef struct {
     int inference;         /* forward only: one slot per stack, both encoder branches share
                             * one block, no head, scratch only for the forwards             */
     int threads;           /* the fused attention scratch is sized for this many threads    */
+    size_t att_scratch_floats; /* scratch.datt of the fused attention (af_attention_fused_*) */
 } af_acts_layout;
-af_acts_layout af_acts_layout_cpu(int inference);
+/* The CPU model's layout for `cap` images (model_cpu.c). */
+af_acts_layout af_acts_layout_cpu(const af_config *cfg, int cap, int inference);
 size_t af_acts_carve_layout(const af_config *cfg, int cap, int branches, float *base,
                             size_t align, const af_acts_layout *lay, af_encoder_acts enc[2],
                             af_head_acts head[2], af_decoder_acts *dec, af_scratch *scratch);
