@@ -73,26 +73,30 @@ static int check_patches(af_op_call *o) {
     return af_op_let(o, "L", G * G, "patches", 1);
 }
 
-/* The bf16 GEMM's workspace, in floats, for this thread count. */
-static int check_gemm_bf16(af_op_call *o) {
+/* The bf16 GEMM's workspace (csrc/ops/gemm_bf16.c, afire._C only: its rows have no GPU twin,
+ * so afire._C_cuda never calls these hooks), in floats, for this thread count. */
+static size_t gemm_bf16_ws(int M, int N, int K) {
+#ifdef AFIRE_HAVE_CUDA
+    (void)M, (void)N, (void)K;
+    return 0;
+#else
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    size_t bytes = af_gemm_bf16_workspace(I(M), I(N), I(K), threads);
+    return af_gemm_bf16_workspace(M, N, K, threads);
+#endif
+}
+
+static int check_gemm_bf16(af_op_call *o) {
+    size_t bytes = gemm_bf16_ws(I(M), I(N), I(K));
     return af_op_let(o, "WS", (int64_t)((bytes + 3) / 4), "ws", 0);
 }
 
-/* The bf16 linear layer's workspace (forward, input and weight gradients), in floats. */
+/* The bf16 linear layer's: forward, input and weight gradients. */
 static int check_linear_bf16(af_op_call *o) {
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
     int N = I(N), C = I(C), OC = I(OC);
-    size_t f = af_gemm_bf16_workspace(N, OC, C, threads);
-    size_t d = af_gemm_bf16_workspace(N, C, OC, threads);
-    size_t w = af_gemm_bf16_workspace(OC, C, N, threads);
+    size_t f = gemm_bf16_ws(N, OC, C), d = gemm_bf16_ws(N, C, OC), w = gemm_bf16_ws(OC, C, N);
     size_t bytes = f > d ? f : d;
     bytes = bytes > w ? bytes : w;
     return af_op_let(o, "WS", (int64_t)((bytes + 3) / 4), "ws", 0);
