@@ -10,6 +10,15 @@
 
 #define L2_EPS 1e-12f /* F.normalize */
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Whether L per-position layers (B rows, kb = K x Bn weights each) are worth a fork. */
+static int par_positions(int L, int B, size_t kb) {
+    return (double)L * (B + 1) * (double)kb >= (double)(1 << 21);
+}
+
 /* dst[L,B,IC] <- src[B,L,IC] (and the inverse with swapped sizes). */
 static void transpose_bl(float *dst, const float *src, int B, int L, int IC) {
     for (int b = 0; b < B; b++)
@@ -44,11 +53,14 @@ af_status af_head_forward(af_model *m, af_branch br, const float *tokens, int B)
     if (c->shared_last_layer) {
         af_wn_linear_forward(a->logits_t, a->w_eff, a->vnorm, a->zn_t, p->last_v, N, Bn, K);
     } else {
-        for (int j = 0; j < L; j++) {
-            size_t kb = (size_t)K * Bn;
-            af_wn_linear_forward(a->logits_t + (size_t)j * B * K, a->w_eff + j * kb, a->vnorm + (size_t)j * K,
-                              a->zn_t + (size_t)j * B * Bn, p->last_v + j * kb, B, Bn, K);
-        }
+        /* one position per thread: each is small (B x Bn x K), and its ops then run inside
+         * this region on one thread instead of forking twice per position */
+        size_t kb = (size_t)K * Bn;
+        #pragma omp parallel for schedule(dynamic) if (par_positions(L, B, kb))
+        for (int j = 0; j < L; j++)
+            af_wn_linear_forward(a->logits_t + (size_t)j * B * K, a->w_eff + j * kb,
+                                 a->vnorm + (size_t)j * K, a->zn_t + (size_t)j * B * Bn,
+                                 p->last_v + j * kb, B, Bn, K);
     }
     transpose_bl(a->logits, a->logits_t, L, B, K);
     m->head_B[br] = B;
@@ -73,11 +85,25 @@ af_status af_head_backward(af_model *m, const float *dlogits, float *dtokens) {
     if (c->shared_last_layer) {
         af_wn_linear_backward(s->dz_t, g->last_v, gb, a->zn_t, a->w_eff, a->vnorm, N, Bn, K);
     } else {
+        /* one position per thread, with that thread's K x Bn temporary (positions own
+         * disjoint slices of every array: the result does not depend on the thread count) */
         size_t kb = (size_t)K * Bn;
-        for (int j = 0; j < L; j++)
-            af_wn_linear_backward(s->dz_t + (size_t)j * B * Bn, g->last_v + j * kb,
-                               gb + (size_t)j * B * K, a->zn_t + (size_t)j * B * Bn,
-                               a->w_eff + j * kb, a->vnorm + (size_t)j * K, B, Bn, K);
+        int nt = 1;
+#ifdef _OPENMP
+        if (par_positions(L, B, kb)) nt = omp_get_max_threads();
+#endif
+        if (s->wn_ws != NULL && nt > s->wn_slots) nt = s->wn_slots;
+        #pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1)
+        for (int j = 0; j < L; j++) {
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            af_wn_linear_backward_ws(s->dz_t + (size_t)j * B * Bn, g->last_v + j * kb,
+                                     gb + (size_t)j * B * K, a->zn_t + (size_t)j * B * Bn,
+                                     a->w_eff + j * kb, a->vnorm + (size_t)j * K, B, Bn, K,
+                                     s->wn_ws ? s->wn_ws + (size_t)tid * kb : NULL);
+        }
     }
     transpose_bl(ga, s->dz_t, L, B, Bn); /* dzn [B*L, Bn] */
     af_l2norm_backward(gb, ga, a->z, a->znorm, N, Bn, L2_EPS); /* dz */

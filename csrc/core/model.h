@@ -193,6 +193,9 @@ typedef struct {
     size_t datt_floats;
     float *dh_a, *dh_b;      /* [B*L, max(Hh,Q,Bn,...)] head / decoder */
     float *dz_t;             /* [L, B, Bn]                             */
+    float *wn_ws;            /* [wn_slots, K, Bn] the head's last-layer backward, one per
+                              * thread (CPU; NULL on the GPU)           */
+    int wn_slots;
 } af_scratch;
 
 /* One activation block for `cap` images, shared by the CPU and GPU models: carve it (from

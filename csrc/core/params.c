@@ -469,6 +469,10 @@ size_t af_acts_carve_layout(const af_config *c, int cap, int branches, float *ba
     s->dfch = take(b, Bc * T * R * W), s->dfch_gelu = take(b, Bc * T * R * W);
     s->dh_a = take(b, Bc * T * wide), s->dh_b = take(b, Bc * T * wide);
     s->dz_t = take(b, Bc * L * Bn);
+    if (fused) { /* the CPU head runs its per-position last layers one per thread */
+        s->wn_slots = lay->threads < 1 ? 1 : lay->threads;
+        s->wn_ws = take(b, (size_t)s->wn_slots * K * Bn);
+    }
     return bb.used;
 }
 

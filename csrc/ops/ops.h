@@ -177,6 +177,10 @@ void af_wn_linear_forward(float *out, float *w_eff, float *vnorm, const float *i
                        const float *v, int N, int IC, int OC);
 void af_wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
                         const float *w_eff, const float *vnorm, int N, int IC, int OC);
+/* The same with the OC x IC temporary in ws (NULL: allocated, as af_wn_linear_backward). */
+void af_wn_linear_backward_ws(float *dinp, float *dv, const float *dout, const float *inp,
+                              const float *w_eff, const float *vnorm, int N, int IC, int OC,
+                              float *ws);
 
 /* One AdamW step (PyTorch semantics, decoupled weight decay, bias-corrected, t >= 1):
  * p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
