@@ -84,7 +84,7 @@ void af_linear_backward_params(const af_linear_grad *g, int n) {
 #endif
     double macs = 0;
     for (int i = 0; i < n; i++) macs += (double)g[i].N * g[i].IC * g[i].OC;
-    if (n < nt || macs < AF_GEMM_MIN_PAR_MACS) { /* af_sgemm splits each one */
+    if (n < nt || macs < 2.0 * AF_GEMM_MIN_PAR_MACS) { /* af_sgemm splits each one */
         for (int i = 0; i < n; i++)
             af_linear_backward(NULL, g[i].dweight, g[i].dbias, g[i].dout, g[i].inp, NULL, g[i].N,
                                g[i].IC, g[i].OC);
