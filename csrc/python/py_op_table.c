@@ -317,6 +317,35 @@ static int check_slm(af_op_call *o) {
       VOID(af_linear_backward_bf16(F(dinp), F(dweight), F(dbias), F(dout), F(inp), F(weight),   \
                                    I(N), I(C), I(OC), F(ws), (size_t)COUNT(ws) * 4)),            \
       NONE)                                                                                      \
+    X(ops, layernorm_linear_forward, "x[N,C] ln_w[C] ln_b[C] w[OC,C] b[OC]=None "                \
+      "eps:float>=0=1e-6 -> (y[N,C], mean[N], rstd[N], out[N,OC])\n\nFused row tiles: "          \
+      "y = LayerNorm(x), out = y @ w^T + b.", NULL,                                              \
+      VOID(af_layernorm_linear_forward(F(y), F(mean), F(rstd), F(out), F(x), F(ln_w), F(ln_b),  \
+                                       R(eps), F(w), F(b), I(N), I(C), I(OC))),                  \
+      NONE)                                                                                      \
+    X(ops, linear_residual_layernorm_forward, "x[N,C] w[OC,C] b[OC] res[N,OC] ln_w[OC] "        \
+      "ln_b[OC] eps:float>=0=1e-6 -> (r[N,OC], y[N,OC], mean[N], rstd[N])\n\nFused row tiles: "  \
+      "r = x @ w^T + b + res, y = LayerNorm(r).", NULL,                                          \
+      VOID(af_linear_residual_layernorm_forward(F(r), F(y), F(mean), F(rstd), F(x), F(w), F(b),  \
+                                                F(res), F(ln_w), F(ln_b), R(eps), I(N), I(C),   \
+                                                I(OC))),                                         \
+      NONE)                                                                                      \
+    X(ops, mlp_forward, "x[N,C] w1[HC,C] b1[HC] w2[C,HC] b2[C] res[N,C]=None -> "                \
+      "(h[N,HC], g[N,HC], out[N,C])\n\nFused row tiles: h = x @ w1^T + b1, g = gelu(h), "        \
+      "out = g @ w2^T + b2 + res.", NULL,                                                        \
+      VOID(af_mlp_forward(F(h), F(g), F(out), F(x), F(w1), F(b1), F(w2), F(b2), F(res), I(N),   \
+                          I(C), I(HC))),                                                         \
+      NONE)                                                                                      \
+    X(ops, mlp_backward_data, "dout[N,C] h[N,HC] w2[C,HC] -> (dh[N,HC], g[N,HC])\n\n"           \
+      "Fused row tiles: dh = (dout @ w2) * gelu'(h), g = gelu(h).", NULL,                        \
+      VOID(af_mlp_backward_data(F(dh), F(g), F(dout), F(h), F(w2), I(N), I(C), I(HC))),         \
+      NONE)                                                                                      \
+    X(ops, linear_layernorm_backward_data, "dout[N,OC] w[OC,C] x[N,C] ln_w[C] mean[N] rstd[N] "  \
+      "skip[N,C]=None -> (dx[N,C], dy[N,C])\n\nFused row tiles: dy = dout @ w, dx = the "        \
+      "LayerNorm input gradient of dy (+ skip).", NULL,                                          \
+      VOID(af_linear_layernorm_backward_data(F(dx), F(dy), F(dout), F(w), F(x), F(ln_w),        \
+                                             F(mean), F(rstd), F(skip), I(N), I(C), I(OC))),     \
+      NONE)                                                                                      \
     X(ops, matmul_bf16, "a[M,K] b[K,N] -> out[M,N] using ws[WS]\n\na @ b with a and b "        \
       "rounded to bfloat16 and fp32 sums\n(the GEMM of the CPU's precision='bf16').",            \
       check_gemm_bf16,                                                                            \
