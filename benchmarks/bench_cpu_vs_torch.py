@@ -27,6 +27,7 @@ bf16 rows run only where the CPU has bf16 dot products (avx512_bf16 or amx_bf16 
         [--sizes 64,128,224] [--threads 1,2] [--precisions fp32,bf16] [--runs 3]
         [--steps 3] [--warmup 1] [--torch-python /work/venv-torch/bin/python]
         [--out benchmarks/results/cpu_vs_torch.json]
+    python benchmarks/bench_cpu_vs_torch.py --table RESULT_JSON   (the Markdown table)
 
 The torch process needs torch (and timm for `infer`) and numpy; it does not import afire
 (the driver draws the SLM inputs and hands them over in a temporary .npz).
@@ -249,6 +250,40 @@ def summarise(case, runs):
     return row
 
 
+def markdown(res) -> str:
+    """The rows of a result file as a Markdown table: per shape, afire vs torch."""
+    rows = {}
+    for r in res["rows"]:
+        key = (r["mode"], r["size"], r["batch"], r["threads"], r["precision"])
+        rows.setdefault(key, {})[r["contender"]] = r
+    out = ["| mode | px | batch | thr | prec | afire img/s [range] | torch img/s [range] | "
+           "speed afire/torch [range] | afire RSS MiB (-base) | torch RSS MiB (-base) | "
+           "RSS ratio |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = {(r["mode"], r["size"], r["batch"], r["threads"], r["precision"]): r
+              for r in res["ratios"]}
+    for key in sorted(rows, key=lambda k: (k[0] != "train", -k[1], k[4], k[3], k[2])):
+        a, t = rows[key].get("afire", {}), rows[key].get("torch", {})
+
+        def ips(r):
+            if "images_per_s" not in r:
+                return "error"
+            lo, hi = r["images_per_s_range"]
+            return f"{r['images_per_s']:.2f} [{lo:.2f}-{hi:.2f}]"
+        q = ratios.get(key)
+        sp = (f"{q['speed_afire_over_torch']:.2f} [{q['speed_range'][0]:.2f}-"
+              f"{q['speed_range'][1]:.2f}]" if q else "-")
+        rss = f"{q['rss_afire_over_torch']:.2f}" if q else "-"
+
+        def mem(r):
+            if "rss_peak_mib" not in r:
+                return "-"
+            return f"{r['rss_peak_mib']:.0f} ({r['rss_peak_mib'] - r['rss_base_mib']:.0f})"
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {ips(a)} | "
+                   f"{ips(t)} | {sp} | {mem(a)} | {mem(t)} | {rss} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -274,7 +309,13 @@ def main(argv=None) -> int:
                                                              "/work/venv-torch/bin/python"))
     ap.add_argument("--afire-python", default=sys.executable)
     ap.add_argument("--out")
+    ap.add_argument("--table", metavar="RESULT_JSON",
+                    help="print the Markdown table of a result file and exit")
     a = ap.parse_args(argv)
+    if a.table:
+        with open(a.table) as f:
+            print(markdown(json.load(f)))
+        return 0
     if a.worker:
         a.threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
         r = (worker_afire if a.contender == "afire" else worker_torch)(a)
