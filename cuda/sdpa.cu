@@ -517,6 +517,15 @@ static af_status execute(af_cuda_context *ctx, sdpa_plan *p, int n, const int64_
     return AF_OK;
 }
 
+// A plan whose execution failed (auto mode): never used again; the call falls back.
+static void give_up(sdpa_plan *p, int bwd, char *why, size_t nwhy) {
+    snprintf(why, nwhy, "%s", af_last_error());
+    p->ok = 0;
+    set_status(bwd, "%s: our kernel, the cuDNN plan failed to execute (B=%d T=%d H=%d hd=%d: %s)",
+               bwd ? "backward" : "forward", p->B, p->T, p->H, p->D / p->H, why);
+    af_clear_error();
+}
+
 void af_sdpa_release(af_cuda_context *ctx) {
     af_sdpa_cache_free(ctx->sdpa_cache);
     ctx->sdpa_cache = nullptr;
@@ -566,7 +575,9 @@ af_status af_sdpa_forward(af_cuda_context *ctx, int backend, af_sdpa_scratch *ws
             const int64_t uids[6] = {UID_Q, UID_K, UID_V, UID_O, UID_STATS, UID_SCALE};
             void *ptrs[6] = {(void *)qkv, (void *)(qkv + D), (void *)(qkv + 2 * D), out, lse,
                              &p->scale};
-            return execute(ctx, p, 6, uids, ptrs);
+            af_status st = execute(ctx, p, 6, uids, ptrs);
+            if (st == AF_OK || backend == AF_SDPA_CUDNN) return st;
+            give_up(p, 0, why, sizeof why);  // auto: this shape runs our kernel from now on
         }
 #endif
         if (backend == AF_SDPA_CUDNN)
@@ -598,7 +609,9 @@ af_status af_sdpa_backward(af_cuda_context *ctx, int backend, af_sdpa_scratch *w
                               (void *)out,       (void *)dout,       (void *)lse,
                               &p->scale,         (void *)dqkv,       (void *)(dqkv + D),
                               (void *)(dqkv + 2 * D)};
-            return execute(ctx, p, 10, uids, ptrs);
+            af_status st = execute(ctx, p, 10, uids, ptrs);
+            if (st == AF_OK || backend == AF_SDPA_CUDNN) return st;
+            give_up(p, 1, why, sizeof why);
         }
 #endif
         if (backend == AF_SDPA_CUDNN)
