@@ -18,7 +18,8 @@ of Kermany (60% of the groups, as benchmarks/eval_scale.py) with batch 16 and a 
   I(class; position), and I(class; image | position) = H(class | position) (hard
   assignments are a function of (image, position)); the same from the soft probabilities;
 - features: mean pairwise cosine of GAP teacher features, linear CKA to the features at
-  initialisation, the share of token variance explained by position, effective rank;
+  initialisation, their effective rank, the share of token variance explained by position,
+  and how well a linear read-out of a token restores its patch's pixels (R^2);
 - per-loss gradients into the student encoder (each term alone, no clipping) and their
   cosines;
 - at the end, the 5-fold patient-wise linear probe (held-out groups, both classes) of the
@@ -61,6 +62,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "k64": {"num_prototypes": 64},
     "k256": {"num_prototypes": 256},
     "tau_sim1": {"tau_similarity": 1.0},
+    "w_recon_0.1": {"w_recon": 0.1},
+    "w_recon_0.3": {"w_recon": 0.3},
+    # restoration mostly of the masked (abnormal) tokens: weight 2 there, 0.1 elsewhere
+    "masked_recon": {"w_recon": 0.1, "w_abnormal": 20.0},
+    "slm_big": {"slm_size": (8, 32), "slm_crop": 32},
 }
 
 
@@ -147,6 +153,24 @@ def position_share(tokens: np.ndarray) -> float:
     total = ((t - t.mean((0, 1))) ** 2).sum(-1).mean()
     between = ((t.mean(0) - t.mean((0, 1))) ** 2).sum(-1).mean()
     return float(between / total) if total > 0 else float("nan")
+
+
+def pixel_r2(tokens: np.ndarray, images: np.ndarray, patch: int, ridge: float = 1e-3) -> float:
+    """How linearly the pixels of each patch can be read from its token: ridge regression
+    tokens [N, L, D] -> patch pixels of uint8 images [N, S, S], fitted on the first half of
+    the images, R^2 (pooled over pixels) on the second half."""
+    n, L, d = tokens.shape
+    g = images.shape[1] // patch
+    pix = images.reshape(n, g, patch, g, patch).transpose(0, 1, 3, 2, 4)
+    pix = pix.reshape(n, L, patch * patch).astype(np.float64) / 255.0
+    h = n // 2
+    xa = np.asarray(tokens, np.float64).reshape(n, L, d)
+    x_tr = np.concatenate([xa[:h].reshape(-1, d), np.ones((h * L, 1))], 1)
+    x_te = np.concatenate([xa[h:].reshape(-1, d), np.ones(((n - h) * L, 1))], 1)
+    y_tr, y_te = pix[:h].reshape(-1, patch * patch), pix[h:].reshape(-1, patch * patch)
+    w = np.linalg.solve(x_tr.T @ x_tr + ridge * len(x_tr) * np.eye(d + 1), x_tr.T @ y_tr)
+    resid = ((y_te - x_te @ w) ** 2).sum()
+    return float(1.0 - resid / ((y_te - y_tr.mean(0)) ** 2).sum())
 
 
 # ---------------------------------------------------------------- model internals
@@ -260,6 +284,7 @@ def diagnose(model: AFiRe, net, images: np.ndarray, seed: int, teacher_temp: flo
     out["features"] = {"mean_pairwise_cosine": mean_pairwise_cosine(f),
                        "effective_rank": effective_rank(f),
                        "position_share_teacher_tokens": position_share(tok),
+                       "pixel_r2_teacher_tokens": pixel_r2(tok, x, cfg.patch_size),
                        "position_share_student_tokens": position_share(
                            model.encode(xp, branch="student")[:, 1:])}
     if init_features is not None:
@@ -316,7 +341,8 @@ def run(cfg: Config, normals: np.ndarray, diag_imgs: np.ndarray, ev, steps: int,
     spe = max(1, len(normals) // cfg.batch_size)
     model = AFiRe(cfg, steps_per_epoch=spe)
     net = head_mirror(cfg)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)                 # training batches
+    grad_rng = np.random.default_rng(seed + 7777)     # gradient-probe batches
     init_f = gap_features(model, diag_imgs)
     log: list[dict] = []
     checks = []
@@ -332,15 +358,18 @@ def run(cfg: Config, normals: np.ndarray, diag_imgs: np.ndarray, ev, steps: int,
                 rec["train"] = {k: float(np.mean([r[k] for r in w]))
                                 for k in ("l_stru", "l_cate", "l_recon", "grad_norm")}
             rec.update(diagnose(model, net, diag_imgs, seed, tt, init_f))
-            idx = np.sort(rng.choice(len(normals), cfg.batch_size, replace=False))
+            idx = np.sort(grad_rng.choice(len(normals), cfg.batch_size, replace=False))
             rec["gradients"] = gradient_shares(model, normals[idx])
+            rec["probe_auc"] = linear_probe(model, ev, folds=5, epochs=probe_epochs, lr=1e-2,
+                                            figures=False)["metrics"]["mean_auc"]["mean"]
             checks.append(rec)
             print(f"  step {step}: l_stru {rec['l_stru_model']:.4f} (pos-mean "
                   f"{rec['l_stru_posmean']:.4f}, blank {rec['l_stru_blank']:.4f}) l_cate "
                   f"{rec['l_cate_model']:.3f} (shuffled {rec['l_cate_shuffled']:.3f}) | "
                   f"teacher I(c;pos) {rec['teacher']['I_class_position']:.2f} "
                   f"I(c;img|pos) {rec['teacher']['I_class_image_given_position']:.2f} bits | "
-                  f"cos {rec['features']['mean_pairwise_cosine']:.3f}", flush=True)
+                  f"cos {rec['features']['mean_pairwise_cosine']:.3f} | probe "
+                  f"{rec['probe_auc']:.3f}", flush=True)
         if step == steps:
             break
         idx = np.sort(rng.choice(len(normals), cfg.batch_size, replace=False))

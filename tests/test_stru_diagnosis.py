@@ -138,3 +138,12 @@ def test_diagnose_runs_and_position_only_predictors_are_content_free(phantoms):
     assert t["I_class_position"] + t["I_class_image_given_position"] == \
         pytest.approx(t["H_class"])
     assert 0.0 <= r["features"]["cka_to_init"] <= 1.0
+
+
+def test_pixel_r2_is_one_for_tokens_that_are_the_pixels_and_low_for_noise():
+    rng = np.random.default_rng(2)
+    n, g, p = 80, 2, 8
+    imgs = rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8)
+    pix = imgs.reshape(n, g, p, g, p).transpose(0, 1, 3, 2, 4).reshape(n, g * g, p * p)
+    assert ds.pixel_r2(pix.astype(np.float64), imgs, p, ridge=1e-9) == pytest.approx(1.0)
+    assert ds.pixel_r2(rng.normal(size=(n, 4, 8)), imgs, p) < 0.1
