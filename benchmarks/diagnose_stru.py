@@ -1,8 +1,11 @@
 """Why does L_stru collapse, and what does the student learn from it? (issue 14, item 1)
 
-    python benchmarks/diagnose_stru.py --data ../shared/data/kermany_native \
-        --variants paper cst_only recon_only --seeds 0 1 --steps 3000 \
-        --out benchmarks/results/diagnose_stru.json
+    python benchmarks/diagnose_stru.py --out benchmarks/results/diagnose_stru.json
+    python benchmarks/diagnose_stru.py --variants shared_last k4 --seeds 0 1 2 --time-budget 0
+    python benchmarks/diagnose_stru.py --tables benchmarks/results/diagnose_stru*.json
+
+(defaults: --data $AFIRE_DATA/kermany_native, --variants paper cst_only recon_only,
+--seeds 0 1, --steps 3000; about 5 minutes on 2 cores.)
 
 Pre-trains the ``test`` network at 64 px on the NORMAL images of a patient-wise train split
 of Kermany (60% of the groups, as benchmarks/eval_scale.py) with batch 16 and a peak lr of
@@ -22,16 +25,17 @@ of Kermany (60% of the groups, as benchmarks/eval_scale.py) with batch 16 and a 
   and how well a linear read-out of a token restores its patch's pixels (R^2);
 - per-loss gradients into the student encoder (each term alone, no clipping) and their
   cosines;
-- at the end, the 5-fold patient-wise linear probe (held-out groups, both classes) of the
-  teacher's GAP features, and of the same seed's initialisation.
+- the 5-fold patient-wise linear probe (held-out groups, both classes) of the teacher's
+  GAP features, at every checkpoint and at the end (with the same seed's initialisation).
 
 The teacher/student head logits are not exposed by ``AFiRe``; they are recomputed by an
 ``afire._C.model.Networks`` mirror holding the model's head weights (copied by name from
 ``state_tensors``) on the tokens of ``AFiRe.encode``. The per-term gradients run the C
 trainer binding (``afire._C.trainer.Trainer.gradients``) on a copy of the model's state.
 tests/test_stru_diagnosis.py checks that both reproduce the trainer exactly (prototypes,
-losses, gradients). ``--time-budget`` (seconds, default 540) lowers ``--steps``
-so that all runs fit. JSON to ``--out``.
+losses, gradients). ``--time-budget`` (seconds, default 540) lowers ``--steps`` so that
+all runs fit. JSON to ``--out``; ``--tables FILE ...`` prints the markdown tables of
+docs/RESULTS.md from result files (every variant and seed in them, paired by seed).
 """
 from __future__ import annotations
 
@@ -447,6 +451,76 @@ def summarise(runs: list[dict]) -> dict[str, Any]:
     return out
 
 
+def tables(paths: list[str], reference: str = "paper") -> str:
+    """Markdown tables over every run in the result files ``paths``: per variant (mean ±
+    sd [95% interval] over its seeds, and the probe AUC minus ``reference`` paired by
+    seed), then the ``reference`` variant's checkpoints (mean ± sd over its seeds)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for p in paths:
+        for r in json.loads(Path(p).read_text())["runs"]:
+            runs.setdefault(r["variant"], {})[r["seed"]] = r
+
+    def show(vals, fmt="{:.3f}", interval=False) -> str:
+        m = mean_ci(vals)
+        text = fmt.format(m["mean"])
+        if m["std"] is not None:
+            text += " ± " + fmt.format(m["std"])
+            if interval:
+                text += " [" + ", ".join(fmt.format(x) for x in m["ci95"]) + "]"
+        return text
+
+    def auc(r):
+        return r["probe"]["pretrained"]["mean_auc"]["mean"]
+
+    cols = [("l_stru", lambda c: c["l_stru_model"], "{:.4f}"),
+            ("content-free l_stru", lambda c: min(c["l_stru_posmean"], c["l_stru_blank"]),
+             "{:.4f}"),
+            ("l_cate", lambda c: c["l_cate_model"], "{:.3f}"),
+            ("shuffled l_cate", lambda c: c["l_cate_shuffled"], "{:.3f}"),
+            ("l_recon (train)", lambda c: c["train"]["l_recon"], "{:.3f}"),
+            ("I(c;pos) hard", lambda c: c["teacher"]["I_class_position"], "{:.2f}"),
+            ("I(c;img|pos) hard", lambda c: c["teacher"]["I_class_image_given_position"],
+             "{:.2f}"),
+            ("I(c;pos) soft", lambda c: c["teacher"]["soft"]["I_class_position"], "{:.2f}"),
+            ("I(c;img|pos) soft",
+             lambda c: c["teacher"]["soft"]["I_class_image_given_position"], "{:.2f}"),
+            ("CKA to init", lambda c: c["features"]["cka_to_init"], "{:.2f}"),
+            ("pairwise cos", lambda c: c["features"]["mean_pairwise_cosine"], "{:.3f}"),
+            ("eff. rank", lambda c: c["features"]["effective_rank"], "{:.1f}"),
+            ("pixel R^2", lambda c: c["features"]["pixel_r2_teacher_tokens"], "{:.2f}")]
+    head = ["variant", "seeds", "probe AUC", f"minus {reference} (paired)", "first step "
+            "l_stru < 0.01"] + [c[0] for c in cols]
+    out = ["| " + " | ".join(head).replace("|pos", "\\|pos") + " |",
+           "|" + "---|" * len(head)]
+    ref = runs.get(reference, {})
+    for v, by_seed in runs.items():
+        rs = [by_seed[k] for k in sorted(by_seed)]
+        last = [r["checkpoints"][-1] for r in rs]
+        common = sorted(set(by_seed) & set(ref)) if v != reference else []
+        diff = show([auc(by_seed[k]) - auc(ref[k]) for k in common], "{:+.3f}", True) \
+            if common else ""
+        row = [v, ",".join(map(str, sorted(by_seed))), show([auc(r) for r in rs], "{:.3f}",
+                                                              True), diff,
+               ",".join(str(r["first_step_l_stru_below_0.01"]) for r in rs)]
+        row += [show([fn(c) for c in last], fmt) for _, fn, fmt in cols]
+        out.append("| " + " | ".join(row) + " |")
+    if ref:
+        rs = [ref[k] for k in sorted(ref)]
+        out += ["", f"{reference}, seeds {','.join(map(str, sorted(ref)))}, per checkpoint:",
+                "", "| step | " + " | ".join(c[0] for c in cols[:4] + cols[5:9]).replace(
+                    "|pos", "\\|pos") + " | grad stru | grad cate | grad recon | probe AUC |",
+                "|" + "---|" * 13]
+        for i, c0 in enumerate(rs[0]["checkpoints"]):
+            cs = [r["checkpoints"][i] for r in rs if len(r["checkpoints"]) > i]
+            row = [str(c0["step"])] + [show([fn(c) for c in cs], fmt)
+                                       for _, fn, fmt in cols[:4] + cols[5:9]]
+            row += [show([c["gradients"][f"norm_{t}"] for c in cs])
+                    for t in ("stru", "cate", "recon")]
+            row.append(show([c["probe_auc"] for c in cs]))
+            out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
 def rounded(v: Any) -> Any:
     """Floats to 6 significant digits (smaller JSON; far below the run-to-run spread)."""
     if isinstance(v, dict):
@@ -479,7 +553,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--override", nargs="*", default=[],
                     help="Config overrides key=value applied to every variant")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tables", nargs="+", default=None, metavar="JSON",
+                    help="print markdown tables over the runs in these result files (all "
+                         "variants and seeds, paired against --reference) and exit")
+    ap.add_argument("--reference", default="paper")
     a = ap.parse_args(argv)
+    if a.tables:
+        print(tables(a.tables, a.reference))
+        return 0
 
     t_all = time.perf_counter()
     d = load_data(a.data, a.size)

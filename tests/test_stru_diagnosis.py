@@ -3,6 +3,7 @@ into the model (head mirror, per-term gradients) against the trainer itself."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -147,3 +148,31 @@ def test_pixel_r2_is_one_for_tokens_that_are_the_pixels_and_low_for_noise():
     pix = imgs.reshape(n, g, p, g, p).transpose(0, 1, 3, 2, 4).reshape(n, g * g, p * p)
     assert ds.pixel_r2(pix.astype(np.float64), imgs, p, ridge=1e-9) == pytest.approx(1.0)
     assert ds.pixel_r2(rng.normal(size=(n, 4, 8)), imgs, p) < 0.1
+
+
+def test_mean_ci_and_paired_tables(tmp_path):
+    m = ds.mean_ci([1.0, 2.0, 3.0])
+    assert m["mean"] == 2.0 and m["std"] == pytest.approx(1.0)
+    assert m["ci95"] == pytest.approx([2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)])
+    assert ds.mean_ci([0.5])["ci95"] is None
+
+    def run(variant, seed, auc):
+        c = {"l_stru_model": 0.1, "l_stru_posmean": 0.05, "l_stru_blank": 0.2,
+             "l_cate_model": 0.1, "l_cate_shuffled": 0.3, "train": {"l_recon": 0.1},
+             "teacher": {"I_class_position": 3.0, "I_class_image_given_position": 1.0,
+                         "soft": {"I_class_position": 2.0,
+                                  "I_class_image_given_position": 0.1}},
+             "features": {"cka_to_init": 0.9, "mean_pairwise_cosine": 0.95,
+                          "effective_rank": 10.0, "pixel_r2_teacher_tokens": 0.9},
+             "gradients": {"norm_stru": 1.0, "norm_cate": 1.0, "norm_recon": 1.0},
+             "probe_auc": auc, "step": 0}
+        return {"variant": variant, "seed": seed, "checkpoints": [c],
+                "first_step_l_stru_below_0.01": None,
+                "probe": {"pretrained": {"mean_auc": {"mean": auc}}}}
+    runs = [run("paper", 0, 0.90), run("paper", 1, 0.80), run("x", 0, 0.95), run("x", 1, 0.84)]
+    assert ds.paired_probe(runs, "x")["mean"] == pytest.approx(0.045)
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"runs": runs}))
+    text = ds.tables([str(f)])
+    assert "| x | 0,1 | 0.895" in text and "+0.045" in text
+    assert "paper, seeds 0,1, per checkpoint" in text
