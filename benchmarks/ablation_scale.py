@@ -104,7 +104,22 @@ def pretrain(cfg: Config, normals: np.ndarray, steps: int, device: str, seed: in
                       for k in ("loss", "l_stru", "l_cate", "l_recon")}}
 
 
-def split(d: EvalData, val_fraction: float):
+def make_config(preset: str, size: int, batch: int, steps: int, n_normals: int,
+                peak_lr: float, seed: int, **extra) -> tuple[Config, int]:
+    """(Config, steps per epoch) of a run of ``steps`` steps over ``n_normals`` images: the
+    epochs cover the steps, warm-up 1/80 of them (the paper's 10 of 800, at least 1), base_lr
+    from the peak by METHOD §5's batch/256 rule."""
+    spe = max(1, n_normals // batch)
+    epochs = steps // spe + 1
+    return Config.preset_config(preset, img_size=size, batch_size=batch, epochs=epochs,
+                                warmup_epochs=max(1, round(epochs / 80)),
+                                base_lr=peak_lr * 256 / batch, seed=seed, **extra), spe
+
+
+def split(d: EvalData, val_fraction: float = 0.4):
+    """(pre-training part, held-out part, its validation groups, its test groups): 60% of
+    the groups pre-train (seed 0, as benchmarks/eval_scale.py and tests/eval), the held-out
+    groups split again by group (seed 1)."""
     held = group_holdout(d.groups, 0.4, seed=0)
     pre, ev = d.subset(np.flatnonzero(~held)), d.subset(np.flatnonzero(held))
     val = group_holdout(ev.groups, val_fraction, seed=1)
@@ -254,14 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         d = load_data(os.path.join(a.data, ds), a.size)
         pre, ev, val, test = split(d, a.val_fraction)
         normals = pre.images[pre.abnormal == 0]
-        spe = max(1, len(normals) // a.batch)
-        epochs = a.steps // spe + 1
 
-        def config(seed: int, **extra) -> Config:
-            return Config.preset_config(a.preset, img_size=a.size, batch_size=a.batch,
-                                        epochs=epochs, warmup_epochs=max(1, round(epochs / 80)),
-                                        base_lr=a.peak_lr * 256 / a.batch, seed=seed,
-                                        **{**over, **extra})
+        def config(seed: int, **extra) -> tuple[Config, int]:
+            return make_config(a.preset, a.size, a.batch, a.steps, len(normals), a.peak_lr,
+                               seed, **{**over, **extra})
         variants = a.variants if ds in a.ablation_datasets else ["full"]
         info = {"counts": {"pretrain_normals": int(len(normals)), "held_out": ev.counts(),
                            "val": val.counts(), "test": test.counts()},
@@ -274,11 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, var, seed in jobs:
             t0 = time.perf_counter()
             if var is None:
-                m, train = AFiRe(config(seed), device=a.device,
+                cfg, spe = config(seed)
+                m, train = AFiRe(cfg, device=a.device,
                                  steps_per_epoch=spe), {"steps": 0, "seconds": 0.0}
             else:
-                m, train = pretrain(config(seed, **VARIANTS[var]), normals, a.steps, a.device,
-                                    seed)
+                m, train = pretrain(config(seed, **VARIANTS[var])[0], normals, a.steps,
+                                    a.device, seed)
             r = evaluate_model(m, pre, ev, val, test, a.adapt_steps, a.batch)
             r["pretrain"] = train
             models[name] = r
