@@ -139,6 +139,16 @@ def synthetic_lesions(cfg: Config, images: Any, step: int, first_index: int = 0,
                                **slm_kwargs(cfg))
 
 
+def _in_chunks(fn, per_image: dict, chunk: int = 256, **fixed):
+    """``fn(**per_image chunks, **fixed)`` over consecutive chunks of the images (the first
+    axis of the ``per_image`` arrays; None passes through), each result concatenated: bounds
+    the scratch one kernel call takes."""
+    n = len(next(v for v in per_image.values() if v is not None))
+    outs = [fn(**{k: None if v is None else v[i:i + chunk] for k, v in per_image.items()},
+               **fixed) for i in range(0, n, chunk)]
+    return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
+
+
 class AFiRe:
     """An AFiRe model: student/teacher ViT, projection heads, restoration decoder, prototypes.
 
@@ -312,7 +322,8 @@ class AFiRe:
     # ------------------------------------------------------------------ anomaly scores
     def _anomaly_ops(self):
         """The C anomaly kernels of this model's device: afire._C.anomaly on the CPU, their
-        CUDA twins (the op table's host-level entry points) for a GPU model."""
+        CUDA twins (the op table's host-level entry points, on the op table's context:
+        device 0) for a GPU model."""
         if self.device == "cpu":
             return _C.anomaly
         from . import cuda
@@ -429,13 +440,15 @@ class AFiRe:
                 num = parts["visible"] if kd == "restore_z" else parts["inpaint"]
                 den = parts["visible"] if kd == "inpaint_ratio_z" else None
                 mean, std = reference.stats[kd]
-                s, m = ops.position_zscore(num, mean, std, den, eps=st["eps"])
+                s, m = _in_chunks(ops.position_zscore, {"num": num, "den": den}, mean=mean,
+                                  std=std, eps=st["eps"])
             elif kd in reference.gauss:
                 mean, prec = reference.gauss[kd]
-                s, m = ops.gauss_score(parts["tokens"], mean, prec,
-                                       pooled=kd == "feature_distance")
+                s, m = _in_chunks(ops.gauss_score, {"tokens": parts["tokens"]}, mean=mean,
+                                  prec=prec, pooled=kd == "feature_distance")
             else:
-                s, m = ops.knn_score(parts["tokens"], reference.tokens, k=st["knn_k"])
+                s, m = _in_chunks(ops.knn_score, {"tokens": parts["tokens"]},
+                                  ref=reference.tokens, k=st["knn_k"])
             m = np.asarray(m, np.float32)
             side = 1 if kd == "feature_distance" else g
             out[kd] = (np.asarray(s, np.float64), m.reshape(len(m), side, side))

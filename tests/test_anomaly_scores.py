@@ -213,3 +213,18 @@ def test_model_scores_refuse_unknown_kinds_and_missing_references(model):
     with pytest.raises(ValueError, match="at least 2 normal"):
         model.anomaly_reference(phantom_like(1))
     assert model.anomaly_scores(x, "eq51")[0].shape == (2,)
+
+
+def test_scores_do_not_depend_on_the_chunking(model, monkeypatch):
+    import afire.model as am
+
+    ref = model.anomaly_reference(phantom_like(6), k=2)
+    x = phantom_like(20, seed=3)
+    a = model.anomaly_scores(x, list(ANOMALY_SCORES), ref)
+    whole = am._in_chunks
+    monkeypatch.setattr(am, "_in_chunks",
+                        lambda fn, per, chunk=256, **kw: whole(fn, per, chunk=7, **kw))
+    b = model.anomaly_scores(x, list(ANOMALY_SCORES), ref)
+    for k in a:
+        np.testing.assert_array_equal(a[k][0], b[k][0], err_msg=k)
+        np.testing.assert_array_equal(a[k][1], b[k][1], err_msg=k)
