@@ -15,12 +15,14 @@
 #include <string.h>
 
 #include "common.h"
+#include "anomaly.h"
 #include "objective.h"
 #include "ops/ops.h"
 #include "ops/ops_internal.h"
 #include "slm.h"
 #ifdef AFIRE_HAVE_CUDA
 #include "../cuda/bf16.cuh"
+#include "../cuda/anomaly.cuh"
 #include "../cuda/objective.cuh"
 #endif
 
@@ -278,6 +280,101 @@ static af_status cpu_sdpa_backward(float *dqkv, const float *dout, const float *
     return AF_OK;
 }
 #endif
+/* ---- anomaly scores (csrc/core/anomaly.h): the data checks of both twins ---- */
+
+static int finite_array(af_op_call *o, const char *name) {
+    PyArrayObject *a = af_op_array(o, name);
+    return a == NULL ? 0 : af_check_finite(a, name);
+}
+
+/* K = stride^2 masks of L = G*G tokens. */
+static int check_inpaint_masks(af_op_call *o) {
+    int G = I(G), stride = I(stride);
+    if (stride > G) {
+        PyErr_Format(PyExc_ValueError, "stride=%d is larger than the grid side G=%d (some masks "
+                     "would hide nothing)", stride, G);
+        return -1;
+    }
+    if ((int64_t)G * G > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "G*G is too large");
+        return -1;
+    }
+    if (af_op_let(o, "K", (int64_t)stride * stride, "masks", 0) < 0) return -1;
+    return af_op_let(o, "L", (int64_t)G * G, "masks", 1);
+}
+
+/* Errors are finite and >= 0 (their logarithms are taken). */
+static int check_errors(af_op_call *o, const char *name) {
+    PyArrayObject *a = af_op_array(o, name);
+    if (a == NULL) return 0;
+    const float *p = AF_F32(a);
+    for (npy_intp i = 0, n = PyArray_SIZE(a); i < n; i++) {
+        if (!(p[i] >= 0.0f && isfinite(p[i]))) {
+            af_errorf(PyExc_ValueError, "%s must hold finite errors >= 0, got %g at flat index "
+                      "%zd", name, (double)p[i], (Py_ssize_t)i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int check_position_stats(af_op_call *o) {
+    if (I(N) < 2) {
+        PyErr_Format(PyExc_ValueError, "num: need at least 2 reference maps, got %d", I(N));
+        return -1;
+    }
+    return check_errors(o, "num") < 0 || check_errors(o, "den") < 0 ? -1 : 0;
+}
+
+static int check_position_zscore(af_op_call *o) {
+    if (check_errors(o, "num") < 0 || check_errors(o, "den") < 0 ||
+        finite_array(o, "mean") < 0 || finite_array(o, "std") < 0)
+        return -1;
+    const float *sd = AF_F32(af_op_array(o, "std"));
+    for (int j = 0; j < I(L); j++) {
+        if (!(sd[j] > 0.0f)) {
+            af_errorf(PyExc_ValueError, "std must be > 0, got %g at position %d", (double)sd[j], j);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* tokens[.,T,D] with a cls token first: T >= 2. */
+static int check_tokens(af_op_call *o) {
+    if (I(T) < 2) {
+        PyErr_Format(PyExc_ValueError, "tokens: need the cls token and at least one patch token "
+                     "(T >= 2), got T=%d", I(T));
+        return -1;
+    }
+    return finite_array(o, "tokens");
+}
+
+static int check_gauss_fit(af_op_call *o) {
+    if (check_tokens(o) < 0) return -1;
+    if (I(N) < 2) {
+        PyErr_Format(PyExc_ValueError, "tokens: need at least 2 reference images, got %d", I(N));
+        return -1;
+    }
+    return af_op_let(o, "G", I(pooled) ? 1 : (int64_t)I(T) - 1, "mean", 0);
+}
+
+static int check_gauss_score(af_op_call *o) {
+    if (check_tokens(o) < 0 || finite_array(o, "mean") < 0 || finite_array(o, "prec") < 0)
+        return -1;
+    return af_op_let(o, "G", I(pooled) ? 1 : (int64_t)I(T) - 1, "mean", 0);
+}
+
+static int check_knn(af_op_call *o) {
+    if (check_tokens(o) < 0 || finite_array(o, "ref") < 0) return -1;
+    int k = I(k), N = I(N);
+    if (k > N || k > AF_ANOMALY_MAX_K) {
+        PyErr_Format(PyExc_ValueError, "k=%d must be at most the %d reference images and %d", k, N,
+                     AF_ANOMALY_MAX_K);
+        return -1;
+    }
+    return af_op_let(o, "L", (int64_t)I(T) - 1, "map", 1);
+}
 
 /* ------------------------------------------------------------------ the table */
 
@@ -318,6 +415,29 @@ static af_status cpu_sdpa_backward(float *dqkv, const float *dout, const float *
     "GPU keyword backend: 0 cuDNN's fused SDPA when a plan builds, else our kernel; 1 cuDNN\n" \
     "only (RuntimeError saying why when it cannot); 2 our kernel. lse[b,h,i] = log sum_j\n" \
     "exp(q_i.k_j / sqrt(D/H)) (natural log)."
+#define ANOMALY_PROSE_INPAINT "\n\n" \
+    "Not in the paper. Complementary in-painting masks: K = stride^2 masks of the G x G token\n" \
+    "grid; token (r, c) is hidden (1) in mask ((r // block) % stride) * stride +\n" \
+    "(c // block) % stride, so every token is hidden exactly once."
+#define ANOMALY_PROSE_ERROR "\n\n" \
+    "Not in the paper. err[b, j] = mean over the Q values of token j of (y - x)^2 for the\n" \
+    "tokens with mask[b, j] = 1 (all tokens without mask); the others keep err0 (or 0)."
+#define ANOMALY_PROSE_STATS "\n\n" \
+    "Not in the paper. Per-position mean and sample std (floored at 1e-6) over N reference\n" \
+    "maps of v = log(num + eps) - log(den + eps) (without den: log(num + eps))."
+#define ANOMALY_PROSE_ZSCORE "\n\n" \
+    "Not in the paper. map = (v - mean) / std per position, v as position_stats;\n" \
+    "score = the mean of the map over the L tokens (higher = more abnormal)."
+#define ANOMALY_PROSE_GAUSS_FIT "\n\n" \
+    "Not in the paper. Gaussian reference of encoder tokens (cls first, never used): pooled\n" \
+    "-> one Gaussian (G = 1) of the GAP features; else one per position (G = T - 1). prec is\n" \
+    "the inverse of (1 - shrinkage) S + shrinkage tr(S)/D I, S the sample covariance."
+#define ANOMALY_PROSE_GAUSS_SCORE "\n\n" \
+    "Not in the paper. map = squared Mahalanobis distance of each GAP feature (pooled) or\n" \
+    "patch token to its Gaussian; score = the mean of the map (higher = more abnormal)."
+#define ANOMALY_PROSE_KNN "\n\n" \
+    "Not in the paper. map[b, j] = mean of the k smallest squared distances of patch token j\n" \
+    "of image b to patch token j of the N reference images; score = the mean of the map."
 
 /* X(module, name, signature, check, cpu_call, cuda_call) */
 #define AF_OP_TABLE(X)                                                                           \
@@ -501,6 +621,40 @@ static af_status cpu_sdpa_backward(float *dqkv, const float *dout, const float *
       af_anomaly_score(F64(score), F64(log_score), F64(err), F(y), F(x), I(B), I(L), I(PPC)),    \
       af_cuda_anomaly_score(CTX, F64(score), F64(log_score), F64(err), F(y), F(x), I(B), I(L),   \
                             I(PPC)))                                                             \
+    X(anomaly, inpaint_masks, "G:int>0 stride:int>0=2 block:int>0=1 -> masks[K,L]:u8"           \
+      ANOMALY_PROSE_INPAINT, check_inpaint_masks,                                                \
+      af_anomaly_inpaint_masks(U8(masks), I(G), I(stride), I(block)), NONE)                      \
+    X(anomaly, token_error, "y[B,L,Q] x[B,L,Q] mask[B,L]:labels=None err0[B,L]=None -> "         \
+      "err[B,L] from err0" ANOMALY_PROSE_ERROR, NULL,                                            \
+      af_anomaly_token_error(F(err), F(y), F(x), U8(mask), I(B), I(L), I(Q)),                    \
+      af_cuda_anomaly_token_error(CTX, F(err), F(y), F(x), U8(mask), I(B), I(L), I(Q)))          \
+    X(anomaly, position_stats, "num[N,L] den[N,L]=None eps:float>0=1e-4 -> (mean[L], std[L])"    \
+      ANOMALY_PROSE_STATS, check_position_stats,                                                 \
+      af_anomaly_position_stats(F(mean), F(std), F(num), F(den), I(N), I(L), R(eps)),            \
+      af_cuda_anomaly_position_stats(CTX, F(mean), F(std), F(num), F(den), I(N), I(L), R(eps)))  \
+    X(anomaly, position_zscore, "num[B,L] mean[L] std[L] den[B,L]=None eps:float>0=1e-4 -> "     \
+      "(score[B]:f64, map[B,L])" ANOMALY_PROSE_ZSCORE, check_position_zscore,                    \
+      af_anomaly_position_zscore(F64(score), F(map), F(num), F(den), F(mean), F(std), I(B),      \
+                                 I(L), R(eps)),                                                  \
+      af_cuda_anomaly_position_zscore(CTX, F64(score), F(map), F(num), F(den), F(mean), F(std),  \
+                                      I(B), I(L), R(eps)))                                       \
+    X(anomaly, gauss_fit, "tokens[N,T,D] pooled:bool=False shrinkage:float[0,1]=0.1 -> "         \
+      "(mean[G,D], prec[G,D,D])" ANOMALY_PROSE_GAUSS_FIT, check_gauss_fit,                       \
+      af_anomaly_gauss_fit(F(mean), F(prec), F(tokens), I(N), I(T), I(D), I(pooled),             \
+                           R(shrinkage)),                                                        \
+      af_cuda_anomaly_gauss_fit(CTX, F(mean), F(prec), F(tokens), I(N), I(T), I(D), I(pooled),   \
+                                R(shrinkage)))                                                   \
+    X(anomaly, gauss_score, "tokens[B,T,D] mean[G,D] prec[G,D,D] pooled:bool=False -> "          \
+      "(score[B]:f64, map[B,G])" ANOMALY_PROSE_GAUSS_SCORE, check_gauss_score,                   \
+      af_anomaly_gauss_score(F64(score), F(map), F(tokens), F(mean), F(prec), I(B), I(T), I(D),  \
+                             I(pooled)),                                                         \
+      af_cuda_anomaly_gauss_score(CTX, F64(score), F(map), F(tokens), F(mean), F(prec), I(B),    \
+                                  I(T), I(D), I(pooled)))                                        \
+    X(anomaly, knn_score, "tokens[B,T,D] ref[N,T,D] k:int>0=1 -> (score[B]:f64, map[B,L])"       \
+      ANOMALY_PROSE_KNN, check_knn,                                                              \
+      af_anomaly_knn_score(F64(score), F(map), F(tokens), F(ref), I(B), I(N), I(T), I(D), I(k)), \
+      af_cuda_anomaly_knn_score(CTX, F64(score), F(map), F(tokens), F(ref), I(B), I(N), I(T),    \
+                                I(D), I(k)))                                                     \
     X(slm, slm_generate, "images[B,S,W]:u8 seed:u64 step:u64=0 first_index:u64=0 patch:int=16 "  \
       "**config -> (x_prime[images]:u8, masks[images]:u8, token_labels[B,L]:u8)" SLM_PROSE,      \
       check_slm,                                                                                 \
@@ -553,9 +707,16 @@ int af_register_ops(PyObject *m) {
     return 0;
 }
 
+/* Also registers afire._C.anomaly, the scores beside Eq. 51 (csrc/core/anomaly.h). */
 int af_register_objective(PyObject *m) {
     PyObject *sub = af_add_submodule(m, "objective", NULL,
                                      "The AFiRe objective: Sinkhorn, prototypes, paper and "
                                      "released losses, anomaly score.");
-    return sub == NULL ? -1 : af_op_register(sub, "objective");
+    if (sub == NULL || af_op_register(sub, "objective") < 0) return -1;
+    sub = af_add_submodule(m, "anomaly", NULL,
+                           "Anomaly scores beside Eq. 51 (none of them in the paper): "
+                           "in-painting masks and per-token errors, per-position z-scores, "
+                           "Gaussian and nearest-neighbour references of encoder tokens "
+                           "(csrc/core/anomaly.h).");
+    return sub == NULL ? -1 : af_op_register(sub, "anomaly");
 }
