@@ -1,8 +1,8 @@
 /* afire._C.comm: Comm, MPI for host buffers (csrc/core/comm.h), loaded at run time from the
  * library path afire.dist finds. Every collective releases the GIL. */
-#include <string.h>
+#include "py_comm_common.h" /* Python.h first */
 
-#include "py_comm_common.h"
+#include <string.h>
 
 typedef struct {
     PyObject_HEAD

@@ -5,8 +5,8 @@
 #ifndef AFIRE_PY_COMM_COMMON_H
 #define AFIRE_PY_COMM_COMMON_H
 
+#include "py_util.h" /* Python.h first */
 #include "comm.h"
-#include "py_util.h"
 
 /* The capsule name of Comm._capsule(). */
 #define AF_PY_COMM_CAPSULE "afire._C.comm.Comm"
