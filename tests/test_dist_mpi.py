@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from afire import dist
+from dist_worker import without_key_bias  # why the key bias is left out: its docstring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
@@ -69,18 +70,6 @@ def single(*args: str, **env) -> subprocess.CompletedProcess:
                        text=True, timeout=240, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
-
-
-def without_key_bias(name: str, x: np.ndarray) -> np.ndarray:
-    """x with the key part of a qkv bias zeroed: its gradient is zero in exact arithmetic
-    (softmax ignores a constant added to every key's score), so it is pure rounding noise,
-    which Adam's normalisation turns into +-lr steps that differ between any two summation
-    orders (one process vs several ranks alike). Every other value is compared."""
-    if name.endswith("attn.qkv.bias"):
-        x = x.copy()
-        w = x.shape[-1] // 3
-        x[..., w:2 * w] = 0
-    return x
 
 
 def assert_state_close(a, b, atol=1e-4, rtol=1e-4):
