@@ -933,8 +933,15 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
             (reported by name); "stop" checkpoints and raises :class:`DataError`.
         max_steps: stop (with a checkpoint) once the model has done this many steps.
         overwrite: start afresh in an ``out`` that already holds a run.
-        callback: called with each step's log row (after logging and checkpointing).
+        callback: called with each step's log row (after logging and checkpointing; with
+            several ranks on every rank, with the same global losses; a KeyboardInterrupt
+            from it stops every rank at the next step, with a checkpoint).
         stream: where messages go (default sys.stderr), the progress bar included.
+
+    Several processes (started by mpirun, torchrun or srun; :mod:`afire.dist`): call it on
+    every rank with the same arguments. ``config.batch_size`` is the global batch, split
+    evenly over the ranks; ``device`` "cpu" or "cuda" (each rank takes the GPU of its local
+    rank); rank 0 alone writes ``out`` and prints; every rank returns the summary.
 
     Raises:
         KeyboardInterrupt after saving a checkpoint (Ctrl-C or from ``callback``);
