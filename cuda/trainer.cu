@@ -494,7 +494,9 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
                                           sv.first_epoch || !t->protos_set,
                                           dist ? dd->sums : nullptr, dist ? &red : nullptr));
 
-    // 3. student on x' -> head logits and the restoration of masked tokens
+    // 3. student on x' -> head logits and the restoration of masked tokens (the fast path
+    // keeps the student's activations only between set_training 1 and 0)
+    AF_TRY(af_cuda_model_set_training(ctx, m, 1));
     AF_TRY(af_cuda_encoder_forward(ctx, m, AF_STUDENT, t->img_prime, B));
     const float *tokens = m->enc_acts[AF_STUDENT].out;
     AF_TRY(af_cuda_head_forward(ctx, m, AF_STUDENT, tokens, B));
@@ -534,6 +536,7 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
         AF_TRY(dist_grads_ready(t, AF_NET_ENCODER));
         AF_TRY(dist_grads_reduced(t));
     }
+    AF_TRY(af_cuda_model_set_training(ctx, m, 0));
 
     // 6. clip; the update flag = finite loss and finite gradient norm
     AF_TRY(af_cuda_clip_grad(ctx, m, c->clip > 0 ? c->clip : 0.0f, c->clip_global, &d->grad_norm));

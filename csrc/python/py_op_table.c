@@ -11,12 +11,16 @@
 #include "py_op.h" /* Python.h first */
 
 #include <limits.h>
+#include <math.h>
+#include <string.h>
 
+#include "common.h"
 #include "objective.h"
 #include "ops/ops.h"
 #include "ops/ops_internal.h"
 #include "slm.h"
 #ifdef AFIRE_HAVE_CUDA
+#include "../cuda/bf16.cuh"
 #include "../cuda/objective.cuh"
 #endif
 
@@ -187,6 +191,94 @@ static int check_slm(af_op_call *o) {
     return af_op_let(o, "L", (int64_t)(S / P) * (S / P), "token_labels", 1);
 }
 
+/* ------------------------------------------------------------------ CPU twins of the fast path
+ * The fast bf16 path's kernels (cuda/fast.cuh) have fused or reformulated interfaces; their
+ * CPU twins compose the fp32 CPU ops into the same results (the reference the GPU's bf16
+ * rounding is compared with). Only afire._C runs them (the GPU build stringifies the CPU
+ * calls). */
+#ifndef AFIRE_HAVE_CUDA
+
+/* res = a + b (a when b is NULL); out, mean, rstd = LayerNorm(res). */
+static af_status cpu_residual_layernorm(float *res, float *out, float *mean, float *rstd,
+                                        const float *a, const float *b, const float *w,
+                                        const float *bias, int N, int C, float eps) {
+    size_t n = (size_t)N * C;
+    if (b != NULL)
+        af_residual_forward(res, a, b, n);
+    else
+        memcpy(res, a, n * sizeof(float));
+    af_layernorm_forward(out, mean, rstd, res, w, bias, N, C, eps);
+    return AF_OK;
+}
+
+/* dinp = dres + LayerNorm backward (dres may be NULL); dinp_h = dinp (no rounding here). */
+static af_status cpu_layernorm_backward_residual(float *dinp, float *dw, float *db, float *dinp_h,
+                                                 const float *dout, const float *inp,
+                                                 const float *w, const float *mean,
+                                                 const float *rstd, const float *dres, int N,
+                                                 int C) {
+    size_t n = (size_t)N * C;
+    af_layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+    if (dres != NULL)
+        for (size_t i = 0; i < n; i++) dinp[i] += dres[i];
+    memcpy(dinp_h, dinp, n * sizeof(float));
+    return AF_OK;
+}
+
+/* out as af_attention_forward; lse[b,h,i] = log sum_j exp(scale q_i.k_j), in double. */
+static af_status cpu_sdpa_forward(float *out, float *lse, const float *qkv, int B, int T, int D,
+                                  int H) {
+    float *att = af_calloc((size_t)B * H * T * T, sizeof(float));
+    double *s = af_calloc((size_t)T, sizeof(double));
+    if (att == NULL || s == NULL) {
+        af_free(att);
+        af_free(s);
+        return AF_ENOMEM;
+    }
+    af_attention_forward(out, att, qkv, B, T, D, H);
+    int hd = D / H;
+    double scale = 1.0f / sqrtf((float)hd);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < T; i++) {
+                const float *q = qkv + ((size_t)b * T + i) * 3 * D + h * hd;
+                double m = -INFINITY, z = 0.0;
+                for (int j = 0; j < T; j++) {
+                    const float *k = qkv + ((size_t)b * T + j) * 3 * D + D + h * hd;
+                    double d = 0.0;
+                    for (int c = 0; c < hd; c++) d += (double)q[c] * k[c];
+                    s[j] = scale * d;
+                    if (s[j] > m) m = s[j];
+                }
+                for (int j = 0; j < T; j++) z += exp(s[j] - m);
+                lse[((size_t)b * H + h) * T + i] = (float)(m + log(z));
+            }
+    af_free(att);
+    af_free(s);
+    return AF_OK;
+}
+
+/* dqkv as af_attention_backward, the probabilities recomputed from qkv (out, lse unused). */
+static af_status cpu_sdpa_backward(float *dqkv, const float *dout, const float *qkv, int B, int T,
+                                   int D, int H) {
+    size_t tt = (size_t)B * H * T * T;
+    float *att = af_calloc(tt, sizeof(float)), *scratch = af_calloc(tt, sizeof(float));
+    float *out = af_calloc((size_t)B * T * D, sizeof(float));
+    if (att == NULL || scratch == NULL || out == NULL) {
+        af_free(att);
+        af_free(scratch);
+        af_free(out);
+        return AF_ENOMEM;
+    }
+    af_attention_forward(out, att, qkv, B, T, D, H);
+    af_attention_backward(dqkv, scratch, dout, qkv, att, B, T, D, H);
+    af_free(att);
+    af_free(scratch);
+    af_free(out);
+    return AF_OK;
+}
+#endif
+
 /* ------------------------------------------------------------------ the table */
 
 #define OBJ_PROSE_SINKHORN "\n\n" \
@@ -217,6 +309,15 @@ static int check_slm(af_op_call *o) {
     "(keyword-only): lesions_min=1, lesions_max=4, size_min=16, size_max=64, crop_max=60,\n" \
     "gamma2=0.5, strength=0.5, token_rule='paper'|'released', region_rule='random'|'largest'.\n" \
     "The GPU twin is bit-identical."
+
+#define FAST_PROSE "\n\n" \
+    "A kernel of the fast bf16 GPU path (AFIRE_CUDA_FAST=1, cuda/fast.cuh). The CPU twin is\n" \
+    "the fp32 reference; the GPU twin rounds its operands to bf16 (nearest even), runs the\n" \
+    "kernel (fp32 accumulation) and widens its bf16 outputs to fp32."
+#define SDPA_PROSE FAST_PROSE "\n" \
+    "GPU keyword backend: 0 cuDNN's fused SDPA when a plan builds, else our kernel; 1 cuDNN\n" \
+    "only (RuntimeError saying why when it cannot); 2 our kernel. lse[b,h,i] = log sum_j\n" \
+    "exp(q_i.k_j / sqrt(D/H)) (natural log)."
 
 /* X(module, name, signature, check, cpu_call, cuda_call) */
 #define AF_OP_TABLE(X)                                                                           \
@@ -315,6 +416,54 @@ static int check_slm(af_op_call *o) {
                            R(beta2), R(eps), R(weight_decay), I(t))),                            \
       af_cuda_adamw_update(CTX, F(params), F(grads), F(m), F(v), COUNT(params), R(lr), R(beta1), \
                            R(beta2), R(eps), R(weight_decay), I(t)))                             \
+    X(ops, linear_forward_bf16, "inp[N,C] weight[OC,C] bias[OC]=None * @out_f32:bool=False "    \
+      "@epilogue:bool=True -> out[N,OC]" FAST_PROSE "\nGPU keywords: out_f32 (an fp32 output, "   \
+      "fp32 bias), epilogue=False (our bias kernel, not cuBLASLt's).", NULL,                      \
+      VOID(af_linear_forward(F(out), F(inp), F(weight), F(bias), I(N), I(C), I(OC))),            \
+      af_cuda_check_linear_forward(CTX, F(out), F(inp), F(weight), F(bias), I(N), I(C), I(OC),   \
+                                   I(out_f32), I(epilogue)))                                     \
+    X(ops, linear_backward_bf16, "dout[N,OC] inp[N,C] weight[OC,C] has_bias:bool=True * "         \
+      "@dinp_f32:bool=False @epilogue:bool=True -> (dinp[N,C], dweight[OC,C], dbias[OC] if "      \
+      "has_bias)" FAST_PROSE "\nGPU keywords: dinp_f32, epilogue=False (our column sum for "       \
+      "dbias, not the BGRADB epilogue).", NULL,                                                  \
+      VOID(af_linear_backward(F(dinp), F(dweight), F(dbias), F(dout), F(inp), F(weight), I(N),   \
+                              I(C), I(OC))),                                                     \
+      af_cuda_check_linear_backward(CTX, F(dinp), F(dweight), F(dbias), F(dout), F(inp),         \
+                                    F(weight), I(N), I(C), I(OC), I(dinp_f32), I(epilogue)))     \
+    X(ops, residual_layernorm_forward, "a[N,C] weight[C] bias[C] eps:float>=0=1e-6 * "            \
+      "b[N,C]=None @out_f32:bool=False -> (res[N,C], out[N,C], mean[N], rstd[N])" FAST_PROSE      \
+      "\nres = a + b (a when b is None; the GPU rounds b), out = LayerNorm(res) (bf16 unless "   \
+      "out_f32).", NULL,                                                                          \
+      cpu_residual_layernorm(F(res), F(out), F(mean), F(rstd), F(a), F(b), F(weight), F(bias),   \
+                             I(N), I(C), R(eps)),                                                \
+      af_cuda_check_residual_layernorm(CTX, F(res), F(out), F(mean), F(rstd), F(a), F(b),        \
+                                       F(weight), F(bias), I(N), I(C), R(eps), I(out_f32)))      \
+    X(ops, layernorm_backward_residual, "dout[inp] inp[N,C] weight[C] mean[N] rstd[N] * "          \
+      "dres[inp]=None @dout_f32:bool=False -> (dinp[N,C], dweight[C], dbias[C], dinp_h[N,C])"     \
+      FAST_PROSE "\ndinp = dres + the LayerNorm backward of dout (one kernel with dweight, "      \
+      "dbias); dinp_h: the bf16 copy the GPU writes (= dinp on the CPU).", NULL,                  \
+      cpu_layernorm_backward_residual(F(dinp), F(dweight), F(dbias), F(dinp_h), F(dout), F(inp), \
+                                      F(weight), F(mean), F(rstd), F(dres), I(N), I(C)),         \
+      af_cuda_check_layernorm_backward(CTX, F(dinp), F(dweight), F(dbias), F(dinp_h), F(dout),   \
+                                       F(inp), F(weight), F(mean), F(rstd), F(dres), I(N), I(C), \
+                                       I(dout_f32)))                                             \
+    X(ops, gelu_forward_bf16, "inp[...] -> out[inp]" FAST_PROSE, NULL,                            \
+      VOID(af_gelu_forward(F(out), F(inp), COUNT(inp))),                                         \
+      af_cuda_check_gelu_forward(CTX, F(out), F(inp), COUNT(inp)))                               \
+    X(ops, gelu_backward_bf16, "dout[inp] inp[...] -> (dinp[inp])" FAST_PROSE, NULL,              \
+      VOID(af_gelu_backward(F(dinp), F(dout), F(inp), COUNT(inp))),                              \
+      af_cuda_check_gelu_backward(CTX, F(dinp), F(dout), F(inp), COUNT(inp)))                    \
+    X(ops, sdpa_forward, "qkv[B,T,3*D] H:int>0 * @backend:int>=0=0 -> (out[B,T,D], lse[B,H,T])"  \
+      SDPA_PROSE, check_heads,                                                                    \
+      cpu_sdpa_forward(F(out), F(lse), F(qkv), I(B), I(T), I(D), I(H)),                          \
+      af_cuda_check_sdpa_forward(CTX, F(out), F(lse), F(qkv), I(B), I(T), I(D), I(H),            \
+                                 I(backend)))                                                    \
+    X(ops, sdpa_backward, "dout[B,T,D] qkv[B,T,3*D] out[B,T,D] lse[B,H,T] H:int>0 * "             \
+      "@backend:int>=0=0 -> (dqkv[qkv])" SDPA_PROSE "\nThe CPU twin recomputes the "             \
+      "probabilities from qkv (out and lse unused).", check_heads,                                \
+      cpu_sdpa_backward(F(dqkv), F(dout), F(qkv), I(B), I(T), I(D), I(H)),                       \
+      af_cuda_check_sdpa_backward(CTX, F(dqkv), F(dout), F(qkv), F(out), F(lse), I(B), I(T),     \
+                                  I(D), I(H), I(backend)))                                       \
     X(objective, sinkhorn_knopp, "logits[N,K] eps:float>0=" STR(AF_SINKHORN_EPS)                 \
       " iters:int>=0=" STR(AF_SINKHORN_ITERS) " -> q[N,K]" OBJ_PROSE_SINKHORN, NULL,             \
       af_sinkhorn_knopp(F(q), F(logits), I(N), I(K), R(eps), I(iters)),                          \
