@@ -130,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .dist import rank_tag  # " (rank r of W)" in a multi-process run
+
     try:
         return args.func(args)
     except OSError as e:  # before ValueError's siblings: a file problem, said in one line
-        print(f"afire {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"afire {args.command}{rank_tag()}: error: {describe_os_error(e)}",
+              file=sys.stderr)
         return 2
     except (ValueError, ImportError, DeviceUnavailableError, MemoryError) as e:
-        print(f"afire {args.command}: error: {e}", file=sys.stderr)
+        print(f"afire {args.command}{rank_tag()}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = ("; finished shards are kept, run the same command again to resume"

@@ -160,10 +160,14 @@ class AFiRe:
             per-iteration schedules (warm-up, cosine lr/wd/EMA, last-layer freeze).
         batch_size: the largest batch a call may pass (default ``cfg.batch_size``); buffers
             are sized once for it.
+        group: an :class:`afire.dist.Group` (``afire.dist.init``): the model is then one
+            rank of a data-parallel run: `train_step` is collective (every rank calls it with
+            its own images) and equals one step on all ranks' images together; ``device``
+            must be the group's. None: one process.
     """
 
     def __init__(self, cfg: Config, device: str = "cpu", steps_per_epoch: int = 100,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, group: Any = None) -> None:
         if not isinstance(cfg, Config):
             raise TypeError(f"cfg must be an afire.Config, got {type(cfg).__name__}")
         device = require_device(device)
@@ -176,13 +180,19 @@ class AFiRe:
         self.device = device
         self.steps_per_epoch = steps_per_epoch
         self.batch_capacity = batch
+        self.group = group
+        if group is not None and group.device != device:
+            raise ValueError(f"device {device!r} is not this rank's ({group.device!r}, from "
+                             "afire.dist.init)")
         if device == "cpu":
-            self._t = _C.trainer.Trainer(cfg.to_dict(), batch, steps_per_epoch)
+            comm = group.comm if group is not None else None
+            self._t = _C.trainer.Trainer(cfg.to_dict(), batch, steps_per_epoch, comm)
         else:
             from . import cuda
 
             index = device_index(device)
-            self._t = cuda.backend().Trainer(cfg.to_dict(), batch, steps_per_epoch, index)
+            nccl = group.nccl if group is not None else None
+            self._t = cuda.backend().Trainer(cfg.to_dict(), batch, steps_per_epoch, index, nccl)
         d = self._t.dims
         self.num_patches, self.num_tokens = d["L"], d["T"]
         self.embed_dim, self.patch_values = d["D"], d["Q"]
@@ -524,8 +534,9 @@ class AFiRe:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu",
-             batch_size: int | None = None) -> "AFiRe":
-        """Rebuild a model from `save`; ValueError if the file is malformed or incomplete."""
+             batch_size: int | None = None, group: Any = None) -> "AFiRe":
+        """Rebuild a model from `save`; ValueError if the file is malformed or incomplete.
+        ``group``: as for the constructor (every rank loads the same file)."""
         tensors, meta = _C.io.load_safetensors(os.fspath(path))
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not an afire checkpoint (metadata format="
@@ -540,7 +551,7 @@ class AFiRe:
         except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from e
         model = cls(cfg, device=device, steps_per_epoch=spe,
-                    batch_size=cap if batch_size is None else batch_size)
+                    batch_size=cap if batch_size is None else batch_size, group=group)
         bufs, views = model._state_views()
         missing = sorted(set(views) - set(tensors))
         unexpected = sorted(set(tensors) - set(views))

@@ -1,6 +1,7 @@
 /* afire._C.trainer.Trainer: the C training state (networks, optimiser, teacher, prototypes)
  * behind afire.AFiRe. Python passes the validated Config as a dict; every call that computes
  * releases the GIL and claims the trainer so two threads cannot run it at once. */
+#include "py_comm_common.h"
 #include "py_trainer_common.h"
 
 typedef af_py_trainer TrainerObject; /* t: af_trainer * */
@@ -10,8 +11,8 @@ AF_PY_TRAINER_API(cpu_api, af_trainer, af_trainer);
 /* ---- lifetime ---- */
 
 static int trainer_init(TrainerObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"config", "batch", "steps_per_epoch", NULL};
-    PyObject *d;
+    static char *kwlist[] = {"config", "batch", "steps_per_epoch", "comm", NULL};
+    PyObject *d, *comm = Py_None;
     int batch;
     long long spe;
     /* Re-running __init__ would free buffers that buffers() views (and, with the GIL
@@ -20,9 +21,11 @@ static int trainer_init(TrainerObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "Trainer is already initialised; create a new one");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iL:Trainer", kwlist, &PyDict_Type, &d, &batch,
-                                     &spe))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iL|O:Trainer", kwlist, &PyDict_Type, &d, &batch,
+                                     &spe, &comm))
         return -1;
+    af_comm *c_comm = NULL;
+    if (comm != Py_None && (c_comm = af_py_comm_pointer(comm)) == NULL) return -1;
     if (spe < 1) {
         PyErr_SetString(PyExc_ValueError, "steps_per_epoch must be >= 1");
         return -1;
@@ -33,18 +36,25 @@ static int trainer_init(TrainerObject *self, PyObject *args, PyObject *kw) {
     af_status st;
     Py_BEGIN_ALLOW_THREADS
     st = af_trainer_create(&t, &c, batch);
+    if (st == AF_OK && c_comm != NULL) st = af_trainer_set_comm(t, c_comm); /* collective */
     Py_END_ALLOW_THREADS
     if (st != AF_OK) {
+        af_trainer_free(t);
         af_raise(st);
         return -1;
     }
     self->t = t;
     self->api = &cpu_api;
+    if (c_comm != NULL) {
+        Py_INCREF(comm);
+        self->comm = comm;
+    }
     return 0;
 }
 
 static void trainer_dealloc(TrainerObject *self) {
     af_trainer_free(self->t);
+    Py_XDECREF(self->comm); /* after the trainer that used it */
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -106,7 +116,9 @@ static PyTypeObject TrainerType = {
     .tp_basicsize = sizeof(TrainerObject),
     .tp_dealloc = (destructor)trainer_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Trainer(config: dict, batch: int, steps_per_epoch: int): the C training state",
+    .tp_doc = "Trainer(config: dict, batch: int, steps_per_epoch: int, comm: Comm | None = None): "
+              "the C training state; with `comm` one rank of a data-parallel run (every step "
+              "is then collective)",
     .tp_methods = trainer_methods,
     .tp_getset = af_py_trainer_getset,
     .tp_init = (initproc)trainer_init,
