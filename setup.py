@@ -57,7 +57,8 @@ if SANITIZE:
 # `import afire` never loads CUDA libraries (they can clash with PyTorch's own copies).
 # the first entries are CUDA-only bindings; the rest are files the CUDA extension also needs
 CUDA_ONLY = ["csrc/python/py_cuda.c", "csrc/python/py_cuda_module.c",
-             "csrc/python/py_cuda_trainer.c", "csrc/python/py_cuda_tensor.c"]
+             "csrc/python/py_cuda_trainer.c", "csrc/python/py_cuda_tensor.c",
+             "csrc/python/py_cuda_nccl.c"]
 CUDA_BINDING = CUDA_ONLY + ["csrc/core/error.c", "csrc/python/py_util.c", "csrc/core/slm.c",
                              # the op table and its checker, shared with the CPU bindings
                              "csrc/python/py_op.c", "csrc/python/py_op_table.c",
@@ -65,6 +66,9 @@ CUDA_BINDING = CUDA_ONLY + ["csrc/core/error.c", "csrc/python/py_util.c", "csrc/
                              "csrc/python/py_trainer_common.c",
                              # DLPack export shared with afire._C.Tensor
                              "csrc/python/py_dlpack.c",
+                             # MPI (the NCCL id exchange) and the TCP rendezvous; the numpy
+                             # arguments of the host collectives, shared with afire._C.comm
+                             "csrc/core/comm.c", "csrc/python/py_comm_common.c",
                              # the GPU trainer: config parsing and checks, layouts + init,
                              # schedules
                              "csrc/python/py_trainer_config.c", "csrc/core/trainer_config.c",
@@ -77,7 +81,8 @@ macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
 include_dirs = ["csrc", "csrc/core", "csrc/python", "cuda", np.get_include(),
                 openblas.get_include_dir()]
 library_dirs = [openblas.get_lib_dir()]
-libraries = [openblas.get_library(), "m"]
+# dl: comm.c loads MPI at run time (dlopen lives in libdl before glibc 2.34)
+libraries = [openblas.get_library(), "m", "dl"]
 cuda_sources = sorted(glob.glob("cuda/*.cu") + glob.glob("cuda/ops/*.cu"))
 cuda_include, cuda_libdirs, cuda_libs, cuda_macros = [], [], [], [("AFIRE_HAVE_CUDA", "1")]
 
@@ -192,7 +197,7 @@ if USE_CUDA:
         define_macros=macros + cuda_macros,
         library_dirs=cuda_libdirs,
         runtime_library_dirs=cuda_libdirs,
-        libraries=cuda_libs + ["stdc++", "m"],
+        libraries=cuda_libs + ["stdc++", "m", "dl"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         # the .cu files too, so that editing one relinks the extension

@@ -14,6 +14,14 @@ import scipy_openblas32 as _openblas
 # (docs/PERFORMANCE.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+from . import dist as _dist  # noqa: E402  (launch detection only: loads no C code)
+
+# Several ranks on one node (mpirun -np N): each takes its share of the cores, unless
+# OMP_NUM_THREADS says otherwise (read once, when the C core loads below).
+_threads = _dist.cpu_threads_per_rank()
+if _threads is not None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+
 # Load the OpenBLAS shipped in the scipy-openblas32 wheel before the extension, so that the
 # extension's dependency on libscipy_openblas.so resolves to it wherever pip put it.
 _lib = os.path.join(_openblas.get_lib_dir(), "lib" + _openblas.get_library() + ".so")

@@ -74,6 +74,33 @@ def _run_prepare(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="time a training step on the GPU: afire vs PyTorch (source checkout)",
+        description="Runs benchmarks/bench_gpu_vs_torch.py of the afire source tree this "
+                    "package was imported from (the benchmarks are not installed with a "
+                    "wheel): afire's bf16 paths vs the same step in PyTorch (eager and "
+                    "torch.compile), img/s, MFU and memory as JSON. Needs torch. Options "
+                    "after `--` go to the script (e.g. afire bench -- --presets vit_small).")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "bench_gpu_vs_torch.py")
+    if not os.path.exists(script):
+        raise ValueError(f"afire bench needs a source checkout: {script} does not exist (the "
+                         "benchmarks are not part of an installed wheel)")
+    extra = [a for a in args.args if a != "--"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.call([sys.executable, script] + extra, env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -84,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_prepare(sub)
+    _add_bench(sub)
     # `afire.pretrain` and `afire.evaluate.*` are also the names of functions exported at package
     # level, so the modules are fetched by their dotted names
     __import__("afire.pretrain", fromlist=["add_parser"]).add_parser(sub)
@@ -102,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .dist import rank_tag  # " (rank r of W)" in a multi-process run
+
     try:
         return args.func(args)
     except OSError as e:  # before ValueError's siblings: a file problem, said in one line
-        print(f"afire {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"afire {args.command}{rank_tag()}: error: {describe_os_error(e)}",
+              file=sys.stderr)
         return 2
     except (ValueError, ImportError, DeviceUnavailableError, MemoryError) as e:
-        print(f"afire {args.command}: error: {e}", file=sys.stderr)
+        print(f"afire {args.command}{rank_tag()}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = ("; finished shards are kept, run the same command again to resume"

@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,50 @@ _STATE = {"student": _NETS, "teacher": ("encoder", "head"), "adam_m": _NETS, "ad
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
+
+# The anomaly scores of `AFiRe.anomaly_scores` (computed in C: csrc/core/anomaly.c and
+# objective.c, CUDA twins in cuda/): name -> (in the paper?, what it is). Higher = more abnormal.
+ANOMALY_SCORES: dict[str, tuple[bool, str]] = {
+    "eq51": (True, "Eq. 51: log(1/A(x)), log-mean-exp of the per-token restoration errors "
+                   "(every token visible)"),
+    "inpaint": (False, "masked in-painting: mean per-token error of the decoder predicting each "
+                       "token from a mask token (complementary masks: every token hidden once)"),
+    "inpaint_z": (False, "in-painting error in log space, standardised per position by the "
+                         "adaptation normals (mean of the z-scores)"),
+    "inpaint_ratio_z": (False, "log(in-painting error / restoration error with the token "
+                               "visible), standardised per position by the adaptation normals"),
+    "restore_z": (False, "Eq. 51's per-token restoration errors in log space, standardised per "
+                         "position by the adaptation normals"),
+    "token_knn": (False, "per-position density of teacher tokens: squared distance to the "
+                         "nearest adaptation-normal token at the same position"),
+    "token_gauss": (False, "per-position density of teacher tokens: Mahalanobis distance to a "
+                           "Gaussian of the adaptation normals' tokens at each position"),
+    "feature_distance": (False, "pooled-feature distance: Mahalanobis distance of the GAP "
+                                "teacher feature to the adaptation normals' Gaussian"),
+}
+# scores that need an AnomalyReference fitted on normal images
+_NEEDS_REFERENCE = ("inpaint_z", "inpaint_ratio_z", "restore_z", "token_knn", "token_gauss",
+                    "feature_distance")
+
+
+@dataclass
+class AnomalyReference:
+    """Statistics of NORMAL images that the reference-based anomaly scores compare with,
+    fitted in C by :meth:`AFiRe.anomaly_reference` (csrc/core/anomaly.h):
+    per-position mean / std of log errors (``stats[kind] = (mean[L], std[L])``), the
+    per-position and pooled Gaussians of teacher tokens (``gauss[kind] = (mean[G,D],
+    prec[G,D,D])``) and the teacher tokens themselves for the nearest-neighbour score
+    (``tokens`` [N,T,D]). ``settings`` records how (mask stride / block, k, shrinkage, eps)."""
+
+    n_images: int
+    kinds: tuple[str, ...]
+    settings: dict
+    stats: dict = field(default_factory=dict)
+    gauss: dict = field(default_factory=dict)
+    tokens: np.ndarray | None = None
+
+    def summary(self) -> dict:
+        return {"normal_images": self.n_images, "scores": list(self.kinds), **self.settings}
 
 
 def _as_images(images: Any, size: int) -> np.ndarray:
@@ -95,6 +140,16 @@ def synthetic_lesions(cfg: Config, images: Any, step: int, first_index: int = 0,
                                **slm_kwargs(cfg))
 
 
+def _in_chunks(fn, per_image: dict, chunk: int = 256, **fixed):
+    """``fn(**per_image chunks, **fixed)`` over consecutive chunks of the images (the first
+    axis of the ``per_image`` arrays; None passes through), each result concatenated: bounds
+    the scratch one kernel call takes."""
+    n = len(next(v for v in per_image.values() if v is not None))
+    outs = [fn(**{k: None if v is None else v[i:i + chunk] for k, v in per_image.items()},
+               **fixed) for i in range(0, n, chunk)]
+    return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
+
+
 class AFiRe:
     """An AFiRe model: student/teacher ViT, projection heads, restoration decoder, prototypes.
 
@@ -116,11 +171,15 @@ class AFiRe:
             student and teacher encoders and the decoder, no head, gradients, optimiser state
             or training activations. Such a model cannot `train_step` or `save`; load weights
             into it with ``AFiRe.load(path, inference=True)`` or `import_backbone`.
+        group: an :class:`afire.dist.Group` (``afire.dist.init``): the model is then one
+            rank of a data-parallel run: `train_step` is collective (every rank calls it with
+            its own images) and equals one step on all ranks' images together; ``device``
+            must be the group's. None: one process.
     """
 
     def __init__(self, cfg: Config, device: str = "cpu", steps_per_epoch: int = 100,
-                 batch_size: int | None = None, *, precision: str | None = None,
-                 inference: bool = False) -> None:
+                 batch_size: int | None = None, group: Any = None, *,
+                 precision: str | None = None, inference: bool = False) -> None:
         if not isinstance(cfg, Config):
             raise TypeError(f"cfg must be an afire.Config, got {type(cfg).__name__}")
         device = require_device(device)
@@ -138,9 +197,16 @@ class AFiRe:
         self.steps_per_epoch = steps_per_epoch
         self.batch_capacity = batch
         self.inference = inference
+        self.group = group
+        if group is not None and group.device != device:
+            raise ValueError(f"device {device!r} is not this rank's ({group.device!r}, from "
+                             "afire.dist.init)")
+        if group is not None and inference:
+            raise ValueError("inference=True builds no training state; it takes no group")
         if device == "cpu":
+            comm = group.comm if group is not None else None
             self.precision = precision or "fp32"
-            self._t = _C.trainer.Trainer(cfg.to_dict(), batch, steps_per_epoch,
+            self._t = _C.trainer.Trainer(cfg.to_dict(), batch, steps_per_epoch, comm,
                                          precision=self.precision, inference=inference)
         else:
             from . import cuda
@@ -153,7 +219,8 @@ class AFiRe:
                 self.cfg = cfg
             self.precision = cfg.precision
             index = device_index(device)
-            self._t = cuda.backend().Trainer(cfg.to_dict(), batch, steps_per_epoch, index)
+            nccl = group.nccl if group is not None else None
+            self._t = cuda.backend().Trainer(cfg.to_dict(), batch, steps_per_epoch, index, nccl)
         d = self._t.dims
         self.num_patches, self.num_tokens = d["L"], d["T"]
         self.embed_dim, self.patch_values = d["D"], d["Q"]
@@ -292,6 +359,141 @@ class AFiRe:
         """log(1/A(x)) per image: the same as ``anomaly_score(images)``; always finite."""
         return self._batched(images, self._t.anomaly)[1]
 
+    # ------------------------------------------------------------------ anomaly scores
+    def _anomaly_ops(self):
+        """The C anomaly kernels of this model's device: afire._C.anomaly on the CPU, their
+        CUDA twins (the op table's host-level entry points, on the op table's context:
+        device 0) for a GPU model."""
+        if self.device == "cpu":
+            return _C.anomaly
+        from . import cuda
+
+        return cuda.backend()
+
+    def restoration_errors(self, images: Any) -> np.ndarray:
+        """float32 (B, L): the mean squared restoration error of every patch token with every
+        token visible (the errors Eq. 51 sums, divided by the P*P*C values of a patch)."""
+        ops = self._anomaly_ops()
+        return self._batched(images, lambda x: np.asarray(ops.token_error(*self._t.restore(x))))
+
+    def inpaint_errors(self, images: Any, stride: int = 2, block: int = 1) -> np.ndarray:
+        """float32 (B, L): masked in-painting errors (not in the paper). The decoder restores
+        the image ``stride**2`` times, each time with a complementary set of tokens replaced by
+        mask tokens (``afire._C.anomaly.inpaint_masks``: token (r, c) is hidden in mask
+        ((r // block) % stride) * stride + (c // block) % stride), as the restoration task
+        trains it; each token's error is the mean squared error of the pass that hid it."""
+        g = self.cfg.img_size // self.cfg.patch_size
+        masks = _C.anomaly.inpaint_masks(g, stride=stride, block=block)
+        ops = self._anomaly_ops()
+
+        def run(x):
+            err = None
+            for m in masks:
+                mm = np.ascontiguousarray(np.broadcast_to(m, (len(x), len(m))))
+                pred, target = self._t.restore(x, mm)
+                err = np.asarray(ops.token_error(pred, target, mm, err))
+            return err
+        return self._batched(images, run)
+
+    def _anomaly_parts(self, images: Any, kinds: tuple[str, ...], stride: int, block: int):
+        x = _as_images(images, self.cfg.img_size)
+        need_tok = any(k in ("token_knn", "token_gauss", "feature_distance") for k in kinds)
+        need_vis = any(k in ("restore_z", "inpaint_ratio_z") for k in kinds)
+        need_inp = any(k.startswith("inpaint") for k in kinds)
+        return {"tokens": self.encode(x) if need_tok else None,
+                "visible": self.restoration_errors(x) if need_vis else None,
+                "inpaint": self.inpaint_errors(x, stride, block) if need_inp else None}
+
+    @staticmethod
+    def _check_kinds(kind: Any) -> tuple[str, ...]:
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        bad = [k for k in kinds if k not in ANOMALY_SCORES]
+        if bad or not kinds:
+            raise ValueError(f"unknown anomaly score(s) {bad or kind!r}; choose from "
+                             f"{list(ANOMALY_SCORES)}")
+        return kinds
+
+    def anomaly_reference(self, normals: Any, kinds: Any = _NEEDS_REFERENCE, *,
+                          stride: int = 2, block: int = 1, k: int = 1,
+                          shrinkage: float = 0.1, eps: float = 1e-4) -> AnomalyReference:
+        """Fit, in C, the statistics of NORMAL images (the anomaly protocol's adaptation
+        normals, at least 2) that the reference-based scores of :meth:`anomaly_scores` need:
+        per-position mean / std of log errors, per-position and pooled Gaussians of teacher
+        tokens (covariance shrunk towards tr/D I by ``shrinkage``), or the tokens themselves
+        (nearest neighbours, ``k`` of them). ``stride`` / ``block``: the in-painting masks."""
+        kinds = tuple(k_ for k_ in self._check_kinds(kinds) if k_ in _NEEDS_REFERENCE)
+        x = _as_images(normals, self.cfg.img_size)
+        if len(x) < 2:
+            raise ValueError(f"an anomaly reference needs at least 2 normal images, got {len(x)}")
+        if "token_knn" in kinds and not 1 <= k <= len(x):
+            raise ValueError(f"k={k} nearest neighbours need at least k normal images "
+                             f"(got {len(x)})")
+        parts = self._anomaly_parts(x, kinds, stride, block)
+        ops = self._anomaly_ops()
+        ref = AnomalyReference(len(x), kinds, {"inpaint_stride": stride, "inpaint_block": block,
+                                               "knn_k": k, "shrinkage": shrinkage, "eps": eps})
+        num_den = {"inpaint_z": ("inpaint", None), "restore_z": ("visible", None),
+                   "inpaint_ratio_z": ("inpaint", "visible")}
+        for kind in kinds:
+            if kind in num_den:
+                num, den = num_den[kind]
+                ref.stats[kind] = tuple(np.asarray(a) for a in ops.position_stats(
+                    parts[num], None if den is None else parts[den], eps=eps))
+            elif kind in ("token_gauss", "feature_distance"):
+                ref.gauss[kind] = tuple(np.asarray(a) for a in ops.gauss_fit(
+                    parts["tokens"], pooled=kind == "feature_distance", shrinkage=shrinkage))
+            elif kind == "token_knn":
+                ref.tokens = parts["tokens"]
+        return ref
+
+    def anomaly_scores(self, images: Any, kind: Any = "eq51",
+                       reference: AnomalyReference | None = None):
+        """Anomaly scores (higher = more abnormal) and token-level heat maps, computed in C.
+
+        ``kind``: one name of ``afire.model.ANOMALY_SCORES`` (which says which are the
+        paper's: only "eq51") -> ``(score (B,) float64, map (B, g, g) float32)``; a list of
+        names -> ``{name: (score, map)}`` (the restorations and features are shared). The
+        maps are per patch token (g = img_size / patch_size; feature_distance: (B, 1, 1)).
+        Every score but "eq51" and "inpaint" compares with ``reference``
+        (:meth:`anomaly_reference` of normal images)."""
+        kinds = self._check_kinds(kind)
+        missing = [k for k in kinds if k in _NEEDS_REFERENCE and
+                   (reference is None or k not in reference.kinds)]
+        if missing:
+            raise ValueError(f"score(s) {missing} need a reference fitted on normal images: "
+                             "reference=model.anomaly_reference(normals, kinds=...)")
+        st = reference.settings if reference is not None else {}
+        stride, block = st.get("inpaint_stride", 2), st.get("inpaint_block", 1)
+        parts = self._anomaly_parts(images, kinds, stride, block)
+        ops = self._anomaly_ops()
+        g = self.cfg.img_size // self.cfg.patch_size
+        out = {}
+        for kd in kinds:
+            if kd == "eq51":
+                s, m = self.anomaly_score(images, return_map=True)
+                out[kd] = (np.asarray(s, np.float64), m.astype(np.float32))
+                continue
+            if kd == "inpaint":
+                e = parts["inpaint"]
+                s, m = e.astype(np.float64).mean(axis=1), e
+            elif kd in reference.stats:
+                num = parts["visible"] if kd == "restore_z" else parts["inpaint"]
+                den = parts["visible"] if kd == "inpaint_ratio_z" else None
+                mean, std = reference.stats[kd]
+                s, m = _in_chunks(ops.position_zscore, {"num": num, "den": den}, mean=mean,
+                                  std=std, eps=st["eps"])
+            elif kd in reference.gauss:
+                mean, prec = reference.gauss[kd]
+                s, m = _in_chunks(ops.gauss_score, {"tokens": parts["tokens"]}, mean=mean,
+                                  prec=prec, pooled=kd == "feature_distance")
+            else:
+                s, m = _in_chunks(ops.knn_score, {"tokens": parts["tokens"]},
+                                  ref=reference.tokens, k=st["knn_k"])
+            m = np.asarray(m, np.float32)
+            side = 1 if kd == "feature_distance" else g
+            out[kd] = (np.asarray(s, np.float64), m.reshape(len(m), side, side))
+        return out[kinds[0]] if isinstance(kind, str) else out
+
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Every tensor of the training state, named: zero-copy views of the C buffers on the
@@ -370,10 +572,11 @@ class AFiRe:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu",
-             batch_size: int | None = None, *, precision: str | None = None,
-             inference: bool = False) -> "AFiRe":
+             batch_size: int | None = None, group: Any = None, *,
+             precision: str | None = None, inference: bool = False) -> "AFiRe":
         """Rebuild a model from `save`; ValueError if the file is malformed or incomplete.
 
+        ``group``: as for the constructor (every rank loads the same file).
         ``inference=True`` (CPU) reads only the tensors an inference model keeps (see
         `AFiRe`); ``precision`` as `AFiRe`."""
         tensors, meta = _C.io.load_safetensors(os.fspath(path))
@@ -390,8 +593,8 @@ class AFiRe:
         except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from e
         model = cls(cfg, device=device, steps_per_epoch=spe,
-                    batch_size=cap if batch_size is None else batch_size, precision=precision,
-                    inference=inference)
+                    batch_size=cap if batch_size is None else batch_size, group=group,
+                    precision=precision, inference=inference)
         bufs, views = model._state_views()
         missing = sorted(set(views) - set(tensors))
         unexpected = sorted(set(tensors) - set(views))

@@ -15,6 +15,13 @@ Resume is exact: the order of epoch e is a function of (seed, e) only, the check
 the epoch and the batch position inside it, and the trainer's step counter drives the SLM
 draws and every schedule, so N steps in one go and N/2 + resume + N/2 log the same losses.
 
+Several processes (README "Several processes / GPUs"; ``mpirun``, ``torchrun``, ``srun``):
+:mod:`afire.dist` finds the launch, every rank trains its slice of each global batch
+(``batch_size`` is the GLOBAL batch; rank r reads images r*B/W .. (r+1)*B/W - 1 of it, see
+:func:`afire.data.loader.rank_slice`), rank 0 alone writes the run files, every rank resumes
+from them, and the ranks agree at every step on stopping (Ctrl-C, bad data) so that they
+always run the same collectives.
+
 Parts, in file order: the images (:func:`pretraining_set` -> :class:`PretrainingSet`), the
 run files (logs, checkpoints, progress bar), starting a run (fresh, overwritten or resumed:
 ``_start_*``, ``_model_for``), the loop (``_Loop``: steps, log rows, checkpoints, Ctrl-C,
@@ -36,9 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from . import dist
 from .config import Config
 from .data import DataError, ShardDataset, phantom_dataset
-from .data.loader import epoch_order
+from .data.loader import epoch_order, rank_slice
 from .data.progress import Progress, format_seconds
 from .device import require_device
 from .display import PretrainSummary
@@ -333,10 +341,15 @@ def _find_resume(out: str) -> list[str]:
 
 
 class _SigintFlag:
-    """First Ctrl-C: finish the current step, then checkpoint and stop. Second: at once."""
+    """First Ctrl-C: finish the current step, then checkpoint and stop. Second: at once.
 
-    def __init__(self):
+    With several ranks (``ranks``) every Ctrl-C only sets the flag: a terminal's Ctrl-C
+    reaches each rank twice (directly and forwarded by mpirun), and stopping at once would
+    leave the other ranks in a collective; mpirun's own second Ctrl-C ends the job."""
+
+    def __init__(self, ranks: bool = False):
         self.hit = False
+        self.ranks = ranks
         self._old = None
 
     def __enter__(self):
@@ -345,7 +358,7 @@ class _SigintFlag:
         return self
 
     def _handler(self, signum, frame):
-        if self.hit:
+        if self.hit and not self.ranks:
             raise KeyboardInterrupt
         self.hit = True
 
@@ -363,13 +376,23 @@ def _config_diff(a: Config, b: Config) -> list[str]:
 # ---------------------------------------------------------------------------- the run
 class _Console:
     """Where pretrain's messages go: the stream, or above the progress bar once there is
-    one (so that neither garbles the other)."""
+    one (so that neither garbles the other). With several ranks only rank 0 speaks, except
+    for `warn` (every rank, prefixed with its rank: e.g. a shard that broke on one rank)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, group: dist.Group | None = None):
         self.stream = sys.stderr if stream is None else stream
         self.bar: Progress | None = None
+        self.rank = group.rank if group is not None else 0
+        self.prefix = f"[rank {group.rank}/{group.world_size}] " if group is not None else ""
 
     def __call__(self, text: str) -> None:
+        if self.rank == 0:
+            self._write(text)
+
+    def warn(self, text: str) -> None:
+        self._write(self.prefix + text)
+
+    def _write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.message(text)
         else:
@@ -386,6 +409,7 @@ class _Start:
     out: str
     model: AFiRe | None = None
     meta: dict[str, str] = field(default_factory=dict)
+    path: str | None = None  # several ranks: the checkpoint every rank loads (_model_for)
 
 
 @dataclass
@@ -420,11 +444,11 @@ def _check_options(config: Config | None, resume: bool, on_bad_data: str,
         raise TypeError(f"config must be an afire.Config, got {type(config).__name__}")
 
 
-def _start_fresh(config: Config, out: str | None, overwrite: bool) -> _Start:
-    """A new run in ``out``, which must hold no run unless ``overwrite`` (then its run files
-    are removed)."""
+def _start_fresh(config: Config, out: str | None, overwrite: bool, rank: int = 0) -> _Start:
+    """A new run in ``out``, which must hold no run unless ``overwrite`` (then rank 0
+    removes its run files)."""
     out = out if out is not None else os.path.join("runs", f"afire-{config.preset}")
-    if _find_resume(out) or os.path.exists(os.path.join(out, "log.jsonl")):
+    if rank == 0 and (_find_resume(out) or os.path.exists(os.path.join(out, "log.jsonl"))):
         if not overwrite:
             raise ValueError(f"{out} already holds a run; resume it (--resume), start "
                              "afresh in it (--overwrite) or choose another --out")
@@ -432,13 +456,76 @@ def _start_fresh(config: Config, out: str | None, overwrite: bool) -> _Start:
     return _Start(config, out)
 
 
-def _start_resumed(config: Config | None, out: str | None, device: str, say) -> _Start:
-    """The run in ``out`` from its newest loadable checkpoint (unloadable ones are set
-    aside); a given ``config`` must equal the checkpoint's."""
+def _resume_dir(config: Config | None, out: str | None) -> str:
     if out is None:
         if config is None:
             raise ValueError("resume needs out (the run directory) or a config")
         out = os.path.join("runs", f"afire-{config.preset}")
+    return out
+
+
+def _check_resume_config(config: Config | None, ckpt: Config) -> None:
+    if config is not None:
+        diff = _config_diff(config, ckpt)
+        if diff:
+            raise ValueError(f"resume: the config differs from the checkpoint's in {diff}; "
+                             "resume with the same settings (or none) for an exact run")
+
+
+def _pick_checkpoint(out: str, say) -> str:
+    """Several ranks, on rank 0: the newest checkpoint whose file validates (the others are
+    set aside, as a single process does); every rank then loads it (_model_for)."""
+    cands = _find_resume(out)
+    if not cands:
+        raise FileNotFoundError(f"resume: no checkpoint in {out} (nothing to resume; "
+                                "start without --resume)")
+    for c in cands:
+        try:
+            meta = AFiRe.read_metadata(c)
+            if meta.get("run_format") != RUN_FORMAT:
+                raise ValueError("not written by afire pretrain")
+            Config.from_json(meta["config"])
+            return c
+        except (ValueError, KeyError) as e:
+            _set_aside(c, str(e), say)
+    raise ValueError(f"resume: no loadable checkpoint in {out}")
+
+
+def _start_resumed_ranks(config: Config | None, out: str | None, say,
+                         group: dist.Group) -> _Start:
+    """_start_resumed for several ranks: rank 0 picks the checkpoint, every rank reads its
+    metadata (the run directory must be on a file system every rank sees)."""
+    out = _resume_dir(config, out)
+    err, path = None, None
+    try:
+        path = _pick_checkpoint(out, say) if group.rank == 0 else None
+    except Exception as e:  # noqa: BLE001  (handed to every rank by agree)
+        err = e
+    group.agree(err, "resume: choosing the checkpoint")
+    path = group.broadcast_bytes(path.encode() if path else None).decode()
+    err, meta, cfg = None, {}, None
+    try:
+        meta = AFiRe.read_metadata(path)
+        cfg = Config.from_json(meta["config"])
+        _check_resume_config(config, cfg)
+    except FileNotFoundError as e:
+        err = FileNotFoundError(e.errno, f"resume: rank {group.rank} cannot read {path} (run "
+                                "directories must be on a file system that every rank sees)",
+                                path)
+    except Exception as e:  # noqa: BLE001
+        err = e
+    group.agree(err, "resume: reading the checkpoint")
+    old = int(meta.get("world_size", "1"))
+    say(f"resuming from {path} (step {meta['step']})"
+        + (f"; it was written by a run of {old} rank(s), continuing on {group.world_size}"
+           if old != group.world_size else ""))
+    return _Start(cfg, out, None, meta, path)
+
+
+def _start_resumed(config: Config | None, out: str | None, device: str, say) -> _Start:
+    """The run in ``out`` from its newest loadable checkpoint (unloadable ones are set
+    aside); a given ``config`` must equal the checkpoint's."""
+    out = _resume_dir(config, out)
     cands = _find_resume(out)
     if not cands:
         raise FileNotFoundError(f"resume: no checkpoint in {out} (nothing to resume; "
@@ -456,29 +543,52 @@ def _start_resumed(config: Config | None, out: str | None, device: str, say) -> 
     if model is None:
         raise ValueError(f"resume: no loadable checkpoint in {out}")
     say(f"resuming from {c} (step {model.step})")
-    if config is not None:
-        diff = _config_diff(config, model.cfg)
-        if diff:
-            raise ValueError(f"resume: the config differs from the checkpoint's in {diff}; "
-                             "resume with the same settings (or none) for an exact run")
+    _check_resume_config(config, model.cfg)
     return _Start(model.cfg, out, model, meta)
 
 
-def _model_for(start: _Start, src: PretrainingSet, device: str) -> tuple[AFiRe, _Position]:
-    """The model to train on ``src`` and where it starts: a new model at the beginning, or
-    the resumed one where its checkpoint left off, once ``src`` is checked to be the
-    images it trained on, in as many batches per epoch."""
+def _check_model_inputs(start: _Start, src: PretrainingSet,
+                        group: dist.Group | None) -> int:
+    """The batches per epoch, once the data and world size can train ``start``'s run (the
+    checks that need no model: with several ranks they run before the collective model
+    construction)."""
     B = start.cfg.batch_size
     nb = len(src) // B
     if nb < 1:
         raise ValueError(f"data: {len(src)} images are fewer than one batch of {B}")
-    if start.model is None:
+    if group is not None and start.meta and B % group.world_size:
+        ok = [w for w in range(1, B + 1) if B % w == 0]
+        raise ValueError(f"resume: the run's global batch of {B} images cannot be split evenly "
+                         f"over {group.world_size} ranks (every rank trains the same number "
+                         f"of images per step); resume on {', '.join(map(str, ok[:8]))}"
+                         f"{', ...' if len(ok) > 8 else ''} ranks")
+    if group is not None:
+        dist.rank_batch(B, group.world_size)
+    if start.meta and start.meta.get("data_fingerprint") != src.fingerprint:
+        raise ValueError(f"resume: the data differs from the run's ({start.meta.get('data_desc')}"
+                         f"; fingerprint {start.meta.get('data_fingerprint')} != "
+                         f"{src.fingerprint}); pass the same data to resume exactly")
+    return nb
+
+
+def _model_for(start: _Start, src: PretrainingSet, device: str,
+               group: dist.Group | None = None) -> tuple[AFiRe, _Position]:
+    """The model to train on ``src`` and where it starts: a new model at the beginning, or
+    the resumed one where its checkpoint left off, once ``src`` is checked to be the
+    images it trained on, in as many batches per epoch. With several ranks each model holds
+    the per-rank batch (the global batch / world size) and is built collectively."""
+    B = start.cfg.batch_size
+    nb = _check_model_inputs(start, src, group)
+    if group is not None:
+        rb = dist.rank_batch(B, group.world_size)
+        if start.path is None:
+            model = AFiRe(start.cfg, device=group.device, steps_per_epoch=nb, batch_size=rb,
+                          group=group)
+            return model, _Position()
+        start.model = AFiRe.load(start.path, device=group.device, batch_size=rb, group=group)
+    elif start.model is None:
         return AFiRe(start.cfg, device=device, steps_per_epoch=nb, batch_size=B), _Position()
     meta = start.meta
-    if meta.get("data_fingerprint") != src.fingerprint:
-        raise ValueError(f"resume: the data differs from the run's ({meta.get('data_desc')}"
-                         f"; fingerprint {meta.get('data_fingerprint')} != "
-                         f"{src.fingerprint}); pass the same data to resume exactly")
     if start.model.steps_per_epoch != nb:
         raise ValueError(f"resume: {nb} batches per epoch now, {start.model.steps_per_epoch} "
                          "in the checkpoint")
@@ -491,12 +601,20 @@ def _write_config(out: str, cfg: Config) -> None:
         f.write(json.dumps(cfg.to_dict(), indent=1, sort_keys=True) + "\n")
 
 
-def _announce(cfg: Config, src: PretrainingSet, nb: int, device: str, out: str, say) -> None:
+def _announce(cfg: Config, src: PretrainingSet, nb: int, device: str, out: str, say,
+              group: dist.Group | None = None) -> None:
     """The first lines of a fresh run: what trains on what, and settings worth a note."""
+    where = f"device {device}"
+    batch = f"batch {cfg.batch_size}"
+    if group is not None:
+        where = (f"{group.world_size} ranks ({group.launcher}, {group.backend}; rank 0 on "
+                 f"{device})")
+        batch = (f"global batch {cfg.batch_size} = {group.world_size} ranks x "
+                 f"{cfg.batch_size // group.world_size}")
     say(f"afire pretrain: preset {cfg.preset} (S={cfg.img_size}, P={cfg.patch_size}, "
         f"D={cfg.embed_dim}, depth {cfg.depth}, {cfg.objective} objective) on {src.desc}; "
-        f"batch {cfg.batch_size}, {nb} steps/epoch x {cfg.epochs} epochs = {cfg.epochs * nb} "
-        f"steps, device {device}, out {out}")
+        f"{batch}, {nb} steps/epoch x {cfg.epochs} epochs = {cfg.epochs * nb} "
+        f"steps, {where}, out {out}")
     if cfg.warmup_epochs >= cfg.epochs:
         say(f"note: warmup_epochs={cfg.warmup_epochs} >= epochs={cfg.epochs}: the learning "
             "rate never leaves its warm-up (override warmup_epochs=... to change)")
@@ -508,16 +626,41 @@ def _announce(cfg: Config, src: PretrainingSet, nb: int, device: str, out: str, 
 
 
 # ---------------------------------------------------------------------------- the loop
+class _AgreedStop(KeyboardInterrupt):
+    """Every rank stops here: one of them was interrupted (Ctrl-C, or the callback raised
+    KeyboardInterrupt) and the per-step agreement told all of them."""
+
+    _afire_consistent = True  # afire.dist.is_consistent: every rank stops alike
+
+
+class _NoLog:
+    """The run log of ranks other than 0: they write no files."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _Loop:
     """The epoch/batch loop of one `pretrain` call: a step per batch, a log row on the
     fixed schedule, checkpoints (each epoch, every ``ckpt_every`` steps, at the end, and
     on Ctrl-C or a stop for bad data), the progress bar. ``run`` trains; ``summary``
-    then describes the call. ``pos`` advances with every batch taken."""
+    then describes the call. ``pos`` advances with every batch taken.
+
+    With several ranks (``group``) each rank reads its slice of every global batch, and
+    before each step the ranks exchange (images read, interrupted, data error): all of them
+    then step, skip the batch (a rank read no image), stop with a checkpoint (Ctrl-C on
+    any rank) or stop for bad data, together. Rank 0 draws the bar and writes the files;
+    checkpoints are preceded by a check that every rank holds the same state."""
 
     def __init__(self, model: AFiRe, src: PretrainingSet, out: str, pos: _Position,
-                 resumed: bool, *, total: int, log: _RunLog, console: _Console,
+                 resumed: bool, *, total: int, log: _RunLog | _NoLog, console: _Console,
                  progress: bool, log_every: int, ckpt_every: int | None, keep_last: int,
-                 on_bad: str, callback: Callable[[dict], None] | None):
+                 on_bad: str, callback: Callable[[dict], None] | None,
+                 group: dist.Group | None = None):
+        self.group = group
         self.model, self.src, self.out, self.pos = model, src, out, pos
         self.cfg, self.nb, self.total = model.cfg, model.steps_per_epoch, total
         self.log, self.say = log, console
@@ -534,21 +677,36 @@ class _Loop:
         self.interval_t, self.interval_img = self.t0, 0
         # the rate and ETA are this call's (a resumed run starts at model.step)
         self.bar = Progress(total, "pretrain", unit="step", stream=console.stream,
-                            enabled=progress, initial=model.step)
+                            enabled=progress and console.rank == 0, initial=model.step)
         self.img_s = 0.0
         console.bar = self.bar
 
     # ---- checkpoints
     def checkpoint(self) -> str:
+        g = self.group
         meta = {"run_format": RUN_FORMAT, "epoch": self.pos.epoch,
                 "batch_in_epoch": self.pos.batch, "data_fingerprint": self.src.fingerprint,
                 "data_desc": self.src.desc,
                 "train_data": json.dumps(self.src.provenance(), sort_keys=True),
                 "elapsed": f"{self.pos.elapsed + time.monotonic() - self.t0:.3f}",
-                "images_seen": self.pos.images}
-        p = _save_checkpoint(self.model, self.out, meta, self.keep_last)
+                "images_seen": self.pos.images, "global_batch": self.cfg.batch_size,
+                "world_size": 1 if g is None else g.world_size,
+                "batch_per_rank": self.model.batch_capacity}
+        path = os.path.join(self.out, CKPT_DIR, f"step_{self.model.step:08d}.safetensors")
+        if g is None:
+            path = _save_checkpoint(self.model, self.out, meta, self.keep_last)
+        else:
+            # the teacher, prototypes, student and moments must be bit-identical on all ranks
+            g.check_identical(self.model.state_tensors(), f"checkpoint at step {self.model.step}")
+            err = None
+            if g.rank == 0:
+                try:
+                    _save_checkpoint(self.model, self.out, meta, self.keep_last)
+                except Exception as e:  # noqa: BLE001  (every rank stops, rank 0 with e)
+                    err = e
+            g.agree(err, f"writing the checkpoint of step {self.model.step} on rank 0")
         self.last_saved = self.model.step
-        return p
+        return path
 
     def _checkpoint_if_new(self) -> None:
         if self.model.step != self.last_saved:
@@ -559,11 +717,18 @@ class _Loop:
         """Train until the last epoch or ``total`` steps; always leaves a checkpoint of the
         last step taken (unless a step failed with a non-finite loss)."""
         try:
-            with _SigintFlag() as sigint:
+            with _SigintFlag(self.group is not None) as sigint:
                 while self.pos.epoch < self.cfg.epochs and self.stopped == "complete":
                     self._epoch(sigint)
                 self._checkpoint_if_new()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if self.group is not None and not isinstance(e, _AgreedStop):
+                # a second Ctrl-C on this rank alone, in the middle of a step: the ranks are
+                # no longer in step, so no checkpoint (the last one stays); the job ends
+                self.bar.close()
+                self.say.warn(f"interrupted again at step {self.model.step}: stopping without "
+                              f"a checkpoint (the last is {os.path.join(self.out, LAST)})")
+                raise
             if self.pending is not None and self.model.step > self.pending[0]:
                 # a second Ctrl-C landed between the C step and the bookkeeping: count it
                 self.pos.batch += 1
@@ -576,55 +741,96 @@ class _Loop:
             raise
         except DataError as e:
             self._checkpoint_if_new()
-            raise DataError(e.path, f"{e.reason}; training stopped (on_bad_data='stop') with "
-                                    f"a checkpoint at step {self.model.step}; fix the data and "
-                                    f"resume with --out {self.out} --resume") from None
+            raise dist.mark_consistent(DataError(
+                e.path, f"{e.reason}; training stopped (on_bad_data='stop') with a checkpoint "
+                f"at step {self.model.step}; fix the data and resume with --out {self.out} "
+                "--resume")) from None
         finally:
             self.bar.close()
 
     def _epoch(self, sigint: _SigintFlag) -> None:
         """The rest of the current epoch (from batch ``pos.batch``), or up to ``total``."""
-        B, pos = self.cfg.batch_size, self.pos
+        B, pos, g = self.cfg.batch_size, self.pos, self.group
         order = self.src.epoch_order(self.cfg.seed, pos.epoch)
         while pos.batch < self.nb:
             if self.model.step >= self.total:
                 self.stopped = "max_steps"
                 return
-            batch, new_bad = self.src.read(order[pos.batch * B:(pos.batch + 1) * B],
-                                           self.on_bad)
-            for p in new_bad:
-                self.say(f"warning: {p}: {self.src.bad[p]}; its images are skipped from now on")
-            if len(batch) == 0:
+            idx = order[pos.batch * B:(pos.batch + 1) * B]
+            if g is None:
+                batch, new_bad = self.src.read(idx, self.on_bad)
+                self._warn_bad(new_bad)
+                n = len(batch)
+            else:
+                batch, n = self._read_agreed(rank_slice(idx, g.rank, g.world_size), sigint)
+            if n == 0:
                 pos.batch += 1
                 continue
-            row = self._record(self._step(batch), len(batch))
+            row = self._record(self._step(batch, n), n)
             if self.ckpt_every is not None and self.model.step % self.ckpt_every == 0 \
                     and pos.batch < self.nb:
                 self.checkpoint()
             if self.callback is not None:
-                self.callback(row)
-            if sigint.hit:
+                try:
+                    self.callback(row)
+                except KeyboardInterrupt:
+                    if g is None:
+                        raise
+                    sigint.hit = True  # told to the other ranks at the next agreement
+            if sigint.hit and g is None:
                 raise KeyboardInterrupt
         pos.epoch, pos.batch = pos.epoch + 1, 0
         self.checkpoint()
 
-    def _step(self, batch: np.ndarray) -> dict[str, float]:
-        """One training step on ``batch``; the position advances once it has happened."""
+    def _warn_bad(self, new_bad: list[str]) -> None:
+        for p in new_bad:
+            self.say.warn(f"warning: {p}: {self.src.bad[p]}; its images are skipped from now on")
+
+    def _read_agreed(self, idx: np.ndarray, sigint: _SigintFlag) -> tuple[np.ndarray, int]:
+        """Several ranks: this rank's images of the batch, then the per-step agreement.
+        Returns (images, images of all ranks), 0 when some rank read none (every rank skips
+        the batch); raises on every rank when one was interrupted or hit bad data."""
+        g = self.group
+        err, batch = None, idx[:0]
+        try:
+            batch, new_bad = self.src.read(idx, self.on_bad)
+            self._warn_bad(new_bad)
+        except DataError as e:
+            err = e
+        every = g.allgather(np.array([len(batch), sigint.hit, err is not None], np.int64))
+        if every[:, 2].any():
+            if err is None:
+                r = int(np.flatnonzero(every[:, 2])[0])
+                err = DataError(f"(a data file of rank {r})", "it broke during training "
+                                f"(see rank {r}'s output)")
+            raise dist.mark_consistent(err)
+        if every[:, 1].any():
+            raise _AgreedStop
+        if every[:, 0].min() == 0:
+            self.say(f"warning: batch {self.pos.batch} of epoch {self.pos.epoch} is skipped: "
+                     f"rank {int(np.argmin(every[:, 0]))} could read none of its images")
+            return batch, 0
+        return batch, int(every[:, 0].sum())
+
+    def _step(self, batch: np.ndarray, n: int) -> dict[str, float]:
+        """One training step on ``batch`` (``n`` images on all ranks together); the position
+        advances once it has happened."""
         before = self.model.step
-        self.pending = (before, len(batch))
+        self.pending = (before, n)
         try:
             stats = self.model.train_step(batch)
         except FloatingPointError as e:
             good = (f"the last good checkpoint is {os.path.join(self.out, LAST)} "
                     f"(step {self.last_saved})" if self.last_saved >= 0 else
                     "no checkpoint had been written yet")
-            raise FloatingPointError(
+            # with several ranks every rank gets this verdict (made on global values)
+            raise dist.mark_consistent(FloatingPointError(
                 f"non-finite loss at step {before} (epoch {self.pos.epoch}, batch "
                 f"{self.pos.batch}): {e}. Training stopped without writing a checkpoint; "
                 f"{good}. Lower the learning rate (base_lr=...) or check the data."
-            ) from None
+            )) from None
         self.pos.batch += 1
-        self.pos.images += len(batch)
+        self.pos.images += n
         self.pending = None
         return stats
 
@@ -668,11 +874,27 @@ class _Loop:
             "data": self.src.desc, "bad_files": dict(self.src.bad),
             "resumed_from": self.step_start if self.resumed else None,
             "preset": cfg.preset, "device": device,
+            "world_size": 1 if self.group is None else self.group.world_size,
         }
 
 
 def _finish(loop: _Loop, device: str, report: bool) -> dict:
-    """The summary; for a complete run the backbone export; the report if asked for."""
+    """The summary; for a complete run the backbone export; the report if asked for (rank 0
+    alone writes them; every rank returns the summary once rank 0 is done)."""
+    g = loop.group
+    if g is None:
+        return _finish_files(loop, device, report)
+    err, summary = None, None
+    try:
+        summary = (_finish_files(loop, device, report) if g.rank == 0
+                   else PretrainSummary(loop.summary(device)))
+    except Exception as e:  # noqa: BLE001
+        err = e
+    g.agree(err, "the end of the run (backbone export, report) on rank 0")
+    return summary
+
+
+def _finish_files(loop: _Loop, device: str, report: bool) -> dict:
     summary = loop.summary(device)
     model, out, src = loop.model, loop.out, loop.src
     if loop.stopped == "complete":
@@ -711,8 +933,15 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
             (reported by name); "stop" checkpoints and raises :class:`DataError`.
         max_steps: stop (with a checkpoint) once the model has done this many steps.
         overwrite: start afresh in an ``out`` that already holds a run.
-        callback: called with each step's log row (after logging and checkpointing).
+        callback: called with each step's log row (after logging and checkpointing; with
+            several ranks on every rank, with the same global losses; a KeyboardInterrupt
+            from it stops every rank at the next step, with a checkpoint).
         stream: where messages go (default sys.stderr), the progress bar included.
+
+    Several processes (started by mpirun, torchrun or srun; :mod:`afire.dist`): call it on
+    every rank with the same arguments. ``config.batch_size`` is the global batch, split
+    evenly over the ranks; ``device`` "cpu" or "cuda" (each rank takes the GPU of its local
+    rank); rank 0 alone writes ``out`` and prints; every rank returns the summary.
 
     Raises:
         KeyboardInterrupt after saving a checkpoint (Ctrl-C or from ``callback``);
@@ -722,29 +951,76 @@ def pretrain(config: Config | None = None, data: Any = None, out: str | os.PathL
     device = require_device(device)
     _check_options(config, resume, on_bad_data, log_every=log_every, keep_last=keep_last,
                    ckpt_every=ckpt_every, max_steps=max_steps)
-    say = _Console(stream)
+    group = _group_for(device)
+    say = _Console(stream, group)
     out = os.fspath(out) if out is not None else None
-    start = (_start_resumed(config, out, device, say) if resume
-             else _start_fresh(config, out, overwrite))
+    opts = dict(data=data, resume=resume, overwrite=overwrite, tensorboard=tensorboard,
+                max_steps=max_steps, report=report,
+                loop=dict(progress=progress, log_every=log_every, ckpt_every=ckpt_every,
+                          keep_last=keep_last, callback=callback,
+                          on_bad="raise" if on_bad_data == "stop" else "skip"))
+    if group is None:
+        return _run(config, out, device, say, None, **opts)
+    try:
+        return _run(config, out, group.device, say, group, **opts)
+    except BaseException as e:
+        group.failed(e)  # a failure on this rank alone ends the whole job at exit
+        raise
+
+
+def _group_for(device: str) -> dist.Group | None:
+    """The process group when a launcher started several processes (afire.dist), else
+    None. Each rank then runs on the CPU or on the GPU of its local rank."""
+    if dist.detect().world_size <= 1:
+        return None
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: with several processes give 'cpu' or 'cuda' "
+                         "(each rank takes the GPU of its local rank)")
+    return dist.init(device)
+
+
+def _run(config: Config | None, out: str | None, device: str, say: _Console,
+         group: dist.Group | None, *, data: Any, resume: bool, overwrite: bool,
+         tensorboard: bool, max_steps: int | None, report: bool, loop: dict) -> PretrainSummary:
+    """pretrain() once the device and the process group are known."""
+    rank = 0 if group is None else group.rank
+    err, start, src = None, None, None
+    try:
+        if resume and group is not None:
+            start = _start_resumed_ranks(config, out, say, group)
+        elif resume:
+            start = _start_resumed(config, out, device, say)
+        else:
+            start = _start_fresh(config, out, overwrite, rank)
+        src = pretraining_set(data, start.cfg.img_size, start.cfg.seed, say)
+        if group is not None:
+            _check_model_inputs(start, src, group)
+    except Exception as e:  # noqa: BLE001
+        if group is None:
+            raise
+        err = e
+    if group is not None:  # every rank can build its model (a collective) or none does
+        group.agree(err, "opening the run and its data")
     cfg, out = start.cfg, start.out
-    src = pretraining_set(data, cfg.img_size, cfg.seed, say)
-    model, pos = _model_for(start, src, device)
-    _write_config(out, cfg)
+    model, pos = _model_for(start, src, device, group)
+    if group is not None:
+        group.check_identical(model.state_tensors(), "the initial model")
+    if rank == 0:
+        _write_config(out, cfg)
     total = cfg.epochs * model.steps_per_epoch
     if max_steps is not None:
         total = min(total, max(max_steps, model.step))
-    log = _RunLog(out, model.step if resume else None, tensorboard, say)
+    log = (_RunLog(out, model.step if resume else None, tensorboard, say) if rank == 0
+           else _NoLog())
     try:
         if not resume:
-            _announce(cfg, src, model.steps_per_epoch, device, out, say)
-        loop = _Loop(model, src, out, pos, resume, total=total, log=log, console=say,
-                     progress=progress, log_every=log_every, ckpt_every=ckpt_every,
-                     keep_last=keep_last, on_bad="raise" if on_bad_data == "stop" else "skip",
-                     callback=callback)
-        loop.run()
+            _announce(cfg, src, model.steps_per_epoch, device, out, say, group)
+        run = _Loop(model, src, out, pos, resume, total=total, log=log, console=say,
+                    group=group, **loop)
+        run.run()
     finally:
         log.close()
-    return _finish(loop, device, report)
+    return _finish(run, device, report)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -810,19 +1086,22 @@ def _run_cli(args) -> int:
                      max_steps=args.max_steps, overwrite=args.overwrite,
                      report=not args.no_report)
     except KeyboardInterrupt:
-        print("afire pretrain: interrupted", file=sys.stderr)
+        print(f"afire pretrain{dist.rank_tag()}: interrupted", file=sys.stderr)
         return 130
     except FloatingPointError as e:
-        print(f"afire pretrain: stopped: {e}", file=sys.stderr)
+        print(f"afire pretrain{dist.rank_tag()}: stopped: {e}", file=sys.stderr)
         return 3
     except (TypeError, RuntimeError, NotImplementedError) as e:
-        print(f"afire pretrain: error: {e}", file=sys.stderr)
+        print(f"afire pretrain{dist.rank_tag()}: error: {e}", file=sys.stderr)
         return 2
     print_summary(s)
     return 0
 
 
 def print_summary(s: dict) -> None:
+    g = dist.current()
+    if g is not None and g.rank != 0:
+        return  # rank 0 speaks for the run
     f = s.get("final") or {}
     print(f"done: {s['steps']}/{s['total_steps']} steps ({s['stopped']}), "
           f"{s['images_seen']} images, {format_seconds(s['seconds'])} this run, "

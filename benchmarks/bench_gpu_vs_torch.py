@@ -1,296 +1,98 @@
-"""One AFiRe training step: afire's CUDA trainer vs the same step written in plain PyTorch.
+"""One AFiRe training step: afire's CUDA trainer vs the same step in PyTorch, in ONE process.
 
-Both sides run the paper objective (METHOD §3-§5) on identical shapes in ONE process:
-  teacher encoder + head forward (no grad) on x -> Sinkhorn-Knopp (3 iterations) -> prototype
-  update (C = m C + (1-m) mean_b q) -> student encoder + head + decoder forward on x' ->
-  L_stru + L_cate (METHOD §4) + weighted L_recon -> backward -> per-tensor clipping (3.0)
-  -> AdamW (no decay on biases / 1-D tensors) -> EMA of the teacher.
-The PyTorch step is a straightforward, idiomatic implementation (nn.Linear, nn.LayerNorm,
-F.scaled_dot_product_attention, exact GELU, fused AdamW, torch._foreach_* for clipping and
-the EMA, per-position prototype layers as one batched einsum), in fp32 with TF32 OFF (as
-afire) and with bf16 autocast. torch.compile is off unless --compile.
+Rows, per preset and batch (--presets, --batch, --extra):
+  afire_bf16         Config.precision="bf16", the bf16 reference path (the default today)
+  afire_bf16_fast    the same with AFIRE_CUDA_FAST=1: the fast bf16 path (cuda/fast.cuh)
+  torch_bf16_eager   the PyTorch step (torch_afire.py) under bf16 autocast, SDPA attention
+  torch_bf16_compile the same with torch.compile (teacher forward; student forward + losses,
+                     whose backward AOTAutograd compiles) for the presets in --compile
+  afire_fp32, torch_fp32 with --fp32 (TF32 off on both sides)
+Same work on both sides: the reference starts from afire's initial weights (a CPU AFiRe of the
+same config and seed), trains on afire's synthetic lesions of the first timed step, uses
+afire's schedule values of that step (lr, weight decay, EMA momentum, teacher temperature) and
+afire's AdamW decay groups, and computes the paper objective as objective.c does. On the CPU
+in fp32 its first-step losses and gradients equal afire's (check_cpu below, and
+tests/test_torch_reference.py); each row's first_loss is the loss of its first step (before any
+update, same weights and inputs everywhere) so the GPU rows can be compared too. afire runs at
+step 20 of 100 epochs of one step each (past warm-up and the last-layer freeze).
 
-Differences, stated rather than hidden: afire draws the synthetic lesions (SLM) on the GPU
-inside its step; the PyTorch step is handed x' and the abnormal-token mask precomputed by
-afire's CPU SLM (uploaded every step, like the images), which slightly favours PyTorch. Both
-sides upload the uint8 batch every step and return the loss to the host (one sync).
-afire runs at epoch 20 of 100 (after warm-up and the first-epoch last-layer freeze) so both
-sides update every tensor.
+Timing: every step is synchronous (afire's ends with its one host synchronisation, torch's with
+loss.item()). Each timed step is bracketed by CUDA events recorded on an idle device
+(torch.cuda.synchronize() before the first), so step_ms is the GPU-clock time of the whole
+step as a user sees it; the median over --steps timed steps after --warmup untimed ones.
+images_per_s = batch / median. compile_s: the warm-up time of a compiled row.
 
-Memory: `gpu_mem_gib` is the device memory in use (cudaMemGetInfo) after the steps minus
-before the model was built, for both sides (PyTorch's includes its caching allocator);
-`torch_peak_allocated_gib` is torch.cuda.max_memory_allocated.
+MFU = flops_per_image * images_per_s / the GPU's dense bf16 peak (H100 SXM, H200: 989.4
+TFLOP/s; H100 PCIe 756.5; H100 NVL 835.5; other GPUs: MFU not reported). flops_per_image
+counts the model FLOPs of one step for one image (2 per multiply-add, no recomputation):
+  linear [N,IC] -> [N,OC]: forward 2 N IC OC; backward 4 N IC OC (dinp and dweight), the patch
+  embedding 2 N IC OC (no dinp); attention per block: forward 4 T^2 W (Q K^T and P V),
+  backward 8 T^2 W; the weight-normalised last layer(s) as linears (K x Bn per position);
+  teacher = encoder + head forward; student = encoder + head + decoder forward and backward;
+  elementwise work, normalisations, the objective and the optimiser are not counted.
+  vit_base at 224 px: 175.5 GFLOP per image; vit_small 43.6.
+Memory: gpu_mem_gib = device memory in use after the steps minus before the model was built
+(cudaMemGetInfo; afire allocates at construction and in its first step and frees nothing while
+it lives, so this is its peak; torch's includes its caching allocator's reserve); torch rows
+add torch_peak_allocated_gib (torch.cuda.max_memory_allocated).
 
-Prints ONE JSON object (and writes it to --out). Import torch BEFORE afire's CUDA backend.
+The JSON (also written after every row, so a time-out keeps what finished) has the GPU name,
+the library versions, afire's fast-path status (what cuBLASLt / cuDNN did), the rows and the
+ratios afire / torch per preset. Import torch BEFORE afire's CUDA backend.
 
-    python3 benchmarks/bench_gpu_vs_torch.py [--presets vit_small,vit_base] [--batch 64]
-        [--steps 5] [--warmup 2] [--compile] [--out bench_gpu_vs_torch.json]
-    python3 benchmarks/bench_gpu_vs_torch.py --device cpu --presets test --batch 4 --steps 1
-        (a CPU smoke run of the PyTorch step only, for machines without a GPU)
+    python3 benchmarks/bench_gpu_vs_torch.py [--presets vit_base,vit_small] [--batch 64]
+        [--extra vit_base:128] [--steps 10] [--warmup 3] [--compile vit_base] [--fp32]
+        [--afire bf16,fast] [--out bench_gpu_vs_torch.json]
+    python3 benchmarks/bench_gpu_vs_torch.py --device cpu
+        (no GPU: the CPU check and a CPU smoke run of the PyTorch step on the test preset)
 """
 import argparse
-import copy
-import dataclasses
+import datetime
 import gc
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 
 import torch  # first: torch's CUDA libraries must be loaded before afire's backend
-import torch.nn as nn
-import torch.nn.functional as F
 
 import numpy as np  # noqa: E402
 
 from afire import AFiRe, Config, cuda  # noqa: E402
 from afire.model import synthetic_lesions  # noqa: E402
 from _report import report  # noqa: E402
+from torch_afire import TorchAFiRe, chest_like, check_against_afire, schedule_of  # noqa: E402
 
-GRAY_MEAN, GRAY_STD = 0.449, 0.226
-
-
-# ---------------------------------------------------------------------------- networks
-
-class Block(nn.Module):
-    """Pre-norm transformer block: LN -> MHSA (fused qkv) -> +, LN -> MLP (GELU) -> +."""
-
-    def __init__(self, dim, heads, mlp_ratio, eps):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
-        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
-
-    def forward(self, x):
-        B, T, W = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(B, T, 3, self.heads, W // self.heads) \
-            .permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, W)
-        x = x + self.proj(y)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+START_STEP = 20
+PEAK_BF16 = [("H200", 989.4e12), ("H100 PCIe", 756.5e12), ("H100 NVL", 835.5e12),
+             ("H100", 989.4e12)]  # dense bf16 tensor-core peaks; first match wins
 
 
-def sincos_2d(dim, grid, cls):
-    """Fixed 2-D sin-cos position embedding [1, cls + grid^2, dim] (MAE layout)."""
-    d4 = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(d4, dtype=torch.float64) / d4)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                            torch.arange(grid, dtype=torch.float64), indexing="ij")
-    parts = []
-    for pos in (xs.reshape(-1), ys.reshape(-1)):
-        out = pos[:, None] * omega[None]
-        parts += [out.sin(), out.cos()]
-    emb = torch.cat(parts, 1)
-    if cls:
-        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], 0)
-    return emb[None].float()
+def flops_per_image(c):
+    """Model FLOPs of one AFiRe step per image (see the module docstring)."""
+    L = (c.img_size // c.patch_size) ** 2
+    T, Q, R = L + 1, c.patch_size ** 2 * c.in_chans, c.mlp_ratio
+    D, Dd, Hh, Bn, K = c.embed_dim, c.decoder_dim, c.head_hidden, c.head_bottleneck, \
+        c.num_prototypes
+
+    def stack(W, NL):
+        return NL * (T * 2 * (3 * W * W + W * W + 2 * R * W * W) + 4 * T * T * W)
+
+    patch = 2 * L * Q * D
+    enc = stack(D, c.depth) + patch
+    head = L * 2 * (D * Hh + Hh * Hh + Hh * Bn + Bn * K)
+    dec = stack(Dd, c.decoder_depth) + T * 2 * (D * Dd + Dd * Q)
+    student = enc + head + dec
+    return float((enc + head) + student + (2 * student - patch))
 
 
-class Encoder(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        g = c.img_size // c.patch_size
-        self.patch_embed = nn.Conv2d(c.in_chans, c.embed_dim, c.patch_size, c.patch_size)
-        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, c.embed_dim))
-        self.register_buffer("pos_embed", sincos_2d(c.embed_dim, g, True))
-        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, 1e-6)
-                                    for _ in range(c.depth))
-        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
-
-    def forward(self, img):
-        x = self.patch_embed(img).flatten(2).transpose(1, 2)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x + self.pos_embed[:, 1:]], 1)
-        for b in self.blocks:
-            x = b(x)
-        return self.norm(x)
-
-
-class Head(nn.Module):
-    """MLP D -> H -> H -> bottleneck, L2-normalise, weight-normalised last layer (g = 1),
-    one per token position (a batched einsum) or shared."""
-
-    def __init__(self, c, L):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(c.embed_dim, c.head_hidden), nn.GELU(),
-                                 nn.Linear(c.head_hidden, c.head_hidden), nn.GELU(),
-                                 nn.Linear(c.head_hidden, c.head_bottleneck))
-        n = L if c.per_position_last_layer else 1
-        self.last_v = nn.Parameter(torch.randn(n, c.num_prototypes, c.head_bottleneck) * 0.02)
-
-    def forward(self, tokens):
-        z = F.normalize(self.mlp(tokens[:, 1:]), dim=-1)
-        w = self.last_v / self.last_v.norm(dim=-1, keepdim=True)
-        if w.shape[0] == 1:
-            return z @ w[0].t()
-        return torch.einsum("blh,lkh->blk", z, w)
-
-
-class Decoder(nn.Module):
-    def __init__(self, c, L):
-        super().__init__()
-        g = c.img_size // c.patch_size
-        self.embed = nn.Linear(c.embed_dim, c.decoder_dim)
-        n = L if c.per_position_mask_token else 1
-        self.mask_token = nn.Parameter(0.02 * torch.randn(1, n, c.decoder_dim))
-        self.register_buffer("pos_embed", sincos_2d(c.decoder_dim, g, True))
-        self.blocks = nn.ModuleList(Block(c.decoder_dim, c.decoder_heads, c.mlp_ratio, 1e-5)
-                                    for _ in range(c.decoder_depth))
-        self.norm = nn.LayerNorm(c.decoder_dim, eps=1e-5)
-        self.pred = nn.Linear(c.decoder_dim, c.patch_size ** 2 * c.in_chans)
-
-    def forward(self, tokens, abn):
-        x = self.embed(tokens)
-        B, T, W = x.shape
-        m = torch.cat([abn.new_zeros(B, 1), abn], 1)[..., None]
-        mt = torch.cat([self.mask_token.new_zeros(1, 1, W),
-                        self.mask_token.expand(1, T - 1, W)], 1).to(x.dtype)
-        x = torch.where(m, mt, x) + self.pos_embed
-        for b in self.blocks:
-            x = b(x)
-        return self.pred(self.norm(x))[:, 1:]
-
-
-# ---------------------------------------------------------------------------- objective
-
-@torch.no_grad()
-def sinkhorn(logits, eps, iters):
-    """Sinkhorn-Knopp on exp(logits / eps) over all N tokens: rows sum to 1, columns
-    balanced over the K classes (METHOD §3)."""
-    q = torch.exp((logits - logits.max()) / eps)
-    q /= q.sum()
-    N, K = q.shape
-    for _ in range(iters):
-        q /= q.sum(0, keepdim=True) * K
-        q /= q.sum(1, keepdim=True) * N
-    return q * N
-
-
-def patchify(img, p):
-    """[B,C,S,S] -> [B,L,P*P*C] in MAE order (row, column, channel)."""
-    B, C, S, _ = img.shape
-    g = S // p
-    return img.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * C)
-
-
-def paper_losses(s, C, abn, tau_s, tau):
-    """L_stru (Eq. 12) and L_cate (Eq. 14-16) with log f(p, r) = (1/tau) <p, log r>."""
-    B, L, K = s.shape
-    logq = F.log_softmax(s / tau_s, -1)
-    q = logq.exp()
-    logc = (C / C.sum(-1, keepdim=True)).clamp_min(1e-30).log()
-    A = torch.einsum("blk,mk->blm", q, logc.to(q.dtype)) / tau          # log f(q_bl, c_m)
-    normal = ~abn
-    l_stru = -(F.log_softmax(A.float(), -1).diagonal(dim1=1, dim2=2) * normal).sum() \
-        / normal.sum().clamp_min(1)
-    Fm = torch.einsum("ijk,bjk->jib", q, logq) / tau                    # log f(q_ij, q_bj)
-    nT = normal.t()                                                      # [L, B]
-    eye = torch.eye(B, dtype=torch.bool, device=s.device)
-    pos = nT[:, None, :] & ~eye                                          # b != i, b normal
-    both = pos | (~nT)[:, None, :]                                       # + b abnormal
-    off = -1e4  # finite "minus infinity": no NaN gradients from empty sets
-    a_jj = A.diagonal(dim1=1, dim2=2).t().masked_fill(nT, off)           # f(q_bj, c_j), b abn
-    lpos = torch.logsumexp(Fm.masked_fill(~pos, off).float(), -1)
-    lall = torch.logsumexp(torch.cat([Fm.masked_fill(~both, off),
-                                      a_jj[:, None, :].expand(L, B, B)], -1).float(), -1)
-    anchor = nT & pos.any(-1)
-    l_cate = ((lall - lpos) * anchor).sum() / anchor.sum().clamp_min(1)
-    return l_stru, l_cate
-
-
-def recon_loss(pred, target, abn, w_abn):
-    err = ((pred.float() - target) ** 2).sum(-1)
-    w = torch.where(abn, torch.full_like(err, w_abn), torch.ones_like(err))
-    return (w * err).sum() / pred.numel()
-
-
-# ---------------------------------------------------------------------------- the step
-
-class TorchAFiRe:
-    def __init__(self, c, device, bf16=False, compile_=False):
-        self.c, self.device, self.bf16 = c, device, bf16
-        self.L = (c.img_size // c.patch_size) ** 2
-        with torch.device(device):
-            self.enc, self.head, self.dec = Encoder(c), Head(c, self.L), Decoder(c, self.L)
-            self.t_enc, self.t_head = copy.deepcopy(self.enc), copy.deepcopy(self.head)
-            self.protos = torch.zeros(self.L, c.num_prototypes)
-        for p in list(self.t_enc.parameters()) + list(self.t_head.parameters()):
-            p.requires_grad_(False)
-        mods = (self.enc, self.head, self.dec)
-        self.params = [p for m in mods for p in m.parameters()]
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": c.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps,
-            fused=(device == "cuda"))
-        self.student = [p for m in (self.enc, self.head) for p in m.parameters()]
-        self.teacher = [p for m in (self.t_enc, self.t_head) for p in m.parameters()]
-        self.first = True
-        self.forward_loss = torch.compile(self._forward_loss) if compile_ else self._forward_loss
-
-    def _normalize(self, x_u8):
-        x = x_u8.to(self.device, non_blocking=True).float().div_(255.0)
-        return ((x - GRAY_MEAN) / GRAY_STD)[:, None]
-
-    def _forward_loss(self, img, img_p, abn, protos):
-        c = self.c
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
-            tok = self.enc(img_p)
-            s = self.head(tok)
-            pred = self.dec(tok, abn)
-            l_stru, l_cate = paper_losses(s, protos, abn, c.tau_student, c.tau_similarity)
-            l_recon = recon_loss(pred, patchify(img, c.patch_size), abn, c.w_abnormal)
-        return c.w_stru * l_stru + c.w_cate * l_cate + c.w_recon * l_recon
-
-    def step(self, x_u8, xp_u8, abn_u8):
-        c = self.c
-        img, img_p = self._normalize(x_u8), self._normalize(xp_u8)
-        abn = abn_u8.to(self.device, non_blocking=True).bool()
-        # teacher on the NORMAL image -> Sinkhorn -> prototypes
-        with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16,
-                                             enabled=self.bf16):
-            t_logits = self.t_head(self.t_enc(img))
-        q = sinkhorn(t_logits.float().reshape(-1, c.num_prototypes), c.teacher_temp,
-                     c.sinkhorn_iters).reshape(t_logits.shape)
-        with torch.no_grad():
-            if self.first:
-                self.protos.copy_(q.mean(0))
-                self.first = False
-            else:
-                self.protos.mul_(c.proto_momentum).add_(q.mean(0), alpha=1 - c.proto_momentum)
-        # student, losses, backward
-        loss = self.forward_loss(img, img_p, abn, self.protos)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        # per-tensor clipping (METHOD §5), AdamW, EMA
-        with torch.no_grad():
-            grads = [p.grad for p in self.params if p.grad is not None]
-            norms = torch.stack(torch._foreach_norm(grads))
-            coef = (c.clip_grad / (norms + 1e-6)).clamp_(max=1.0)
-            torch._foreach_mul_(grads, list(coef.unbind()))
-        self.opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(self.teacher, self.student, 1.0 - c.ema_momentum)
-        return loss.item()  # one host sync, as afire's step returns its losses
-
-
-# ---------------------------------------------------------------------------- harness
-
-def chest_like(n, s, seed):
-    """Bright body, two darker lungs, noise (uint8), as tests/_util.phantom_like."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:s, 0:s] / s
-    body = 170 + 40 * np.exp(-((xx - 0.5) ** 2) / 0.2)
-    for cx in (0.3, 0.7):
-        body = body - 90 * np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
-    imgs = body[None] + rng.normal(0, 6, (n, s, s))
-    return np.clip(imgs, 0, 255).astype(np.uint8)
+def peak_flops(name):
+    for key, peak in PEAK_BF16:
+        if key in (name or ""):
+            return peak
+    return None
 
 
 def used_bytes():
@@ -298,148 +100,221 @@ def used_bytes():
     return total - free
 
 
-def timed(fn, steps, warmup, sync):
-    for _ in range(warmup):
-        out = fn()
+def timed(fn, steps, warmup):
+    """(first output, warm-up seconds, per-step seconds of the timed steps)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    first = fn()
+    for _ in range(warmup - 1):
+        fn()
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
     times = []
     for _ in range(steps):
-        sync()
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return times, out
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return first, warm_s, times
 
 
-def row(name, preset, batch, times, loss, mem, extra=None):
+def row(impl, preset, batch, cfg, times, first_loss, mem, peak, extra=None):
     med = float(np.median(times))
-    r = {"impl": name, "preset": preset, "batch": batch, "steps": len(times),
+    ips = batch / med
+    fl = flops_per_image(cfg)
+    r = {"impl": impl, "preset": preset, "batch": batch, "steps": len(times),
          "step_ms_median": med * 1e3, "step_ms_min": min(times) * 1e3,
-         "images_per_s": batch / med, "gpu_mem_gib": mem / 2**30 if mem is not None else None,
-         "last_loss": loss, "finite": bool(math.isfinite(loss))}
+         "images_per_s": ips, "tflops_per_s": fl * ips / 1e12,
+         "mfu": fl * ips / peak if peak else None,
+         "gpu_mem_gib": mem / 2**30 if mem is not None else None,
+         "first_loss": first_loss, "finite": bool(math.isfinite(first_loss))}
     r.update(extra or {})
     return r
 
 
-def precision_values():
-    """afire precision settings to try: fp32 always, bf16 when Config has the field."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    return ["fp32", "bf16"] if "precision" in names else ["fp32"]
-
-
 def afire_config(preset, batch, precision):
-    base = dict(batch_size=batch, epochs=100)
-    if precision == "fp32":
-        try:
-            return Config.preset_config(preset, precision="fp32", **base)
-        except (TypeError, ValueError):
-            return Config.preset_config(preset, **base)
-    for spelling in ("bf16", "bfloat16"):
-        try:
-            return Config.preset_config(preset, precision=spelling, **base)
-        except (TypeError, ValueError):
-            continue
-    raise ValueError("Config.precision accepts neither 'bf16' nor 'bfloat16'")
+    return Config.preset_config(preset, batch_size=batch, epochs=100, precision=precision)
 
 
-def bench_afire(preset, batch, precision, x, steps, warmup):
+def bench_afire(preset, batch, path, x, steps, warmup, peak):
+    """path: fp32 | bf16 | fast. Returns (row, the first step's stats)."""
+    precision = "fp32" if path == "fp32" else "bf16"
     cfg = afire_config(preset, batch, precision)
     gc.collect()
     torch.cuda.empty_cache()
     before = used_bytes()
-    m = AFiRe(cfg, device="cuda", steps_per_epoch=1)
-    m.step = 20  # past warm-up and the last-layer freeze: every tensor is updated
-    times, out = timed(lambda: m.train_step(x), steps, warmup, lambda: None)  # noqa: F821
+    if path == "fast":
+        os.environ["AFIRE_CUDA_FAST"] = "1"
+    try:
+        m = AFiRe(cfg, device="cuda", steps_per_epoch=1)
+    finally:
+        os.environ.pop("AFIRE_CUDA_FAST", None)
+    m.step = START_STEP
+    first, warm_s, times = timed(lambda: m.train_step(x), steps, warmup)
     mem = used_bytes() - before
-    del m
-    return row(f"afire_{precision}", preset, batch, times, out["loss"], mem)
+    name = {"fp32": "afire_fp32", "bf16": "afire_bf16", "fast": "afire_bf16_fast"}[path]
+    extra = {"warmup_s": warm_s}
+    if path == "fast":
+        extra["fast_path_status"] = cuda.fast_path_status()
+    m = None  # free the trainer (and its device memory) before the next row
+    return row(name, preset, batch, cfg, times, first["loss"], mem, peak, extra), first
 
 
-def bench_torch(preset, batch, bf16, x, xp, abn, steps, warmup, device, compile_):
+def bench_torch(preset, batch, bf16, compile_, inputs, schedule, steps, warmup, peak, init):
     cfg = Config.preset_config(preset, batch_size=batch, epochs=100)
-    cuda_dev = device == "cuda"
-    if cuda_dev:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = used_bytes()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = used_bytes()
     torch.manual_seed(0)
-    t = TorchAFiRe(cfg, device, bf16=bf16, compile_=compile_)
-    pin = cuda_dev
-    xs = [torch.from_numpy(a) for a in (x, xp, abn)]
-    if pin:
-        xs = [a.pin_memory() for a in xs]
-    sync = torch.cuda.synchronize if cuda_dev else (lambda: None)
-    times, loss = timed(lambda: t.step(*xs), steps, warmup, sync)  # noqa: F821
-    extra = {"compiled": compile_}
-    mem = None
-    if cuda_dev:
-        mem = used_bytes() - before
-        extra["torch_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del t
-    return row("torch_bf16_autocast" if bf16 else "torch_fp32", preset, batch, times, loss,
-               mem, extra)
+    t = TorchAFiRe.from_afire(init, "cuda", bf16=bf16, compile_=compile_, schedule=schedule)
+    xs = [torch.from_numpy(a).pin_memory() for a in inputs]
+    first, warm_s, times = timed(lambda: t.step(*xs), steps, warmup)
+    mem = used_bytes() - before
+    name = "torch_fp32" if not bf16 else "torch_bf16_compile" if compile_ else "torch_bf16_eager"
+    extra = {"torch_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+             "compiled": compile_, ("compile_s" if compile_ else "warmup_s"): warm_s}
+    t = None
+    return row(name, preset, batch, cfg, times, first, mem, peak, extra)
+
+
+def versions():
+    v = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+         "torch_cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+         else None, "python": sys.version.split()[0], "numpy": np.__version__}
+    if cuda.compiled() and cuda.device_count() > 0:
+        v["afire_linked"] = cuda.versions()
+    try:
+        v["afire_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                           capture_output=True, check=True,
+                                           cwd=os.path.dirname(os.path.abspath(__file__))
+                                           ).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+        v["afire_commit"] = None
+    return v
+
+
+def ratios(rows):
+    """afire rows / torch rows of one (preset, batch): images/s, memory, first-loss gap."""
+    out = {}
+    for a in [r for r in rows if r["impl"].startswith("afire_")]:
+        for t in [r for r in rows if r["impl"].startswith("torch_")]:
+            out[f"{a['impl']}/{t['impl']}"] = {
+                "images_per_s": a["images_per_s"] / t["images_per_s"],
+                "gpu_mem": (a["gpu_mem_gib"] / t["gpu_mem_gib"]
+                            if a["gpu_mem_gib"] and t["gpu_mem_gib"] else None),
+                "gpu_mem_vs_torch_peak_allocated": (
+                    a["gpu_mem_gib"] / t["torch_peak_allocated_gib"]
+                    if a["gpu_mem_gib"] and t.get("torch_peak_allocated_gib") else None),
+                "first_loss_rel_gap": abs(a["first_loss"] - t["first_loss"])
+                / max(abs(t["first_loss"]), 1e-12)}
+    return out
+
+
+def cpu_smoke(res, steps):
+    """No GPU: the PyTorch step on the CPU (test preset, fp32) from afire's weights."""
+    cfg = Config.preset_config("test", batch_size=4, epochs=100)
+    init = AFiRe(cfg, device="cpu", steps_per_epoch=1)
+    init.step = START_STEP
+    x = chest_like(4, cfg.img_size, 0)
+    xp, _, abn = synthetic_lesions(cfg, x, step=START_STEP)
+    first = init._t.gradients(x)
+    t = TorchAFiRe.from_afire(init, "cpu", schedule=schedule_of(first))
+    losses = [t.step(*(torch.from_numpy(a) for a in (x, xp, abn))) for _ in range(steps)]
+    res["rows"].append({"impl": "torch_fp32_cpu", "preset": "test", "batch": 4,
+                        "losses": losses, "afire_first_loss": first["loss"]})
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--presets", default="vit_small,vit_base")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", default="vit_base,vit_small")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the student "
-                    "forward + losses (off by default)")
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: smoke-run the PyTorch step only (no afire GPU rows)")
+    ap.add_argument("--extra", default="vit_base:128",
+                    help="more preset:batch pairs, comma separated ('' for none)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", default="vit_base",
+                    help="presets that also get a torch.compile row at --batch ('' for none)")
+    ap.add_argument("--afire", default="bf16,fast", help="afire rows: fp32, bf16, fast")
+    ap.add_argument("--fp32", action="store_true", help="add the fp32 rows (TF32 off)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out")
     a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
-        print(json.dumps({"error": "torch sees no CUDA GPU"}))
+    res = {"what": "AFiRe training step (paper objective): afire CUDA vs the same step in "
+                   "PyTorch from afire's weights, one process",
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": a.device, "versions": versions(), "start_step": START_STEP,
+           "rows": [], "ratios": {}}
+    try:
+        res["check_cpu"] = check_against_afire()
+    except AssertionError as e:
+        res["check_cpu"] = {"error": f"the reference differs from afire on the CPU: {e}"}
+    if a.device == "cpu":
+        cpu_smoke(res, 2)
+        return report(res, a.out)
+    if not torch.cuda.is_available():
+        res["error"] = "torch sees no CUDA GPU"
+        report(res, a.out)
         return 3
-    # exact fp32 on both sides (afire's context keeps TF32 off)
+    # exact fp32 on both sides where fp32 is measured (afire's context keeps TF32 off)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    gpu = a.device == "cuda"
-    afire_gpu = gpu and cuda.compiled() and cuda.device_count() > 0
-    res = {"what": "AFiRe training step (paper objective): afire CUDA vs PyTorch, same shapes, "
-                   "one process; fp32 = TF32 off",
-           "torch": torch.__version__, "device": a.device,
-           "gpu": torch.cuda.get_device_name(0) if gpu else None,
-           "afire_precisions": precision_values() if afire_gpu else [],
-           "rows": [], "ratios": {}}
-    if gpu and not afire_gpu:
+    name = torch.cuda.get_device_name(0)
+    peak = peak_flops(name)
+    res.update(gpu=name, peak_bf16_flops=peak)
+    afire_gpu = cuda.compiled() and cuda.device_count() > 0
+    if not afire_gpu:
         res["afire_skipped"] = "afire has no CUDA backend or sees no GPU"
-    for preset in [p.strip() for p in a.presets.split(",") if p.strip()]:
-        cfg = Config.preset_config(preset, batch_size=a.batch)
-        x = chest_like(a.batch, cfg.img_size, 0)
-        # x' and the abnormal-token labels for the torch step: what afire's step 20 draws
-        xp, _, abn = synthetic_lesions(cfg, x, step=20)
-        jobs = []
-        if afire_gpu:
-            jobs += [lambda p=p: bench_afire(preset, a.batch, p, x, a.steps, a.warmup)
-                     for p in res["afire_precisions"]]
-        jobs += [lambda b=b: bench_torch(preset, a.batch, b, x, xp, abn, a.steps, a.warmup,
-                                         a.device, a.compile) for b in (False, True)]
-        rows = {}
-        for job in jobs:
+    paths = [p.strip() for p in a.afire.split(",") if p.strip()]
+    if a.fp32 and "fp32" not in paths:
+        paths.insert(0, "fp32")
+    compile_set = {p.strip() for p in a.compile.split(",") if p.strip()}
+    jobs = [(p.strip(), a.batch) for p in a.presets.split(",") if p.strip()]
+    jobs += [(e.split(":")[0], int(e.split(":")[1])) for e in a.extra.split(",") if e.strip()]
+    for preset, batch in jobs:
+        cfg = Config.preset_config(preset, batch_size=batch, epochs=100)
+        res["flops_per_image"] = res.get("flops_per_image", {})
+        res["flops_per_image"][preset] = flops_per_image(cfg)
+        x = chest_like(batch, cfg.img_size, 0)
+        xp, _, abn = synthetic_lesions(cfg, x, step=START_STEP)
+        init = AFiRe(Config.preset_config(preset, batch_size=1, epochs=100), device="cpu",
+                     steps_per_epoch=1)  # afire's initial weights (they do not depend on B)
+        schedule = None
+        rows = []
+
+        def run(job):
             try:
                 r = job()
-            except Exception as e:  # noqa: BLE001 - report and go on
-                r = {"preset": preset, "error": f"{type(e).__name__}: {e}"}
+            except Exception as e:  # noqa: BLE001 - report and go on (OOM at B=128, say)
+                r = {"preset": preset, "batch": batch, "error": f"{type(e).__name__}: {e}"}
+                gc.collect()
+                torch.cuda.empty_cache()
             res["rows"].append(r)
-            if "impl" in r:
-                rows[r["impl"]] = r
             print(json.dumps(r), file=sys.stderr, flush=True)
-        ratios = {}
-        for ours in [k for k in rows if k.startswith("afire_")]:
-            for ref in [k for k in rows if k.startswith("torch_")]:
-                ratios[f"{ours}/{ref}"] = {
-                    "images_per_s": rows[ours]["images_per_s"] / rows[ref]["images_per_s"],
-                    "gpu_mem": (rows[ours]["gpu_mem_gib"] / rows[ref]["gpu_mem_gib"]
-                                if rows[ours]["gpu_mem_gib"] and rows[ref]["gpu_mem_gib"]
-                                else None)}
-        res["ratios"][preset] = ratios
+            if "impl" in r:
+                rows.append(r)
+            if a.out:  # keep what finished if a later row times out
+                with open(a.out, "w") as f:
+                    f.write(json.dumps(res, indent=1) + "\n")
+            return r
+
+        for path in (paths if afire_gpu else []):
+            out = []
+            run(lambda p=path: out.append(bench_afire(preset, batch, p, x, a.steps, a.warmup,
+                                                      peak)) or out[-1][0])
+            if out and schedule is None:
+                schedule = schedule_of(out[-1][1])  # the schedule of afire's first timed step
+        variants = ([(False, False)] if a.fp32 else []) + [(True, False)]
+        if preset in compile_set and batch == a.batch:
+            variants.append((True, True))
+        for bf16, comp in variants:
+            run(lambda b=bf16, c=comp: bench_torch(preset, batch, b, c, (x, xp, abn), schedule,
+                                                   a.steps, a.warmup, peak, init))
+        res["ratios"][f"{preset}@{batch}"] = ratios(rows)
+        res.setdefault("schedule", {})[f"{preset}@{batch}"] = schedule or "config constants"
+        init = None
     return report(res, a.out)
 
 

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{probe[name]['mean_auc']['std']:.3f}", flush=True)
     anom = {}
     for name, m in models[:2]:
-        r = anomaly(m, ev, adapt_steps=a.adapt_steps, batch=a.batch, figures=False)
+        r = anomaly(m, ev, adapt_steps=a.adapt_steps, batch=a.batch, figures=False,
+                    score="eq51")   # "auc" below is Eq. 51's (ablation_scale.py: every score)
         anom[name] = {"auc": r["metrics"]["auc"],
                       "feature_distance_auc": r["metrics"]["feature_distance"]["auc"],
                       "squid_acc": r["metrics"]["squid"]["acc"],

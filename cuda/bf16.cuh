@@ -53,6 +53,45 @@ af_status af_cuda_attention_backward_bf16(af_cuda_context *ctx, float *dqkv, flo
                                           int B, int T, int D, int H, af_bf16 *scratch_a,
                                           af_bf16 *scratch_b, af_bf16 *scratch_c);
 
+/* ---- test entry points of the fast path's kernels (cuda/ops/fast_checks.cu, fast.cuh):
+ * fp32 DEVICE arrays in and out; the kernel's bf16 operands are rounded from them, its bf16
+ * outputs widened back. They allocate temporaries per call (tests only). */
+/* out = linear through cuBLASLt: bf16 out with a bf16 bias, or fp32 (out_f32); epilogue 0
+ * forces our bias kernel instead of the fused epilogue. */
+af_status af_cuda_check_linear_forward(af_cuda_context *ctx, float *out, const float *inp,
+                                       const float *weight, const float *bias, int N, int IC,
+                                       int OC, int out_f32, int epilogue);
+/* dinp (bf16, or fp32 with dinp_f32), dweight and dbias ACCUMULATE as the kernel does
+ * (bias gradient by the BGRADB epilogue, or our column sum with epilogue 0). */
+af_status af_cuda_check_linear_backward(af_cuda_context *ctx, float *dinp, float *dweight,
+                                        float *dbias, const float *dout, const float *inp,
+                                        const float *weight, int N, int IC, int OC,
+                                        int dinp_f32, int epilogue);
+/* res = a + bf16(b) (a when b is NULL), out = LayerNorm(res) as bf16 (or fp32), mean, rstd. */
+af_status af_cuda_check_residual_layernorm(af_cuda_context *ctx, float *res, float *out,
+                                           float *mean, float *rstd, const float *a,
+                                           const float *b, const float *weight,
+                                           const float *bias, int N, int W, float eps,
+                                           int out_f32);
+/* dinp = dres + LayerNorm backward of bf16(dout) (fp32 dout with dout_f32; dres may be NULL),
+ * dweight, dbias accumulate; dinp_h = the bf16 copy the kernel writes. */
+af_status af_cuda_check_layernorm_backward(af_cuda_context *ctx, float *dinp, float *dweight,
+                                           float *dbias, float *dinp_h, const float *dout,
+                                           const float *inp, const float *weight,
+                                           const float *mean, const float *rstd,
+                                           const float *dres, int N, int W, int dout_f32);
+af_status af_cuda_check_gelu_forward(af_cuda_context *ctx, float *out, const float *inp,
+                                     size_t n);
+af_status af_cuda_check_gelu_backward(af_cuda_context *ctx, float *dinp, const float *dout,
+                                      const float *inp, size_t n);
+/* backend 0: cuDNN when a plan builds, else ours; 1: cuDNN only (AF_ENOTSUP with the reason);
+ * 2: ours. lse[B,H,T] (natural log of the row sums of exp(scale q.k)). */
+af_status af_cuda_check_sdpa_forward(af_cuda_context *ctx, float *out, float *lse,
+                                     const float *qkv, int B, int T, int D, int H, int backend);
+af_status af_cuda_check_sdpa_backward(af_cuda_context *ctx, float *dqkv, const float *dout,
+                                      const float *qkv, const float *out, const float *lse,
+                                      int B, int T, int D, int H, int backend);
+
 #ifdef __cplusplus
 }
 #endif

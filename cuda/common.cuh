@@ -33,12 +33,30 @@
         if (!(cond)) return af_error(AF_EINVAL, __VA_ARGS__);     \
     } while (0)
 
-// One stream and one cuBLAS handle, created once and reused by every op.
+struct af_lt_cache;    // gemm_lt.cu: cuBLASLt descriptors and algorithms, one per GEMM shape
+struct af_sdpa_cache;  // sdpa.cu: cuDNN SDPA execution plans, one per attention shape
+
+// One stream and one cuBLAS handle, created once and reused by every op. The fast path's
+// resources (fast.cuh) are created by af_cuda_fast_init on first need and freed with the
+// context.
 struct af_cuda_context {
     int device;
     int allow_tf32;  // 0: exact fp32 GEMMs (the check path); 1: TF32 tensor cores
     cudaStream_t stream;
     cublasHandle_t cublas;
+    // fast path: cuBLASLt (handle, workspace, per-shape plans), cuDNN (handle as void * so
+    // this header needs no cudnn.h; per-shape SDPA plans and their workspace)
+    void *lt;
+    void *lt_ws;
+    size_t lt_ws_bytes;
+    struct af_lt_cache *lt_cache;
+    int lt_epilogues;  // 0: plain GEMMs + our bias / bias-gradient kernels (AFIRE_CUDA_LT_EPILOGUE=0)
+    void *cudnn;
+    struct af_sdpa_cache *sdpa_cache;
+    void *sdpa_ws;
+    size_t sdpa_ws_bytes;
+    float *fast_aux;         // AF_FAST_AUX_FLOATS: bias gradients, column-sum / LN partials
+    unsigned *fast_counter;  // the LayerNorm backward's block counter (0 between launches)
 };
 
 // Grid for a grid-stride loop over n elements.

@@ -1,6 +1,13 @@
 // The CUDA context (stream + cuBLAS handle), device memory helpers, the host-level runner
-// used by the test entry points, and event timing for the benchmarks.
+// used by the test entry points, event timing for the benchmarks, and the fast path's
+// per-context resources (cuBLASLt, aux scratch; cuDNN in sdpa.cu).
+#include <cublasLt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "common.cuh"
+#include "fast.cuh"
 #include "rng.h"
 
 extern "C" af_status af_cuda_context_create(af_cuda_context **out, int device, int allow_tf32) {
@@ -39,6 +46,7 @@ extern "C" af_status af_cuda_context_create(af_cuda_context **out, int device, i
 extern "C" void af_cuda_context_destroy(af_cuda_context *ctx) {
     if (ctx == nullptr) return;
     cudaStreamSynchronize(ctx->stream);
+    af_cuda_fast_release(ctx);
     cublasDestroy(ctx->cublas);
     cudaStreamDestroy(ctx->stream);
     free(ctx);
@@ -178,4 +186,65 @@ extern "C" af_status af_cuda_time(af_cuda_context *ctx, af_cuda_fn fn, void *con
     if (e != cudaSuccess) return af_error(AF_ECUDA, "event timing failed: %s", cudaGetErrorString(e));
     *ms = total / (float)iters;
     return AF_OK;
+}
+
+// ------------------------------------------------------------------ fast path resources
+
+void af_sdpa_release(af_cuda_context *ctx);  // sdpa.cu
+
+void af_cuda_fast_release(af_cuda_context *ctx) {
+    af_sdpa_release(ctx);
+    af_lt_cache_free(ctx->lt_cache);
+    ctx->lt_cache = nullptr;
+    if (ctx->lt) cublasLtDestroy((cublasLtHandle_t)ctx->lt);
+    ctx->lt = nullptr;
+    if (ctx->lt_ws) cudaFree(ctx->lt_ws);
+    if (ctx->fast_aux) cudaFree(ctx->fast_aux);
+    if (ctx->fast_counter) cudaFree(ctx->fast_counter);
+    ctx->lt_ws = nullptr, ctx->fast_aux = nullptr, ctx->fast_counter = nullptr;
+    ctx->lt_ws_bytes = 0;
+}
+
+static af_status fast_malloc(void **p, size_t bytes) {
+    cudaError_t e = cudaMalloc(p, bytes);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        *p = nullptr;
+        return af_error(e == cudaErrorMemoryAllocation ? AF_ENOMEM : AF_ECUDA,
+                        "cudaMalloc of %zu bytes (fast path workspace) failed: %s", bytes,
+                        cudaGetErrorString(e));
+    }
+    return AF_OK;
+}
+
+af_status af_cuda_fast_init(af_cuda_context *ctx) {
+    if (ctx->lt != nullptr) return AF_OK;
+    AF_CUDA_TRY(cudaSetDevice(ctx->device));
+    cublasLtHandle_t lt = nullptr;
+    AF_CUBLAS_TRY(cublasLtCreate(&lt));
+    ctx->lt = lt;
+    af_status st = fast_malloc(&ctx->lt_ws, AF_LT_WORKSPACE_BYTES);
+    if (st == AF_OK) st = fast_malloc((void **)&ctx->fast_aux, AF_FAST_AUX_FLOATS * sizeof(float));
+    if (st == AF_OK) st = fast_malloc((void **)&ctx->fast_counter, 256);
+    if (st == AF_OK && cudaMemsetAsync(ctx->fast_counter, 0, 256, ctx->stream) != cudaSuccess)
+        st = af_error(AF_ECUDA, "cudaMemsetAsync of the fast path counter failed");
+    if (st == AF_OK) {
+        ctx->lt_cache = (af_lt_cache *)calloc(1, af_lt_cache_bytes());
+        if (ctx->lt_cache == nullptr) st = af_error(AF_ENOMEM, "cannot allocate the GEMM plan cache");
+    }
+    if (st != AF_OK) {
+        af_cuda_fast_release(ctx);
+        return st;
+    }
+    ctx->lt_ws_bytes = AF_LT_WORKSPACE_BYTES;
+    const char *epi = getenv("AFIRE_CUDA_LT_EPILOGUE");
+    ctx->lt_epilogues = !(epi != nullptr && strcmp(epi, "0") == 0);
+    return AF_OK;
+}
+
+extern "C" void af_cuda_fast_status(char *buf, size_t n) {
+    char lt[400], sdpa[700];
+    af_lt_status(lt, sizeof lt);
+    af_sdpa_status(sdpa, sizeof sdpa);
+    snprintf(buf, n, "%s\n%s", lt, sdpa);
 }

@@ -26,6 +26,11 @@ extern "C" {
 af_status af_cuda_device_count(int *count);
 /* Versions of the linked libraries (cudart runtime, cuBLAS(Lt), cuDNN, NCCL). */
 af_status af_cuda_versions(int *cudart, size_t *cublaslt, size_t *cudnn, int *nccl);
+/* Free and total bytes of device memory (cudaMemGetInfo on `device`). */
+af_status af_cuda_mem_info(int device, size_t *free_bytes, size_t *total_bytes);
+/* What the fast bf16 path (cuda/fast.cuh, AFIRE_CUDA_FAST=1) decided in this process so far:
+ * its cuBLASLt plans and epilogues, cuDNN's fused SDPA or our attention kernel, and why. */
+void af_cuda_fast_status(char *buf, size_t n);
 /* Fills host `out[n]` with af_rand_uniform(seed, stream, offset + i), drawn on the GPU:
  * the CPU/GPU twin check of the counter-based generator. */
 af_status af_cuda_rand_uniform(float *out, int64_t n, uint64_t seed, uint64_t stream,

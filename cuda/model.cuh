@@ -67,6 +67,10 @@ typedef struct {
     af_bf16 *params_h[AF_NET_COUNT], *teacher_h[2]; /* device bf16 shadows, same layout   */
     af_bf16 *hscratch[3];      /* device GEMM-operand scratch, hscratch_n values each       */
     size_t hscratch_n;
+    /* the fast bf16 path (AFIRE_CUDA_FAST=1 at af_cuda_model_set_bf16; cuda/fast.cuh): bf16
+     * activations in its own buffers; the af_*_acts above then point only at the fp32
+     * outputs others read (tokens, logits, pred). NULL: the reference paths. */
+    struct af_cuda_fast *fast;
 } af_cuda_model;
 
 /* Create on ctx's device: tables, device buffers, host init + upload, teacher = student. */
@@ -96,6 +100,10 @@ af_status af_cuda_model_set_bf16(af_cuda_context *ctx, af_cuda_model *m);
  * Must run after any change to the fp32 parameters and before the next forward. */
 af_status af_cuda_model_refresh_bf16(af_cuda_context *ctx, af_cuda_model *m);
 af_status af_cuda_model_sync_teacher(af_cuda_context *ctx, af_cuda_model *m);
+/* Fast path: on = 1 makes the student's forwards keep what their backward needs (the first
+ * call allocates those buffers, once); on = 0 after the backward, so the inference calls and
+ * the teacher touch no training state. A no-op on the other paths. */
+af_status af_cuda_model_set_training(af_cuda_context *ctx, af_cuda_model *m, int on);
 
 /* Twin of af_normalize_images: uint8 img[B,S,S] (device) -> out[B,C,S,S] (device). */
 af_status af_cuda_normalize_images(af_cuda_context *ctx, float *out, const uint8_t *img, int B,

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "common.cuh"
+#include "fast.cuh"
 #include "model.cuh"
 #include "ops_internal.cuh"
 #include "ops/ops.h"
@@ -112,4 +113,34 @@ static inline af_status attention_bwd(af_cuda_context *ctx, const af_cuda_model 
         return af_cuda_attention_backward(ctx, dqkv, scratch, dout, qkv, att, B, T, D, H);
     return af_cuda_attention_backward_bf16(ctx, dqkv, scratch, dout, qkv, att, B, T, D, H,
                                            m->hscratch[0], m->hscratch[1], m->hscratch[2]);
+}
+
+// ------------------------------------------------------------------ fast path helpers
+
+// The bf16 shadow of a weight or bias (the fast path needs one for every GEMM operand).
+static inline af_status shadow_of(const af_cuda_model *m, const float *w, const bf16 **out) {
+    const af_bf16 *h = shadow(m, w);
+    AF_CUDA_CHECK(h != nullptr, "fast path: a parameter has no bf16 shadow");
+    *out = (const bf16 *)h;
+    return AF_OK;
+}
+
+// out[N,OC] = inp @ w^T + b through cuBLASLt: bf16 out with the bf16 shadow of b, or fp32 out
+// with b itself.
+static inline af_status fast_linear(af_cuda_context *ctx, const af_cuda_model *m, void *out,
+                                    int out_f32, const bf16 *inp, const float *w, const float *b,
+                                    int N, int IC, int OC) {
+    const bf16 *wh = nullptr, *bh = nullptr;
+    AF_TRY(shadow_of(m, w, &wh));
+    if (b != nullptr && !out_f32) AF_TRY(shadow_of(m, b, &bh));
+    const void *bias = b == nullptr ? nullptr : out_f32 ? (const void *)b : (const void *)bh;
+    return af_lt_linear_forward(ctx, out, out_f32, inp, wh, bias, N, IC, OC);
+}
+
+static inline af_status fast_linear_bwd(af_cuda_context *ctx, const af_cuda_model *m, void *dinp,
+                                        int dinp_f32, float *dw, float *db, const bf16 *dout,
+                                        const bf16 *inp, const float *w, int N, int IC, int OC) {
+    const bf16 *wh = nullptr;
+    if (dinp != nullptr) AF_TRY(shadow_of(m, w, &wh));
+    return af_lt_linear_backward(ctx, dinp, dinp_f32, dw, db, dout, inp, wh, N, IC, OC);
 }

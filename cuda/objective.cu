@@ -166,6 +166,133 @@ extern "C" af_status af_cuda_sinkhorn_knopp(af_cuda_context *ctx, float *q, cons
     return AF_OK;
 }
 
+// ---- data-parallel Sinkhorn (af_sinkhorn_knopp_dist): the phases of sinkhorn_kernel as ------
+// ---- kernels of their own, reduced across the ranks in between. Every phase keeps the loops --
+// ---- and the thread-to-data map of sinkhorn_kernel (one block of RED_THREADS), so one rank ----
+// ---- reproduces it bit for bit. -------------------------------------------------------------
+
+__global__ void __launch_bounds__(RED_THREADS)
+sk_max_kernel(double *mx, const float *logits, size_t n) {
+    __shared__ double red[32];
+    double m = -INFINITY;
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, (double)logits[i]);
+    m = block_max_d(m, red);
+    if (threadIdx.x == 0) *mx = m;
+}
+
+// q = exp((logits - max) / eps) with the max of every rank; *total = this rank's sum
+__global__ void __launch_bounds__(RED_THREADS)
+sk_exp_kernel(float *q, double *total, const float *logits, size_t n, float eps,
+              const double *mx) {
+    __shared__ double red[32];
+    const float mxf = (float)*mx;
+    double part = 0.0;
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = (float)exp(((double)logits[i] - (double)mxf) / (double)eps);
+        q[i] = v;
+        part += v;
+    }
+    part = block_sum_d(part, red);
+    if (threadIdx.x == 0) *total = part;
+}
+
+__global__ void __launch_bounds__(RED_THREADS) sk_div_kernel(float *q, size_t n, const double *total) {
+    const double t = *total;  // of every rank
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x) q[i] = (float)((double)q[i] / t);
+}
+
+// colsum[k] = this rank's sum of column k
+__global__ void __launch_bounds__(RED_THREADS)
+sk_colsum_kernel(double *colsum, const float *q, int N, int K) {
+    __shared__ double colpart[32][33];
+    const int lane = threadIdx.x & 31, grp = threadIdx.x >> 5, ngrp = blockDim.x >> 5;
+    for (int k0 = 0; k0 < K; k0 += 32) {
+        const int k = k0 + lane;
+        double cs = 0.0;
+        if (k < K)
+            for (int r = grp; r < N; r += ngrp) cs += q[(size_t)r * K + k];
+        colpart[grp][lane] = cs;
+        __syncthreads();
+        if (grp == 0 && k < K) {
+            double t = 0.0;
+            for (int g = 0; g < ngrp; g++) t += colpart[g][lane];
+            colsum[k] = t;
+        }
+        __syncthreads();
+    }
+}
+
+// columns -> 1/K with the column sums of every rank, then rows -> 1/rows (the global count)
+__global__ void __launch_bounds__(RED_THREADS)
+sk_scale_kernel(float *q, const double *colsum, int N, int K, double rows) {
+    const int lane = threadIdx.x & 31, grp = threadIdx.x >> 5, ngrp = blockDim.x >> 5;
+    for (int k0 = 0; k0 < K; k0 += 32) {
+        const int k = k0 + lane;
+        const double t = k < K ? colsum[k] : 0.0;
+        if (k < K && t > 0.0) {
+            const double sc = 1.0 / (t * K);
+            for (int r = grp; r < N; r += ngrp)
+                q[(size_t)r * K + k] = (float)((double)q[(size_t)r * K + k] * sc);
+        }
+    }
+    __syncthreads();
+    for (int r = grp; r < N; r += ngrp) {
+        float *qr = q + (size_t)r * K;
+        const double rs = warp_row_sum_d(qr, K, lane);
+        if (rs > 0.0) {
+            const double sc = 1.0 / (rs * rows);
+            for (int k = lane; k < K; k += 32) qr[k] = (float)((double)qr[k] * sc);
+        }
+    }
+}
+
+__global__ void __launch_bounds__(RED_THREADS) sk_final_kernel(float *q, int N, int K) {
+    const int lane = threadIdx.x & 31, grp = threadIdx.x >> 5, ngrp = blockDim.x >> 5;
+    for (int r = grp; r < N; r += ngrp) {
+        float *qr = q + (size_t)r * K;
+        const double rs = warp_row_sum_d(qr, K, lane);
+        for (int k = lane; k < K; k += 32)
+            qr[k] = rs > 0.0 ? (float)((double)qr[k] / rs) : 1.0f / (float)K;
+    }
+}
+
+extern "C" af_status af_cuda_sinkhorn_knopp_dist(af_cuda_context *ctx, float *q,
+                                                 const float *logits, int N, int K, float eps,
+                                                 int iters, int64_t N_global, double *scratch,
+                                                 const af_reducer *red) {
+    if (red == nullptr) {
+        AF_CUDA_CHECK(N_global == N, "sinkhorn_knopp: %lld rows in all for %d on the only rank",
+                      (long long)N_global, N);
+        return af_cuda_sinkhorn_knopp(ctx, q, logits, N, K, eps, iters);
+    }
+    AF_TRY(sinkhorn_checks(q, logits, N, K, eps, iters));
+    AF_CUDA_CHECK(scratch != nullptr && N_global >= N,
+                  "sinkhorn_knopp: %lld rows in all for %d on this rank (or no scratch)",
+                  (long long)N_global, N);
+    const size_t n = (size_t)N * K;
+    double *colsum = scratch, *mx = scratch + K, *total = scratch + K + 1;
+    cudaStream_t st = ctx->stream;
+    sk_max_kernel<<<1, RED_THREADS, 0, st>>>(mx, logits, n);
+    AF_CUDA_LAUNCHED();
+    AF_TRY(red->allreduce(red->ctx, mx, 1, AF_COMM_F64, AF_COMM_MAX, "Sinkhorn max"));
+    sk_exp_kernel<<<1, RED_THREADS, 0, st>>>(q, total, logits, n, eps, mx);
+    AF_CUDA_LAUNCHED();
+    AF_TRY(red->allreduce(red->ctx, total, 1, AF_COMM_F64, AF_COMM_SUM, "Sinkhorn total"));
+    sk_div_kernel<<<1, RED_THREADS, 0, st>>>(q, n, total);
+    AF_CUDA_LAUNCHED();
+    for (int it = 0; it < iters; it++) {
+        sk_colsum_kernel<<<1, RED_THREADS, 0, st>>>(colsum, q, N, K);
+        AF_CUDA_LAUNCHED();
+        AF_TRY(red->allreduce(red->ctx, colsum, (size_t)K, AF_COMM_F64, AF_COMM_SUM,
+                              "Sinkhorn column sums"));
+        sk_scale_kernel<<<1, RED_THREADS, 0, st>>>(q, colsum, N, K, (double)N_global);
+        AF_CUDA_LAUNCHED();
+    }
+    sk_final_kernel<<<1, RED_THREADS, 0, st>>>(q, N, K);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
+}
+
 // ---- Eq. 7: the spatial prototypes, METHOD §3; the same sums in the same order as the CPU ---
 
 __global__ void prototypes_kernel(float *protos, const float *src, int B, size_t LK, float m,
@@ -191,6 +318,51 @@ extern "C" af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *prot
     size_t LK = (size_t)L * K;
     prototypes_kernel<<<af_grid_1d((int64_t)LK, 256), 256, 0, ctx->stream>>>(protos, src, B, LK,
                                                                              m, overwrite);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
+}
+
+// Data-parallel prototypes: this rank's batch sums, reduced, then the EMA with the global mean
+// (prototypes_kernel's operations, so one rank gives its numbers).
+__global__ void proto_sums_kernel(double *sums, const float *src, int B, size_t LK) {
+    AF_GRID_STRIDE(size_t, e, LK) {
+        double acc = 0.0;
+        for (int b = 0; b < B; b++) acc += (double)src[(size_t)b * LK + e];
+        sums[e] = acc;
+    }
+}
+
+__global__ void proto_apply_kernel(float *protos, const double *sums, double B_global, size_t LK,
+                                   float m, int overwrite) {
+    AF_GRID_STRIDE(size_t, e, LK) {
+        double qbar = sums[e] / B_global;
+        protos[e] = overwrite ? (float)qbar
+                              : (float)__dadd_rn(__dmul_rn((double)m, (double)protos[e]),
+                                                 __dmul_rn(1.0 - (double)m, qbar));
+    }
+}
+
+extern "C" af_status af_cuda_prototypes_update_dist(af_cuda_context *ctx, float *protos,
+                                                    const float *src, int B, int64_t B_global,
+                                                    int L, int K, float m, int overwrite,
+                                                    double *sums, const af_reducer *red) {
+    if (red == nullptr) {
+        AF_CUDA_CHECK(B_global == B, "prototypes_update: %lld images in all for %d on the only "
+                      "rank", (long long)B_global, B);
+        return af_cuda_prototypes_update(ctx, protos, src, B, L, K, m, overwrite);
+    }
+    AF_CUDA_CHECK(protos != nullptr && src != nullptr && sums != nullptr,
+                  "prototypes_update: NULL buffer");
+    AF_CUDA_CHECK(B > 0 && L > 0 && K > 0 && B_global >= B,
+                  "prototypes_update: B=%d (of %lld), L=%d, K=%d", B, (long long)B_global, L, K);
+    AF_CUDA_CHECK(isfinite(m) && m >= 0.0f && m <= 1.0f,
+                  "prototypes_update: m must be in [0, 1], got %g", (double)m);
+    const size_t LK = (size_t)L * K;
+    proto_sums_kernel<<<af_grid_1d((int64_t)LK, 256), 256, 0, ctx->stream>>>(sums, src, B, LK);
+    AF_CUDA_LAUNCHED();
+    AF_TRY(red->allreduce(red->ctx, sums, LK, AF_COMM_F64, AF_COMM_SUM, "prototype sums"));
+    proto_apply_kernel<<<af_grid_1d((int64_t)LK, 256), 256, 0, ctx->stream>>>(
+        protos, sums, (double)B_global, LK, m, overwrite);
     AF_CUDA_LAUNCHED();
     return AF_OK;
 }
@@ -742,16 +914,14 @@ extern "C" size_t af_cuda_released_loss_scratch_floats(int L, int K) {
     return (size_t)L * (size_t)K + 2;  // target, then the normal-token count (an int)
 }
 
-extern "C" af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_recon,
-                                           float *ds, float *dy, const float *s,
-                                           const float *protos, const uint8_t *abn,
-                                           const float *y, const float *x, int B, int L, int K,
-                                           int Q, float tau_s, float eps, int iters, float w_cst,
-                                           float w_recon, float *scratch) {
-    AF_CUDA_CHECK(l_cst && l_recon && s && protos && abn && y && x && scratch,
-                  "released_loss: NULL buffer");
-    AF_CUDA_CHECK(B > 0 && L > 0 && K > 0 && Q > 0,
-                  "released_loss: B=%d, L=%d, K=%d, Q=%d must be > 0", B, L, K, Q);
+extern "C" af_status af_cuda_released_cst_loss(af_cuda_context *ctx, float *l_cst, float *ds,
+                                               const float *s, const float *protos,
+                                               const uint8_t *abn, int B, int L, int K,
+                                               float tau_s, float eps, int iters, float w_cst,
+                                               float *scratch) {
+    AF_CUDA_CHECK(l_cst && s && protos && abn && scratch, "released_loss: NULL buffer");
+    AF_CUDA_CHECK(B > 0 && L > 0 && K > 0, "released_loss: B=%d, L=%d, K=%d must be > 0", B, L,
+                  K);
     AF_CUDA_CHECK(positive_finite(tau_s), "released_loss: tau_s must be > 0, got %g",
                   (double)tau_s);
     AF_CUDA_CHECK(isfinite(w_cst), "released_loss: w_cst must be finite");
@@ -768,6 +938,21 @@ extern "C" af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, f
             ds, n_normal, s, target, abn, NT, L, K, tau_s, w_cst);
         AF_CUDA_LAUNCHED();
     }
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_recon,
+                                           float *ds, float *dy, const float *s,
+                                           const float *protos, const uint8_t *abn,
+                                           const float *y, const float *x, int B, int L, int K,
+                                           int Q, float tau_s, float eps, int iters, float w_cst,
+                                           float w_recon, float *scratch) {
+    AF_CUDA_CHECK(l_cst && l_recon && s && protos && abn && y && x && scratch,
+                  "released_loss: NULL buffer");
+    AF_CUDA_CHECK(B > 0 && L > 0 && K > 0 && Q > 0,
+                  "released_loss: B=%d, L=%d, K=%d, Q=%d must be > 0", B, L, K, Q);
+    AF_TRY(af_cuda_released_cst_loss(ctx, l_cst, ds, s, protos, abn, B, L, K, tau_s, eps, iters,
+                                     w_cst, scratch));
     return af_cuda_recon_loss(ctx, l_recon, dy, y, x, nullptr, B, L, Q, 1.0f, w_recon);
 }
 

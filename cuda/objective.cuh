@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "afire.h"
+#include "comm.h" /* af_reducer */
 #include "cuda_api.h"
 #include "slm.h"
 
@@ -43,9 +44,22 @@ af_status af_cuda_slm_generate(af_cuda_context *ctx, uint8_t *x_prime, uint8_t *
 af_status af_cuda_sinkhorn_knopp(af_cuda_context *ctx, float *q, const float *logits, int N,
                                  int K, float eps, int iters);
 
+/* af_sinkhorn_knopp_dist: this rank's N of N_global rows; `red` reduces DEVICE buffers on
+ * ctx's stream (the NCCL reducer of the GPU trainer; NULL: af_cuda_sinkhorn_knopp).
+ * scratch: K + 2 device doubles. Same sums in the same order as the one-block kernel, so one
+ * rank gives its very numbers. */
+af_status af_cuda_sinkhorn_knopp_dist(af_cuda_context *ctx, float *q, const float *logits, int N,
+                                      int K, float eps, int iters, int64_t N_global,
+                                      double *scratch, const af_reducer *red);
+
 /* af_prototypes_update: protos[L,K] from src[B,L,K]. */
 af_status af_cuda_prototypes_update(af_cuda_context *ctx, float *protos, const float *src, int B,
                                     int L, int K, float m, int overwrite);
+/* af_prototypes_update_dist: B of B_global images here, sums reduced with `red` (device
+ * buffers on ctx's stream; NULL: af_cuda_prototypes_update). sums: L*K device doubles. */
+af_status af_cuda_prototypes_update_dist(af_cuda_context *ctx, float *protos, const float *src,
+                                         int B, int64_t B_global, int L, int K, float m,
+                                         int overwrite, double *sums, const af_reducer *red);
 
 /* af_paper_loss: l_stru, l_cate are device floats; ds_stru/ds_cate [B,L,K] may be NULL or the
  * same buffer. scratch: af_cuda_paper_loss_scratch_floats(B, L, K) device floats, 8-byte
@@ -65,6 +79,11 @@ af_status af_cuda_recon_loss(af_cuda_context *ctx, float *loss, float *dy, const
  * af_cuda_released_loss_scratch_floats(L, K) device floats (the Sinkhorn target is left in its
  * first L*K). */
 size_t af_cuda_released_loss_scratch_floats(int L, int K);
+/* af_released_cst_loss: the L_cst part of af_cuda_released_loss alone (same scratch). */
+af_status af_cuda_released_cst_loss(af_cuda_context *ctx, float *l_cst, float *ds, const float *s,
+                                    const float *protos, const uint8_t *abn, int B, int L, int K,
+                                    float tau_s, float eps, int iters, float w_cst,
+                                    float *scratch);
 af_status af_cuda_released_loss(af_cuda_context *ctx, float *l_cst, float *l_recon, float *ds,
                                 float *dy, const float *s, const float *protos, const uint8_t *abn,
                                 const float *y, const float *x, int B, int L, int K, int Q,

@@ -1,6 +1,9 @@
 // The device twin of csrc/core/params.c: input normalisation, the model's lifetime
-// (create, reserve, free, zero_grad, sync_teacher) and the bf16 weight shadows of the fast
-// path. Layouts, tables and initialisation are params.c's own (run on the host, uploaded).
+// (create, reserve, free, zero_grad, sync_teacher), the bf16 weight shadows of the bf16 paths
+// and the fast path's buffers (fast.cuh). Layouts, tables and initialisation are params.c's
+// own (run on the host, uploaded).
+#include <stdlib.h>
+
 #include "model_internal.cuh"
 
 // ------------------------------------------------------------------ input normalisation
@@ -39,7 +42,10 @@ extern "C" af_status af_cuda_normalize_images(af_cuda_context *ctx, float *out, 
     return AF_OK;
 }
 
+
 // ------------------------------------------------------------------ lifetime
+
+static void fast_free(af_cuda_fast *f);
 
 extern "C" af_status af_cuda_model_zero_grad(af_cuda_context *ctx, af_cuda_model *m) {
     for (int n = 0; n < AF_NET_COUNT; n++)
@@ -75,6 +81,7 @@ extern "C" void af_cuda_model_free(af_cuda_model *m) {
     for (int n = 0; n < 2; n++)
         if (m->teacher_h[n]) cudaFree(m->teacher_h[n]);
     if (m->hscratch[0]) cudaFree(m->hscratch[0]);
+    fast_free(m->fast);
     af_free(m);
 }
 
@@ -117,6 +124,241 @@ static af_status hscratch_alloc(af_cuda_model *m, int cap, af_bf16 *out[3], size
     return AF_OK;
 }
 
+// ------------------------------------------------------------------ fast path buffers
+
+// Carving arrays out of one allocation, 256-byte aligned; base NULL only counts bytes.
+struct arena {
+    char *base;
+    size_t off;
+};
+
+template <typename T>
+static T *take(arena *a, size_t n) {
+    size_t bytes = (n * sizeof(T) + 255) & ~(size_t)255;
+    T *p = a->base ? (T *)(a->base + a->off) : nullptr;
+    a->off += bytes ? bytes : 256;
+    return p;
+}
+
+static size_t round_up(size_t n, size_t k) { return (n + k - 1) / k * k; }
+
+// NL blocks of width W, N = cap*T rows, heads*T softmax statistics per image; layer strides
+// rounded to 256 bytes so every layer's arrays are aligned as cuDNN and cuBLASLt like.
+static void carve_blocks(arena *a, af_fast_blocks *b, int NL, size_t N, int W, int R,
+                         size_t stats) {
+    size_t sW = round_up(N * W, 128), sRW = round_up(N * R * W, 128), sN = round_up(N, 64),
+           sH = round_up(stats, 64), nl = (size_t)NL;
+    b->ln1 = take<bf16>(a, nl * sW);
+    b->qkv = take<bf16>(a, nl * 3 * sW);
+    b->atty = take<bf16>(a, nl * sW);
+    b->ln2 = take<bf16>(a, nl * sW);
+    b->fch = take<bf16>(a, nl * sRW);
+    b->ln1_mean = take<float>(a, nl * sN);
+    b->ln1_rstd = take<float>(a, nl * sN);
+    b->ln2_mean = take<float>(a, nl * sN);
+    b->ln2_rstd = take<float>(a, nl * sN);
+    b->lse = take<float>(a, nl * sH);
+    b->res2 = take<float>(a, nl * sW);
+    b->res3 = take<float>(a, nl * sW);
+    b->sW = sW, b->sRW = sRW, b->sN = sN, b->sH = sH;
+}
+
+// What inference and the teacher need (af_cuda_model_reserve); returns the bytes.
+static size_t carve_reserved(af_cuda_fast *f, const af_cuda_model *m, int cap, char *base) {
+    const af_config *c = &m->cfg;
+    size_t T = (size_t)m->T, N = (size_t)cap * T, NL = (size_t)cap * m->L, Q = (size_t)m->Q;
+    size_t D = (size_t)c->D, Dd = (size_t)c->Dd, R = (size_t)c->mlp_ratio;
+    size_t Wm = max_sz(D, Dd), NHm = (size_t)(c->H > c->Hd ? c->H : c->Hd);
+    size_t Hh = (size_t)c->head_hidden, Bn = (size_t)c->head_bottleneck, K = (size_t)c->K;
+    size_t nlast = c->shared_last_layer ? 1 : (size_t)m->L;
+    arena a = {base, 0};
+    carve_blocks(&a, &f->slot, 1, N, (int)Wm, (int)R, (size_t)cap * NHm * T);
+    f->branch = take<bf16>(&a, N * Wm);
+    f->gelu = take<bf16>(&a, N * R * Wm);
+    f->patches32 = take<float>(&a, NL * Q);
+    f->patches = take<bf16>(&a, NL * Q);
+    f->enc_x0 = take<float>(&a, N * D);
+    for (int br = 0; br < 2; br++) {
+        f->enc_out[br] = take<float>(&a, N * D);
+        f->enc_mean[br] = take<float>(&a, N);
+        f->enc_rstd[br] = take<float>(&a, N);
+    }
+    f->dec_tokens = take<bf16>(&a, N * D);
+    f->dec_x0 = take<float>(&a, N * Dd);
+    f->dec_lnf = take<bf16>(&a, N * Dd);
+    f->dec_mean = take<float>(&a, N);
+    f->dec_rstd = take<float>(&a, N);
+    f->dec_pred_full = take<float>(&a, N * Q);
+    f->dec_pred = take<float>(&a, NL * Q);
+    f->head_x = take<bf16>(&a, NL * D);
+    f->head_h1 = take<bf16>(&a, NL * Hh);
+    f->head_h2 = take<bf16>(&a, NL * Hh);
+    f->head_g = take<bf16>(&a, NL * Hh);
+    for (int br = 0; br < 2; br++) {
+        f->head_z[br] = take<float>(&a, NL * Bn);
+        f->head_znorm[br] = take<float>(&a, NL);
+        f->head_zn_t[br] = take<float>(&a, NL * Bn);
+        f->head_w_eff[br] = take<float>(&a, nlast * K * Bn);
+        f->head_vnorm[br] = take<float>(&a, nlast * K);
+        f->head_logits_t[br] = take<float>(&a, NL * K);
+        f->head_logits[br] = take<float>(&a, NL * K);
+    }
+    size_t wide = max_sz(max_sz(K, Bn), D);  // dlogits_t, dzn / dz, the fc1 dinp (fp32)
+    f->head_fa = take<float>(&a, NL * wide);
+    f->head_fb = take<float>(&a, NL * wide);
+    f->head_dz_t = take<float>(&a, NL * Bn);
+    return a.off;
+}
+
+// The saved activations and backward scratch (af_cuda_model_set_training); returns the bytes.
+static size_t carve_training(af_cuda_fast *f, const af_cuda_model *m, int cap, char *base) {
+    const af_config *c = &m->cfg;
+    size_t T = (size_t)m->T, N = (size_t)cap * T, NL = (size_t)cap * m->L, Q = (size_t)m->Q;
+    size_t D = (size_t)c->D, Dd = (size_t)c->Dd, R = (size_t)c->mlp_ratio, Wm = max_sz(D, Dd);
+    size_t Hh = (size_t)c->head_hidden, Bn = (size_t)c->head_bottleneck;
+    arena a = {base, 0};
+    carve_blocks(&a, &f->enc, c->depth, N, c->D, c->mlp_ratio, (size_t)cap * c->H * T);
+    carve_blocks(&a, &f->dec, c->depth_d, N, c->Dd, c->mlp_ratio, (size_t)cap * c->Hd * T);
+    f->dres = take<float>(&a, N * Wm);
+    f->dres_h = take<bf16>(&a, N * Wm);
+    f->dln = take<bf16>(&a, N * Wm);
+    f->datty = take<bf16>(&a, N * Wm);
+    f->dqkv = take<bf16>(&a, N * 3 * Wm);
+    f->dfch = take<bf16>(&a, N * R * Wm);
+    f->dfull = take<float>(&a, N * Q);
+    f->dfull_h = take<bf16>(&a, N * Q);
+    f->head_dz = take<bf16>(&a, NL * Bn);
+    f->head_da = take<bf16>(&a, NL * Hh);
+    f->head_db = take<bf16>(&a, NL * Hh);
+    return a.off;
+}
+
+static void clear_training(af_cuda_fast *f) {
+    memset(&f->enc, 0, sizeof f->enc);
+    memset(&f->dec, 0, sizeof f->dec);
+    f->dres = nullptr;
+    f->dres_h = f->dln = f->datty = f->dqkv = f->dfch = f->dfull_h = nullptr;
+    f->dfull = nullptr;
+    f->head_dz = f->head_da = f->head_db = nullptr;
+}
+
+static void fast_free(af_cuda_fast *f) {
+    if (f == nullptr) return;
+    if (f->mem) cudaFree(f->mem);
+    if (f->train_mem) cudaFree(f->train_mem);
+    af_sdpa_scratch_free(&f->sdpa_ws);
+    af_free(f);
+}
+
+static af_status dev_alloc(void **p, size_t bytes, const char *what) {
+    *p = nullptr;
+    cudaError_t e = cudaMalloc(p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        *p = nullptr;
+        return af_error(e == cudaErrorMemoryAllocation ? AF_ENOMEM : AF_ECUDA,
+                        "cudaMalloc of %zu bytes (%s) failed: %s", bytes, what,
+                        cudaGetErrorString(e));
+    }
+    return AF_OK;
+}
+
+// The fast path's af_cuda_model_reserve: its own buffers, the fp32 outputs others read
+// pointed at from the af_*_acts structs (everything else there stays NULL).
+static af_status fast_reserve(af_cuda_context *ctx, af_cuda_model *m, int B) {
+    af_cuda_fast *f = m->fast;
+    size_t unused;
+    AF_TRY(af_acts_size(&m->cfg, B, 2, AF_ACTS_ALIGN_CUDA, &unused));  // params.c's size checks
+    af_cuda_fast tmp = *f;
+    size_t bytes = carve_reserved(&tmp, m, B, nullptr);
+    void *mem = nullptr;
+    uint8_t *mask = nullptr;
+    AF_TRY(dev_alloc(&mem, bytes, "fast path activations"));
+    af_status st = dev_alloc((void **)&mask, (size_t)B * m->L, "token mask");
+    if (st == AF_OK) st = dzero(ctx, mem, bytes);  // a first read of an unused tail is defined
+    if (st == AF_OK) st = dzero(ctx, mask, (size_t)B * m->L);
+    if (st != AF_OK) {
+        if (mem) cudaFree(mem);
+        if (mask) cudaFree(mask);
+        return st;
+    }
+    cudaStreamSynchronize(ctx->stream);  // the old buffers may still be in use by queued work
+    if (f->mem) cudaFree(f->mem);
+    if (f->train_mem) cudaFree(f->train_mem);  // sized for the old capacity: made again lazily
+    f->train_mem = nullptr;
+    clear_training(f);
+    if (m->dec_acts.mask) cudaFree(m->dec_acts.mask);
+    f->mem = mem;
+    carve_reserved(f, m, B, (char *)mem);
+    f->cap = B;
+    memset(m->enc_acts, 0, sizeof m->enc_acts);
+    memset(m->head_acts, 0, sizeof m->head_acts);
+    memset(&m->dec_acts, 0, sizeof m->dec_acts);
+    memset(&m->scratch, 0, sizeof m->scratch);
+    for (int br = 0; br < 2; br++) {
+        af_encoder_acts *e = &m->enc_acts[br];
+        e->out = f->enc_out[br], e->lnf_mean = f->enc_mean[br], e->lnf_rstd = f->enc_rstd[br];
+        e->blocks.cap = B;
+        af_head_acts *h = &m->head_acts[br];
+        h->z = f->head_z[br], h->znorm = f->head_znorm[br], h->zn_t = f->head_zn_t[br];
+        h->w_eff = f->head_w_eff[br], h->vnorm = f->head_vnorm[br];
+        h->logits_t = f->head_logits_t[br], h->logits = f->head_logits[br];
+    }
+    m->dec_acts.pred_full = f->dec_pred_full;
+    m->dec_acts.pred = f->dec_pred;
+    m->dec_acts.blocks.cap = B;
+    m->dec_acts.mask = mask;
+    m->scratch.dh_a = f->head_fa, m->scratch.dh_b = f->head_fb, m->scratch.dz_t = f->head_dz_t;
+    m->capacity = B;
+    m->enc_B[0] = m->enc_B[1] = m->head_B[0] = m->head_B[1] = m->dec_B = 0;
+    return AF_OK;
+}
+
+extern "C" af_status af_cuda_model_set_training(af_cuda_context *ctx, af_cuda_model *m, int on) {
+    if (m == nullptr || m->fast == nullptr) return AF_OK;
+    af_cuda_fast *f = m->fast;
+    if (on && f->train_mem == nullptr) {
+        AF_CUDA_CHECK(f->cap > 0, "set_training: the model has no activations reserved");
+        af_cuda_fast tmp = *f;
+        size_t bytes = carve_training(&tmp, m, f->cap, nullptr);
+        void *mem = nullptr;
+        AF_TRY(dev_alloc(&mem, bytes, "fast path training activations"));
+        af_status st = dzero(ctx, mem, bytes);
+        if (st != AF_OK) {
+            cudaFree(mem);
+            return st;
+        }
+        f->train_mem = mem;
+        carve_training(f, m, f->cap, (char *)mem);
+    }
+    f->train = on ? 1 : 0;
+    return AF_OK;
+}
+
+// AFIRE_CUDA_FAST=1: the fast path (fast.cuh) for this model. Before the first reserve only.
+static af_status fast_create(af_cuda_context *ctx, af_cuda_model *m) {
+    AF_TRY(af_cuda_fast_init(ctx));  // cuBLASLt and its workspaces now, not in a step
+    af_cuda_fast *f = (af_cuda_fast *)af_calloc(1, sizeof *f);
+    if (f == nullptr) return AF_ENOMEM;
+    const char *e = getenv("AFIRE_CUDA_SDPA");
+    f->sdpa = e == nullptr || e[0] == 0 || strcmp(e, "auto") == 0 ? AF_SDPA_AUTO
+              : strcmp(e, "cudnn") == 0                            ? AF_SDPA_CUDNN
+              : strcmp(e, "ours") == 0                             ? AF_SDPA_OURS
+                                                                   : -1;
+    if (f->sdpa < 0) {
+        af_free(f);
+        return af_error(AF_EINVAL, "AFIRE_CUDA_SDPA must be auto, cudnn or ours, got '%s'", e);
+    }
+    m->fast = f;
+    return AF_OK;
+}
+
+static int fast_requested(void) {
+    const char *e = getenv("AFIRE_CUDA_FAST");
+    return e != nullptr && strcmp(e, "1") == 0;
+}
+
+
 extern "C" af_status af_cuda_model_refresh_bf16(af_cuda_context *ctx, af_cuda_model *m) {
     if (m == nullptr || !m->bf16) return AF_OK;
     for (int n = 0; n < AF_NET_COUNT; n++)
@@ -133,7 +375,11 @@ extern "C" af_status af_cuda_model_set_bf16(af_cuda_context *ctx, af_cuda_model 
         AF_TRY(bf16_malloc(&m->params_h[n], m->numel[n]));
         if (n < 2) AF_TRY(bf16_malloc(&m->teacher_h[n], m->numel[n]));
     }
-    if (m->capacity > 0) AF_TRY(hscratch_alloc(m, m->capacity, m->hscratch, &m->hscratch_n));
+    if (m->capacity == 0 && fast_requested()) {
+        AF_TRY(fast_create(ctx, m));  // its buffers come with af_cuda_model_reserve
+    } else if (m->capacity > 0) {
+        AF_TRY(hscratch_alloc(m, m->capacity, m->hscratch, &m->hscratch_n));
+    }
     m->bf16 = 1;
     return af_cuda_model_refresh_bf16(ctx, m);
 }
@@ -142,6 +388,7 @@ extern "C" af_status af_cuda_model_reserve(af_cuda_context *ctx, af_cuda_model *
     AF_CUDA_CHECK(m != nullptr, "reserve: model is NULL");
     AF_CUDA_CHECK(B >= 1, "batch size must be >= 1, got %d", B);
     if (B <= m->capacity) return AF_OK;
+    if (m->fast) return fast_reserve(ctx, m, B);
     size_t floats;
     AF_TRY(af_acts_size(&m->cfg, B, 2, AF_ACTS_ALIGN_CUDA, &floats));  // the checks of params.c
     float *mem = nullptr;

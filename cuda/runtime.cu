@@ -35,6 +35,13 @@ extern "C" af_status af_cuda_versions(int *cudart, size_t *cublaslt, size_t *cud
     return AF_OK;
 }
 
+extern "C" af_status af_cuda_mem_info(int device, size_t *free_bytes, size_t *total_bytes) {
+    *free_bytes = *total_bytes = 0;
+    AF_CUDA_TRY(cudaSetDevice(device));
+    AF_CUDA_TRY(cudaMemGetInfo(free_bytes, total_bytes));
+    return AF_OK;
+}
+
 __global__ void rand_uniform_kernel(float *out, int64_t n, uint64_t seed, uint64_t stream,
                                     uint64_t offset) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;

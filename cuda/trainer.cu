@@ -2,6 +2,7 @@
 // csrc/core/trainer.c, stage for stage. Buffers are sized once at creation; a step allocates
 // nothing and synchronises once (the download of its scalars).
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "common.cuh"
@@ -83,12 +84,31 @@ static af_status hmalloc(void **p, size_t bytes) {
     return AF_OK;
 }
 
+static void dist_free(af_cuda_trainer_dist *d) {
+    void *dev[] = {d->logits, d->dlogits, d->abn, d->abn_pad, d->obj_scratch, d->sums, d->share};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        if (dev[i]) cudaFree(dev[i]);
+    for (int i = 0; i < AF_NET_COUNT; i++)
+        if (d->ev_grad[i]) cudaEventDestroy((cudaEvent_t)d->ev_grad[i]);
+    if (d->ev_done) cudaEventDestroy((cudaEvent_t)d->ev_done);
+    if (d->comm_stream) {
+        if (d->nccl == nullptr || !af_nccl_broken(d->nccl))
+            cudaStreamSynchronize((cudaStream_t)d->comm_stream);
+        cudaStreamDestroy((cudaStream_t)d->comm_stream);
+    }
+    af_free(d->counts);
+    memset(d, 0, sizeof *d);
+}
+
 extern "C" void af_cuda_trainer_free(af_cuda_trainer *t) {
     if (t == nullptr) return;
     if (t->ctx) {
         cudaSetDevice(t->ctx->device);
-        cudaStreamSynchronize(t->ctx->stream);
+        // a broken communicator may leave NCCL kernels that never finish: do not wait
+        if (t->dist.nccl == nullptr || !af_nccl_broken(t->dist.nccl))
+            cudaStreamSynchronize(t->ctx->stream);
     }
+    dist_free(&t->dist);
     af_cuda_model_free(t->model);
     void *dev[] = {t->protos, t->protos_next, t->images, t->x_prime, t->mask, t->abn, t->img,
                    t->img_prime, t->target, t->q_teacher, t->dlogits, t->dpred, t->dtokens,
@@ -182,7 +202,16 @@ extern "C" void af_cuda_trainer_release(af_cuda_trainer *t) {
 // A call that fails half-way may leave copies queued that still read the staging buffer or
 // write host outputs: drain the stream before returning the error.
 static af_status finish(af_cuda_trainer *t, af_status st) {
-    if (st != AF_OK) cudaStreamSynchronize(t->ctx->stream);
+    if (st == AF_OK) return st;
+    if (t->dist.nccl == nullptr) {
+        cudaStreamSynchronize(t->ctx->stream);
+    } else if (!af_nccl_broken(t->dist.nccl)) {
+        // bounded by the deadline: a collective whose peers left must not hang this rank
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", af_last_error());
+        af_nccl_wait(t->dist.nccl, t->ctx->stream, "draining the stream after an error");
+        af_error(st, "%s", msg);  // the first error is the one to report
+    }
     return st;
 }
 
@@ -222,7 +251,196 @@ static af_status prepare_inputs(af_cuda_trainer *t, int B) {
 static af_status fetch_scalars(af_cuda_trainer *t) {
     AF_CUDA_TRY(cudaMemcpyAsync(t->host, t->dev, sizeof(af_cuda_step_scalars),
                                 cudaMemcpyDeviceToHost, t->ctx->stream));
+    if (t->dist.nccl != nullptr)  // several ranks: wait against the deadline
+        return af_nccl_wait(t->dist.nccl, t->ctx->stream, "the training step");
     AF_CUDA_TRY(cudaStreamSynchronize(t->ctx->stream));
+    return AF_OK;
+}
+
+// ------------------------------------------------------------------ several ranks
+
+static af_status dist_allreduce(void *ctx, void *buf, size_t count, af_comm_type type,
+                                af_comm_op op, const char *what) {
+    af_cuda_trainer_dist *d = (af_cuda_trainer_dist *)ctx;
+    return af_nccl_allreduce(d->red.nccl, buf, count, type, op, d->red.stream, what);
+}
+
+extern "C" af_status af_cuda_trainer_set_comm(af_cuda_trainer *t, af_nccl *nccl) {
+    AF_CUDA_TRY(cudaSetDevice(t->ctx->device));
+    AF_CUDA_TRY(cudaStreamSynchronize(t->ctx->stream));
+    dist_free(&t->dist);
+    if (nccl == nullptr) return AF_OK;
+    AF_CUDA_CHECK(af_nccl_device(nccl) == t->ctx->device, "the NCCL communicator is on device "
+                  "%d, the trainer on device %d", af_nccl_device(nccl), t->ctx->device);
+    const int W = af_nccl_size(nccl), L = t->L, K = t->K;
+    int64_t mine[6] = {t->B, L, K, t->Q, t->cfg.objective, t->cfg.net.D};
+    int64_t *all = (int64_t *)af_calloc((size_t)W * 6, sizeof(int64_t));
+    if (all == nullptr) return AF_ENOMEM;
+    af_status st = af_nccl_host_allgather(nccl, mine, all, sizeof mine, "trainer setup");
+    for (int r = 0; st == AF_OK && r < W; r++)
+        if (memcmp(all + 6 * r, mine, sizeof mine) != 0)
+            st = af_error(AF_EINVAL, "rank %d's trainer differs from rank %d's (batch capacity "
+                          "%lld vs %lld, K %lld vs %lld, objective %lld vs %lld): every rank "
+                          "needs the same config and per-rank batch", r, af_nccl_rank(nccl),
+                          (long long)all[6 * r], (long long)mine[0], (long long)all[6 * r + 2],
+                          (long long)mine[2], (long long)all[6 * r + 4], (long long)mine[4]);
+    af_free(all);
+    AF_TRY(st);
+    AF_CUDA_CHECK((double)W * t->B * L <= 2147483647.0 / (K > 1 ? K : 1),
+                  "%d ranks x %d images are too many for one global batch", W, t->B);
+    af_cuda_trainer_dist *d = &t->dist;
+    const int BG = W * t->B;
+    const size_t LK = (size_t)L * K, rows = (size_t)BG * L, f = sizeof(float);
+    size_t scratch = t->cfg.objective == AF_OBJECTIVE_PAPER
+                         ? af_cuda_paper_loss_scratch_floats(BG, L, K)
+                         : af_cuda_released_loss_scratch_floats(L, K);
+    AF_CUDA_CHECK(scratch > 0, "the objective's scratch for a global batch of %d images is too "
+                  "large", BG);
+    struct {
+        void **p;
+        size_t bytes;
+    } dev[] = {{(void **)&d->logits, rows * K * f},      {(void **)&d->dlogits, rows * K * f},
+               {(void **)&d->abn, rows},                 {(void **)&d->abn_pad, rows},
+               {(void **)&d->obj_scratch, scratch * f},  {(void **)&d->sums, (LK + K + 2) * 8},
+               {(void **)&d->share, 8}};
+    for (size_t i = 0; st == AF_OK && i < sizeof dev / sizeof dev[0]; i++)
+        st = dmalloc(dev[i].p, dev[i].bytes);
+    d->counts = (int64_t *)af_calloc((size_t)W, sizeof(int64_t));
+    if (st == AF_OK && d->counts == nullptr) st = AF_ENOMEM;
+    cudaStream_t cs = nullptr;
+    if (st == AF_OK && cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking) != cudaSuccess)
+        st = af_error(AF_ECUDA, "cannot create the gradient all-reduce stream");
+    d->comm_stream = cs;
+    for (int i = 0; st == AF_OK && i <= AF_NET_COUNT; i++) {
+        cudaEvent_t ev;
+        if (cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) != cudaSuccess)
+            st = af_error(AF_ECUDA, "cannot create a CUDA event");
+        else if (i < AF_NET_COUNT) d->ev_grad[i] = ev;
+        else d->ev_done = ev;
+    }
+    if (st == AF_OK && cudaDeviceSynchronize() != cudaSuccess)  // the plain cudaMemsets
+        st = af_error(AF_ECUDA, "CUDA trainer initialisation failed: %s",
+                      cudaGetErrorString(cudaGetLastError()));
+    if (st != AF_OK) {
+        dist_free(d);
+        return st;
+    }
+    const char *ov = getenv("AFIRE_NCCL_OVERLAP");
+    d->overlap = !(ov != nullptr && strcmp(ov, "0") == 0);
+    d->nccl = nccl;
+    d->rank = af_nccl_rank(nccl);
+    d->world = W;
+    d->red.nccl = nccl;
+    d->red.stream = t->ctx->stream;
+    return AF_OK;
+}
+
+// The images of every rank in this step (a host exchange): B_global and this rank's offset.
+static af_status dist_begin(af_cuda_trainer *t, int B) {
+    af_cuda_trainer_dist *d = &t->dist;
+    int64_t mine = B;
+    AF_TRY(af_nccl_host_allgather(d->nccl, &mine, d->counts, sizeof mine, "image counts"));
+    d->B_global = d->offset = 0;
+    for (int r = 0; r < d->world; r++) {
+        AF_CHECK(d->counts[r] >= 1 && d->counts[r] <= t->B, AF_EINVAL,
+                 "rank %d has %lld images in this step: every rank needs 1 to %d", r,
+                 (long long)d->counts[r], t->B);
+        if (r < d->rank) d->offset += d->counts[r];
+        d->B_global += d->counts[r];
+    }
+    return AF_OK;
+}
+
+// dst = every rank's rows of the padded gather src (blocks of the capacity), in rank order
+static af_status dist_compact(af_cuda_trainer *t, void *dst, const void *src, size_t row_bytes) {
+    af_cuda_trainer_dist *d = &t->dist;
+    const size_t block = (size_t)t->B * row_bytes;
+    size_t at = 0;
+    for (int r = 0; r < d->world; r++) {
+        const size_t n = (size_t)d->counts[r] * row_bytes;
+        AF_CUDA_TRY(cudaMemcpyAsync((char *)dst + at, (const char *)src + (size_t)r * block, n,
+                                    cudaMemcpyDeviceToDevice, t->ctx->stream));
+        at += n;
+    }
+    return AF_OK;
+}
+
+__global__ void share_out_kernel(double *share, const af_cuda_step_scalars *s, double w) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) *share = (double)s->f_recon * w;
+}
+__global__ void share_in_kernel(af_cuda_step_scalars *s, const double *share) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) s->f_recon = (float)*share;
+}
+
+// Stage 4 with several ranks (trainer.c dist_losses): the cross-image terms on the gathered
+// global batch (the same numbers on every rank; this rank keeps its gradient rows), the
+// restoration on the own images weighted B / B_global and summed, the abnormal tokens of all.
+static af_status dist_losses(af_cuda_trainer *t, int B, const float *logits, const float *pred) {
+    af_cuda_trainer_dist *d = &t->dist;
+    const af_trainer_config *c = &t->cfg;
+    af_cuda_context *ctx = t->ctx;
+    af_cuda_step_scalars *dv = t->dev;
+    cudaStream_t s = ctx->stream;
+    const int L = t->L, K = t->K, Q = t->Q, BG = (int)d->B_global;
+    const size_t LK = (size_t)L * K, f = sizeof(float);
+    AF_TRY(af_nccl_allgather(d->nccl, logits, d->dlogits, (size_t)t->B * LK * f, s,
+                             "student logits gather"));
+    AF_TRY(af_nccl_allgather(d->nccl, t->abn, d->abn_pad, (size_t)t->B * L, s,
+                             "token labels gather"));
+    AF_TRY(dist_compact(t, d->logits, d->dlogits, LK * f));
+    AF_TRY(dist_compact(t, d->abn, d->abn_pad, (size_t)L));
+    count_kernel<<<1, TPB, 0, s>>>(&dv->n_abn, d->abn, (int64_t)BG * L, is_nonzero());
+    AF_CUDA_LAUNCHED();
+    AF_CUDA_TRY(cudaMemsetAsync(d->dlogits, 0, (size_t)BG * LK * f, s));
+    const double share = (double)B / BG;
+    const float w_recon = (float)(c->w_recon * share);
+    if (c->objective == AF_OBJECTIVE_PAPER) {
+        AF_TRY(af_cuda_paper_loss(ctx, &dv->f_stru, &dv->f_cate, d->dlogits, d->dlogits,
+                                  d->logits, t->protos_next, d->abn, BG, L, K, c->tau_s, c->tau,
+                                  c->w_stru, c->w_cate, d->obj_scratch));
+        AF_TRY(af_cuda_recon_loss(ctx, &dv->f_recon, t->dpred, pred, t->target, t->abn, B, L, Q,
+                                  c->w_abn, w_recon));
+    } else {
+        AF_TRY(af_cuda_released_cst_loss(ctx, &dv->f_cst, d->dlogits, d->logits, t->protos_next,
+                                         d->abn, BG, L, K, c->tau_s, c->sinkhorn_eps,
+                                         c->sinkhorn_iters, c->w_stru, d->obj_scratch));
+        AF_TRY(af_cuda_recon_loss(ctx, &dv->f_recon, t->dpred, pred, t->target, nullptr, B, L,
+                                  Q, 1.0f, w_recon));
+    }
+    AF_CUDA_TRY(cudaMemcpyAsync(t->dlogits, d->dlogits + (size_t)d->offset * LK,
+                                (size_t)B * LK * f, cudaMemcpyDeviceToDevice, s));
+    share_out_kernel<<<1, 32, 0, s>>>(d->share, dv, share);
+    AF_CUDA_LAUNCHED();
+    AF_TRY(af_nccl_allreduce(d->nccl, d->share, 1, AF_COMM_F64, AF_COMM_SUM, s,
+                             "restoration loss"));
+    share_in_kernel<<<1, 32, 0, s>>>(dv, d->share);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
+}
+
+// Network `net` has its gradients: with overlap, all-reduce them on the comm stream now.
+static af_status dist_grads_ready(af_cuda_trainer *t, int net) {
+    af_cuda_trainer_dist *d = &t->dist;
+    if (!d->overlap) return AF_OK;
+    cudaStream_t cs = (cudaStream_t)d->comm_stream;
+    AF_CUDA_TRY(cudaEventRecord((cudaEvent_t)d->ev_grad[net], t->ctx->stream));
+    AF_CUDA_TRY(cudaStreamWaitEvent(cs, (cudaEvent_t)d->ev_grad[net], 0));
+    return af_nccl_allreduce(d->nccl, t->model->grads[net], t->model->numel[net], AF_COMM_F32,
+                             AF_COMM_SUM, cs, "gradient all-reduce");
+}
+
+// Every gradient summed over the ranks before the compute stream goes on (clipping).
+static af_status dist_grads_reduced(af_cuda_trainer *t) {
+    af_cuda_trainer_dist *d = &t->dist;
+    if (!d->overlap) {
+        for (int net = 0; net < AF_NET_COUNT; net++)
+            AF_TRY(af_nccl_allreduce(d->nccl, t->model->grads[net], t->model->numel[net],
+                                     AF_COMM_F32, AF_COMM_SUM, t->ctx->stream,
+                                     "gradient all-reduce"));
+        return AF_OK;
+    }
+    AF_CUDA_TRY(cudaEventRecord((cudaEvent_t)d->ev_done, (cudaStream_t)d->comm_stream));
+    AF_CUDA_TRY(cudaStreamWaitEvent(t->ctx->stream, (cudaEvent_t)d->ev_done, 0));
     return AF_OK;
 }
 
@@ -239,12 +457,17 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
     af_schedule_values sv = af_schedule_at(&c->sched, t->step);
     memset(stats, 0, sizeof *stats);
     stats->step = t->step;
+    af_cuda_trainer_dist *dd = &t->dist;
+    const int dist = dd->nccl != nullptr;
+    const af_reducer red = {dd, dist_allreduce};
+    if (dist) AF_TRY(dist_begin(t, B));
     AF_CUDA_TRY(cudaMemsetAsync(d, 0, sizeof *d, ctx->stream));
     AF_TRY(upload_batch(t, images, nullptr, B));
 
-    // 1. synthetic lesions, determined by (seed, step, image index)
+    // 1. synthetic lesions, determined by (seed, step, global image index)
     AF_TRY(af_cuda_slm_generate(ctx, t->x_prime, t->mask, t->abn, t->images, B, t->S, c->net.P,
-                                &c->slm, c->seed, (uint64_t)t->step, 0));
+                                &c->slm, c->seed, (uint64_t)t->step,
+                                dist ? (uint64_t)dd->offset : 0));
     count_kernel<<<1, TPB, 0, ctx->stream>>>(&d->n_abn, t->abn, (int64_t)BL, is_nonzero());
     AF_CUDA_LAUNCHED();
     AF_TRY(prepare_inputs(t, B));
@@ -254,17 +477,26 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
     AF_TRY(af_cuda_encoder_forward(ctx, m, AF_TEACHER, t->img, B));
     AF_TRY(af_cuda_head_forward(ctx, m, AF_TEACHER, m->enc_acts[AF_TEACHER].out, B));
     const float *proto_src = m->head_acts[AF_TEACHER].logits;
+    // (several ranks: the Sinkhorn sums and the prototype means over the global batch; a
+    // NaN on one rank reaches every rank's prototypes, so the update gate agrees)
     if (c->objective == AF_OBJECTIVE_PAPER) {
-        AF_TRY(af_cuda_sinkhorn_knopp(ctx, t->q_teacher, proto_src, (int)BL, K,
-                                      (float)sv.teacher_temp, c->sinkhorn_iters));
+        AF_TRY(af_cuda_sinkhorn_knopp_dist(ctx, t->q_teacher, proto_src, (int)BL, K,
+                                           (float)sv.teacher_temp, c->sinkhorn_iters,
+                                           dist ? dd->B_global * L : (int64_t)BL,
+                                           dist ? dd->sums + (size_t)L * K : nullptr,
+                                           dist ? &red : nullptr));
         proto_src = t->q_teacher;
     }
     AF_CUDA_TRY(cudaMemcpyAsync(t->protos_next, t->protos, (size_t)L * K * f,
                                 cudaMemcpyDeviceToDevice, ctx->stream));
-    AF_TRY(af_cuda_prototypes_update(ctx, t->protos_next, proto_src, B, L, K, c->proto_m,
-                                     sv.first_epoch || !t->protos_set));
+    AF_TRY(af_cuda_prototypes_update_dist(ctx, t->protos_next, proto_src, B,
+                                          dist ? dd->B_global : B, L, K, c->proto_m,
+                                          sv.first_epoch || !t->protos_set,
+                                          dist ? dd->sums : nullptr, dist ? &red : nullptr));
 
-    // 3. student on x' -> head logits and the restoration of masked tokens
+    // 3. student on x' -> head logits and the restoration of masked tokens (the fast path
+    // keeps the student's activations only between set_training 1 and 0)
+    AF_TRY(af_cuda_model_set_training(ctx, m, 1));
     AF_TRY(af_cuda_encoder_forward(ctx, m, AF_STUDENT, t->img_prime, B));
     const float *tokens = m->enc_acts[AF_STUDENT].out;
     AF_TRY(af_cuda_head_forward(ctx, m, AF_STUDENT, tokens, B));
@@ -276,7 +508,9 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
     AF_CUDA_TRY(cudaMemsetAsync(t->dlogits, 0, BL * K * f, ctx->stream));
     AF_CUDA_TRY(cudaMemsetAsync(t->dpred, 0, BL * Q * f, ctx->stream));
     int paper = c->objective == AF_OBJECTIVE_PAPER;
-    if (paper) {
+    if (dist) {
+        AF_TRY(dist_losses(t, B, logits, pred));
+    } else if (paper) {
         AF_TRY(af_cuda_paper_loss(ctx, &d->f_stru, &d->f_cate, t->dlogits, t->dlogits, logits,
                                   t->protos_next, t->abn, B, L, K, c->tau_s, c->tau, c->w_stru,
                                   c->w_cate, t->obj_scratch));
@@ -291,10 +525,18 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
 
     // 5. backward (a non-finite loss only poisons the gradients: the update is gated); the
     // decoder writes dtokens, the head adds its part
+    // several ranks: each network's gradients are summed over them once its backward is done
     AF_TRY(af_cuda_model_zero_grad(ctx, m));
     AF_TRY(af_cuda_decoder_backward(ctx, m, t->dpred, t->dtokens));
+    if (dist) AF_TRY(dist_grads_ready(t, AF_NET_DECODER));
     AF_TRY(af_cuda_head_backward(ctx, m, t->dlogits, t->dtokens));
+    if (dist) AF_TRY(dist_grads_ready(t, AF_NET_HEAD));
     AF_TRY(af_cuda_encoder_backward(ctx, m, t->dtokens));
+    if (dist) {
+        AF_TRY(dist_grads_ready(t, AF_NET_ENCODER));
+        AF_TRY(dist_grads_reduced(t));
+    }
+    AF_TRY(af_cuda_model_set_training(ctx, m, 0));
 
     // 6. clip; the update flag = finite loss and finite gradient norm
     AF_TRY(af_cuda_clip_grad(ctx, m, c->clip > 0 ? c->clip : 0.0f, c->clip_global, &d->grad_norm));
@@ -317,7 +559,7 @@ static af_status run_step(af_cuda_trainer *t, const uint8_t *images, int B, af_s
 
     // the stats and the refusals of af_trainer_grads, from the downloaded scalars
     const af_cuda_step_scalars *h = t->host;
-    stats->abnormal_fraction = (double)h->n_abn / (double)BL;
+    stats->abnormal_fraction = (double)h->n_abn / (double)(dist ? dd->B_global * L : (int64_t)BL);
     AF_TRY(af_step_stats_fill(stats, c, &sv, h->f_stru, h->f_cate, h->f_cst, h->f_recon));
     AF_TRY(af_step_stats_grad_norm(stats, h->grad_norm, h->ok));
     if (update) {

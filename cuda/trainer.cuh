@@ -18,6 +18,7 @@
 
 #include <stdint.h>
 
+#include "comm.cuh"
 #include "cuda_api.h"
 #include "model.cuh"
 #include "trainer.h"
@@ -35,6 +36,33 @@ typedef struct {
     int nonfinite;                        /* inference: count of non-finite outputs       */
 } af_cuda_step_scalars;
 
+/* Data-parallel state (af_cuda_trainer_set_comm; all zero for one GPU): the twin of
+ * trainer.h's af_trainer_dist, with NCCL on the device. Every cross-rank reduction of the
+ * step is queued on the compute stream, except the gradient all-reduces: with `overlap`
+ * (default; AFIRE_NCCL_OVERLAP=0 turns it off) each network's gradients are all-reduced on
+ * `comm_stream` as soon as its backward has finished (decoder, then head, while the encoder
+ * backward still runs, then the encoder), and the compute stream waits for them before
+ * clipping. Without overlap the three all-reduces follow the backward on the compute
+ * stream. The step's one host wait is af_nccl_wait (deadline, NCCL errors). */
+typedef struct {
+    af_nccl *nccl;
+    int rank, world, overlap;
+    int64_t *counts;                  /* host [world] images of each rank in this step     */
+    int64_t B_global, offset;
+    float *logits, *dlogits;          /* device [world*B, L, K]; dlogits also takes the
+                                         padded logits gather before it is compacted      */
+    uint8_t *abn, *abn_pad;           /* device [world*B, L] token labels, gathered        */
+    float *obj_scratch;               /* device: the objective for world*B images          */
+    double *sums;                     /* device [L*K + K + 2]: prototype sums, Sinkhorn    */
+    double *share;                    /* device [1]: the restoration loss, reduced         */
+    void *comm_stream;                /* cudaStream_t of the gradient all-reduces          */
+    void *ev_grad[AF_NET_COUNT], *ev_done; /* cudaEvent_t                                  */
+    struct {
+        af_nccl *nccl;
+        void *stream;
+    } red;                            /* the af_reducer's context: NCCL on the compute stream */
+} af_cuda_trainer_dist;
+
 typedef struct {
     af_trainer_config cfg;
     af_cuda_context *ctx;       /* own stream + cuBLAS handle; fp32 GEMMs exact (TF32 off) */
@@ -50,6 +78,7 @@ typedef struct {
     double *anomaly;                      /* device [B] score, [B] log score, [B*L] err   */
     af_cuda_step_scalars *dev;            /* device                                       */
     af_cuda_step_scalars *host;           /* pinned                                       */
+    af_cuda_trainer_dist dist;            /* several ranks (af_cuda_trainer_set_comm)     */
     int busy;
 } af_cuda_trainer;
 
@@ -57,6 +86,10 @@ typedef struct {
 af_status af_cuda_trainer_create(af_cuda_trainer **out, const af_trainer_config *cfg, int batch,
                                  int device);
 void af_cuda_trainer_free(af_cuda_trainer *t);
+
+/* As af_trainer_set_comm, over an NCCL communicator on this trainer's device (NULL: back to
+ * one GPU). Collective (a host exchange checks that every rank has the same setup). */
+af_status af_cuda_trainer_set_comm(af_cuda_trainer *t, af_nccl *nccl);
 
 /* Same contracts as af_trainer_step / _grads / _encode / _restore / _anomaly, with HOST
  * images and outputs. */

@@ -196,7 +196,7 @@ def test_cpu_bf16_portable_backend(tmp_path):
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "w.npy", w)
     code = ("import sys, numpy as np; from afire import _C; d = sys.argv[1]; "
-            "np.save(d + '/y.npy', _C.ops.linear_forward_bf16(np.load(d + '/x.npy'), "
+            "np.save(d + '/y.npy', _C.ops.cpu_linear_forward_bf16(np.load(d + '/x.npy'), "
             "np.load(d + '/w.npy'))); print(_C.build_info()['bf16'])")
     env = dict(os.environ, AFIRE_BF16_BACKEND="portable")
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
@@ -204,4 +204,4 @@ def test_cpu_bf16_portable_backend(tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "portable"
     y = np.load(tmp_path / "y.npy")
-    np.testing.assert_allclose(y, _C.ops.linear_forward_bf16(x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, _C.ops.cpu_linear_forward_bf16(x, w), rtol=1e-5, atol=1e-5)

@@ -106,9 +106,10 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     html = _html(nb)
     assert "afire.Config" in html and "afire.AFiRe" in html        # the rich displays
     assert "<b>linear_probe</b>" in html and "<b>anomaly</b>" in html
-    # the 5 figures the protocols wrote, and one returned as a Figure
+    # the 6 figures the protocols wrote (the anomaly protocol's heat maps of every score
+    # among them), and one returned as a Figure
     pytest.importorskip("matplotlib")
-    assert _pngs(nb) == 6
+    assert _pngs(nb) == 7
     assert "linear probe AUC" in _text(nb)
 
 

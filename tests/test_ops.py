@@ -603,9 +603,9 @@ def test_linear_bf16_is_the_product_of_bf16_inputs(N, C, OC):
     # exact products of the bf16-rounded inputs, summed in fp32: within fp32 rounding of the
     # float64 product of the same rounded inputs (K <= 197 terms)
     x, w, b, dy = randn(N, C), randn(OC, C), randn(OC), randn(N, OC)
-    out = ops.linear_forward_bf16(x, w, b)
+    out = ops.cpu_linear_forward_bf16(x, w, b)
     close(out, bf16_round(x) @ bf16_round(w).T + b, rtol=1e-5, atol=1e-5)
-    dinp, dw, db = ops.linear_backward_bf16(dy, x, w)
+    dinp, dw, db = ops.cpu_linear_backward_bf16(dy, x, w)
     close(dinp, bf16_round(dy) @ bf16_round(w), rtol=1e-5, atol=1e-5)
     close(dw, bf16_round(dy).T @ bf16_round(x), rtol=1e-5, atol=1e-5)
     close(db, f64(dy).sum(0), rtol=1e-6, atol=1e-5)
@@ -619,7 +619,7 @@ def test_linear_bf16_rounds_to_nearest_even():
     # 1 + 2^-8 is a tie between bf16 1 and 1 + 2^-7: nearest even is 1; 1 + 3 * 2^-8 -> 1 + 2^-6
     x = np.array([[1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8]], np.float32)
     w = np.eye(2, dtype=np.float32)
-    np.testing.assert_array_equal(ops.linear_forward_bf16(x, w), [[1.0, 1 + 2.0 ** -6]])
+    np.testing.assert_array_equal(ops.cpu_linear_forward_bf16(x, w), [[1.0, 1 + 2.0 ** -6]])
 
 
 # ------------------------------------------------------------------ fused row-tile kernels

@@ -9,7 +9,8 @@ noticed and named, which a memory map cannot do: it keeps the old inode, or SIGB
 Shuffling is deterministic: the order of epoch ``e`` under ``seed`` is
 ``numpy.random.Generator(numpy.random.PCG64(numpy.random.SeedSequence([seed, e])))
 .permutation(len(dataset))`` (:func:`epoch_order`), so a run resumed at epoch e sees the
-very same batches.
+very same batches. Several ranks (data-parallel pre-training) all compute that order and
+each reads its contiguous share of every global batch (:func:`rank_slice`).
 """
 from __future__ import annotations
 
@@ -39,6 +40,21 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The permutation of ``n`` items for (seed, epoch) (the module docstring's rule)."""
     ss = np.random.SeedSequence([int(seed), int(epoch)])
     return np.random.Generator(np.random.PCG64(ss)).permutation(n)
+
+
+def rank_slice(batch_idx: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s share of one global batch ``batch_idx`` (indices into the dataset)
+    when ``world_size`` ranks train together: the contiguous block
+    ``batch_idx[rank * b:(rank + 1) * b]``, b = len(batch_idx) // world_size (which must
+    divide evenly). Every rank derives the same epoch order (:func:`epoch_order`), so each
+    image of an epoch is read by exactly one rank, once, and rank 0's images followed by
+    rank 1's, ... are the batch one process would train on."""
+    n = len(batch_idx)
+    if world_size < 1 or not 0 <= rank < world_size or n % world_size:
+        raise ValueError(f"a batch of {n} images cannot be split evenly over {world_size} "
+                         f"ranks (rank {rank})")
+    b = n // world_size
+    return batch_idx[rank * b:(rank + 1) * b]
 
 
 def _is_int(v) -> bool:

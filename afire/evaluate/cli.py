@@ -10,6 +10,7 @@ from .linear_probe import PROBE_RECIPE
 
 # files a protocol writes into --out (removed first by --overwrite, so nothing stale stays)
 OUTPUT_FILES = ("results.json", "arrays.npz", "roc.png", "tsne.png", "heatmaps.png",
+                "heatmaps_scores.png",
                 "restorations.png", "gradcam.png", "segmentation.png")
 
 
@@ -147,9 +148,18 @@ def add_parser(sub) -> None:
     _training(p, epochs=50, batch=32, lr=1e-4, folds=1)
     p.set_defaults(func=_run, proto="segment")
 
-    p = ps.add_parser("anomaly", help="anomaly detection (adapt on normals, Eq. 51)",
+    p = ps.add_parser("anomaly", help="anomaly detection (adapt on normals, then score)",
                       formatter_class=_Help)
     _common(p, "anomaly", val=True)
+    from ..model import ANOMALY_SCORES
+    from .anomaly import DEFAULT_SCORE
+    p.add_argument("--score", default=DEFAULT_SCORE, choices=list(ANOMALY_SCORES),
+                   help="the score whose AUC and thresholds are reported first (every score "
+                        "and the blur / image std / pixel PCA baselines are reported too): "
+                        + "; ".join(f"{k}: {'the paper' if paper else 'not in the paper'}"
+                                    for k, (paper, _) in ANOMALY_SCORES.items())
+                        + f" (default: {DEFAULT_SCORE}, chosen on validation splits; "
+                          "docs/RESULTS.md)")
     p.add_argument("--adapt-epochs", type=float, default=10.0,
                    help="adaptation passes over the normal training images")
     p.add_argument("--adapt-steps", type=int, default=None,
@@ -191,7 +201,7 @@ def _kwargs(a) -> dict:
     else:
         kw.update(adapt_epochs=a.adapt_epochs, adapt_steps=a.adapt_steps, lr=a.lr,
                   batch=a.batch, test_fraction=a.test_fraction, val_fraction=a.val_fraction,
-                  heatmaps=a.heatmaps)
+                  heatmaps=a.heatmaps, score=a.score)
     return kw
 
 

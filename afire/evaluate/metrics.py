@@ -248,3 +248,73 @@ def bootstrap_ci(y_true, y_score, other_score=None, metric=None, n: int = 1000,
     lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
     return {"value": float(value(np.arange(len(y)))), "low": float(lo), "high": float(hi),
             "level": level, "n": len(draws)}
+
+
+def auc_rows(y_true, scores) -> np.ndarray:
+    """ROC AUC of each row of ``scores`` [R, N] against the same labels ``y_true`` [N]
+    (average ranks: ties count half)."""
+    y, _ = _binary_inputs(y_true, np.zeros(np.size(y_true)))
+    s = np.atleast_2d(np.asarray(scores, np.float64))
+    if s.shape[1] != len(y) or not np.isfinite(s).all():
+        raise ValueError(f"scores must be finite and [R, {len(y)}], got {s.shape}")
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        raise ValueError("ROC AUC needs both classes")
+    r = np.stack([average_ranks(row) for row in s])
+    return (r[:, y].sum(1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
+
+
+def seed_bootstrap_ci(y_true, scores_a, scores_b, n: int = 2000, level: float = 0.95,
+                      seed: int = 0, paired_seeds: bool = False) -> dict:
+    """A two-level percentile bootstrap interval of mean_i AUC(a_i) - mean_j AUC(b_j): the
+    rows of ``scores_a`` [Sa, N] and ``scores_b`` [Sb, N] are models (seeds) scoring the
+    same N images. Each resample draws the images with replacement AND the seeds of each
+    side with replacement, so both the test-set noise and the seed-to-seed spread count
+    (``paired_seeds``: one draw of seed indices for both sides, for models that share their
+    seeds; a side with one row, e.g. a baseline, keeps it). Resamples holding one class are
+    skipped. Returns {"value", "low", "high", "level", "n", "excludes_zero"}."""
+    y, _ = _binary_inputs(y_true, np.zeros(np.size(y_true)))
+    a, b = np.atleast_2d(np.asarray(scores_a, np.float64)), np.atleast_2d(
+        np.asarray(scores_b, np.float64))
+    value = float(auc_rows(y, a).mean() - auc_rows(y, b).mean())
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        if not 0 < y[idx].sum() < len(idx):
+            continue
+        ia = rng.integers(0, len(a), len(a))
+        ib = ia if paired_seeds and len(a) == len(b) else rng.integers(0, len(b), len(b))
+        draws.append(auc_rows(y[idx], a[ia][:, idx]).mean()
+                     - auc_rows(y[idx], b[ib][:, idx]).mean())
+    if not draws:
+        raise ValueError("no bootstrap resample holds both classes")
+    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
+    return {"value": value, "low": float(lo), "high": float(hi), "level": level,
+            "n": len(draws), "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def matched_auc(y_true, y_score, confound, bins: int = 5) -> float:
+    """ROC AUC over the (positive, negative) pairs that fall in the same quantile bin of
+    ``confound`` (e.g. image blur): how well a score ranks images that the confound cannot
+    tell apart. A score that only reads the confound gets about 0.5. Ties count half; NaN
+    when no bin holds both classes."""
+    y, s = _binary_inputs(y_true, y_score)
+    c = np.asarray(confound, np.float64).ravel()
+    if c.shape != s.shape:
+        raise ValueError(f"confound has {c.size} values for {s.size} scores")
+    edges = np.quantile(c, np.linspace(0, 1, bins + 1)[1:-1])
+    b = np.searchsorted(edges, c, side="right")
+    num = den = 0.0
+    for k in range(bins):
+        pos, neg = s[(b == k) & y], s[(b == k) & ~y]
+        if len(pos) and len(neg):
+            num += (pos[:, None] > neg).sum() + 0.5 * (pos[:, None] == neg).sum()
+            den += len(pos) * len(neg)
+    return float(num / den) if den else float("nan")
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])

@@ -43,7 +43,8 @@ typedef enum {
     AF_ENONFINITE = 7, /* NaN/Inf met                   -> FloatingPointError  */
     AF_EBUSY = 8,      /* object in use by another call -> RuntimeError        */
     AF_ECUDA = 9,      /* CUDA / cuBLAS / cuDNN failure -> RuntimeError        */
-    AF_EINTERNAL = 10  /* a bug in afire                -> RuntimeError        */
+    AF_EINTERNAL = 10, /* a bug in afire                -> RuntimeError        */
+    AF_ECOMM = 11      /* MPI/NCCL failed, a rank died  -> RuntimeError        */
 } af_status;
 
 /* Records a message for this thread and returns `status` (printf format). */

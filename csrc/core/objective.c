@@ -47,12 +47,18 @@ static int positive_finite(float v) { return isfinite(v) && v > 0.0f; }
 /* ---------------------------------------------------------------------------------- */
 /* Sinkhorn-Knopp (SwAV), METHOD §3 (the paper gives it no equation number)            */
 
-af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters) {
+/* The one implementation of both entry points. Without `red` the column step sums and
+ * scales one column at a time (no scratch); with it every column sum is reduced across the
+ * ranks first, in the same per-rank order, so one rank gives the very same numbers. */
+static af_status sinkhorn(float *q, const float *logits, int N, int K, float eps, int iters,
+                          int64_t N_global, double *colsum, const af_reducer *red) {
     AF_CHECK(q != NULL && logits != NULL, AF_EINVAL, "sinkhorn_knopp: NULL buffer");
     AF_CHECK(N > 0 && K > 0, AF_EINVAL, "sinkhorn_knopp: N=%d and K=%d must be > 0", N, K);
     AF_CHECK(positive_finite(eps), AF_EINVAL, "sinkhorn_knopp: eps must be > 0, got %g",
              (double)eps);
     AF_CHECK(iters >= 0, AF_EINVAL, "sinkhorn_knopp: iters must be >= 0, got %d", iters);
+    AF_CHECK(red == NULL || (colsum != NULL && N_global >= N), AF_EINVAL,
+             "sinkhorn_knopp: %lld rows in all for %d on this rank", (long long)N_global, N);
     size_t n = (size_t)N * (size_t)K;
 
     float mx = -INFINITY;
@@ -61,35 +67,60 @@ af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float e
                  "sinkhorn_knopp: logits has a non-finite value at flat index %zu", i);
         if (logits[i] > mx) mx = logits[i];
     }
+    if (red != NULL) { /* the max of floats is a float: every rank gets this very value */
+        double v = mx;
+        AF_TRY(red->allreduce(red->ctx, &v, 1, AF_COMM_F64, AF_COMM_MAX, "Sinkhorn max"));
+        mx = (float)v;
+    }
     /* The global max (not per row) keeps the result identical to exp(logits/eps). */
     double total = 0.0;
     for (size_t i = 0; i < n; i++) {
         q[i] = (float)exp(((double)logits[i] - mx) / eps);
         total += q[i];
     }
-    /* multi-GPU: all-reduce `total` here. total >= 1 (the max entry is exp(0)). */
+    if (red != NULL)
+        AF_TRY(red->allreduce(red->ctx, &total, 1, AF_COMM_F64, AF_COMM_SUM, "Sinkhorn total"));
+    /* total >= 1 (the max entry is exp(0)). */
     for (size_t i = 0; i < n; i++) q[i] = (float)(q[i] / total);
+    const double rows = red != NULL ? (double)N_global : (double)N;
 
     for (int it = 0; it < iters; it++) {
-        /* each class (column over the N rows) gets mass 1/K */
+        /* each class (column over the N rows of every rank) gets mass 1/K */
+        if (red == NULL) {
 #pragma omp parallel for schedule(static)
-        for (int k = 0; k < K; k++) {
-            double cs = 0.0;
-            for (int r = 0; r < N; r++) cs += q[(size_t)r * K + k];
-            /* multi-GPU: all-reduce the column sums here. */
-            if (cs > 0.0) {
-                double sc = 1.0 / (cs * K);
-                for (int r = 0; r < N; r++) q[(size_t)r * K + k] = (float)(q[(size_t)r * K + k] * sc);
+            for (int k = 0; k < K; k++) {
+                double cs = 0.0;
+                for (int r = 0; r < N; r++) cs += q[(size_t)r * K + k];
+                if (cs > 0.0) {
+                    double sc = 1.0 / (cs * K);
+                    for (int r = 0; r < N; r++) q[(size_t)r * K + k] = (float)(q[(size_t)r * K + k] * sc);
+                }
+            }
+        } else {
+#pragma omp parallel for schedule(static)
+            for (int k = 0; k < K; k++) {
+                double cs = 0.0;
+                for (int r = 0; r < N; r++) cs += q[(size_t)r * K + k];
+                colsum[k] = cs;
+            }
+            AF_TRY(red->allreduce(red->ctx, colsum, (size_t)K, AF_COMM_F64, AF_COMM_SUM,
+                                  "Sinkhorn column sums"));
+#pragma omp parallel for schedule(static)
+            for (int k = 0; k < K; k++) {
+                if (colsum[k] > 0.0) {
+                    double sc = 1.0 / (colsum[k] * K);
+                    for (int r = 0; r < N; r++) q[(size_t)r * K + k] = (float)(q[(size_t)r * K + k] * sc);
+                }
             }
         }
-        /* each row gets mass 1/N */
+        /* each row gets mass 1/N (N of the global batch): local */
 #pragma omp parallel for schedule(static)
         for (int r = 0; r < N; r++) {
             float *qr = q + (size_t)r * K;
             double rs = 0.0;
             for (int k = 0; k < K; k++) rs += qr[k];
             if (rs > 0.0) {
-                double sc = 1.0 / (rs * N);
+                double sc = 1.0 / (rs * rows);
                 for (int k = 0; k < K; k++) qr[k] = (float)(qr[k] * sc);
             }
         }
@@ -109,25 +140,70 @@ af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float e
     return AF_OK;
 }
 
+af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters) {
+    return sinkhorn(q, logits, N, K, eps, iters, N, NULL, NULL);
+}
+
+af_status af_sinkhorn_knopp_dist(float *q, const float *logits, int N, int K, float eps,
+                                 int iters, int64_t N_global, double *colsum,
+                                 const af_reducer *red) {
+    AF_CHECK(red != NULL || N_global == N, AF_EINVAL, "sinkhorn_knopp: %lld rows in all for "
+             "%d on the only rank", (long long)N_global, N);
+    return sinkhorn(q, logits, N, K, eps, iters, N_global, colsum, red);
+}
+
 /* ---------------------------------------------------------------------------------- */
 /* Eq. 7: the spatial prototypes protos[L,K], an EMA of the batch means, METHOD §3     */
 
-af_status af_prototypes_update(float *protos, const float *src, int B, int L, int K, float m,
-                            int overwrite) {
+static af_status prototypes_checks(const float *protos, const float *src, int B, int L, int K,
+                                   float m) {
     AF_CHECK(protos != NULL && src != NULL, AF_EINVAL, "prototypes_update: NULL buffer");
     AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL,
              "prototypes_update: B=%d, L=%d, K=%d must be > 0", B, L, K);
     AF_CHECK(isfinite(m) && m >= 0.0f && m <= 1.0f, AF_EINVAL,
              "prototypes_update: m must be in [0, 1], got %g", (double)m);
+    return AF_OK;
+}
+
+static inline float prototype_ema(float old, double qbar, float m, int overwrite) {
+    return overwrite ? (float)qbar : (float)(m * (double)old + (1.0 - m) * qbar);
+}
+
+af_status af_prototypes_update(float *protos, const float *src, int B, int L, int K, float m,
+                            int overwrite) {
+    AF_TRY(prototypes_checks(protos, src, B, L, K, m));
     size_t LK = (size_t)L * K;
-    /* multi-GPU: all-reduce the batch sums (and B) before dividing. */
 #pragma omp parallel for schedule(static)
     for (size_t e = 0; e < LK; e++) {
         double acc = 0.0;
         for (int b = 0; b < B; b++) acc += src[(size_t)b * LK + e];
-        double qbar = acc / B;
-        protos[e] = overwrite ? (float)qbar : (float)(m * (double)protos[e] + (1.0 - m) * qbar);
+        protos[e] = prototype_ema(protos[e], acc / B, m, overwrite);
     }
+    return AF_OK;
+}
+
+af_status af_prototypes_update_dist(float *protos, const float *src, int B, int64_t B_global,
+                                    int L, int K, float m, int overwrite, double *sums,
+                                    const af_reducer *red) {
+    AF_TRY(prototypes_checks(protos, src, B, L, K, m));
+    if (red == NULL) {
+        AF_CHECK(B_global == B, AF_EINVAL, "prototypes_update: %lld images in all for %d on "
+                 "the only rank", (long long)B_global, B);
+        return af_prototypes_update(protos, src, B, L, K, m, overwrite);
+    }
+    AF_CHECK(sums != NULL && B_global >= B, AF_EINVAL, "prototypes_update: %lld images in all "
+             "for %d on this rank (or no scratch)", (long long)B_global, B);
+    size_t LK = (size_t)L * K;
+#pragma omp parallel for schedule(static)
+    for (size_t e = 0; e < LK; e++) {
+        double acc = 0.0;
+        for (int b = 0; b < B; b++) acc += src[(size_t)b * LK + e];
+        sums[e] = acc;
+    }
+    /* qbar_j = the mean over the global batch (METHOD §3: all-reduced over GPUs) */
+    AF_TRY(red->allreduce(red->ctx, sums, LK, AF_COMM_F64, AF_COMM_SUM, "prototype sums"));
+#pragma omp parallel for schedule(static)
+    for (size_t e = 0; e < LK; e++) protos[e] = prototype_ema(protos[e], sums[e] / (double)B_global, m, overwrite);
     return AF_OK;
 }
 
@@ -449,15 +525,12 @@ size_t af_released_loss_scratch_floats(int L, int K) {
     return (size_t)L * (size_t)K;
 }
 
-af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
-                        const float *protos, const uint8_t *abn, const float *y,
-                        const float *x, int B, int L, int K, int Q, float tau_s, float eps,
-                        int iters,
-                        float w_cst, float w_recon, float *scratch) {
-    AF_CHECK(l_cst && l_recon && s && protos && abn && y && x && scratch, AF_EINVAL,
-             "released_loss: NULL buffer");
-    AF_CHECK(B > 0 && L > 0 && K > 0 && Q > 0, AF_EINVAL,
-             "released_loss: B=%d, L=%d, K=%d, Q=%d must be > 0", B, L, K, Q);
+af_status af_released_cst_loss(float *l_cst, float *ds, const float *s, const float *protos,
+                               const uint8_t *abn, int B, int L, int K, float tau_s, float eps,
+                               int iters, float w_cst, float *scratch) {
+    AF_CHECK(l_cst && s && protos && abn && scratch, AF_EINVAL, "released_loss: NULL buffer");
+    AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL, "released_loss: B=%d, L=%d, K=%d must be > 0",
+             B, L, K);
     AF_CHECK(positive_finite(tau_s), AF_EINVAL, "released_loss: tau_s must be > 0, got %g",
              (double)tau_s);
     AF_CHECK(isfinite(w_cst), AF_EINVAL, "released_loss: w_cst must be finite");
@@ -492,6 +565,20 @@ af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, c
         }
     }
     *l_cst = n_normal ? (float)(sum / n_normal) : 0.0f;
+    return AF_OK;
+}
+
+af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
+                        const float *protos, const uint8_t *abn, const float *y,
+                        const float *x, int B, int L, int K, int Q, float tau_s, float eps,
+                        int iters,
+                        float w_cst, float w_recon, float *scratch) {
+    AF_CHECK(l_cst && l_recon && s && protos && abn && y && x && scratch, AF_EINVAL,
+             "released_loss: NULL buffer");
+    AF_CHECK(B > 0 && L > 0 && K > 0 && Q > 0, AF_EINVAL,
+             "released_loss: B=%d, L=%d, K=%d, Q=%d must be > 0", B, L, K, Q);
+    AF_TRY(af_released_cst_loss(l_cst, ds, s, protos, abn, B, L, K, tau_s, eps, iters, w_cst,
+                                scratch));
     return af_recon_loss(l_recon, dy, y, x, NULL, B, L, Q, 1.0f, w_recon);
 }
 

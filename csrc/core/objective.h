@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include "afire.h"
+#include "comm.h" /* af_reducer */
 
 #ifdef __cplusplus
 extern "C" {
@@ -39,13 +40,29 @@ extern "C" {
  * then `iters` times: every column sums to 1/K, every row to 1/N; finally every row is
  * scaled to sum 1. Rows or columns whose mass underflowed to zero are left at zero during
  * the iterations (no division by 0); a row still all zero at the end becomes uniform 1/K.
- * No scratch. Multi-GPU: the total and the column sums are where an all-reduce goes. */
+ * No scratch. Several ranks: af_sinkhorn_knopp_dist. */
 af_status af_sinkhorn_knopp(float *q, const float *logits, int N, int K, float eps, int iters);
+
+/* Data-parallel Sinkhorn (METHOD §3: "across GPUs the sums are all-reduced, as SwAV
+ * does"): this rank holds N of the N_global rows of the global batch; the max, the total
+ * and every iteration's column sums are reduced with `red` (NULL: one process, then
+ * N_global must equal N); the row steps are local and use N_global. colsum: K doubles of
+ * scratch. With one rank the result is bit-identical to af_sinkhorn_knopp. */
+af_status af_sinkhorn_knopp_dist(float *q, const float *logits, int N, int K, float eps,
+                                 int iters, int64_t N_global, double *colsum,
+                                 const af_reducer *red);
 
 /* Spatial prototypes protos[L,K] (Eq. 7, METHOD §3): qbar_j = mean over b of src[b,j,:];
  * protos_j = qbar_j when overwrite, else m*protos_j + (1-m)*qbar_j. m in [0,1]. */
 af_status af_prototypes_update(float *protos, const float *src, int B, int L, int K, float m,
                             int overwrite);
+
+/* Data-parallel af_prototypes_update: this rank holds B of the B_global images; the batch
+ * sums are reduced with `red` (NULL: one process, B_global == B). sums: L*K doubles of
+ * scratch. With one rank the result is bit-identical to af_prototypes_update. */
+af_status af_prototypes_update_dist(float *protos, const float *src, int B, int64_t B_global,
+                                    int L, int K, float m, int overwrite, double *sums,
+                                    const af_reducer *red);
 
 /* Paper objective, L_cst = L_stru + L_cate (Eq. 17): structure consistency L_stru (Eq. 12)
  * and category consistency L_cate (Eq. 14-16, sign-corrected f, METHOD §4) on student
@@ -77,6 +94,10 @@ af_status af_recon_loss(float *loss, float *dy, const float *y, const float *x,
  * tau_s 0.1, eps 0.05, iters 3. scratch: af_released_loss_scratch_floats(L, K) floats
  * (target is left there, rows = positions). */
 size_t af_released_loss_scratch_floats(int L, int K);
+/* The L_cst part of af_released_loss alone (same arguments, same scratch). */
+af_status af_released_cst_loss(float *l_cst, float *ds, const float *s, const float *protos,
+                               const uint8_t *abn, int B, int L, int K, float tau_s, float eps,
+                               int iters, float w_cst, float *scratch);
 af_status af_released_loss(float *l_cst, float *l_recon, float *ds, float *dy, const float *s,
                         const float *protos, const uint8_t *abn, const float *y,
                         const float *x, int B, int L, int K, int Q, float tau_s, float eps,

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "comm.h"
 #include "model.h"
 #include "rng.h" /* AF_HOSTDEV */
 #include "schedule.h"
@@ -104,6 +105,32 @@ static inline af_status af_step_stats_grad_norm(af_step_stats *s, double norm, i
     return AF_OK;
 }
 
+/* Data-parallel state of a trainer (af_trainer_set_comm; all zero for one process). The
+ * global batch of a step is the concatenation of every rank's images in rank order, so the
+ * step equals one process's step on that batch (to float rounding):
+ *   - SLM draws keyed by the global image index (rank offset + b);
+ *   - Sinkhorn over all B_global*L teacher tokens, prototype means over B_global images
+ *     (af_sinkhorn_knopp_dist, af_prototypes_update_dist);
+ *   - the cross-image terms (L_stru, L_cate of Eq. 12, 14-16; the released L_cst) on the
+ *     student logits and token labels of the whole global batch, gathered on every rank:
+ *     every rank computes the same loss and keeps the gradient rows of its own images;
+ *   - restoration (Eq. 20) local, weighted B/B_global and summed;
+ *   - gradients summed over the ranks in buckets (each rank holds its images' share of the
+ *     gradient of the global mean loss: the sum is the gradient of the global batch, i.e.
+ *     the average of per-rank means when every rank has B images), then clipped, applied
+ *     and EMA'd identically on every rank. */
+typedef struct {
+    af_comm *comm;
+    int rank, world;
+    int64_t *counts;           /* [world] images of each rank in this step                  */
+    int64_t B_global, offset;  /* this step: images in all, global index of image 0 here   */
+    float *logits;             /* [world*B, L, K] gathered student logits (global batch)   */
+    float *dlogits;            /* [world*B, L, K] gradient of the cross-image terms        */
+    uint8_t *abn;              /* [world*B, L] gathered token labels                        */
+    float *obj_scratch;        /* the objective's scratch for world*B images               */
+    double *sums;              /* [L*K] prototype sums, [K] Sinkhorn column sums            */
+} af_trainer_dist;
+
 typedef struct {
     af_trainer_config cfg;
     af_model *model;
@@ -121,6 +148,7 @@ typedef struct {
     float *dpred;              /* [B,L,Q]                                                 */
     float *dtokens;            /* [B,T,D]                                                 */
     float *obj_scratch;
+    af_trainer_dist dist;      /* several ranks (af_trainer_set_comm)                     */
     int busy;                  /* guards against use from two threads at once             */
 } af_trainer;
 
@@ -130,8 +158,17 @@ af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int 
 af_status af_trainer_config_check(const af_trainer_config *cfg, int batch);
 void af_trainer_free(af_trainer *t);
 
+/* Makes the trainer one rank of a data-parallel run over `comm` (NULL: back to one process;
+ * the communicator must outlive the trainer). Allocates the buffers of the global batch
+ * (world x capacity images); from then on every step is collective: all ranks must call
+ * af_trainer_step / af_trainer_grads together, each with its own images (B >= 1, any B up
+ * to the capacity). Every rank must start from the same state (same seed, or the same
+ * checkpoint). */
+af_status af_trainer_set_comm(af_trainer *t, af_comm *comm);
+
 /* One step on images[B,S,S] (uint8 normal images, B <= capacity). On AF_ENONFINITE the
- * parameters, moments, teacher and prototypes are left exactly as before the call. */
+ * parameters, moments, teacher and prototypes are left exactly as before the call (on every
+ * rank: the decision is made on global values). */
 af_status af_trainer_step(af_trainer *t, const uint8_t *images, int B, af_step_stats *stats);
 
 /* Steps 1-6 of a training step without any update: fills the student/decoder gradients,

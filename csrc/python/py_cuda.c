@@ -27,6 +27,24 @@ static PyObject *py_versions(PyObject *self, PyObject *unused) {
                          "cudnn", (Py_ssize_t)dnn, "nccl", nccl);
 }
 
+static PyObject *py_fast_path_status(PyObject *self, PyObject *unused) {
+    char buf[1200];
+    af_cuda_fast_status(buf, sizeof buf);
+    return PyUnicode_FromString(buf);
+}
+
+static PyObject *py_memory_info(PyObject *self, PyObject *args) {
+    int device = 0;
+    if (!PyArg_ParseTuple(args, "|i", &device)) return NULL;
+    size_t free_b = 0, total_b = 0;
+    af_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = af_cuda_mem_info(device, &free_b, &total_b);
+    Py_END_ALLOW_THREADS
+    if (st != AF_OK) return af_raise(st);
+    return Py_BuildValue("(nn)", (Py_ssize_t)free_b, (Py_ssize_t)total_b);
+}
+
 /* rand_uniform(n, seed=0, stream=0, offset=0): the GPU draw of afire._C.rng.uniform. */
 static PyObject *py_rand_uniform(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"n", "seed", "stream", "offset", NULL};
@@ -117,6 +135,11 @@ static PyMethodDef cuda_methods[] = {
     {"compiled", py_compiled, METH_NOARGS, "compiled() -> bool: the build contains cuda/"},
     {"device_count", py_device_count, METH_NOARGS, "device_count() -> int (0 without a GPU)"},
     {"versions", py_versions, METH_NOARGS, "versions() -> dict of linked CUDA library versions"},
+    {"fast_path_status", py_fast_path_status, METH_NOARGS,
+     "fast_path_status() -> str: what the fast bf16 path (AFIRE_CUDA_FAST=1) used in this "
+     "process: cuBLASLt plans and epilogues, cuDNN fused SDPA or our attention, and why"},
+    {"memory_info", py_memory_info, METH_VARARGS,
+     "memory_info(device=0) -> (free_bytes, total_bytes) of device memory (cudaMemGetInfo)"},
     {"rand_uniform", KW(py_rand_uniform),
      "rand_uniform(n, seed=0, stream=0, offset=0) -> float32[n], drawn on the GPU"},
     {"set_tf32", py_set_tf32, METH_O,

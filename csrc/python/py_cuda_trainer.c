@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "../cuda/trainer.cuh"
+#include "py_cuda_nccl.h"
 #include "py_cuda_tensor.h"
 
 typedef af_py_trainer CudaTrainerObject; /* t: af_cuda_trainer * */
@@ -18,13 +19,15 @@ static const char *prefixes[5] = {"student", "adam_m", "adam_v", "teacher", "gra
 /* ---- lifetime ---- */
 
 static int trainer_init(CudaTrainerObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"config", "batch", "steps_per_epoch", "device", NULL};
-    PyObject *d;
+    static char *kwlist[] = {"config", "batch", "steps_per_epoch", "device", "comm", NULL};
+    PyObject *d, *comm = Py_None;
     int batch, device = 0;
     long long spe;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iL|i:Trainer", kwlist, &PyDict_Type, &d, &batch,
-                                     &spe, &device))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iL|iO:Trainer", kwlist, &PyDict_Type, &d, &batch,
+                                     &spe, &device, &comm))
         return -1;
+    af_nccl *nccl = NULL;
+    if (comm != Py_None && (nccl = af_py_nccl_pointer(comm)) == NULL) return -1;
     if (spe < 1) {
         PyErr_SetString(PyExc_ValueError, "steps_per_epoch must be >= 1");
         return -1;
@@ -39,19 +42,28 @@ static int trainer_init(CudaTrainerObject *self, PyObject *args, PyObject *kw) {
     af_status st;
     Py_BEGIN_ALLOW_THREADS
     st = af_cuda_trainer_create(&t, &c, batch, device);
+    if (st == AF_OK && nccl != NULL) st = af_cuda_trainer_set_comm(t, nccl); /* collective */
     Py_END_ALLOW_THREADS
     if (st != AF_OK) {
+        af_cuda_trainer_free(t);
         af_raise(st);
         return -1;
     }
     af_cuda_trainer_free(self->t);
     self->t = t;
     self->api = &gpu_api;
+    Py_XDECREF(self->comm);
+    self->comm = NULL;
+    if (nccl != NULL) {
+        Py_INCREF(comm);
+        self->comm = comm;
+    }
     return 0;
 }
 
 static void trainer_dealloc(CudaTrainerObject *self) {
     af_cuda_trainer_free(self->t);
+    Py_XDECREF(self->comm); /* after the trainer that used it */
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -233,8 +245,9 @@ static PyTypeObject CudaTrainerType = {
     .tp_basicsize = sizeof(CudaTrainerObject),
     .tp_dealloc = (destructor)trainer_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Trainer(config: dict, batch: int, steps_per_epoch: int, device: int = 0): the "
-              "AFiRe training state on one GPU",
+    .tp_doc = "Trainer(config: dict, batch: int, steps_per_epoch: int, device: int = 0, "
+              "comm: Nccl | None = None): the AFiRe training state on one GPU; with `comm` one "
+              "rank of a data-parallel run (every step is then collective)",
     .tp_methods = trainer_methods,
     .tp_getset = af_py_trainer_getset,
     .tp_init = (initproc)trainer_init,
@@ -243,6 +256,7 @@ static PyTypeObject CudaTrainerType = {
 
 int af_register_cuda_trainer(PyObject *cuda_submodule) {
     if (af_register_cuda_tensor(cuda_submodule) < 0) return -1;  /* encode_device's type */
+    if (af_register_cuda_nccl(cuda_submodule) < 0) return -1;    /* the comm argument's type */
     if (PyType_Ready(&CudaTrainerType) < 0) return -1;
     Py_INCREF(&CudaTrainerType);
     if (PyModule_AddObject(cuda_submodule, "Trainer", (PyObject *)&CudaTrainerType) < 0) {

@@ -31,7 +31,7 @@ PyMODINIT_FUNC PyInit__C(void) {
     if (af_register_tensor(m) < 0 || af_register_rng(m) < 0 || af_register_ops(m) < 0 ||
         af_register_io(m) < 0 || af_register_model(m) < 0 || af_register_slm(m) < 0 ||
         af_register_objective(m) < 0 || af_register_phantom(m) < 0 || af_register_trainer(m) < 0 ||
-        af_register_downstream(m) < 0) {
+        af_register_downstream(m) < 0 || af_register_comm(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -11,15 +11,21 @@
 #include "py_op.h" /* Python.h first */
 
 #include <limits.h>
+#include <math.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include "common.h"
+#include "anomaly.h"
 #include "objective.h"
 #include "ops/ops.h"
 #include "ops/ops_internal.h"
 #include "slm.h"
 #ifdef AFIRE_HAVE_CUDA
+#include "../cuda/bf16.cuh"
+#include "../cuda/anomaly.cuh"
 #include "../cuda/objective.cuh"
 #endif
 
@@ -219,6 +225,189 @@ static int check_slm(af_op_call *o) {
     return af_op_let(o, "L", (int64_t)(S / P) * (S / P), "token_labels", 1);
 }
 
+/* ------------------------------------------------------------------ CPU twins of the fast path
+ * The fast bf16 path's kernels (cuda/fast.cuh) have fused or reformulated interfaces; their
+ * CPU twins compose the fp32 CPU ops into the same results (the reference the GPU's bf16
+ * rounding is compared with). Only afire._C runs them (the GPU build stringifies the CPU
+ * calls). */
+#ifndef AFIRE_HAVE_CUDA
+
+/* res = a + b (a when b is NULL); out, mean, rstd = LayerNorm(res). */
+static af_status cpu_residual_layernorm(float *res, float *out, float *mean, float *rstd,
+                                        const float *a, const float *b, const float *w,
+                                        const float *bias, int N, int C, float eps) {
+    size_t n = (size_t)N * C;
+    if (b != NULL)
+        af_residual_forward(res, a, b, n);
+    else
+        memcpy(res, a, n * sizeof(float));
+    af_layernorm_forward(out, mean, rstd, res, w, bias, N, C, eps);
+    return AF_OK;
+}
+
+/* dinp = dres + LayerNorm backward (dres may be NULL); dinp_h = dinp (no rounding here). */
+static af_status cpu_layernorm_backward_residual(float *dinp, float *dw, float *db, float *dinp_h,
+                                                 const float *dout, const float *inp,
+                                                 const float *w, const float *mean,
+                                                 const float *rstd, const float *dres, int N,
+                                                 int C) {
+    size_t n = (size_t)N * C;
+    af_layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+    if (dres != NULL)
+        for (size_t i = 0; i < n; i++) dinp[i] += dres[i];
+    memcpy(dinp_h, dinp, n * sizeof(float));
+    return AF_OK;
+}
+
+/* out as af_attention_forward; lse[b,h,i] = log sum_j exp(scale q_i.k_j), in double. */
+static af_status cpu_sdpa_forward(float *out, float *lse, const float *qkv, int B, int T, int D,
+                                  int H) {
+    float *att = af_calloc((size_t)B * H * T * T, sizeof(float));
+    double *s = af_calloc((size_t)T, sizeof(double));
+    if (att == NULL || s == NULL) {
+        af_free(att);
+        af_free(s);
+        return AF_ENOMEM;
+    }
+    af_attention_forward(out, att, qkv, B, T, D, H);
+    int hd = D / H;
+    double scale = 1.0f / sqrtf((float)hd);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < T; i++) {
+                const float *q = qkv + ((size_t)b * T + i) * 3 * D + h * hd;
+                double m = -INFINITY, z = 0.0;
+                for (int j = 0; j < T; j++) {
+                    const float *k = qkv + ((size_t)b * T + j) * 3 * D + D + h * hd;
+                    double d = 0.0;
+                    for (int c = 0; c < hd; c++) d += (double)q[c] * k[c];
+                    s[j] = scale * d;
+                    if (s[j] > m) m = s[j];
+                }
+                for (int j = 0; j < T; j++) z += exp(s[j] - m);
+                lse[((size_t)b * H + h) * T + i] = (float)(m + log(z));
+            }
+    af_free(att);
+    af_free(s);
+    return AF_OK;
+}
+
+/* dqkv as af_attention_backward, the probabilities recomputed from qkv (out, lse unused). */
+static af_status cpu_sdpa_backward(float *dqkv, const float *dout, const float *qkv, int B, int T,
+                                   int D, int H) {
+    size_t tt = (size_t)B * H * T * T;
+    float *att = af_calloc(tt, sizeof(float)), *scratch = af_calloc(tt, sizeof(float));
+    float *out = af_calloc((size_t)B * T * D, sizeof(float));
+    if (att == NULL || scratch == NULL || out == NULL) {
+        af_free(att);
+        af_free(scratch);
+        af_free(out);
+        return AF_ENOMEM;
+    }
+    af_attention_forward(out, att, qkv, B, T, D, H);
+    af_attention_backward(dqkv, scratch, dout, qkv, att, B, T, D, H);
+    af_free(att);
+    af_free(scratch);
+    af_free(out);
+    return AF_OK;
+}
+#endif
+/* ---- anomaly scores (csrc/core/anomaly.h): the data checks of both twins ---- */
+
+static int finite_array(af_op_call *o, const char *name) {
+    PyArrayObject *a = af_op_array(o, name);
+    return a == NULL ? 0 : af_check_finite(a, name);
+}
+
+/* K = stride^2 masks of L = G*G tokens. */
+static int check_inpaint_masks(af_op_call *o) {
+    int G = I(G), stride = I(stride);
+    if (stride > G) {
+        PyErr_Format(PyExc_ValueError, "stride=%d is larger than the grid side G=%d (some masks "
+                     "would hide nothing)", stride, G);
+        return -1;
+    }
+    if ((int64_t)G * G > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "G*G is too large");
+        return -1;
+    }
+    if (af_op_let(o, "K", (int64_t)stride * stride, "masks", 0) < 0) return -1;
+    return af_op_let(o, "L", (int64_t)G * G, "masks", 1);
+}
+
+/* Errors are finite and >= 0 (their logarithms are taken). */
+static int check_errors(af_op_call *o, const char *name) {
+    PyArrayObject *a = af_op_array(o, name);
+    if (a == NULL) return 0;
+    const float *p = AF_F32(a);
+    for (npy_intp i = 0, n = PyArray_SIZE(a); i < n; i++) {
+        if (!(p[i] >= 0.0f && isfinite(p[i]))) {
+            af_errorf(PyExc_ValueError, "%s must hold finite errors >= 0, got %g at flat index "
+                      "%zd", name, (double)p[i], (Py_ssize_t)i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int check_position_stats(af_op_call *o) {
+    if (I(N) < 2) {
+        PyErr_Format(PyExc_ValueError, "num: need at least 2 reference maps, got %d", I(N));
+        return -1;
+    }
+    return check_errors(o, "num") < 0 || check_errors(o, "den") < 0 ? -1 : 0;
+}
+
+static int check_position_zscore(af_op_call *o) {
+    if (check_errors(o, "num") < 0 || check_errors(o, "den") < 0 ||
+        finite_array(o, "mean") < 0 || finite_array(o, "std") < 0)
+        return -1;
+    const float *sd = AF_F32(af_op_array(o, "std"));
+    for (int j = 0; j < I(L); j++) {
+        if (!(sd[j] > 0.0f)) {
+            af_errorf(PyExc_ValueError, "std must be > 0, got %g at position %d", (double)sd[j], j);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* tokens[.,T,D] with a cls token first: T >= 2. */
+static int check_tokens(af_op_call *o) {
+    if (I(T) < 2) {
+        PyErr_Format(PyExc_ValueError, "tokens: need the cls token and at least one patch token "
+                     "(T >= 2), got T=%d", I(T));
+        return -1;
+    }
+    return finite_array(o, "tokens");
+}
+
+static int check_gauss_fit(af_op_call *o) {
+    if (check_tokens(o) < 0) return -1;
+    if (I(N) < 2) {
+        PyErr_Format(PyExc_ValueError, "tokens: need at least 2 reference images, got %d", I(N));
+        return -1;
+    }
+    return af_op_let(o, "G", I(pooled) ? 1 : (int64_t)I(T) - 1, "mean", 0);
+}
+
+static int check_gauss_score(af_op_call *o) {
+    if (check_tokens(o) < 0 || finite_array(o, "mean") < 0 || finite_array(o, "prec") < 0)
+        return -1;
+    return af_op_let(o, "G", I(pooled) ? 1 : (int64_t)I(T) - 1, "mean", 0);
+}
+
+static int check_knn(af_op_call *o) {
+    if (check_tokens(o) < 0 || finite_array(o, "ref") < 0) return -1;
+    int k = I(k), N = I(N);
+    if (k > N || k > AF_ANOMALY_MAX_K) {
+        PyErr_Format(PyExc_ValueError, "k=%d must be at most the %d reference images and %d", k, N,
+                     AF_ANOMALY_MAX_K);
+        return -1;
+    }
+    return af_op_let(o, "L", (int64_t)I(T) - 1, "map", 1);
+}
+
 /* ------------------------------------------------------------------ the table */
 
 #define OBJ_PROSE_SINKHORN "\n\n" \
@@ -249,6 +438,38 @@ static int check_slm(af_op_call *o) {
     "(keyword-only): lesions_min=1, lesions_max=4, size_min=16, size_max=64, crop_max=60,\n" \
     "gamma2=0.5, strength=0.5, token_rule='paper'|'released', region_rule='random'|'largest'.\n" \
     "The GPU twin is bit-identical."
+
+#define FAST_PROSE "\n\n" \
+    "A kernel of the fast bf16 GPU path (AFIRE_CUDA_FAST=1, cuda/fast.cuh). The CPU twin is\n" \
+    "the fp32 reference; the GPU twin rounds its operands to bf16 (nearest even), runs the\n" \
+    "kernel (fp32 accumulation) and widens its bf16 outputs to fp32."
+#define SDPA_PROSE FAST_PROSE "\n" \
+    "GPU keyword backend: 0 cuDNN's fused SDPA when a plan builds, else our kernel; 1 cuDNN\n" \
+    "only (RuntimeError saying why when it cannot); 2 our kernel. lse[b,h,i] = log sum_j\n" \
+    "exp(q_i.k_j / sqrt(D/H)) (natural log)."
+#define ANOMALY_PROSE_INPAINT "\n\n" \
+    "Not in the paper. Complementary in-painting masks: K = stride^2 masks of the G x G token\n" \
+    "grid; token (r, c) is hidden (1) in mask ((r // block) % stride) * stride +\n" \
+    "(c // block) % stride, so every token is hidden exactly once."
+#define ANOMALY_PROSE_ERROR "\n\n" \
+    "Not in the paper. err[b, j] = mean over the Q values of token j of (y - x)^2 for the\n" \
+    "tokens with mask[b, j] = 1 (all tokens without mask); the others keep err0 (or 0)."
+#define ANOMALY_PROSE_STATS "\n\n" \
+    "Not in the paper. Per-position mean and sample std (floored at 1e-6) over N reference\n" \
+    "maps of v = log(num + eps) - log(den + eps) (without den: log(num + eps))."
+#define ANOMALY_PROSE_ZSCORE "\n\n" \
+    "Not in the paper. map = (v - mean) / std per position, v as position_stats;\n" \
+    "score = the mean of the map over the L tokens (higher = more abnormal)."
+#define ANOMALY_PROSE_GAUSS_FIT "\n\n" \
+    "Not in the paper. Gaussian reference of encoder tokens (cls first, never used): pooled\n" \
+    "-> one Gaussian (G = 1) of the GAP features; else one per position (G = T - 1). prec is\n" \
+    "the inverse of (1 - shrinkage) S + shrinkage tr(S)/D I, S the sample covariance."
+#define ANOMALY_PROSE_GAUSS_SCORE "\n\n" \
+    "Not in the paper. map = squared Mahalanobis distance of each GAP feature (pooled) or\n" \
+    "patch token to its Gaussian; score = the mean of the map (higher = more abnormal)."
+#define ANOMALY_PROSE_KNN "\n\n" \
+    "Not in the paper. map[b, j] = mean of the k smallest squared distances of patch token j\n" \
+    "of image b to patch token j of the N reference images; score = the mean of the map."
 
 /* X(module, name, signature, check, cpu_call, cuda_call) */
 #define AF_OP_TABLE(X)                                                                           \
@@ -306,13 +527,14 @@ static int check_slm(af_op_call *o) {
       VOID(af_attention_fused_backward(F(dqkv), F(scratch), COUNT(scratch), F(dout), F(qkv),    \
                                        F(stats), I(B), I(T), I(D), I(H), NULL, 0)),             \
       NONE)                                                                                      \
-    X(ops, linear_forward_bf16, "inp[N,C] weight[OC,C] bias[OC]=None -> out[N,OC] using ws[WS]"  \
-      "\n\nlinear_forward with bf16 GEMM operands and fp32 sums (precision='bf16').",            \
+    X(ops, cpu_linear_forward_bf16, "inp[N,C] weight[OC,C] bias[OC]=None -> out[N,OC] using "   \
+      "ws[WS]\n\nlinear_forward with bf16 GEMM operands and fp32 sums (the CPU's "               \
+      "precision='bf16').",                                                                      \
       check_linear_bf16,                                                                         \
       VOID(af_linear_forward_bf16(F(out), F(inp), F(weight), F(bias), I(N), I(C), I(OC), F(ws), \
                                   (size_t)COUNT(ws) * 4)),                                       \
       NONE)                                                                                      \
-    X(ops, linear_backward_bf16, "dout[N,OC] inp[N,C] weight[OC,C] has_bias:bool=True -> "       \
+    X(ops, cpu_linear_backward_bf16, "dout[N,OC] inp[N,C] weight[OC,C] has_bias:bool=True -> "   \
       "(dinp[N,C], dweight[OC,C], dbias[OC] if has_bias) using ws[WS]", check_linear_bf16,       \
       VOID(af_linear_backward_bf16(F(dinp), F(dweight), F(dbias), F(dout), F(inp), F(weight),   \
                                    I(N), I(C), I(OC), F(ws), (size_t)COUNT(ws) * 4)),            \
@@ -404,6 +626,54 @@ static int check_slm(af_op_call *o) {
                            R(beta2), R(eps), R(weight_decay), I(t))),                            \
       af_cuda_adamw_update(CTX, F(params), F(grads), F(m), F(v), COUNT(params), R(lr), R(beta1), \
                            R(beta2), R(eps), R(weight_decay), I(t)))                             \
+    X(ops, linear_forward_bf16, "inp[N,C] weight[OC,C] bias[OC]=None * @out_f32:bool=False "    \
+      "@epilogue:bool=True -> out[N,OC]" FAST_PROSE "\nGPU keywords: out_f32 (an fp32 output, "   \
+      "fp32 bias), epilogue=False (our bias kernel, not cuBLASLt's).", NULL,                      \
+      VOID(af_linear_forward(F(out), F(inp), F(weight), F(bias), I(N), I(C), I(OC))),            \
+      af_cuda_check_linear_forward(CTX, F(out), F(inp), F(weight), F(bias), I(N), I(C), I(OC),   \
+                                   I(out_f32), I(epilogue)))                                     \
+    X(ops, linear_backward_bf16, "dout[N,OC] inp[N,C] weight[OC,C] has_bias:bool=True * "         \
+      "@dinp_f32:bool=False @epilogue:bool=True -> (dinp[N,C], dweight[OC,C], dbias[OC] if "      \
+      "has_bias)" FAST_PROSE "\nGPU keywords: dinp_f32, epilogue=False (our column sum for "       \
+      "dbias, not the BGRADB epilogue).", NULL,                                                  \
+      VOID(af_linear_backward(F(dinp), F(dweight), F(dbias), F(dout), F(inp), F(weight), I(N),   \
+                              I(C), I(OC))),                                                     \
+      af_cuda_check_linear_backward(CTX, F(dinp), F(dweight), F(dbias), F(dout), F(inp),         \
+                                    F(weight), I(N), I(C), I(OC), I(dinp_f32), I(epilogue)))     \
+    X(ops, residual_layernorm_forward, "a[N,C] weight[C] bias[C] eps:float>=0=1e-6 * "            \
+      "b[N,C]=None @out_f32:bool=False -> (res[N,C], out[N,C], mean[N], rstd[N])" FAST_PROSE      \
+      "\nres = a + b (a when b is None; the GPU rounds b), out = LayerNorm(res) (bf16 unless "   \
+      "out_f32).", NULL,                                                                          \
+      cpu_residual_layernorm(F(res), F(out), F(mean), F(rstd), F(a), F(b), F(weight), F(bias),   \
+                             I(N), I(C), R(eps)),                                                \
+      af_cuda_check_residual_layernorm(CTX, F(res), F(out), F(mean), F(rstd), F(a), F(b),        \
+                                       F(weight), F(bias), I(N), I(C), R(eps), I(out_f32)))      \
+    X(ops, layernorm_backward_residual, "dout[inp] inp[N,C] weight[C] mean[N] rstd[N] * "          \
+      "dres[inp]=None @dout_f32:bool=False -> (dinp[N,C], dweight[C], dbias[C], dinp_h[N,C])"     \
+      FAST_PROSE "\ndinp = dres + the LayerNorm backward of dout (one kernel with dweight, "      \
+      "dbias); dinp_h: the bf16 copy the GPU writes (= dinp on the CPU).", NULL,                  \
+      cpu_layernorm_backward_residual(F(dinp), F(dweight), F(dbias), F(dinp_h), F(dout), F(inp), \
+                                      F(weight), F(mean), F(rstd), F(dres), I(N), I(C)),         \
+      af_cuda_check_layernorm_backward(CTX, F(dinp), F(dweight), F(dbias), F(dinp_h), F(dout),   \
+                                       F(inp), F(weight), F(mean), F(rstd), F(dres), I(N), I(C), \
+                                       I(dout_f32)))                                             \
+    X(ops, gelu_forward_bf16, "inp[...] -> out[inp]" FAST_PROSE, NULL,                            \
+      VOID(af_gelu_forward(F(out), F(inp), COUNT(inp))),                                         \
+      af_cuda_check_gelu_forward(CTX, F(out), F(inp), COUNT(inp)))                               \
+    X(ops, gelu_backward_bf16, "dout[inp] inp[...] -> (dinp[inp])" FAST_PROSE, NULL,              \
+      VOID(af_gelu_backward(F(dinp), F(dout), F(inp), COUNT(inp))),                              \
+      af_cuda_check_gelu_backward(CTX, F(dinp), F(dout), F(inp), COUNT(inp)))                    \
+    X(ops, sdpa_forward, "qkv[B,T,3*D] H:int>0 * @backend:int>=0=0 -> (out[B,T,D], lse[B,H,T])"  \
+      SDPA_PROSE, check_heads,                                                                    \
+      cpu_sdpa_forward(F(out), F(lse), F(qkv), I(B), I(T), I(D), I(H)),                          \
+      af_cuda_check_sdpa_forward(CTX, F(out), F(lse), F(qkv), I(B), I(T), I(D), I(H),            \
+                                 I(backend)))                                                    \
+    X(ops, sdpa_backward, "dout[B,T,D] qkv[B,T,3*D] out[B,T,D] lse[B,H,T] H:int>0 * "             \
+      "@backend:int>=0=0 -> (dqkv[qkv])" SDPA_PROSE "\nThe CPU twin recomputes the "             \
+      "probabilities from qkv (out and lse unused).", check_heads,                                \
+      cpu_sdpa_backward(F(dqkv), F(dout), F(qkv), I(B), I(T), I(D), I(H)),                       \
+      af_cuda_check_sdpa_backward(CTX, F(dqkv), F(dout), F(qkv), F(out), F(lse), I(B), I(T),     \
+                                  I(D), I(H), I(backend)))                                       \
     X(objective, sinkhorn_knopp, "logits[N,K] eps:float>0=" STR(AF_SINKHORN_EPS)                 \
       " iters:int>=0=" STR(AF_SINKHORN_ITERS) " -> q[N,K]" OBJ_PROSE_SINKHORN, NULL,             \
       af_sinkhorn_knopp(F(q), F(logits), I(N), I(K), R(eps), I(iters)),                          \
@@ -441,6 +711,40 @@ static int check_slm(af_op_call *o) {
       af_anomaly_score(F64(score), F64(log_score), F64(err), F(y), F(x), I(B), I(L), I(PPC)),    \
       af_cuda_anomaly_score(CTX, F64(score), F64(log_score), F64(err), F(y), F(x), I(B), I(L),   \
                             I(PPC)))                                                             \
+    X(anomaly, inpaint_masks, "G:int>0 stride:int>0=2 block:int>0=1 -> masks[K,L]:u8"           \
+      ANOMALY_PROSE_INPAINT, check_inpaint_masks,                                                \
+      af_anomaly_inpaint_masks(U8(masks), I(G), I(stride), I(block)), NONE)                      \
+    X(anomaly, token_error, "y[B,L,Q] x[B,L,Q] mask[B,L]:labels=None err0[B,L]=None -> "         \
+      "err[B,L] from err0" ANOMALY_PROSE_ERROR, NULL,                                            \
+      af_anomaly_token_error(F(err), F(y), F(x), U8(mask), I(B), I(L), I(Q)),                    \
+      af_cuda_anomaly_token_error(CTX, F(err), F(y), F(x), U8(mask), I(B), I(L), I(Q)))          \
+    X(anomaly, position_stats, "num[N,L] den[N,L]=None eps:float>0=1e-4 -> (mean[L], std[L])"    \
+      ANOMALY_PROSE_STATS, check_position_stats,                                                 \
+      af_anomaly_position_stats(F(mean), F(std), F(num), F(den), I(N), I(L), R(eps)),            \
+      af_cuda_anomaly_position_stats(CTX, F(mean), F(std), F(num), F(den), I(N), I(L), R(eps)))  \
+    X(anomaly, position_zscore, "num[B,L] mean[L] std[L] den[B,L]=None eps:float>0=1e-4 -> "     \
+      "(score[B]:f64, map[B,L])" ANOMALY_PROSE_ZSCORE, check_position_zscore,                    \
+      af_anomaly_position_zscore(F64(score), F(map), F(num), F(den), F(mean), F(std), I(B),      \
+                                 I(L), R(eps)),                                                  \
+      af_cuda_anomaly_position_zscore(CTX, F64(score), F(map), F(num), F(den), F(mean), F(std),  \
+                                      I(B), I(L), R(eps)))                                       \
+    X(anomaly, gauss_fit, "tokens[N,T,D] pooled:bool=False shrinkage:float[0,1]=0.1 -> "         \
+      "(mean[G,D], prec[G,D,D])" ANOMALY_PROSE_GAUSS_FIT, check_gauss_fit,                       \
+      af_anomaly_gauss_fit(F(mean), F(prec), F(tokens), I(N), I(T), I(D), I(pooled),             \
+                           R(shrinkage)),                                                        \
+      af_cuda_anomaly_gauss_fit(CTX, F(mean), F(prec), F(tokens), I(N), I(T), I(D), I(pooled),   \
+                                R(shrinkage)))                                                   \
+    X(anomaly, gauss_score, "tokens[B,T,D] mean[G,D] prec[G,D,D] pooled:bool=False -> "          \
+      "(score[B]:f64, map[B,G])" ANOMALY_PROSE_GAUSS_SCORE, check_gauss_score,                   \
+      af_anomaly_gauss_score(F64(score), F(map), F(tokens), F(mean), F(prec), I(B), I(T), I(D),  \
+                             I(pooled)),                                                         \
+      af_cuda_anomaly_gauss_score(CTX, F64(score), F(map), F(tokens), F(mean), F(prec), I(B),    \
+                                  I(T), I(D), I(pooled)))                                        \
+    X(anomaly, knn_score, "tokens[B,T,D] ref[N,T,D] k:int>0=1 -> (score[B]:f64, map[B,L])"       \
+      ANOMALY_PROSE_KNN, check_knn,                                                              \
+      af_anomaly_knn_score(F64(score), F(map), F(tokens), F(ref), I(B), I(N), I(T), I(D), I(k)), \
+      af_cuda_anomaly_knn_score(CTX, F64(score), F(map), F(tokens), F(ref), I(B), I(N), I(T),    \
+                                I(D), I(k)))                                                     \
     X(slm, slm_generate, "images[B,S,W]:u8 seed:u64 step:u64=0 first_index:u64=0 patch:int=16 "  \
       "**config -> (x_prime[images]:u8, masks[images]:u8, token_labels[B,L]:u8)" SLM_PROSE,      \
       check_slm,                                                                                 \
@@ -493,9 +797,16 @@ int af_register_ops(PyObject *m) {
     return 0;
 }
 
+/* Also registers afire._C.anomaly, the scores beside Eq. 51 (csrc/core/anomaly.h). */
 int af_register_objective(PyObject *m) {
     PyObject *sub = af_add_submodule(m, "objective", NULL,
                                      "The AFiRe objective: Sinkhorn, prototypes, paper and "
                                      "released losses, anomaly score.");
-    return sub == NULL ? -1 : af_op_register(sub, "objective");
+    if (sub == NULL || af_op_register(sub, "objective") < 0) return -1;
+    sub = af_add_submodule(m, "anomaly", NULL,
+                           "Anomaly scores beside Eq. 51 (none of them in the paper): "
+                           "in-painting masks and per-token errors, per-position z-scores, "
+                           "Gaussian and nearest-neighbour references of encoder tokens "
+                           "(csrc/core/anomaly.h).");
+    return sub == NULL ? -1 : af_op_register(sub, "anomaly");
 }

@@ -1,6 +1,7 @@
 /* afire._C.trainer.Trainer: the C training state (networks, optimiser, teacher, prototypes)
  * behind afire.AFiRe. Python passes the validated Config as a dict; every call that computes
  * releases the GIL and claims the trainer so two threads cannot run it at once. */
+#include "py_comm_common.h"
 #include "py_trainer_common.h"
 
 #include <string.h>
@@ -12,9 +13,9 @@ AF_PY_TRAINER_API(cpu_api, af_trainer, af_trainer);
 /* ---- lifetime ---- */
 
 static int trainer_init(TrainerObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"config", "batch", "steps_per_epoch", "precision", "inference",
-                             NULL};
-    PyObject *d;
+    static char *kwlist[] = {"config", "batch", "steps_per_epoch", "comm", "precision",
+                             "inference", NULL};
+    PyObject *d, *comm = Py_None;
     int batch, inference = 0;
     long long spe;
     const char *precision = "fp32";
@@ -24,14 +25,20 @@ static int trainer_init(TrainerObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "Trainer is already initialised; create a new one");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iL|$sp:Trainer", kwlist, &PyDict_Type, &d,
-                                     &batch, &spe, &precision, &inference))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iL|O$sp:Trainer", kwlist, &PyDict_Type, &d,
+                                     &batch, &spe, &comm, &precision, &inference))
         return -1;
     int prec;
     if (strcmp(precision, "fp32") == 0) prec = AF_PRECISION_FP32;
     else if (strcmp(precision, "bf16") == 0) prec = AF_PRECISION_BF16;
     else {
         PyErr_Format(PyExc_ValueError, "precision must be 'fp32' or 'bf16', got '%s'", precision);
+        return -1;
+    }
+    af_comm *c_comm = NULL;
+    if (comm != Py_None && (c_comm = af_py_comm_pointer(comm)) == NULL) return -1;
+    if (c_comm != NULL && inference) {
+        PyErr_SetString(PyExc_ValueError, "an inference trainer takes no communicator");
         return -1;
     }
     if (spe < 1) {
@@ -47,18 +54,25 @@ static int trainer_init(TrainerObject *self, PyObject *args, PyObject *kw) {
     af_status st;
     Py_BEGIN_ALLOW_THREADS
     st = af_trainer_create(&t, &c, batch);
+    if (st == AF_OK && c_comm != NULL) st = af_trainer_set_comm(t, c_comm); /* collective */
     Py_END_ALLOW_THREADS
     if (st != AF_OK) {
+        af_trainer_free(t);
         af_raise(st);
         return -1;
     }
     self->t = t;
     self->api = &cpu_api;
+    if (c_comm != NULL) {
+        Py_INCREF(comm);
+        self->comm = comm;
+    }
     return 0;
 }
 
 static void trainer_dealloc(TrainerObject *self) {
     af_trainer_free(self->t);
+    Py_XDECREF(self->comm); /* after the trainer that used it */
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -120,9 +134,10 @@ static PyTypeObject TrainerType = {
     .tp_basicsize = sizeof(TrainerObject),
     .tp_dealloc = (destructor)trainer_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Trainer(config: dict, batch: int, steps_per_epoch: int, *, precision='fp32', "
-              "inference=False): the C training state (inference=True: only what encode, "
-              "restore and anomaly need)",
+    .tp_doc = "Trainer(config: dict, batch: int, steps_per_epoch: int, comm: Comm | None = None, "
+              "*, precision='fp32', inference=False): the C training state; with `comm` one "
+              "rank of a data-parallel run (every step is then collective); inference=True: "
+              "only what encode, restore and anomaly need",
     .tp_methods = trainer_methods,
     .tp_getset = af_py_trainer_getset,
     .tp_init = (initproc)trainer_init,

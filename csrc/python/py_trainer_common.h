@@ -41,6 +41,7 @@ typedef struct {
     PyObject_HEAD
     void *t;                      /* af_trainer * / af_cuda_trainer *; NULL before __init__ */
     const af_py_trainer_api *api; /* set with t */
+    PyObject *comm;               /* the communicator of a data-parallel run (kept alive), or NULL */
 } af_py_trainer;
 
 /* `static const af_py_trainer_api name_`: typed adapters from the C API `prefix_`_step, ...

@@ -68,6 +68,7 @@ int af_register_objective(PyObject *m);
 int af_register_phantom(PyObject *m);
 int af_register_trainer(PyObject *m);
 int af_register_downstream(PyObject *m);
+int af_register_comm(PyObject *m);
 /* CUDA extension only: add functions/types to the afire._C_cuda.cuda submodule. */
 int af_register_cuda_trainer(PyObject *cuda_submodule);
 

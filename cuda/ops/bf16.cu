@@ -9,6 +9,7 @@
 
 #include "bf16.cuh"
 #include "common.cuh"
+#include "fast.cuh"
 #include "ops_internal.cuh"
 
 __global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
@@ -21,6 +22,41 @@ __global__ void bias_rows_kernel(float *out, const float *bias, int64_t N, int O
     int64_t total = N * OC;
     AF_GRID_STRIDE(int64_t, i, total)
         out[i] = bias[i % OC];
+}
+
+__global__ void to_f32_kernel(float *dst, const __nv_bfloat16 *src, size_t n) {
+    AF_GRID_STRIDE(size_t, i, n)
+        dst[i] = __bfloat162float(src[i]);
+}
+
+// dst[b*(T-1) + j, d] = bf16(src[(b*T + 1 + j)*D + d])
+__global__ void gather_tokens_kernel(__nv_bfloat16 *dst, const float *src, int64_t B, int T,
+                                     int D) {
+    int L = T - 1;
+    int64_t total = B * L * D;
+    AF_GRID_STRIDE(int64_t, i, total) {
+        int64_t r = i / D, b = r / L;
+        int j = (int)(r % L), d = (int)(i % D);
+        dst[i] = __float2bfloat16_rn(src[(b * T + 1 + j) * D + d]);
+    }
+}
+
+af_status af_fast_to_f32(af_cuda_context *ctx, float *dst, const bf16 *src, size_t n) {
+    if (n == 0) return AF_OK;
+    AF_CUDA_CHECK(dst && src, "to_f32: NULL pointer");
+    to_f32_kernel<<<af_grid_1d((int64_t)n, 256), 256, 0, ctx->stream>>>(dst, src, n);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
+}
+
+af_status af_fast_gather_tokens(af_cuda_context *ctx, bf16 *dst, const float *src, int B, int T,
+                                int D) {
+    AF_CUDA_CHECK(B > 0 && T > 1 && D > 0, "gather_tokens: bad sizes B=%d T=%d D=%d", B, T, D);
+    AF_CUDA_CHECK(dst && src, "gather_tokens: NULL pointer");
+    gather_tokens_kernel<<<af_grid_1d((int64_t)B * (T - 1) * D, 256), 256, 0, ctx->stream>>>(
+        dst, src, B, T, D);
+    AF_CUDA_LAUNCHED();
+    return AF_OK;
 }
 
 extern "C" af_status af_cuda_to_bf16(af_cuda_context *ctx, af_bf16 *dst, const float *src,

@@ -2,15 +2,24 @@
 # Device checks of the CUDA backend, run from the repo root ON THE GPU MACHINE:
 #   bash tests/gpu/run_device_checks.sh
 # 1. OpenBLAS wheel from .whl/ (if present) into /tmp/site; 2. build with nvcc for sm_90 (all
-# cores); 3. nvidia-smi; 4. the GPU tests (tests/gpu, -m gpu); 5. the GPU op benchmark and
-# 6. the training-step benchmark in fp32 and bf16 (JSON, with the bf16 speed-up) and
-# 7. afire vs the same step in PyTorch (JSON).
-# Options (environment): SKIP_BENCH=1 skips 5-7; EVAL_SCALE=1 adds 8. `afire pretrain --device
-# cuda` on phantoms (the loop, its checkpoint loaded on the CPU) and 9. benchmarks/eval_scale.py
-# (pre-training vs random init at vit_tiny 224 px) on $AFIRE_DATA/kermany_native.
-# Logs and JSON go to $OUT (or /tmp/afire_device_checks). Every step runs even if an earlier one
-# failed where that still makes sense; the exit status is non-zero at the END if any step
-# failed or no GPU was visible. Budget: under 8 minutes on 16 cores.
+# cores); 3. nvidia-smi; 4. the GPU tests (tests/gpu, -m gpu: every kernel vs its CPU twin, the
+# step vs the CPU, both bf16 paths vs fp32, bit-identical reruns; the fast path's kernels and
+# cuDNN SDPA in test_cuda_fast.py); 5. ONE benchmark run, afire (bf16 reference path and fast
+# path) vs the same step in PyTorch (eager bf16 autocast + SDPA, torch.compile), vit_base and
+# vit_small at B=64, vit_base at B=128: img/s, MFU, memory -> bench_gpu_vs_torch.json;
+# 6. a kernel profile of one vit_base B=64 step on each bf16 path (nsys when installed, else
+# torch.profiler) -> profile_bf16.json ("before") and profile_fast.json ("after");
+# 7. perf_table.md, the markdown tables for docs/PERFORMANCE.md.
+# Options (environment): SKIP_BENCH=1 skips 5-7; FULL=1 adds the op benchmark and the older
+# step benchmark (bench_gpu_ops.py, bench_gpu_step.py); EVAL_SCALE=1 adds `afire pretrain
+# --device cuda` on phantoms (the loop, its checkpoint loaded on the CPU) and
+# benchmarks/eval_scale.py (pre-training vs random init at vit_tiny 224 px) on
+# $AFIRE_DATA/kermany_native.
+# Logs and JSON go to $OUT (or /tmp/afire_device_checks); copy the JSON files into
+# benchmarks/results/ (gpu_vs_torch_<gpu>.json, profile_<path>_<gpu>.json) to record them.
+# Every step runs even if an earlier one failed where that still makes sense; the exit status is
+# non-zero at the END if any step failed or no GPU was visible. Budget: under 8 minutes on a
+# 16-core H100 / H200 machine (build ~1.5, tests ~2, benchmark ~3.5, profiles ~1 minute).
 set -o pipefail
 ROOT="$(pwd)"
 DEST="${OUT:-/tmp/afire_device_checks}"
@@ -71,38 +80,68 @@ if [ "$built" = 1 ]; then
     fi
 fi
 
-# 5. benchmark: ours vs PyTorch on ViT-B shapes
+# 5. afire (bf16 reference and fast paths) vs the same step in PyTorch (eager, compiled): ONE
+#    process, JSON written after every row (a time-out keeps what finished)
 bench=1
 [ "${SKIP_BENCH:-0}" = 1 ] && bench=0
 if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "$bench" = 1 ]; then
-    if timeout 150 python3 benchmarks/bench_gpu_ops.py --out "$DEST/bench_gpu_ops.json" 2>&1 |
-        tee "$DEST/bench_gpu_ops.log"; then
-        step_ok "benchmark -> bench_gpu_ops.json"
-    else
-        step_fail "benchmark (see bench_gpu_ops.log)"
-    fi
-fi
-
-# 6. the full training step on the GPU: images/s and memory (vit_small, vit_base at B=64),
-#    precision fp32 and bf16 (each model built, timed and freed in turn)
-if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "$bench" = 1 ]; then
-    if timeout 180 python3 benchmarks/bench_gpu_step.py --out "$DEST/bench_gpu_step.json" 2>&1 |
-        tee "$DEST/bench_gpu_step.log"; then
-        step_ok "training-step benchmark -> bench_gpu_step.json (bf16 speed-up: $(python3 -c \
-            "import json; print(json.load(open('$DEST/bench_gpu_step.json')).get('speedup_bf16_over_fp32'))" 2>&1))"
-    else
-        step_fail "training-step benchmark (see bench_gpu_step.log)"
-    fi
-fi
-
-# 7. the same step in PyTorch (fp32 TF32 off, bf16 autocast) vs afire, one process (JSON)
-if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "$bench" = 1 ]; then
-    if timeout 180 python3 benchmarks/bench_gpu_vs_torch.py --out "$DEST/bench_gpu_vs_torch.json" \
+    if timeout 330 python3 benchmarks/bench_gpu_vs_torch.py --out "$DEST/bench_gpu_vs_torch.json" \
         2>&1 | tee "$DEST/bench_gpu_vs_torch.log"; then
-        step_ok "afire vs PyTorch step benchmark -> bench_gpu_vs_torch.json"
+        step_ok "afire vs PyTorch -> bench_gpu_vs_torch.json ($(python3 -c "
+import json
+b = json.load(open('$DEST/bench_gpu_vs_torch.json'))
+r = b['ratios'].get('vit_base@64', {})
+def g(k): return ('%.2f' % r[k]['images_per_s']) if k in r else 'n/a'
+rows = {x['impl']: x for x in b['rows'] if x.get('preset') == 'vit_base' and x.get('batch') == 64 and 'impl' in x}
+mfu = rows.get('afire_bf16_fast', {}).get('mfu')
+print('vit_base@64 fast/eager', g('afire_bf16_fast/torch_bf16_eager'), 'fast/compile',
+      g('afire_bf16_fast/torch_bf16_compile'), 'MFU', 'n/a' if mfu is None else '%.1f%%' % (100 * mfu))
+" 2>&1))"
     else
-        step_fail "afire vs PyTorch step benchmark (see bench_gpu_vs_torch.log)"
+        step_fail "afire vs PyTorch benchmark (see bench_gpu_vs_torch.log)"
     fi
+fi
+
+# 6. where one vit_base B=64 step spends its GPU time, bf16 reference path ("before") and fast
+#    path ("after"): nsys when installed, else torch.profiler
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "$bench" = 1 ]; then
+    for path in bf16 fast; do
+        prof="$DEST/profile_$path.json"
+        if command -v nsys >/dev/null 2>&1; then
+            if timeout 120 nsys profile --trace=cuda --sample=none --cpuctxsw=none \
+                --capture-range=cudaProfilerApi --capture-range-end=stop --force-overwrite=true \
+                -o "$DEST/prof_$path" python3 benchmarks/profile_gpu_step.py --path "$path" --mark \
+                >"$DEST/profile_$path.log" 2>&1 &&
+                nsys stats --report cuda_gpu_kern_sum --format csv --force-export=true \
+                    --output "$DEST/prof_$path" "$DEST/prof_$path.nsys-rep" >>"$DEST/profile_$path.log" 2>&1 &&
+                python3 benchmarks/profile_gpu_step.py --path "$path" --summarize \
+                    "$DEST/prof_${path}_cuda_gpu_kern_sum.csv" --out "$prof" >>"$DEST/profile_$path.log" 2>&1; then
+                step_ok "profile ($path, nsys) -> profile_$path.json"
+                rm -f "$DEST/prof_$path.nsys-rep" "$DEST/prof_$path.sqlite"
+            else
+                step_fail "profile ($path, nsys; see profile_$path.log)"
+            fi
+        elif timeout 120 python3 benchmarks/profile_gpu_step.py --path "$path" --out "$prof" \
+            >"$DEST/profile_$path.log" 2>&1; then
+            step_ok "profile ($path, torch.profiler: nsys not installed) -> profile_$path.json"
+        else
+            step_fail "profile ($path; see profile_$path.log)"
+        fi
+    done
+fi
+
+# 7. the tables for docs/PERFORMANCE.md
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "$bench" = 1 ]; then
+    python3 benchmarks/perf_table.py "$DEST" >"$DEST/perf_table.md" 2>&1 &&
+        step_ok "perf_table.md" || step_fail "perf_table.md"
+fi
+
+# FULL=1: per-op timings and the older step benchmark (fp32 and bf16 without PyTorch)
+if [ "$built" = 1 ] && [ "$ngpu" != 0 ] && [ "${FULL:-0}" = 1 ]; then
+    timeout 150 python3 benchmarks/bench_gpu_ops.py --out "$DEST/bench_gpu_ops.json" \
+        >"$DEST/bench_gpu_ops.log" 2>&1 && step_ok "bench_gpu_ops.json" || step_fail "bench_gpu_ops"
+    timeout 180 python3 benchmarks/bench_gpu_step.py --out "$DEST/bench_gpu_step.json" \
+        >"$DEST/bench_gpu_step.log" 2>&1 && step_ok "bench_gpu_step.json" || step_fail "bench_gpu_step"
 fi
 
 # 8. the pre-training loop on the GPU: a short `afire pretrain`, its checkpoint read on the CPU

@@ -17,6 +17,9 @@ of about 10x:
   - encode / restore of the same weights: |bf16 - fp32| <= 3e-2 (max|fp32| + |fp32|);
     anomaly log score rel 2e-2
   - two bf16 runs: bit-identical (losses, state, encodings)
+Every test runs twice: on the bf16 reference path and on the fast bf16 path
+(AFIRE_CUDA_FAST=1, cuda/fast.cuh: bf16 activations, cuBLASLt, cuDNN SDPA or our attention),
+with the same tolerances; tests/gpu/test_cuda_fast.py checks the fast path's kernels.
 Skipped with a visible reason when the build has no CUDA backend or no GPU is visible (the
 Config checks at the top run everywhere).
 """
@@ -29,6 +32,16 @@ from afire import AFiRe, Config
 pytestmark = pytest.mark.gpu
 
 NETS = ("encoder", "head", "decoder")
+
+
+@pytest.fixture(autouse=True, params=["reference", "fast"])
+def bf16_path(request, monkeypatch):
+    """The GPU trainers of a test are made on this bf16 path (read when a model is created)."""
+    if request.param == "fast":
+        monkeypatch.setenv("AFIRE_CUDA_FAST", "1")
+    else:
+        monkeypatch.delenv("AFIRE_CUDA_FAST", raising=False)
+    return request.param
 LOSSES = ("loss", "l_stru", "l_cate", "l_cst", "l_recon")
 
 
