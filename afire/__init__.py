@@ -6,7 +6,12 @@ import os
 
 import scipy_openblas32 as _openblas
 
-# OpenMP threads that spin while OpenBLAS's own threads work slow a 2-core step ~6x.
+# Idle OpenMP workers sleep instead of spinning. Every thread of afire's C core is an OpenMP
+# thread (OpenBLAS runs single-threaded inside them), and a woken worker costs ~2.5 us per
+# parallel region, which the kernels' thresholds keep rare; spinning workers steal the cores
+# of whatever else runs: on a shared 2-core machine the `test` step took 48 ms with
+# GOMP_SPINCOUNT=20000 and 3-9 ms with OMP_WAIT_POLICY=active, against 2.9 ms passive
+# (docs/PERFORMANCE.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 from . import dist as _dist  # noqa: E402  (launch detection only: loads no C code)

@@ -6,6 +6,7 @@ batches, and names tensors for checkpoints and timm export.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -160,6 +161,16 @@ class AFiRe:
             per-iteration schedules (warm-up, cosine lr/wd/EMA, last-layer freeze).
         batch_size: the largest batch a call may pass (default ``cfg.batch_size``); buffers
             are sized once for it.
+        precision: GEMM arithmetic, ``"fp32"`` or ``"bf16"`` (bf16 operands, fp32 accumulation,
+            fp32 master weights, optimiser state, norms, softmax and losses). On the CPU the
+            default is ``"fp32"`` whatever ``cfg.precision`` says (that field picks the GPU's
+            arithmetic, bf16 by default); ``"bf16"`` there uses the CPU's bf16 dot products
+            (AMX / AVX512-BF16) when it has them and exact-bf16-rounding fp32 GEMMs otherwise.
+            On a GPU the default is ``cfg.precision``.
+        inference: build only what `encode`, `restore` and `anomaly_score` need (CPU): the
+            student and teacher encoders and the decoder, no head, gradients, optimiser state
+            or training activations. Such a model cannot `train_step` or `save`; load weights
+            into it with ``AFiRe.load(path, inference=True)`` or `import_backbone`.
         group: an :class:`afire.dist.Group` (``afire.dist.init``): the model is then one
             rank of a data-parallel run: `train_step` is collective (every rank calls it with
             its own images) and equals one step on all ranks' images together; ``device``
@@ -167,7 +178,8 @@ class AFiRe:
     """
 
     def __init__(self, cfg: Config, device: str = "cpu", steps_per_epoch: int = 100,
-                 batch_size: int | None = None, group: Any = None) -> None:
+                 batch_size: int | None = None, group: Any = None, *,
+                 precision: str | None = None, inference: bool = False) -> None:
         if not isinstance(cfg, Config):
             raise TypeError(f"cfg must be an afire.Config, got {type(cfg).__name__}")
         device = require_device(device)
@@ -176,20 +188,36 @@ class AFiRe:
         batch = cfg.batch_size if batch_size is None else batch_size
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch!r}")
+        if precision is not None and precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if not isinstance(inference, bool):
+            raise TypeError(f"inference must be a bool, got {inference!r}")
         self.cfg = cfg
         self.device = device
         self.steps_per_epoch = steps_per_epoch
         self.batch_capacity = batch
+        self.inference = inference
         self.group = group
         if group is not None and group.device != device:
             raise ValueError(f"device {device!r} is not this rank's ({group.device!r}, from "
                              "afire.dist.init)")
+        if group is not None and inference:
+            raise ValueError("inference=True builds no training state; it takes no group")
         if device == "cpu":
             comm = group.comm if group is not None else None
-            self._t = _C.trainer.Trainer(cfg.to_dict(), batch, steps_per_epoch, comm)
+            self.precision = precision or "fp32"
+            self._t = _C.trainer.Trainer(cfg.to_dict(), batch, steps_per_epoch, comm,
+                                         precision=self.precision, inference=inference)
         else:
             from . import cuda
 
+            if inference:
+                raise ValueError("inference=True is a CPU option (a cuda model keeps its full "
+                                 "training state)")
+            if precision is not None and precision != cfg.precision:
+                cfg = dataclasses.replace(cfg, precision=precision)
+                self.cfg = cfg
+            self.precision = cfg.precision
             index = device_index(device)
             nccl = group.nccl if group is not None else None
             self._t = cuda.backend().Trainer(cfg.to_dict(), batch, steps_per_epoch, index, nccl)
@@ -205,10 +233,12 @@ class AFiRe:
 
     def __repr__(self) -> str:
         c = self.cfg
+        extra = (f", precision={self.precision!r}" if self.precision != "fp32" else "") + \
+            (", inference=True" if self.inference else "")
         return (f"AFiRe(preset={c.preset!r}, img_size={c.img_size}, patch_size={c.patch_size}, "
                 f"embed_dim={c.embed_dim}, depth={c.depth}, "
                 f"parameters={sum(self.parameter_counts().values())}, step={self.step}, "
-                f"device={self.device!r})")
+                f"device={self.device!r}{extra})")
 
     def _repr_html_(self) -> str:
         from .display import model_html
@@ -467,7 +497,8 @@ class AFiRe:
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Every tensor of the training state, named: zero-copy views of the C buffers on the
-        CPU, host copies on a GPU (writing to them changes nothing there)."""
+        CPU, host copies on a GPU (writing to them changes nothing there). An inference model
+        has only the student and teacher encoders, the student decoder and the prototypes."""
         return self._state_views()[1]
 
     def set_state_tensors(self, tensors: dict[str, np.ndarray],
@@ -500,6 +531,8 @@ class AFiRe:
         out: dict[str, np.ndarray] = {}
         for prefix, nets in _STATE.items():
             for net in nets:
+                if f"{prefix}.{net}" not in bufs:  # an inference model keeps less
+                    continue
                 flat = bufs[f"{prefix}.{net}"]
                 for p in tables[net]:
                     n = int(np.prod(p["shape"]))
@@ -514,8 +547,13 @@ class AFiRe:
         Missing parent directories are created. ``path`` must be a new file, a regular file
         or a link to one; anything else (a directory, a device such as /dev/full, a FIFO)
         is refused. Any failure (permissions, a full disk) raises an OSError naming the path
-        and the reason, and leaves an existing file unchanged.
+        and the reason, and leaves an existing file unchanged. An inference model has no
+        training state to save (ValueError; `export_backbone` works).
         """
+        if self.inference:
+            raise ValueError("this model was made for inference (AFiRe(..., inference=True)): "
+                             "it has no head or optimiser state to save; use export_backbone, "
+                             "or save the training model it was loaded from")
         meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "config": self.cfg.to_json(), "step": str(self.step),
                 "steps_per_epoch": str(self.steps_per_epoch),
@@ -534,9 +572,13 @@ class AFiRe:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu",
-             batch_size: int | None = None, group: Any = None) -> "AFiRe":
+             batch_size: int | None = None, group: Any = None, *,
+             precision: str | None = None, inference: bool = False) -> "AFiRe":
         """Rebuild a model from `save`; ValueError if the file is malformed or incomplete.
-        ``group``: as for the constructor (every rank loads the same file)."""
+
+        ``group``: as for the constructor (every rank loads the same file).
+        ``inference=True`` (CPU) reads only the tensors an inference model keeps (see
+        `AFiRe`); ``precision`` as `AFiRe`."""
         tensors, meta = _C.io.load_safetensors(os.fspath(path))
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not an afire checkpoint (metadata format="
@@ -551,10 +593,14 @@ class AFiRe:
         except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from e
         model = cls(cfg, device=device, steps_per_epoch=spe,
-                    batch_size=cap if batch_size is None else batch_size, group=group)
+                    batch_size=cap if batch_size is None else batch_size, group=group,
+                    precision=precision, inference=inference)
         bufs, views = model._state_views()
         missing = sorted(set(views) - set(tensors))
         unexpected = sorted(set(tensors) - set(views))
+        if inference:  # the head, gradients and moments of the file are not needed
+            unexpected = [k for k in unexpected if not k.startswith(
+                ("adam_m.", "adam_v.", "student.head.", "teacher.head."))]
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not match its config: missing "
                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "

@@ -102,3 +102,106 @@ def test_step_setter_validates(bad):
     with pytest.raises(ValueError, match="step must be an int >= 0"):
         m.step = bad
     assert m.step == 2
+
+
+# ------------------------------------------------------------------ inference-only models
+
+def test_inference_model_matches_the_training_model(tmp_path):
+    m = model()
+    x = phantom_like(3, seed=2)
+    m.train_step(phantom_like(4, seed=1))
+    m.save(tmp_path / "c.safetensors")
+    i = AFiRe.load(tmp_path / "c.safetensors", inference=True)
+    assert i.inference and "inference=True" in repr(i)
+    for branch in ("teacher", "student"):
+        np.testing.assert_array_equal(i.encode(x, branch), m.encode(x, branch))
+    np.testing.assert_array_equal(i.restore(x), m.restore(x))
+    mask = np.zeros((3, m.num_patches), np.uint8)
+    mask[:, ::3] = 1
+    np.testing.assert_array_equal(i.restore(x, mask), m.restore(x, mask))
+    np.testing.assert_array_equal(i.anomaly_score(x), m.anomaly_score(x))
+    # only what those need: no head, gradients or moments
+    nets = {k.rsplit(".", 1)[0].split(".")[0] + "." + k.split(".")[1]
+            for k in i.state_tensors() if k != "prototypes"}
+    assert nets == {"student.encoder", "teacher.encoder", "student.decoder"}
+    with pytest.raises(ValueError, match="inference"):
+        i.train_step(x)
+    with pytest.raises(ValueError, match="inference"):
+        i.save(tmp_path / "d.safetensors")
+    with pytest.raises(TypeError, match="inference"):
+        AFiRe(small_cfg(), inference="yes")
+
+
+def test_inference_model_batches_and_imports():
+    cfg = small_cfg(batch_size=2)
+    i = AFiRe(cfg, inference=True)
+    t = AFiRe(cfg)
+    x = phantom_like(5, seed=4)  # more than the capacity: encode splits it
+    np.testing.assert_array_equal(i.encode(x, "student"), t.encode(x, "student"))
+    # named weights go into an inference model too (its views are the C buffers)
+    i2 = AFiRe(small_cfg(seed=9, batch_size=2), inference=True)
+    i2.set_state_tensors(t.state_tensors(), skip_prefixes=("teacher.", "student.decoder",
+                                                           "prototypes"))
+    np.testing.assert_array_equal(i2.encode(x, "student"), t.encode(x, "student"))
+
+
+def test_cpu_precision_argument():
+    with pytest.raises(ValueError, match="precision"):
+        AFiRe(small_cfg(), precision="fp16")
+    assert AFiRe(small_cfg()).precision == "fp32"  # the CPU default, whatever cfg.precision
+
+
+# ------------------------------------------------------------------ precision="bf16" on the CPU
+
+def test_cpu_bf16_step_tracks_fp32():
+    """bf16 GEMM operands (fp32 sums, master weights, norms, softmax, losses) against the fp32
+    reference, same seed and data: the stated tolerances hold over a few steps."""
+    cfg = small_cfg(seed=3)
+    a, b = AFiRe(cfg, steps_per_epoch=2), AFiRe(cfg, steps_per_epoch=2, precision="bf16")
+    assert b.precision == "bf16" and "precision='bf16'" in repr(b)
+    for i in range(3):
+        x = phantom_like(4, seed=10 + i)
+        ra, rb = a.train_step(x), b.train_step(x)
+        assert abs(rb["loss"] - ra["loss"]) <= 0.02 * abs(ra["loss"]), (i, ra, rb)
+        assert abs(rb["grad_norm"] - ra["grad_norm"]) <= 0.1 * ra["grad_norm"], (i, ra, rb)
+    x = phantom_like(3, seed=20)
+    ta, tb = a.encode(x), b.encode(x)
+    assert np.abs(tb - ta).max() <= 0.05 * np.abs(ta).max()
+    # deterministic: the same run twice is bit-identical
+    c = AFiRe(cfg, steps_per_epoch=2, precision="bf16")
+    for i in range(3):
+        c.train_step(phantom_like(4, seed=10 + i))
+    np.testing.assert_array_equal(c.encode(x), tb)
+
+
+def test_cpu_bf16_inference_model(tmp_path):
+    m = AFiRe(small_cfg(seed=4), steps_per_epoch=2)
+    m.train_step(phantom_like(4, seed=1))
+    m.save(tmp_path / "c.safetensors")
+    i = AFiRe.load(tmp_path / "c.safetensors", inference=True, precision="bf16")
+    x = phantom_like(3, seed=2)
+    t, ti = m.encode(x), i.encode(x)
+    assert np.abs(ti - t).max() <= 0.05 * np.abs(t).max()
+
+
+def test_cpu_bf16_portable_backend(tmp_path):
+    """The fallback for CPUs without AMX (forced here in a fresh process) computes the same
+    bf16-input products as this process's backend; only the fp32 summation order differs."""
+    import os
+    import subprocess
+    import sys
+
+    r = np.random.default_rng(0)
+    x, w = r.standard_normal((50, 70), np.float32), r.standard_normal((30, 70), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", w)
+    code = ("import sys, numpy as np; from afire import _C; d = sys.argv[1]; "
+            "np.save(d + '/y.npy', _C.ops.cpu_linear_forward_bf16(np.load(d + '/x.npy'), "
+            "np.load(d + '/w.npy'))); print(_C.build_info()['bf16'])")
+    env = dict(os.environ, AFIRE_BF16_BACKEND="portable")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "portable"
+    y = np.load(tmp_path / "y.npy")
+    np.testing.assert_allclose(y, _C.ops.cpu_linear_forward_bf16(x, w), rtol=1e-5, atol=1e-5)

@@ -278,6 +278,34 @@ def test_attention_one_token():
     close(dqkv[:, :, 4:], dy, atol=1e-7)
 
 
+@pytest.mark.parametrize("B,T,D,H", [(2, 5, 8, 2), (1, 70, 16, 4), (3, 1, 6, 2), (1, 131, 8, 1)])
+def test_attention_fused(B, T, D, H):
+    # the CPU model's attention: no T x T saved; same outputs and gradients as the T x T op,
+    # bit for bit (the backward recomputes the forward's probabilities exactly)
+    qkv, dy = randn(B, T, 3 * D), randn(B, T, D)
+    out, stats = ops.attention_fused_forward(qkv, H)
+    assert out.shape == (B, T, D) and stats.shape == (B, H, T, 2)
+    rout, ratt = ref_attention(f64(qkv), H)
+    close(out, rout, atol=1e-5, rtol=1e-4)
+    s = np.einsum("bthi,bshi->bhts", f64(qkv[..., :D]).reshape(B, T, H, -1),
+                  f64(qkv[..., D:2 * D]).reshape(B, T, H, -1)) / math.sqrt(D // H)
+    close(stats[..., 0], s.max(-1), atol=1e-5, rtol=1e-5)
+    close(stats[..., 1], 1.0 / np.exp(s - s.max(-1, keepdims=True)).sum(-1), rtol=1e-5)
+    (dqkv,) = ops.attention_fused_backward(dy, qkv, stats, H)
+    close(dqkv, ref_attention_backward(f64(dy), f64(qkv), H), atol=1e-4, rtol=1e-4)
+    out_tt, att = ops.attention_forward(qkv, H)
+    np.testing.assert_array_equal(out, out_tt)
+    np.testing.assert_array_equal(dqkv, ops.attention_backward(dy, qkv, att, H)[0])
+
+
+def test_attention_fused_fd():
+    B, T, D, H = 1, 3, 4, 2
+    qkv, dy = randn(B, T, 3 * D), randn(B, T, D)
+    _, stats = ops.attention_fused_forward(qkv, H)
+    (dqkv,) = ops.attention_fused_backward(dy, qkv, stats, H)
+    close(dqkv, fd_grad(lambda t: ref_attention(t, H)[0], qkv, dy), atol=1e-4)
+
+
 # ------------------------------------------------------------------ patchify
 
 @pytest.mark.parametrize("B,C,S,P", [(2, 3, 8, 4), (1, 1, 6, 2), (2, 2, 4, 4), (1, 3, 5, 1)])
@@ -559,3 +587,109 @@ def test_gelu_wide_range_accuracy():
     assert np.max(np.abs(g - ref)[big] / np.abs(ref[big])) < 3e-6
     lo, hi = ops.gelu_forward(np.array([-200.0, 200.0], np.float32))
     assert abs(lo) < 1e-30 and hi == 200.0
+
+
+# ------------------------------------------------------------------ bf16 GEMMs (precision="bf16")
+
+def bf16_round(x):
+    """x rounded to bfloat16 (nearest even), as float64."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("N,C,OC", [(1, 1, 1), (3, 5, 7), (70, 33, 65), (197, 64, 96)])
+def test_linear_bf16_is_the_product_of_bf16_inputs(N, C, OC):
+    # exact products of the bf16-rounded inputs, summed in fp32: within fp32 rounding of the
+    # float64 product of the same rounded inputs (K <= 197 terms)
+    x, w, b, dy = randn(N, C), randn(OC, C), randn(OC), randn(N, OC)
+    out = ops.cpu_linear_forward_bf16(x, w, b)
+    close(out, bf16_round(x) @ bf16_round(w).T + b, rtol=1e-5, atol=1e-5)
+    dinp, dw, db = ops.cpu_linear_backward_bf16(dy, x, w)
+    close(dinp, bf16_round(dy) @ bf16_round(w), rtol=1e-5, atol=1e-5)
+    close(dw, bf16_round(dy).T @ bf16_round(x), rtol=1e-5, atol=1e-5)
+    close(db, f64(dy).sum(0), rtol=1e-6, atol=1e-5)
+    # against fp32: bf16 has 8 significant bits (relative rounding 2^-9 per operand)
+    ref = f64(x) @ f64(w).T + b
+    assert np.abs(out - ref).max() <= 2e-2 * np.abs(ref).max()
+    close(ops.matmul_bf16(x, w.T.copy()), bf16_round(x) @ bf16_round(w).T, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_bf16_rounds_to_nearest_even():
+    # 1 + 2^-8 is a tie between bf16 1 and 1 + 2^-7: nearest even is 1; 1 + 3 * 2^-8 -> 1 + 2^-6
+    x = np.array([[1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8]], np.float32)
+    w = np.eye(2, dtype=np.float32)
+    np.testing.assert_array_equal(ops.cpu_linear_forward_bf16(x, w), [[1.0, 1 + 2.0 ** -6]])
+
+
+# ------------------------------------------------------------------ fused row-tile kernels
+
+def ref_layernorm_dx(dy, x, w, eps):
+    """Input gradient of LayerNorm (float64)."""
+    m = x.mean(-1, keepdims=True)
+    s = 1.0 / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + eps)
+    xh, g = (x - m) * s, dy * w
+    return s * (g - g.mean(-1, keepdims=True) - xh * (g * xh).mean(-1, keepdims=True))
+
+
+def ref_gelu_grad(x):
+    return 0.5 * (1.0 + erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+# N spans one tile, several, and a ragged last tile (tiles are 64-256 rows)
+@pytest.mark.parametrize("N", [1, 70, 600])
+def test_fused_block_kernels(N):
+    C, OC, HC, eps = 24, 40, 96, 1e-6
+    x, lw, lb = randn(N, C), 1 + randn(C, scale=0.1), randn(C, scale=0.1)
+    w, b = randn(OC, C, scale=0.2), randn(OC)
+    y, mean, rstd, out = ops.layernorm_linear_forward(x, lw, lb, w, b, eps)
+    ry = ref_layernorm(f64(x), f64(lw), f64(lb), eps)
+    close(y, ry, atol=1e-5)
+    close(out, ry @ f64(w).T + b, atol=1e-4, rtol=1e-4)
+    # composed ops give the same rows (the fused kernel only changes where they run)
+    np.testing.assert_array_equal(y, ops.layernorm_forward(x, lw, lb, eps)[0])
+
+    res, lw2, lb2 = randn(N, OC), 1 + randn(OC, scale=0.1), randn(OC, scale=0.1)
+    r, y2, m2, s2 = ops.linear_residual_layernorm_forward(x, w, b, res, lw2, lb2, eps)
+    rr = f64(x) @ f64(w).T + b + res
+    close(r, rr, atol=1e-4, rtol=1e-4)
+    close(y2, ref_layernorm(f64(r), f64(lw2), f64(lb2), eps), atol=1e-5)
+
+    w1, b1, w2, b2 = randn(HC, C, scale=0.2), randn(HC), randn(C, HC, scale=0.1), randn(C)
+    h, g, o = ops.mlp_forward(x, w1, b1, w2, b2, x)
+    rh = f64(x) @ f64(w1).T + b1
+    close(h, rh, atol=1e-4, rtol=1e-4)
+    close(g, ref_gelu(f64(h)), atol=1e-5, rtol=1e-5)
+    close(o, f64(g) @ f64(w2).T + b2 + x, atol=1e-4, rtol=1e-4)
+    _, _, o0 = ops.mlp_forward(x, w1, b1, w2, b2)  # no residual
+    close(o0, f64(g) @ f64(w2).T + b2, atol=1e-4, rtol=1e-4)
+
+    dout = randn(N, C)
+    dh, g2 = ops.mlp_backward_data(dout, h, w2)
+    np.testing.assert_array_equal(g2, g)  # the recomputed activation is the forward's
+    close(dh, (f64(dout) @ f64(w2)) * ref_gelu_grad(f64(h)), atol=1e-4, rtol=1e-4)
+
+    dr = randn(N, OC)
+    dx, dy = ops.linear_layernorm_backward_data(dr, w, x, lw, mean, rstd, res[:, :C].copy())
+    close(dy, f64(dr) @ f64(w), atol=1e-4, rtol=1e-4)
+    close(dx, ref_layernorm_dx(f64(dy), f64(x), f64(lw), eps) + res[:, :C], atol=1e-4,
+          rtol=1e-4)
+    dx0, _ = ops.linear_layernorm_backward_data(dr, w, x, lw, mean, rstd)
+    close(dx0, dx - res[:, :C], atol=1e-5)
+
+
+def test_fused_kernels_thread_count_invariant():
+    """Tiles depend on N only: the same bits with 1 and 2 threads (fresh processes)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import hashlib, numpy as np; from afire._C import ops; "
+            "r = np.random.default_rng(0); f = lambda *s: r.standard_normal(s).astype(np.float32); "
+            "x, w1, b1, w2, b2 = f(1200, 64), f(256, 64), f(256), f(64, 256), f(64); "
+            "h, g, o = ops.mlp_forward(x, w1, b1, w2, b2, x); "
+            "md5 = lambda a: hashlib.md5(a.tobytes()).hexdigest(); "
+            "print(md5(o), md5(ops.mlp_backward_data(o, h, w2)[0]))")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS=str(t))).stdout
+            for t in (1, 2)]
+    assert outs[0] and outs[0] == outs[1]

@@ -25,21 +25,25 @@ static inline af_block_view af_block_at(const af_blocks_params *p, int l, int W,
     return v;
 }
 
-/* Saved activations of block l (each pointer as af_blocks_acts without the NL axis). */
+/* Saved activations of block l (each pointer as af_blocks_acts without the NL axis; att and
+ * att_stats NULL when the layout keeps none). */
 typedef struct {
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res2, *ln2, *ln2_mean, *ln2_rstd,
-        *fch, *fch_gelu, *res3;
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *att_stats, *atty, *res2, *ln2, *ln2_mean,
+        *ln2_rstd, *fch, *fch_gelu, *res3;
 } af_block_acts_view;
 
 static inline af_block_acts_view af_block_acts_at(const af_blocks_acts *a, int l, int T, int W,
                                                   int R, int NH) {
     size_t B = (size_t)a->cap; /* the layer stride is the capacity, not the current batch */
-    size_t N = B * T, L_ = (size_t)l, w = (size_t)W, m = (size_t)R * W;
+    size_t N = B * T, L_ = a->shared ? 0 : (size_t)l, w = (size_t)W, m = (size_t)R * W;
+    size_t Lg = a->gelu_shared ? 0 : L_;
     af_block_acts_view v = {a->ln1 + L_ * N * w, a->ln1_mean + L_ * N, a->ln1_rstd + L_ * N,
-                            a->qkv + L_ * N * 3 * w, a->att + L_ * B * NH * T * T,
+                            a->qkv + L_ * N * 3 * w,
+                            a->att ? a->att + L_ * B * NH * T * T : NULL,
+                            a->att_stats ? a->att_stats + L_ * B * NH * T * 2 : NULL,
                             a->atty + L_ * N * w, a->res2 + L_ * N * w, a->ln2 + L_ * N * w,
                             a->ln2_mean + L_ * N, a->ln2_rstd + L_ * N, a->fch + L_ * N * m,
-                            a->fch_gelu + L_ * N * m, a->res3 + L_ * N * w};
+                            a->fch_gelu + Lg * N * m, a->res3 + L_ * N * w};
     return v;
 }
 

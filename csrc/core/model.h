@@ -129,17 +129,23 @@ af_status af_normalize_images(float *out, const uint8_t *img, int B, int C, int 
 /* ------------------------------------------------------------------ activations */
 
 /* Saved activations of NL blocks, T tokens of width W (each [NL, cap, ...]: the layer stride
- * uses the reserved capacity, so a smaller batch B never moves other layers' data). */
+ * uses the reserved capacity, so a smaller batch B never moves other layers' data). The
+ * layout (af_acts_layout) may keep less: with `shared` every layer uses slot 0 (a forward
+ * that nothing differentiates, e.g. the teacher), with `gelu_shared` only fch_gelu does (the
+ * backward recomputes it from fch); att and att_stats are NULL when not kept. */
 typedef struct {
     float *ln1, *ln1_mean, *ln1_rstd; /* [NL,B,T,W], [NL,B,T] x2 */
     float *qkv;                       /* [NL,B,T,3W]             */
-    float *att;                       /* [NL,B,H,T,T]            */
+    float *att;                       /* [NL,B,H,T,T] softmax (GPU) or NULL                 */
+    float *att_stats;                 /* [NL,B,H,T,2] softmax row max, 1/sum (CPU) or NULL  */
     float *atty;                      /* [NL,B,T,W]              */
     float *res2;                      /* [NL,B,T,W]  x + attn    */
     float *ln2, *ln2_mean, *ln2_rstd; /* [NL,B,T,W], [NL,B,T] x2 */
     float *fch, *fch_gelu;            /* [NL,B,T,4W]             */
     float *res3;                      /* [NL,B,T,W]  block out   */
     int cap;                          /* B of the layer stride (the capacity) */
+    int shared;                       /* 1: all layers in slot 0 (forward only)              */
+    int gelu_shared;                  /* 1: fch_gelu in slot 0 for every layer               */
 } af_blocks_acts;
 
 typedef struct {
@@ -182,9 +188,14 @@ typedef struct {
     float *dqkv;             /* [B,T,3Wmax]                            */
     float *dfch;             /* [B,T,4Wmax]                            */
     float *dfch_gelu;        /* [B,T,4Wmax]                            */
-    float *datt;             /* [B,Hmax,T,T] attention scratch         */
+    float *datt;             /* [B,Hmax,T,T] attention scratch (GPU layout), or the
+                              * af_attention_fused_* scratch of datt_floats (CPU)  */
+    size_t datt_floats;
     float *dh_a, *dh_b;      /* [B*L, max(Hh,Q,Bn,...)] head / decoder */
     float *dz_t;             /* [L, B, Bn]                             */
+    float *wn_ws;            /* [wn_slots, K, Bn] the head's last-layer backward, one per
+                              * thread (CPU; NULL on the GPU)           */
+    int wn_slots;
 } af_scratch;
 
 /* One activation block for `cap` images, shared by the CPU and GPU models: carve it (from
@@ -199,6 +210,29 @@ size_t af_acts_carve(const af_config *cfg, int cap, int branches, float *base, s
 /* Floats of that block; AF_EINVAL when cap images are too many for the int-indexed kernels. */
 af_status af_acts_size(const af_config *cfg, int cap, int branches, size_t align,
                        size_t *floats);
+
+/* What an activation block keeps. af_acts_carve is the GPU model's layout (all zero: every
+ * block activation of both branches, the T x T attention probabilities). The CPU model keeps
+ * less (af_acts_layout_cpu): attention row statistics instead of probabilities
+ * (af_attention_fused_*), nothing of the teacher's forward but its outputs, gelu(fc1)
+ * recomputed in the backward; and for inference only one slot per stack and no head, no
+ * backward scratch. */
+typedef struct {
+    int fused_attention;   /* att_stats + fused scratch instead of att + [B,H,T,T] scratch  */
+    int teacher_transient; /* the teacher's blocks share one slot, its head reuses h1/g1    */
+    int gelu_recompute;    /* student and decoder blocks: fch_gelu is one shared slot       */
+    int inference;         /* forward only: one slot per stack, both encoder branches share
+                            * one block, no head, scratch only for the forwards             */
+    int threads;           /* the fused attention scratch is sized for this many threads    */
+    size_t att_scratch_floats; /* scratch.datt of the fused attention (af_attention_fused_*) */
+} af_acts_layout;
+/* The CPU model's layout for `cap` images (model_cpu.c). */
+af_acts_layout af_acts_layout_cpu(const af_config *cfg, int cap, int inference);
+size_t af_acts_carve_layout(const af_config *cfg, int cap, int branches, float *base,
+                            size_t align, const af_acts_layout *lay, af_encoder_acts enc[2],
+                            af_head_acts head[2], af_decoder_acts *dec, af_scratch *scratch);
+af_status af_acts_size_layout(const af_config *cfg, int cap, int branches, size_t align,
+                              const af_acts_layout *lay, size_t *floats);
 
 /* ------------------------------------------------------------------ the model */
 
@@ -219,6 +253,11 @@ typedef struct {
      * (student and teacher, the trainer) or 1 (student only: the downstream networks,
      * which never run the teacher, need half the memory) */
     int capacity, branches;
+    af_acts_layout layout;  /* what the activations keep (af_acts_layout_cpu)              */
+    int inference;          /* 1: made for inference: no gradients, moments or head         */
+    int bf16;               /* 1: linear layers' GEMMs in bf16 (af_gemm_bf16), fp32 sums     */
+    void *bf16_ws;          /* their workspace, sized by af_model_reserve                    */
+    size_t bf16_ws_bytes;
     float *act_mem;
     size_t act_floats;
     af_encoder_acts enc_acts[2];
@@ -230,6 +269,21 @@ typedef struct {
 
 /* Allocate and initialise (teacher = student). *out is NULL on failure. */
 af_status af_model_create(af_model **out, const af_config *cfg);
+/* The same for inference only (inference = 1): parameters of the student and teacher
+ * encoders and of the decoder, no head, no gradients or AdamW moments, activations for the
+ * forwards only (af_acts_layout_cpu(1)); the backward, head and optimiser functions refuse
+ * such a model. inference = 0 is af_model_create. bf16 = 1: the GEMMs of the linear layers
+ * take bf16 operands (af_gemm_bf16), everything else stays fp32. */
+af_status af_model_create_mode(af_model **out, const af_config *cfg, int inference,
+                               int bf16);
+
+/* A linear layer of the CPU model (ops.h's af_linear_*) in the model's precision: fp32, or
+ * bf16 GEMMs on m->bf16_ws (vit.c). */
+void af_model_linear_forward(const af_model *m, float *out, const float *inp, const float *w,
+                             const float *b, int N, int IC, int OC);
+void af_model_linear_backward(const af_model *m, float *dinp, float *dw, float *db,
+                              const float *dout, const float *inp, const float *w, int N, int IC,
+                              int OC);
 void af_model_free(af_model *m);
 /* Size activations for up to B images (allocation happens here, never in a step). */
 af_status af_model_reserve(af_model *m, int B);

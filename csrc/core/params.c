@@ -358,7 +358,7 @@ af_status af_normalize_images(float *out, const uint8_t *img, int B, int C, int 
     return AF_OK;
 }
 
-/* ------------------------------------------------------------------ model lifetime */
+/* ------------------------------------------------------------------ activation blocks */
 
 /* Bump allocator over one activation block: counts when base is NULL. */
 typedef struct {
@@ -372,17 +372,24 @@ static float *take(bump *b, size_t n) {
     return p;
 }
 
+/* NL blocks' activations; `slots` of them kept (NL, or 1 for a forward that nothing
+ * differentiates), fch_gelu in `gelu_slots`, the softmax as probabilities (att_probs) or row
+ * statistics (att_stats; neither when nothing is kept). */
 static void blocks_acts_carve(af_blocks_acts *a, bump *b, int NL, int cap, int T, int W, int R,
-                              int NH) {
-    size_t N = (size_t)NL * cap * T, w = (size_t)W, m = (size_t)R * W;
+                              int NH, int shared, int gelu_shared, int fused) {
+    int slots = shared ? 1 : NL, gslots = shared || gelu_shared ? 1 : NL;
+    size_t N = (size_t)slots * cap * T, w = (size_t)W, m = (size_t)R * W;
     a->ln1 = take(b, N * w), a->ln1_mean = take(b, N), a->ln1_rstd = take(b, N);
     a->qkv = take(b, N * 3 * w);
-    a->att = take(b, (size_t)NL * cap * NH * T * T);
+    a->att = fused ? NULL : take(b, (size_t)slots * cap * NH * T * T);
+    a->att_stats = fused && !shared ? take(b, (size_t)slots * cap * NH * T * 2) : NULL;
     a->atty = take(b, N * w), a->res2 = take(b, N * w);
     a->ln2 = take(b, N * w), a->ln2_mean = take(b, N), a->ln2_rstd = take(b, N);
-    a->fch = take(b, N * m), a->fch_gelu = take(b, N * m);
+    a->fch = take(b, N * m), a->fch_gelu = take(b, (size_t)gslots * cap * T * m);
     a->res3 = take(b, N * w);
     a->cap = cap;
+    a->shared = shared;
+    a->gelu_shared = gelu_shared || shared;
 }
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
@@ -390,12 +397,20 @@ static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 size_t af_acts_carve(const af_config *c, int cap, int branches, float *base, size_t align,
                      af_encoder_acts enc[2], af_head_acts head[2], af_decoder_acts *d,
                      af_scratch *s) {
+    static const af_acts_layout full = {0, 0, 0, 0, 0};
+    return af_acts_carve_layout(c, cap, branches, base, align, &full, enc, head, d, s);
+}
+
+size_t af_acts_carve_layout(const af_config *c, int cap, int branches, float *base,
+                            size_t align, const af_acts_layout *lay, af_encoder_acts enc[2],
+                            af_head_acts head[2], af_decoder_acts *d, af_scratch *s) {
     bump bb = {base, 0, align}, *b = &bb;
     int Ti = (c->S / c->P) * (c->S / c->P) + 1;
     size_t L = (size_t)Ti - 1, T = (size_t)Ti, Bc = (size_t)cap, Q = (size_t)c->P * c->P * c->C;
     size_t D = (size_t)c->D, Dd = (size_t)c->Dd, R = (size_t)c->mlp_ratio;
     size_t Hh = (size_t)c->head_hidden, Bn = (size_t)c->head_bottleneck, K = (size_t)c->K;
     size_t nlast = c->shared_last_layer ? 1 : L;
+    int fused = lay->fused_attention, inf = lay->inference;
     for (int br = 0; br < 2; br++) {
         if (br >= branches) {   /* no activations: NULL pointers, refused by the forwards */
             memset(&enc[br], 0, sizeof enc[br]);
@@ -403,41 +418,79 @@ size_t af_acts_carve(const af_config *c, int cap, int branches, float *base, siz
             continue;
         }
         af_encoder_acts *e = &enc[br];
-        e->patches = take(b, Bc * L * Q);
-        e->x0 = take(b, Bc * T * D);
-        blocks_acts_carve(&e->blocks, b, c->depth, cap, Ti, c->D, c->mlp_ratio, c->H);
-        e->out = take(b, Bc * T * D), e->lnf_mean = take(b, Bc * T), e->lnf_rstd = take(b, Bc * T);
+        if (inf && br == AF_TEACHER) { /* never live at the same time as the student's */
+            enc[br] = enc[AF_STUDENT];
+        } else {
+            int transient = inf || (br == AF_TEACHER && lay->teacher_transient);
+            e->patches = take(b, Bc * L * Q);
+            e->x0 = take(b, Bc * T * D);
+            blocks_acts_carve(&e->blocks, b, c->depth, cap, Ti, c->D, c->mlp_ratio, c->H,
+                              transient, lay->gelu_recompute, fused);
+            e->out = take(b, Bc * T * D), e->lnf_mean = take(b, Bc * T);
+            e->lnf_rstd = take(b, Bc * T);
+        }
         af_head_acts *h = &head[br];
+        if (inf) {
+            memset(h, 0, sizeof *h);
+            continue;
+        }
         size_t N = Bc * L;
         h->x = take(b, N * D);
-        h->h1 = take(b, N * Hh), h->g1 = take(b, N * Hh), h->h2 = take(b, N * Hh), h->g2 = take(b, N * Hh);
+        h->h1 = take(b, N * Hh), h->g1 = take(b, N * Hh);
+        if (br == AF_TEACHER && lay->teacher_transient) { /* fc2 overwrites fc1's buffers */
+            h->h2 = h->h1, h->g2 = h->g1;
+        } else {
+            h->h2 = take(b, N * Hh), h->g2 = take(b, N * Hh);
+        }
         h->z = take(b, N * Bn), h->zn_t = take(b, N * Bn), h->znorm = take(b, N);
         h->w_eff = take(b, nlast * K * Bn), h->vnorm = take(b, nlast * K);
         h->logits_t = take(b, N * K), h->logits = take(b, N * K);
     }
     d->tokens = take(b, Bc * T * D);
     d->x0 = take(b, Bc * T * Dd);
-    blocks_acts_carve(&d->blocks, b, c->depth_d, cap, Ti, c->Dd, c->mlp_ratio, c->Hd);
+    blocks_acts_carve(&d->blocks, b, c->depth_d, cap, Ti, c->Dd, c->mlp_ratio, c->Hd, inf,
+                      lay->gelu_recompute, fused);
     d->lnf = take(b, Bc * T * Dd), d->lnf_mean = take(b, Bc * T), d->lnf_rstd = take(b, Bc * T);
     d->pred_full = take(b, Bc * T * Q), d->pred = take(b, Bc * L * Q);
     size_t W = max_sz(D, Dd), NH = (size_t)(c->H > c->Hd ? c->H : c->Hd);
     size_t wide = max_sz(max_sz(Hh, Bn), max_sz(max_sz(D, Q), K));
-    s->dres = take(b, Bc * T * W), s->dres2 = take(b, Bc * T * W);
+    memset(s, 0, sizeof *s);
+    s->dres = take(b, Bc * T * W); /* also the encoder's patch-embedding temporary */
+    if (fused) {
+        s->datt_floats = lay->att_scratch_floats; /* af_attention_fused_*, CPU only */
+    } else {
+        s->datt_floats = Bc * NH * T * T;
+    }
+    s->datt = take(b, s->datt_floats);
+    if (inf) return bb.used;
+    s->dres2 = take(b, Bc * T * W);
     s->dln = take(b, Bc * T * W), s->datty = take(b, Bc * T * W);
     s->dqkv = take(b, Bc * T * 3 * W);
     s->dfch = take(b, Bc * T * R * W), s->dfch_gelu = take(b, Bc * T * R * W);
-    s->datt = take(b, Bc * NH * T * T);
     s->dh_a = take(b, Bc * T * wide), s->dh_b = take(b, Bc * T * wide);
     s->dz_t = take(b, Bc * L * Bn);
+    if (fused) { /* the CPU head runs its per-position last layers one per thread */
+        s->wn_slots = lay->threads < 1 ? 1 : lay->threads;
+        s->wn_ws = take(b, (size_t)s->wn_slots * K * Bn);
+    }
     return bb.used;
 }
 
 af_status af_acts_size(const af_config *c, int cap, int branches, size_t align,
                        size_t *floats) {
-    /* size check in double first: the int-indexed kernels need B*H*T*T < 2^31 */
+    static const af_acts_layout full = {0, 0, 0, 0, 0};
+    return af_acts_size_layout(c, cap, branches, align, &full, floats);
+}
+
+af_status af_acts_size_layout(const af_config *c, int cap, int branches, size_t align,
+                              const af_acts_layout *lay, size_t *floats) {
+    /* size check in double first: the int-indexed kernels need B*H*T*T < 2^31 (the T x T
+     * layout) and B*T*R*W < 2^31 */
     double T = (c->S / c->P) * (c->S / c->P) + 1, NH = c->H > c->Hd ? c->H : c->Hd;
     double W = c->D > c->Dd ? c->D : c->Dd;
-    AF_CHECK((double)cap * NH * T * T < 2147483647.0 && (double)cap * T * W * c->mlp_ratio < 2147483647.0,
+    AF_CHECK((lay->fused_attention || (double)cap * NH * T * T < 2147483647.0) &&
+             (double)cap * NH * T * 2 < 2147483647.0 &&
+             (double)cap * T * W * c->mlp_ratio < 2147483647.0,
              AF_EINVAL, "batch size %d too large for this model", cap);
     af_encoder_acts enc[2];
     af_head_acts head[2];
@@ -445,97 +498,6 @@ af_status af_acts_size(const af_config *c, int cap, int branches, size_t align,
     af_scratch s;
     AF_CHECK(branches == 1 || branches == 2, AF_EINVAL, "branches must be 1 or 2, got %d",
              branches);
-    *floats = af_acts_carve(c, cap, branches, NULL, align, enc, head, &dec, &s);
+    *floats = af_acts_carve_layout(c, cap, branches, NULL, align, lay, enc, head, &dec, &s);
     return AF_OK;
-}
-
-af_status af_model_reserve(af_model *m, int B) {
-    AF_CHECK(m != NULL, AF_EINVAL, "reserve: model is NULL");
-    AF_CHECK(B >= 1, AF_EINVAL, "batch size must be >= 1, got %d", B);
-    if (B <= m->capacity) return AF_OK;
-    size_t floats;
-    AF_TRY(af_acts_size(&m->cfg, B, m->branches, AF_ACTS_ALIGN_CPU, &floats));
-    float *mem = af_calloc(floats, sizeof(float));
-    if (mem == NULL) return AF_ENOMEM;
-    uint8_t *mask = af_calloc((size_t)B * m->L, 1);
-    if (mask == NULL) {
-        af_free(mem);
-        return AF_ENOMEM;
-    }
-    af_free(m->act_mem);
-    af_free(m->dec_acts.mask);
-    m->act_mem = mem;
-    m->act_floats = floats;
-    af_acts_carve(&m->cfg, B, m->branches, mem, AF_ACTS_ALIGN_CPU, m->enc_acts, m->head_acts,
-                  &m->dec_acts, &m->scratch);
-    m->dec_acts.mask = mask;
-    m->capacity = B;
-    m->enc_B[0] = m->enc_B[1] = m->head_B[0] = m->head_B[1] = m->dec_B = 0;
-    return AF_OK;
-}
-
-void af_model_free(af_model *m) {
-    if (m == NULL) return;
-    for (int n = 0; n < AF_NET_COUNT; n++) {
-        af_free(m->table[n]);
-        af_free(m->params[n]);
-        af_free(m->grads[n]);
-        af_free(m->adam_m[n]);
-        af_free(m->adam_v[n]);
-    }
-    af_free(m->teacher[0]);
-    af_free(m->teacher[1]);
-    af_free(m->act_mem);
-    af_free(m->dec_acts.mask);
-    af_free(m);
-}
-
-af_status af_model_create(af_model **out, const af_config *cfg) {
-    AF_CHECK(out != NULL, AF_EINVAL, "model_create: out is NULL");
-    *out = NULL;
-    AF_TRY(af_config_validate(cfg));
-    af_model *m = af_calloc(1, sizeof(af_model));
-    if (m == NULL) return AF_ENOMEM;
-    m->cfg = *cfg;
-    m->branches = 2;
-    m->L = (cfg->S / cfg->P) * (cfg->S / cfg->P);
-    m->T = m->L + 1;
-    m->Q = cfg->P * cfg->P * cfg->C;
-    af_status st = AF_OK;
-    for (int n = 0; n < AF_NET_COUNT && st == AF_OK; n++) {
-        st = af_param_table(cfg, (af_net)n, &m->table[n], &m->ntable[n], &m->numel[n]);
-        if (st != AF_OK) break;
-        size_t k = m->numel[n];
-        m->params[n] = af_calloc(k, sizeof(float));
-        m->grads[n] = af_calloc(k, sizeof(float));
-        m->adam_m[n] = af_calloc(k, sizeof(float));
-        m->adam_v[n] = af_calloc(k, sizeof(float));
-        if (!m->params[n] || !m->grads[n] || !m->adam_m[n] || !m->adam_v[n]) st = AF_ENOMEM;
-        if (st == AF_OK && n < 2 && (m->teacher[n] = af_calloc(k, sizeof(float))) == NULL)
-            st = AF_ENOMEM;
-        if (st == AF_OK) st = af_init_params(cfg, (af_net)n, m->params[n]);
-    }
-    if (st != AF_OK) {
-        af_model_free(m);
-        return st;
-    }
-    af_encoder_carve(&m->enc[AF_STUDENT], m->params[AF_NET_ENCODER], cfg);
-    af_encoder_carve(&m->enc[AF_TEACHER], m->teacher[AF_NET_ENCODER], cfg);
-    af_encoder_carve(&m->enc_grad, m->grads[AF_NET_ENCODER], cfg);
-    af_head_carve(&m->head[AF_STUDENT], m->params[AF_NET_HEAD], cfg);
-    af_head_carve(&m->head[AF_TEACHER], m->teacher[AF_NET_HEAD], cfg);
-    af_head_carve(&m->head_grad, m->grads[AF_NET_HEAD], cfg);
-    af_decoder_carve(&m->dec, m->params[AF_NET_DECODER], cfg);
-    af_decoder_carve(&m->dec_grad, m->grads[AF_NET_DECODER], cfg);
-    af_model_sync_teacher(m);
-    *out = m;
-    return AF_OK;
-}
-
-void af_model_zero_grad(af_model *m) {
-    for (int n = 0; n < AF_NET_COUNT; n++) memset(m->grads[n], 0, m->numel[n] * sizeof(float));
-}
-
-void af_model_sync_teacher(af_model *m) {
-    for (int n = 0; n < 2; n++) memcpy(m->teacher[n], m->params[n], m->numel[n] * sizeof(float));
 }

@@ -46,7 +46,8 @@ af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int 
     if (t == NULL) return AF_ENOMEM;
     t->cfg = *cfg;
     t->B = batch;
-    af_status st = af_model_create(&t->model, &cfg->net);
+    af_status st = af_model_create_mode(&t->model, &cfg->net, cfg->inference,
+                                        cfg->precision == AF_PRECISION_BF16);
     if (st == AF_OK) st = af_model_reserve(t->model, batch);
     if (st != AF_OK) {
         af_trainer_free(t);
@@ -64,19 +65,20 @@ af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int 
     size_t scratch = cfg->objective == AF_OBJECTIVE_PAPER
                          ? af_paper_loss_scratch_floats(batch, t->L, t->K)
                          : af_released_loss_scratch_floats(t->L, t->K);
+    size_t tb = cfg->inference ? 0 : B; /* training-only buffers: 1 element for inference */
     t->protos = af_calloc((size_t)t->L * t->K, sizeof(float));
     t->protos_next = af_calloc((size_t)t->L * t->K, sizeof(float));
-    t->x_prime = af_calloc(B * S2, 1);
-    t->mask = af_calloc(B * S2, 1);
+    t->x_prime = af_calloc(tb * S2 + 1, 1);
+    t->mask = af_calloc(tb * S2 + 1, 1);
     t->abn = af_calloc(BL, 1);
     t->img = af_calloc(B * t->C * S2, sizeof(float));
-    t->img_prime = af_calloc(B * t->C * S2, sizeof(float));
+    t->img_prime = af_calloc(tb * t->C * S2 + 1, sizeof(float));
     t->target = af_calloc(BL * t->Q, sizeof(float));
-    t->q_teacher = af_calloc(BL * t->K, sizeof(float));
-    t->dlogits = af_calloc(BL * t->K, sizeof(float));
-    t->dpred = af_calloc(BL * t->Q, sizeof(float));
-    t->dtokens = af_calloc(B * t->T * t->D, sizeof(float));
-    t->obj_scratch = af_calloc(scratch ? scratch : 1, sizeof(float));
+    t->q_teacher = af_calloc(tb * t->L * t->K + 1, sizeof(float));
+    t->dlogits = af_calloc(tb * t->L * t->K + 1, sizeof(float));
+    t->dpred = af_calloc(tb * t->L * t->Q + 1, sizeof(float));
+    t->dtokens = af_calloc(tb * t->T * t->D + 1, sizeof(float));
+    t->obj_scratch = af_calloc(scratch && tb ? scratch : 1, sizeof(float));
     if (!t->protos || !t->protos_next || !t->x_prime || !t->mask || !t->abn || !t->img || !t->img_prime ||
         !t->target || !t->q_teacher || !t->dlogits || !t->dpred || !t->dtokens ||
         !t->obj_scratch) {
@@ -267,6 +269,8 @@ static af_status prepare_inputs(af_trainer *t, const uint8_t *images, int B) {
 }
 
 af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_stats *stats) {
+    AF_CHECK(!t->cfg.inference, AF_EINVAL, "this model was made for inference (encode, restore, "
+             "anomaly_score): it cannot train");
     AF_TRY(check_batch(t, B));
     const af_trainer_config *c = &t->cfg;
     af_model *m = t->model;

@@ -25,7 +25,8 @@ extern "C" {
 #endif
 
 enum { AF_OBJECTIVE_PAPER = 0, AF_OBJECTIVE_RELEASED = 1 };
-/* GEMM precision of the CUDA trainer. The CPU trainer ignores it: it always runs fp32. */
+/* GEMM precision. The CPU trainer takes it from the binding (AFiRe(precision=...), fp32 by
+ * default whatever Config.precision says), the CUDA trainer from Config.precision. */
 enum { AF_PRECISION_FP32 = 0, AF_PRECISION_BF16 = 1 };
 
 typedef struct {
@@ -42,7 +43,9 @@ typedef struct {
     float beta1, beta2, adam_eps;
     af_schedule sched;         /* lr, wd, EMA, teacher temperature, last-layer freeze    */
     uint64_t seed;             /* SLM draws (init uses net.seed)                          */
-    int precision;             /* AF_PRECISION_*: CUDA GEMMs in bf16 or fp32; CPU: ignored */
+    int precision;             /* AF_PRECISION_*: GEMMs in bf16 or fp32 (see above)       */
+    int inference;             /* CPU: made for encode / restore / anomaly only: no head,
+                                * gradients, moments or training buffers (af_model_create_mode) */
 } af_trainer_config;
 
 typedef struct {

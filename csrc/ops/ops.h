@@ -29,12 +29,45 @@
 void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
               int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
+/* The bf16 GEMM (gemm_bf16.c): af_sgemm's arguments with A and B rounded to bfloat16
+ * (nearest even) and the products summed in fp32. ws: af_gemm_bf16_workspace(M, N, K, t)
+ * bytes for up to t threads (fewer threads run when it holds fewer). Threads own 32-row blocks
+ * of C (none inside a parallel region): deterministic whatever the thread count. Backends:
+ * AMX tiles when the CPU has amx_bf16 and Linux grants the tile state, else portable loops
+ * with the same input rounding (a different, fixed, summation order). */
+enum { AF_BF16_PORTABLE = 0, AF_BF16_AMX = 2 };
+int af_bf16_backend(void);
+size_t af_gemm_bf16_workspace(int M, int N, int K, int threads);
+void af_gemm_bf16(int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                  int lda, const float *B, int ldb, float beta, float *C, int ldc, void *ws,
+                  size_t ws_bytes);
+
 /* linear: out[N,OC] = inp[N,IC] @ weight[OC,IC]^T + bias[OC] (bias may be NULL). */
 void af_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int IC, int OC);
 /* dinp[N,IC] = dout @ weight; dweight[OC,IC] += dout^T @ inp; dbias[OC] += colsum(dout). */
 void af_linear_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int IC, int OC);
+
+/* Parameter gradients of n independent linear layers (dweight += dout^T @ inp, dbias +=
+ * colsum(dout); either may be NULL): with at least as many layers as threads, one layer per
+ * thread, so no operand is packed by two threads; otherwise af_linear_backward each. Either
+ * way the sums are af_linear_backward's: the result does not depend on the thread count. */
+typedef struct {
+    float *dweight, *dbias;
+    const float *dout, *inp;
+    int N, IC, OC;
+} af_linear_grad;
+void af_linear_backward_params(const af_linear_grad *g, int n);
+
+/* The same with the GEMMs in bf16 (af_gemm_bf16; biases and sums fp32). ws holds
+ * af_gemm_bf16_workspace bytes for each GEMM: forward (N, OC, IC), input gradient
+ * (N, IC, OC), weight gradient (OC, IC, N). */
+void af_linear_forward_bf16(float *out, const float *inp, const float *weight, const float *bias,
+                            int N, int IC, int OC, void *ws, size_t ws_bytes);
+void af_linear_backward_bf16(float *dinp, float *dweight, float *dbias, const float *dout,
+                             const float *inp, const float *weight, int N, int IC, int OC,
+                             void *ws, size_t ws_bytes);
 
 /* LayerNorm over the IC features of each row: saves mean[N], rstd[N] for the backward. */
 void af_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
@@ -59,6 +92,55 @@ void af_softmax_backward(float *dinp, const float *dout, const float *out, int N
 void af_attention_forward(float *out, float *att, const float *qkv, int B, int T, int D, int H);
 void af_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *att, int B, int T, int D, int H);
+
+/* The same attention without the T x T probabilities (the CPU model's): the forward saves
+ * stats[B,H,T,2] = (row max, 1 / row sum) of each softmax row (stats may be NULL: inference),
+ * the backward recomputes the probabilities from them, bit for bit the forward's. Both need
+ * scratch of af_attention_fused_scratch_floats(B, T, H, threads) floats (any H' <= H and
+ * B' <= B fit too); the forward uses at most scratch_floats / (64 T) threads, the backward
+ * needs scratch_floats >= 2 T^2. Results do not depend on the thread count. */
+size_t af_attention_fused_scratch_floats(int B, int T, int H, int threads);
+/* Enough for the forward alone (with `threads` threads). */
+size_t af_attention_fused_forward_scratch_floats(int T, int threads);
+/* bf16_ws (NULL: fp32 GEMMs) makes the GEMMs bf16 (af_gemm_bf16); it needs
+ * af_attention_bf16_workspace(T, D, H, threads) bytes for `threads` threads. */
+size_t af_attention_bf16_workspace(int T, int D, int H, int threads);
+void af_attention_fused_forward(float *out, float *stats, float *scratch, size_t scratch_floats,
+                                const float *qkv, int B, int T, int D, int H, void *bf16_ws,
+                                size_t bf16_ws_bytes);
+void af_attention_fused_backward(float *dqkv, float *scratch, size_t scratch_floats,
+                                 const float *dout, const float *qkv, const float *stats, int B,
+                                 int T, int D, int H, void *bf16_ws, size_t bf16_ws_bytes);
+
+/* Fused row-tile kernels of the transformer block (fused.c): each runs its steps on tiles of
+ * 64-256 rows (set by N alone), one tile per thread at a time, so intermediates stay in
+ * cache; the results equal the ops composed (up to the order of a few additions), whatever
+ * the thread count.
+ *   af_layernorm_linear_forward: y = LN(x) (mean, rstd saved), out = y @ w^T + b
+ *   af_linear_residual_layernorm_forward: r = x @ w^T + b + res, y = LN(r)
+ *   af_mlp_forward: h = x @ w1^T + b1, g = gelu(h), out = g @ w2^T + b2 + res (res may be NULL)
+ *   af_mlp_backward_data: dh = (dout @ w2) * gelu'(h), and g = gelu(h) again (for dw2)
+ *   af_linear_layernorm_backward_data: dy = dout @ w, dx = LN backward of dy (+ skip when
+ *     not NULL): the input gradients; the parameter gradients stay with af_linear_backward
+ *     and af_layernorm_backward (dinp NULL). x [N,IC] is the LayerNorm's input. */
+void af_layernorm_linear_forward(float *y, float *mean, float *rstd, float *out, const float *x,
+                                 const float *ln_w, const float *ln_b, float eps, const float *w,
+                                 const float *b, int N, int IC, int OC);
+void af_linear_residual_layernorm_forward(float *r, float *y, float *mean, float *rstd,
+                                          const float *x, const float *w, const float *b,
+                                          const float *res, const float *ln_w,
+                                          const float *ln_b, float eps, int N, int IC, int OC);
+void af_mlp_forward(float *h, float *g, float *out, const float *x, const float *w1,
+                    const float *b1, const float *w2, const float *b2, const float *res, int N,
+                    int IC, int HC);
+void af_mlp_backward_data(float *dh, float *g, const float *dout, const float *h,
+                          const float *w2, int N, int IC, int HC);
+/* g = gelu(h) and dh = dg * gelu'(h) in one pass over n values (dh == dg allowed). */
+void af_gelu_recompute_backward(float *g, float *dh, const float *dg, const float *h, size_t n);
+void af_linear_layernorm_backward_data(float *dx, float *dy, const float *dout, const float *w,
+                                       const float *x, const float *ln_w, const float *mean,
+                                       const float *rstd, const float *skip, int N, int IC,
+                                       int OC);
 
 /* out[n] = a[n] + b[n]; backward: da += dout, db += dout (accumulated: see the top). */
 void af_residual_forward(float *out, const float *a, const float *b, size_t n);
@@ -95,6 +177,10 @@ void af_wn_linear_forward(float *out, float *w_eff, float *vnorm, const float *i
                        const float *v, int N, int IC, int OC);
 void af_wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
                         const float *w_eff, const float *vnorm, int N, int IC, int OC);
+/* The same with the OC x IC temporary in ws (NULL: allocated, as af_wn_linear_backward). */
+void af_wn_linear_backward_ws(float *dinp, float *dv, const float *dout, const float *inp,
+                              const float *w_eff, const float *vnorm, int N, int IC, int OC,
+                              float *ws);
 
 /* One AdamW step (PyTorch semantics, decoupled weight decay, bias-corrected, t >= 1):
  * p -= lr*wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;

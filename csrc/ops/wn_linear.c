@@ -47,12 +47,18 @@ void af_wn_linear_backward_dv_lowmem(float *dv, const float *dout, const float *
 
 void af_wn_linear_backward(float *dinp, float *dv, const float *dout, const float *inp,
                         const float *w_eff, const float *vnorm, int N, int IC, int OC) {
+    af_wn_linear_backward_ws(dinp, dv, dout, inp, w_eff, vnorm, N, IC, OC, NULL);
+}
+
+void af_wn_linear_backward_ws(float *dinp, float *dv, const float *dout, const float *inp,
+                              const float *w_eff, const float *vnorm, int N, int IC, int OC,
+                              float *ws) {
     if (dinp != NULL) /* dinp[N,IC] = dout[N,OC] @ w_eff[OC,IC] */
         af_sgemm(0, 0, N, IC, OC, 1.0f, dout, OC, w_eff, IC, 0.0f, dinp, IC);
     if (dv == NULL) return;
     /* With dw_eff = dout^T @ inp (the gradient w.r.t. w_eff), g_k its row k:
      *   dv_k += (g_k - w_k <w_k, g_k>) / ||v_k||   (projection off the unit direction). */
-    float *dw_eff = malloc((size_t)OC * IC * sizeof(float));
+    float *dw_eff = ws != NULL ? ws : malloc((size_t)OC * IC * sizeof(float));
     if (dw_eff == NULL) { /* keeps the "never fails" contract */
         af_wn_linear_backward_dv_lowmem(dv, dout, inp, w_eff, vnorm, N, IC, OC);
         return;
@@ -67,6 +73,6 @@ void af_wn_linear_backward(float *dinp, float *dv, const float *dout, const floa
             #pragma omp simd
             for (int c = 0; c < IC; c++) dvk[c] += (gk[c] - wk[c] * wg) * inv;
         }
-        free(dw_eff);
+        if (ws == NULL) free(dw_eff);
     }
 }

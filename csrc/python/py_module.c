@@ -1,15 +1,18 @@
 /* The afire._C extension module: creates the submodules registered by each binding file. */
 #define AF_IMPORT_ARRAY_HERE
 #include "py_util.h"
+#include "ops/ops.h"
 
 static PyObject *build_info(PyObject *self, PyObject *unused) {
-    return Py_BuildValue("{s:O,s:s}", "openmp",
+    /* bf16: how precision="bf16" GEMMs run on this CPU ("amx": AMX tiles, "portable": loops) */
+    return Py_BuildValue("{s:O,s:s,s:s}", "openmp",
 #ifdef _OPENMP
                          Py_True,
 #else
                          Py_False,
 #endif
-                         "blas", "scipy-openblas32");
+                         "blas", "scipy-openblas32", "bf16",
+                         af_bf16_backend() == AF_BF16_AMX ? "amx" : "portable");
 }
 
 static PyMethodDef module_methods[] = {

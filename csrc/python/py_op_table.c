@@ -13,6 +13,9 @@
 #include <limits.h>
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "common.h"
 #include "anomaly.h"
@@ -74,6 +77,35 @@ static int check_patches(af_op_call *o) {
     }
     int64_t G = S / P;
     return af_op_let(o, "L", G * G, "patches", 1);
+}
+
+/* The bf16 GEMM's workspace (csrc/ops/gemm_bf16.c, afire._C only: its rows have no GPU twin,
+ * so afire._C_cuda never calls these hooks), in floats, for this thread count. */
+static size_t gemm_bf16_ws(int M, int N, int K) {
+#ifdef AFIRE_HAVE_CUDA
+    (void)M, (void)N, (void)K;
+    return 0;
+#else
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    return af_gemm_bf16_workspace(M, N, K, threads);
+#endif
+}
+
+static int check_gemm_bf16(af_op_call *o) {
+    size_t bytes = gemm_bf16_ws(I(M), I(N), I(K));
+    return af_op_let(o, "WS", (int64_t)((bytes + 3) / 4), "ws", 0);
+}
+
+/* The bf16 linear layer's: forward, input and weight gradients. */
+static int check_linear_bf16(af_op_call *o) {
+    int N = I(N), C = I(C), OC = I(OC);
+    size_t f = gemm_bf16_ws(N, OC, C), d = gemm_bf16_ws(N, C, OC), w = gemm_bf16_ws(OC, C, N);
+    size_t bytes = f > d ? f : d;
+    bytes = bytes > w ? bytes : w;
+    return af_op_let(o, "WS", (int64_t)((bytes + 3) / 4), "ws", 0);
 }
 
 /* With eps = 0 the zero-norm branch would divide by eps. */
@@ -484,6 +516,64 @@ static int check_knn(af_op_call *o) {
                                  I(H))),                                                         \
       af_cuda_attention_backward(CTX, F(dqkv), F(datt), F(dout), F(qkv), F(att), I(B), I(T),     \
                                  I(D), I(H)))                                                    \
+    X(ops, attention_fused_forward, "qkv[B,T,3*D] H:int>0 -> (out[B,T,D], stats[B,H,T,2]) "     \
+      "using scratch[B,H,T,2*T]\n\nThe CPU model's attention: saves the softmax row max and "    \
+      "1/sum,\nnot the T x T probabilities.", check_heads,                                      \
+      VOID(af_attention_fused_forward(F(out), F(stats), F(scratch), COUNT(scratch), F(qkv),     \
+                                      I(B), I(T), I(D), I(H), NULL, 0)),                        \
+      NONE)                                                                                      \
+    X(ops, attention_fused_backward, "dout[B,T,D] qkv[B,T,3*D] stats[B,H,T,2] H:int>0 -> "      \
+      "(dqkv[qkv]) using scratch[B,H,T,2*T]", check_heads,                                       \
+      VOID(af_attention_fused_backward(F(dqkv), F(scratch), COUNT(scratch), F(dout), F(qkv),    \
+                                       F(stats), I(B), I(T), I(D), I(H), NULL, 0)),             \
+      NONE)                                                                                      \
+    X(ops, cpu_linear_forward_bf16, "inp[N,C] weight[OC,C] bias[OC]=None -> out[N,OC] using "   \
+      "ws[WS]\n\nlinear_forward with bf16 GEMM operands and fp32 sums (the CPU's "               \
+      "precision='bf16').",                                                                      \
+      check_linear_bf16,                                                                         \
+      VOID(af_linear_forward_bf16(F(out), F(inp), F(weight), F(bias), I(N), I(C), I(OC), F(ws), \
+                                  (size_t)COUNT(ws) * 4)),                                       \
+      NONE)                                                                                      \
+    X(ops, cpu_linear_backward_bf16, "dout[N,OC] inp[N,C] weight[OC,C] has_bias:bool=True -> "   \
+      "(dinp[N,C], dweight[OC,C], dbias[OC] if has_bias) using ws[WS]", check_linear_bf16,       \
+      VOID(af_linear_backward_bf16(F(dinp), F(dweight), F(dbias), F(dout), F(inp), F(weight),   \
+                                   I(N), I(C), I(OC), F(ws), (size_t)COUNT(ws) * 4)),            \
+      NONE)                                                                                      \
+    X(ops, layernorm_linear_forward, "x[N,C] ln_w[C] ln_b[C] w[OC,C] b[OC]=None "                \
+      "eps:float>=0=1e-6 -> (y[N,C], mean[N], rstd[N], out[N,OC])\n\nFused row tiles: "          \
+      "y = LayerNorm(x), out = y @ w^T + b.", NULL,                                              \
+      VOID(af_layernorm_linear_forward(F(y), F(mean), F(rstd), F(out), F(x), F(ln_w), F(ln_b),  \
+                                       R(eps), F(w), F(b), I(N), I(C), I(OC))),                  \
+      NONE)                                                                                      \
+    X(ops, linear_residual_layernorm_forward, "x[N,C] w[OC,C] b[OC] res[N,OC] ln_w[OC] "        \
+      "ln_b[OC] eps:float>=0=1e-6 -> (r[N,OC], y[N,OC], mean[N], rstd[N])\n\nFused row tiles: "  \
+      "r = x @ w^T + b + res, y = LayerNorm(r).", NULL,                                          \
+      VOID(af_linear_residual_layernorm_forward(F(r), F(y), F(mean), F(rstd), F(x), F(w), F(b),  \
+                                                F(res), F(ln_w), F(ln_b), R(eps), I(N), I(C),   \
+                                                I(OC))),                                         \
+      NONE)                                                                                      \
+    X(ops, mlp_forward, "x[N,C] w1[HC,C] b1[HC] w2[C,HC] b2[C] res[N,C]=None -> "                \
+      "(h[N,HC], g[N,HC], out[N,C])\n\nFused row tiles: h = x @ w1^T + b1, g = gelu(h), "        \
+      "out = g @ w2^T + b2 + res.", NULL,                                                        \
+      VOID(af_mlp_forward(F(h), F(g), F(out), F(x), F(w1), F(b1), F(w2), F(b2), F(res), I(N),   \
+                          I(C), I(HC))),                                                         \
+      NONE)                                                                                      \
+    X(ops, mlp_backward_data, "dout[N,C] h[N,HC] w2[C,HC] -> (dh[N,HC], g[N,HC])\n\n"           \
+      "Fused row tiles: dh = (dout @ w2) * gelu'(h), g = gelu(h).", NULL,                        \
+      VOID(af_mlp_backward_data(F(dh), F(g), F(dout), F(h), F(w2), I(N), I(C), I(HC))),         \
+      NONE)                                                                                      \
+    X(ops, linear_layernorm_backward_data, "dout[N,OC] w[OC,C] x[N,C] ln_w[C] mean[N] rstd[N] "  \
+      "skip[N,C]=None -> (dx[N,C], dy[N,C])\n\nFused row tiles: dy = dout @ w, dx = the "        \
+      "LayerNorm input gradient of dy (+ skip).", NULL,                                          \
+      VOID(af_linear_layernorm_backward_data(F(dx), F(dy), F(dout), F(w), F(x), F(ln_w),        \
+                                             F(mean), F(rstd), F(skip), I(N), I(C), I(OC))),     \
+      NONE)                                                                                      \
+    X(ops, matmul_bf16, "a[M,K] b[K,N] -> out[M,N] using ws[WS]\n\na @ b with a and b "        \
+      "rounded to bfloat16 and fp32 sums\n(the GEMM of the CPU's precision='bf16').",            \
+      check_gemm_bf16,                                                                            \
+      VOID(af_gemm_bf16(0, 0, I(M), I(N), I(K), 1.0f, F(a), I(K), F(b), I(N), 0.0f, F(out),     \
+                        I(N), F(ws), (size_t)COUNT(ws) * 4)),                                    \
+      NONE)                                                                                      \
     X(ops, residual_forward, "a[...] b[a] -> out[a]\n\na + b.", NULL,                            \
       VOID(af_residual_forward(F(out), F(a), F(b), COUNT(a))),                                   \
       af_cuda_residual_forward(CTX, F(out), F(a), F(b), COUNT(a)))                               \

@@ -4,6 +4,8 @@
 #include "py_comm_common.h"
 #include "py_trainer_common.h"
 
+#include <string.h>
+
 typedef af_py_trainer TrainerObject; /* t: af_trainer * */
 
 AF_PY_TRAINER_API(cpu_api, af_trainer, af_trainer);
@@ -11,27 +13,43 @@ AF_PY_TRAINER_API(cpu_api, af_trainer, af_trainer);
 /* ---- lifetime ---- */
 
 static int trainer_init(TrainerObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"config", "batch", "steps_per_epoch", "comm", NULL};
+    static char *kwlist[] = {"config", "batch", "steps_per_epoch", "comm", "precision",
+                             "inference", NULL};
     PyObject *d, *comm = Py_None;
-    int batch;
+    int batch, inference = 0;
     long long spe;
+    const char *precision = "fp32";
     /* Re-running __init__ would free buffers that buffers() views (and, with the GIL
      * released, another thread's step) still point into. */
     if (self->t != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Trainer is already initialised; create a new one");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iL|O:Trainer", kwlist, &PyDict_Type, &d, &batch,
-                                     &spe, &comm))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iL|O$sp:Trainer", kwlist, &PyDict_Type, &d,
+                                     &batch, &spe, &comm, &precision, &inference))
         return -1;
+    int prec;
+    if (strcmp(precision, "fp32") == 0) prec = AF_PRECISION_FP32;
+    else if (strcmp(precision, "bf16") == 0) prec = AF_PRECISION_BF16;
+    else {
+        PyErr_Format(PyExc_ValueError, "precision must be 'fp32' or 'bf16', got '%s'", precision);
+        return -1;
+    }
     af_comm *c_comm = NULL;
     if (comm != Py_None && (c_comm = af_py_comm_pointer(comm)) == NULL) return -1;
+    if (c_comm != NULL && inference) {
+        PyErr_SetString(PyExc_ValueError, "an inference trainer takes no communicator");
+        return -1;
+    }
     if (spe < 1) {
         PyErr_SetString(PyExc_ValueError, "steps_per_epoch must be >= 1");
         return -1;
     }
     af_trainer_config c;
     if (af_trainer_config_from_dict(d, &c, spe) < 0) return -1;
+    /* the CPU's arithmetic is this argument, not Config.precision (the GPU's, bf16 by default) */
+    c.precision = prec;
+    c.inference = inference;
     af_trainer *t = NULL;
     af_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -116,9 +134,10 @@ static PyTypeObject TrainerType = {
     .tp_basicsize = sizeof(TrainerObject),
     .tp_dealloc = (destructor)trainer_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Trainer(config: dict, batch: int, steps_per_epoch: int, comm: Comm | None = None): "
-              "the C training state; with `comm` one rank of a data-parallel run (every step "
-              "is then collective)",
+    .tp_doc = "Trainer(config: dict, batch: int, steps_per_epoch: int, comm: Comm | None = None, "
+              "*, precision='fp32', inference=False): the C training state; with `comm` one "
+              "rank of a data-parallel run (every step is then collective); inference=True: "
+              "only what encode, restore and anomaly need",
     .tp_methods = trainer_methods,
     .tp_getset = af_py_trainer_getset,
     .tp_init = (initproc)trainer_init,
