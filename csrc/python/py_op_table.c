@@ -187,8 +187,11 @@ static int check_stru_token(af_op_call *o) {
             return -1;
         }
     }
-    size_t W = AF_BACKEND(af_stru_token_loss_scratch_floats,
-                          af_cuda_stru_token_loss_scratch_floats)(B, L, K);
+#ifdef AFIRE_HAVE_CUDA
+    size_t W = 1; /* no GPU twin: the row answers "not supported" after the checks */
+#else
+    size_t W = af_stru_token_loss_scratch_floats(B, L, K);
+#endif
     if (W == 0) {
         PyErr_Format(PyExc_MemoryError, "stru_token_loss: B=%d, L=%d, K=%d need too much "
                      "scratch", B, L, K);
@@ -427,7 +430,7 @@ static int check_knn(af_op_call *o) {
     "teacher's own tokens. For each normal token (i, j): -log[ f(q_ij, t_ij) / sum_b f(q_ij,\n" \
     "t_bj) ], an InfoNCE over the images b at the same position j, with q = softmax(s/tau_s),\n" \
     "t = qt rows renormalised, f = exp(-H/tau) as Eq. 12; l_stru is its mean over normal\n" \
-    "tokens, ds its gradient w.r.t. s (qt is a target). GPU keyword: ds is w times it."
+    "tokens, ds its gradient w.r.t. s (qt is a target). CPU only (no GPU twin yet)."
 #define OBJ_PROSE_RECON "\n\n" \
     "Eq. 20: mean over tokens of w * ||y - x||^2 / PPC (w = w_abn on abnormal tokens, 1\n" \
     "elsewhere). GPU keyword: dy is weight times the gradient."
@@ -640,12 +643,11 @@ static int check_knn(af_op_call *o) {
                          I(combined) ? F(ds_stru) : F(ds_cate), F(s), F(C), U8(abn), I(B), I(L), \
                          I(K), R(tau_s), R(tau), R(w_stru), R(w_cate), F(scratch)))              \
     X(objective, stru_token_loss, "s[B,L,K] qt[B,L,K] abn[B,L]:labels tau_s:float>0="         \
-      STR(AF_TAU_S) " tau:float>0=" STR(AF_TAU) " * @w:float=1 -> (l_stru:float, ds[s]) "        \
-      "using scratch[W]" OBJ_PROSE_STRU_TOKEN, check_stru_token,                                 \
+      STR(AF_TAU_S) " tau:float>0=" STR(AF_TAU) " -> (l_stru:float, ds[s]) using scratch[W]"     \
+      OBJ_PROSE_STRU_TOKEN, check_stru_token,                                                    \
       af_stru_token_loss(F(l_stru), F(ds), F(s), F(qt), U8(abn), I(B), I(L), I(K), R(tau_s),     \
                          R(tau), 1.0f, F(scratch)),                                              \
-      af_cuda_stru_token_loss(CTX, F(l_stru), F(ds), F(s), F(qt), U8(abn), I(B), I(L), I(K),     \
-                              R(tau_s), R(tau), R(w), F(scratch)))                               \
+      NONE)                                                                                      \
     X(objective, recon_loss, "y[B,L,PPC] x[B,L,PPC] abn[B,L]:labels w_abn:float>=0="             \
       STR(AF_W_ABN) " * @weight:float=1 -> (loss:float, dy[y])" OBJ_PROSE_RECON, NULL,           \
       af_recon_loss(F(loss), F(dy), F(y), F(x), U8(abn), I(B), I(L), I(PPC), R(w_abn), 1.0f),    \
