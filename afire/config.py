@@ -58,6 +58,7 @@ _FLOAT_RANGES: dict[str, tuple[float, bool, float, bool]] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "token_rule": ("paper", "released"), "objective": ("paper", "released"),
+    "stru_target": ("prototype", "teacher_token"),
     "clip_mode": ("per_tensor", "global"), "precision": ("bf16", "fp32"),
 }
 
@@ -217,6 +218,13 @@ class Config:
     teacher_temp_final: float = 0.07
     teacher_temp_warmup_epochs: int = 30
     proto_momentum: float = 0.75
+    # Target of the structure term. "prototype": Eq. 12 of the paper (default). NOT IN THE
+    # PAPER, "teacher_token": each normal student token against the teacher's distributions
+    # at the same position in every image of the batch, its own image's the positive (an
+    # InfoNCE over images, f of Eq. 12; objective.h af_stru_token_loss): Eq. 12's prototypes
+    # depend on the position only, so the position embedding solves it (docs/RESULTS.md,
+    # structure consistency §5). Paper objective only.
+    stru_target: str = "prototype"
     w_stru: float = 1.0
     w_cate: float = 1.0
     w_recon: float = 1.0
@@ -319,6 +327,9 @@ class Config:
         need(hi <= self.img_size, "slm_size",
              f"the largest lesion side must be <= img_size {self.img_size}")
         need(self.slm_crop <= self.img_size, "slm_crop", f"must be <= img_size {self.img_size}")
+        need(self.stru_target == "prototype" or self.objective == "paper", "stru_target",
+             "'teacher_token' replaces Eq. 12 of the paper objective; the released objective "
+             "has no such term (use 'prototype')")
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)

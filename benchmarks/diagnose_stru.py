@@ -71,6 +71,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # restoration mostly of the masked (abnormal) tokens: weight 2 there, 0.1 elsewhere
     "masked_recon": {"w_recon": 0.1, "w_abnormal": 20.0},
     "slm_big": {"slm_size": (8, 32), "slm_crop": 32},
+    # not in the paper: the structure term against the teacher's tokens at the same position
+    # in the other images of the batch (Config.stru_target; RESULTS.md structure §5)
+    "teacher_token": {"stru_target": "teacher_token"},
 }
 
 
@@ -233,6 +236,23 @@ def paper_losses(cfg: Config, logits: np.ndarray, protos: np.ndarray, abn: np.nd
     return ls / max(ws, 1.0), lc / max(wc, 1.0)
 
 
+def token_losses(cfg: Config, logits: np.ndarray, q_t: np.ndarray, abn: np.ndarray,
+                 batch: int) -> float:
+    """The teacher-token structure term (Config.stru_target="teacher_token") of student
+    logits [N, L, K] against the teacher's Sinkhorn rows q_t [N, L, K], in consecutive batches
+    of ``batch`` images (its candidates are the batch's images), token-weighted mean."""
+    total = n_all = 0.0
+    for i in range(0, len(logits) - batch + 1, batch):
+        a = np.ascontiguousarray(abn[i:i + batch])
+        v, _ = _C.objective.stru_token_loss(
+            np.ascontiguousarray(logits[i:i + batch], np.float32),
+            np.ascontiguousarray(q_t[i:i + batch], np.float32), a,
+            tau_s=cfg.tau_student, tau=cfg.tau_similarity)
+        n = float((a == 0).sum())
+        total, n_all = total + v * n, n_all + n
+    return total / max(n_all, 1.0)
+
+
 def as_logits(q: np.ndarray, tau_s: float) -> np.ndarray:
     """Logits whose softmax at temperature tau_s is q."""
     return (tau_s * np.log(np.maximum(q, 1e-30))).astype(np.float32)
@@ -269,6 +289,8 @@ def diagnose(model: AFiRe, net, images: np.ndarray, seed: int, teacher_temp: flo
     for name, lg in predictors.items():
         ls, lc = paper_losses(cfg, lg, protos, abn, batch)
         out[f"l_stru_{name}"], out[f"l_cate_{name}"] = ls, lc
+        # the teacher-token term (whatever the run trains): log(batch) = chance
+        out[f"l_tok_{name}"] = token_losses(cfg, lg, q_t, abn, batch)
     out["teacher"] = dict(assignment_information(q_t.argmax(-1), K),
                           soft=soft_information(q_t))
     normal = abn == 0

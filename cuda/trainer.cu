@@ -127,6 +127,10 @@ extern "C" af_status af_cuda_trainer_create(af_cuda_trainer **out, const af_trai
     AF_TRY(af_trainer_config_check(cfg, batch));  // the checks of af_trainer_create
     AF_CHECK(cfg->precision == AF_PRECISION_FP32 || cfg->precision == AF_PRECISION_BF16,
              AF_EINVAL, "precision must be 'bf16' or 'fp32'");
+    // not in the paper and not on the GPU yet: refuse rather than train Eq. 12 silently
+    AF_CHECK(cfg->stru_target == AF_STRU_PROTOTYPE, AF_EINVAL,
+             "stru_target 'teacher_token' runs on the CPU only (the CUDA trainer computes "
+             "Eq. 12's prototype target); use device='cpu' or stru_target='prototype'");
     af_cuda_trainer *t = (af_cuda_trainer *)af_calloc(1, sizeof *t);
     if (t == nullptr) return AF_ENOMEM;
     t->cfg = *cfg;

@@ -1,6 +1,7 @@
 """What each rank of the MPI tests runs (tests/test_dist_mpi.py starts it with mpirun):
 
     python tests/dist_worker.py steps OUT.npz B_CAP B0,B1,... [objective [device]]
+        (objective: paper, released, or teacher_token = paper with that stru_target)
         AFiRe train_step on fixed phantom batches: rank r takes B_r images of each global
         batch (the sizes may differ between ranks); rank 0 saves the stats and the state.
         Without a launcher (one process) it trains on the whole global batches. device
@@ -34,8 +35,11 @@ STATS = ("loss", "l_stru", "l_cate", "l_cst", "l_recon", "grad_norm", "abnormal_
 
 
 def _config(objective: str = "paper", batch: int = 12) -> afire.Config:
+    """objective "teacher_token": the paper objective with stru_target="teacher_token"."""
+    extra = {"stru_target": "teacher_token"} if objective == "teacher_token" else {}
+    objective = "paper" if objective == "teacher_token" else objective
     return afire.Config.preset_config("test", batch_size=batch, epochs=2, objective=objective,
-                                      base_lr=2e-2, warmup_epochs=1, precision="fp32")
+                                      base_lr=2e-2, warmup_epochs=1, precision="fp32", **extra)
 
 
 def steps(out: str, cap: str, sizes: str, objective: str = "paper", device: str = "cpu") -> None:

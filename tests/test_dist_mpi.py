@@ -80,7 +80,8 @@ def assert_state_close(a, b, atol=1e-4, rtol=1e-4):
                                    atol=atol, rtol=rtol, err_msg=k)
 
 
-@pytest.mark.parametrize("world,objective", [(2, "paper"), (3, "paper"), (2, "released")])
+@pytest.mark.parametrize("world,objective", [(2, "paper"), (3, "paper"), (2, "released"),
+                                             (3, "teacher_token")])
 def test_ranks_equal_one_process_on_the_combined_batch(tmp_path, world, objective):
     ref, got = tmp_path / "one.npz", tmp_path / "ranks.npz"
     single(WORKER, "steps", str(ref), "12", "12", objective)

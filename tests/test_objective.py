@@ -221,6 +221,114 @@ def test_paper_loss_accepts_bool_labels_and_is_deterministic():
 
 
 # ----------------------------------------------------------------------------------------
+# Structure term against the teacher's tokens (not in the paper: stru_target="teacher_token")
+
+
+def ref_stru_token(s, qt, abn, tau_s=0.1, tau=0.1):
+    """For each normal token (i, j): -log[f(q_ij, t_ij) / sum_b f(q_ij, t_bj)], t = the
+    teacher rows renormalised and clamped to 1e-12; mean over normal tokens (0 if none)."""
+    s = np.asarray(s, np.float64)
+    B, L, _ = s.shape
+    q = softmax(s / tau_s)
+    t = np.asarray(qt, np.float64)
+    t = np.maximum(t / t.sum(-1, keepdims=True), 1e-12)
+    terms = []
+    for i in range(B):
+        for j in range(L):
+            if abn[i, j]:
+                continue
+            num = f_sim(q[i, j], t[i, j], tau)
+            den = sum(f_sim(q[i, j], t[b, j], tau) for b in range(B))
+            terms.append(-np.log(num / den))
+    return np.mean(terms) if terms else 0.0
+
+
+def make_teacher(rng, B, L, K, sharp=1.0):
+    return softmax(rng.normal(0, sharp, (B, L, K))).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(LABELS))
+def test_stru_token_loss_matches_numpy_and_fd(name):
+    rng = np.random.default_rng(21)
+    abn = LABELS[name]
+    s, _ = make_inputs(rng, B_, L_, K_)
+    qt = make_teacher(rng, B_, L_, K_)
+    l_stru, ds = obj.stru_token_loss(s, qt, abn)
+    assert l_stru == pytest.approx(ref_stru_token(s, qt, abn), rel=2e-5, abs=1e-6)
+    assert_grad_close(ds, central_fd(lambda v: ref_stru_token(v, qt, abn), s, 1e-5))
+    if name == "all_abnormal":
+        assert l_stru == 0.0 and not ds.any()
+    else:
+        assert l_stru > 0 and np.abs(ds).max() > 1e-3
+    # abnormal student tokens get no gradient (they are not anchors)
+    assert not ds[abn.astype(bool)].any()
+
+
+def test_stru_token_loss_temperatures_and_unnormalised_teacher():
+    rng = np.random.default_rng(22)
+    s, _ = make_inputs(rng, B_, L_, K_)
+    qt = make_teacher(rng, B_, L_, K_, sharp=3.0)
+    qt[0, 1, 2] = 0.0                   # a zero entry: clamped to 1e-12 before the log
+    qt *= rng.uniform(0.5, 2.0, (B_, L_, 1)).astype(np.float32)   # rows renormalised
+    abn = LABELS["mixed"]
+    l_stru, ds = obj.stru_token_loss(s, qt, abn, tau_s=0.2, tau=0.5)
+    assert l_stru == pytest.approx(ref_stru_token(s, qt, abn, 0.2, 0.5), rel=2e-5)
+    assert_grad_close(ds, central_fd(lambda v: ref_stru_token(v, qt, abn, 0.2, 0.5), s, 1e-5))
+
+
+def test_stru_token_loss_position_cannot_solve_it():
+    """The point of the variant: a student that outputs one distribution per position
+    (the same for every image) cannot go below log(B) on teacher tokens that differ across
+    images, while Eq. 12 with the batch-mean prototypes is nearly solved by it."""
+    rng = np.random.default_rng(23)
+    B, L, K = 8, 4, 6
+    qt = make_teacher(rng, B, L, K, sharp=3.0)
+    abn = np.zeros((B, L), np.uint8)
+    # the per-position optimum of Eq. 12: sharp on each position's own prototype argmax
+    protos = qt.mean(0)
+    pos_only = np.broadcast_to(np.where(
+        np.arange(K) == protos.argmax(1)[:, None], 1.0, -1.0), (B, L, K)).astype(np.float32)
+    l_paper, _, _, _ = obj.paper_loss(np.ascontiguousarray(pos_only), protos, abn)
+    l_token, _ = obj.stru_token_loss(np.ascontiguousarray(pos_only), qt, abn)
+    assert l_token >= np.log(B) - 1e-4      # all candidates tie or worse: no information
+    # the teacher's own tokens as the student's output: far below log(B)
+    own = (0.1 * np.log(qt)).astype(np.float32)
+    l_own, _ = obj.stru_token_loss(own, qt, abn)
+    assert l_own < 0.5 * np.log(B)
+    # the same teacher rows at every image: every candidate ties, loss exactly log(B)
+    same = np.ascontiguousarray(np.broadcast_to(qt[:1], qt.shape))
+    l_same, ds_same = obj.stru_token_loss(own, same, abn)
+    assert l_same == pytest.approx(np.log(B), rel=1e-6)
+    assert np.abs(ds_same).max() < 1e-5     # ... and no gradient
+    assert l_paper < l_token
+
+
+def test_stru_token_loss_batch_of_one_is_zero():
+    rng = np.random.default_rng(24)
+    s, _ = make_inputs(rng, 1, 5, 4)
+    qt = make_teacher(rng, 1, 5, 4)
+    l_stru, ds = obj.stru_token_loss(s, qt, np.zeros((1, 5), np.uint8))
+    assert l_stru == 0.0 and np.abs(ds).max() < 1e-7
+
+
+def test_stru_token_loss_validation():
+    rng = np.random.default_rng(25)
+    s, _ = make_inputs(rng, B_, L_, K_)
+    qt = make_teacher(rng, B_, L_, K_)
+    abn = LABELS["mixed"]
+    with pytest.raises(ValueError, match="qt"):
+        obj.stru_token_loss(s, qt[:, :, :4], abn)
+    with pytest.raises(ValueError, match="qt"):
+        obj.stru_token_loss(s, -qt, abn)
+    zero = qt.copy()
+    zero[1, 2] = 0.0
+    with pytest.raises(ValueError, match="qt"):
+        obj.stru_token_loss(s, zero, abn)
+    with pytest.raises(ValueError, match="tau"):
+        obj.stru_token_loss(s, qt, abn, tau=0.0)
+
+
+# ----------------------------------------------------------------------------------------
 # Restoration loss (Eq. 20)
 
 

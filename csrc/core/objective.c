@@ -14,6 +14,7 @@
  * f(p, r) = exp(sum_k p_k log r_k / tau) uses its first argument as q and its second as
  * log q, so a term f(q_a, q_b) sends the first Jacobian to token a and the second to b.
  */
+#include <limits.h>
 #include <math.h>
 
 #include "common.h"
@@ -229,24 +230,30 @@ static void student_probs(float *q, float *logq, const float *s, size_t NT, int 
     }
 }
 
-/* logc[L,K] = log(max(c_l, AF_LOGC_FLOOR)), c_l = protos_l / sum(protos_l); protos must be
- * >= 0 with rows > 0. */
-static af_status prototype_logs(float *logc, const float *protos, int L, int K) {
-    for (int l = 0; l < L; l++) {
-        const float *cl = protos + (size_t)l * K;
+/* out[N,K] = log(max(r_n, AF_LOGC_FLOOR)), r_n = rows_n / sum(rows_n); rows must be >= 0
+ * with sums > 0 (`what` names them in the error). */
+static af_status row_logs(float *out, const float *rows, int N, int K, const char *what) {
+    for (int n = 0; n < N; n++) {
+        const float *cl = rows + (size_t)n * K;
         double rs = 0.0;
         for (int k = 0; k < K; k++) {
             AF_CHECK(isfinite(cl[k]) && cl[k] >= 0.0f, AF_EINVAL,
-                     "prototypes C must be finite and >= 0 (probabilities), got %g at [%d, %d]",
-                     (double)cl[k], l, k);
+                     "%s must be finite and >= 0 (probabilities), got %g at [%d, %d]", what,
+                     (double)cl[k], n, k);
             rs += cl[k];
         }
         AF_CHECK(rs > 0.0 && isfinite(rs), AF_EINVAL,
-                 "prototypes C: row %d must have a positive finite sum, got %g", l, rs);
+                 "%s: row %d must have a positive finite sum, got %g", what, n, rs);
         for (int k = 0; k < K; k++)
-            logc[(size_t)l * K + k] = (float)log(fmax(cl[k] / rs, (double)AF_LOGC_FLOOR));
+            out[(size_t)n * K + k] = (float)log(fmax(cl[k] / rs, (double)AF_LOGC_FLOOR));
     }
     return AF_OK;
+}
+
+/* logc[L,K] = log(max(c_l, AF_LOGC_FLOOR)), c_l = protos_l / sum(protos_l); protos must be
+ * >= 0 with rows > 0. */
+static af_status prototype_logs(float *logc, const float *protos, int L, int K) {
+    return row_logs(logc, protos, L, K, "prototypes C");
 }
 
 /* (1/tau) <p, v> in double: log f(p, r) when v = log r. */
@@ -481,6 +488,93 @@ af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_
     prototype_affinity(p.A, p.q, p.logc, NT, L, K, p.inv_tau);
     structure_consistency(l_stru, ds_stru, &p, w_stru);
     category_consistency(l_cate, ds_cate, &p, w_cate);
+    return AF_OK;
+}
+
+/* ---------------------------------------------------------------------------------- */
+/* NOT IN THE PAPER: structure consistency against the teacher's own tokens           */
+
+/* Replaces Eq. 12 when Config.stru_target = "teacher_token" (docs/RESULTS.md, "Structure
+ * consistency", §1 and §5). Eq. 12's targets, the prototypes c_l, are batch means of the
+ * teacher's distributions: a function of the position only, so a student that outputs one
+ * distribution per position (read from its position embedding) solves it. Here the
+ * candidates of a normal student token (i, j) are the teacher's distributions at the SAME
+ * position j in every image b of the batch, q^T_bj (the teacher sees the normal images, so
+ * every b is a candidate); the positive is its own image's, q^T_ij. All candidates share the
+ * position, so only the token's content can pick the right one:
+ *   L_stru' = -(1/|N|) sum_{(i,j) normal} log[ f(q^S_ij, q^T_ij) / sum_b f(q^S_ij, q^T_bj) ]
+ * with Eq. 12's f(p, r) = exp(-H(p, r)/tau), r = the teacher row renormalised and clamped
+ * to >= AF_LOGC_FLOOR (as c_l is). An InfoNCE over the images at a fixed position. The
+ * teacher side is a target: the gradient flows into q^S only. With B = 1 it is 0. */
+
+/* Scratch, in floats: q [B*L*K] student probabilities (their logs follow: student_probs),
+ * logq [B*L*K] (unused), logt [B*L*K] log teacher rows, g [B*L*K] per-token temporaries,
+ * F [L*B*B] F[j,i,b] = log f(q^S_ij, q^T_bj), tl [B*L] per-token loss. */
+size_t af_stru_token_loss_scratch_floats(int B, int L, int K) {
+    if (B <= 0 || L <= 0 || K <= 0) return 0;
+    double b = B, l = L, k = K;
+    double n = 4 * b * l * k + l * b * b + b * l;
+    if (n * sizeof(float) > (double)(SIZE_MAX / 2)) return 0;
+    return (size_t)n;
+}
+
+af_status af_stru_token_loss(float *l_stru, float *ds, const float *s, const float *qt,
+                             const uint8_t *abn, int B, int L, int K, float tau_s, float tau,
+                             float w, float *scratch) {
+    AF_CHECK(l_stru && s && qt && abn && scratch, AF_EINVAL, "stru_token_loss: NULL buffer");
+    AF_CHECK(B > 0 && L > 0 && K > 0, AF_EINVAL,
+             "stru_token_loss: B=%d, L=%d, K=%d must be > 0", B, L, K);
+    AF_CHECK(positive_finite(tau_s), AF_EINVAL, "stru_token_loss: tau_s must be > 0, got %g",
+             (double)tau_s);
+    AF_CHECK(positive_finite(tau), AF_EINVAL, "stru_token_loss: tau must be > 0, got %g",
+             (double)tau);
+    AF_CHECK(isfinite(w), AF_EINVAL, "stru_token_loss: w must be finite");
+    AF_CHECK(af_stru_token_loss_scratch_floats(B, L, K) > 0, AF_ENOMEM,
+             "stru_token_loss: B=%d, L=%d, K=%d need too much scratch", B, L, K);
+    const size_t NT = (size_t)B * L, BLK = NT * K;
+    float *q = scratch, *logq = q + BLK, *logt = logq + BLK, *g = logt + BLK;
+    float *F = g + BLK, *tl = F + (size_t)L * B * B;
+    AF_CHECK(NT <= (size_t)INT_MAX, AF_EINVAL, "stru_token_loss: B*L=%zu is too large", NT);
+    AF_TRY(row_logs(logt, qt, (int)NT, K, "teacher distributions qt"));
+    student_probs(q, logq, s, NT, K, tau_s);
+    const double inv_tau = 1.0 / tau;
+    size_t n_normal = 0;
+    for (size_t t = 0; t < NT; t++) n_normal += abn[t] == 0;
+    const double c = n_normal ? (double)w / n_normal : 0.0;
+#pragma omp parallel for schedule(dynamic)
+    for (int j = 0; j < L; j++) {
+        float *Fj = F + (size_t)j * B * B;
+        for (int i = 0; i < B; i++) {
+            const size_t ti = (size_t)i * L + j;
+            if (abn[ti]) continue;
+            const float *qi = q + ti * K;
+            float *Fi = Fj + (size_t)i * B;
+            for (int b = 0; b < B; b++)
+                Fi[b] = (float)logf_dot(qi, logt + ((size_t)b * L + j) * K, K, inv_tau);
+            lse_acc all;
+            lse_init(&all);
+            for (int b = 0; b < B; b++) lse_add(&all, Fi[b]);
+            const double lall = lse_value(&all);
+            tl[ti] = (float)(lall - Fi[i]);
+            if (ds == NULL) continue;
+            /* dL/dq_ij = (1/tau) sum_b (softmax_b(F_i) - [b == i]) log q^T_bj */
+            float *gi = g + ti * K;
+            for (int k = 0; k < K; k++) gi[k] = 0.0f;
+            for (int b = 0; b < B; b++) {
+                const double cb = (exp(Fi[b] - lall) - (b == i)) * inv_tau * c;
+                const float *lt = logt + ((size_t)b * L + j) * K;
+                for (int k = 0; k < K; k++) gi[k] += (float)(cb * lt[k]);
+            }
+            float *dst = ds + ti * K;
+            double qg = 0.0;
+            for (int k = 0; k < K; k++) qg += (double)qi[k] * gi[k];
+            for (int k = 0; k < K; k++) dst[k] += (float)(qi[k] * (gi[k] - qg) / tau_s);
+        }
+    }
+    double sum = 0.0;
+    for (size_t t = 0; t < NT; t++)
+        if (!abn[t]) sum += tl[t];
+    *l_stru = n_normal ? (float)(sum / n_normal) : 0.0f;
     return AF_OK;
 }
 

@@ -81,6 +81,23 @@ af_status af_paper_loss(float *l_stru, float *l_cate, float *ds_stru, float *ds_
                      const float *s, const float *protos, const uint8_t *abn, int B, int L,
                      int K, float tau_s, float tau, float w_stru, float w_cate, float *scratch);
 
+/* NOT IN THE PAPER (Config.stru_target = "teacher_token"): a structure term whose target
+ * depends on the image, replacing Eq. 12 (docs/RESULTS.md, structure consistency §5). For
+ * each normal token (i, j), an InfoNCE over the images b of the batch at the SAME position:
+ *   L_stru' = -(1/|N|) sum_{(i,j) normal} log[ f(q^S_ij, q^T_ij) / sum_b f(q^S_ij, q^T_bj) ]
+ * with f as Eq. 12 (f(p, r) = exp(-H(p, r)/tau)), q^S = softmax(s/tau_s), and qt[B,L,K] the
+ * teacher's distributions (Sinkhorn output on the normal images; every image b is a
+ * candidate, whatever its student-side label). qt rows must be >= 0 with positive finite
+ * sums; they are renormalised and clamped to >= AF_LOGC_FLOOR before the log, as c_l is.
+ * A position cannot solve it (every candidate shares it). The gradient flows into q^S only.
+ *   l_stru: mean over normal tokens (0 when there are none; 0 for B = 1);
+ *   ds += w * dL/ds (NULL: skipped).
+ * scratch: af_stru_token_loss_scratch_floats(B, L, K) floats. */
+size_t af_stru_token_loss_scratch_floats(int B, int L, int K);
+af_status af_stru_token_loss(float *l_stru, float *ds, const float *s, const float *qt,
+                             const uint8_t *abn, int B, int L, int K, float tau_s, float tau,
+                             float w, float *scratch);
+
 /* Weighted restoration loss (Eq. 20): loss = (1/(B*L)) sum_ij w_ij ||y_ij - x_ij||^2 / Q,
  * w_ij = w_abn where abn[i,j] = 1, else 1 (abn may be NULL: all 1).
  * dy += weight * dloss/dy (dy may be NULL). No scratch. */

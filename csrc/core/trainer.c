@@ -12,6 +12,7 @@
 static void dist_free(af_trainer_dist *d) {
     af_free(d->counts);
     af_free(d->logits);
+    af_free(d->q_teacher);
     af_free(d->dlogits);
     af_free(d->abn);
     af_free(d->obj_scratch);
@@ -39,6 +40,18 @@ void af_trainer_free(af_trainer *t) {
     af_free(t);
 }
 
+/* Floats of the objective's scratch for B images (0: too large). The teacher-token structure
+ * term runs after af_paper_loss on the same scratch. */
+static size_t objective_scratch_floats(const af_trainer_config *c, int B, int L, int K) {
+    if (c->objective != AF_OBJECTIVE_PAPER) return af_released_loss_scratch_floats(L, K);
+    size_t n = af_paper_loss_scratch_floats(B, L, K);
+    if (c->stru_target == AF_STRU_TEACHER_TOKEN) {
+        size_t m = af_stru_token_loss_scratch_floats(B, L, K);
+        n = n == 0 || m == 0 ? 0 : (m > n ? m : n);
+    }
+    return n;
+}
+
 af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int batch) {
     *out = NULL;
     AF_TRY(af_trainer_config_check(cfg, batch));
@@ -62,9 +75,7 @@ af_status af_trainer_create(af_trainer **out, const af_trainer_config *cfg, int 
     t->K = n->K;
     t->D = n->D;
     size_t B = (size_t)batch, S2 = (size_t)n->S * n->S, BL = B * t->L;
-    size_t scratch = cfg->objective == AF_OBJECTIVE_PAPER
-                         ? af_paper_loss_scratch_floats(batch, t->L, t->K)
-                         : af_released_loss_scratch_floats(t->L, t->K);
+    size_t scratch = objective_scratch_floats(cfg, batch, t->L, t->K);
     size_t tb = cfg->inference ? 0 : B; /* training-only buffers: 1 element for inference */
     t->protos = af_calloc((size_t)t->L * t->K, sizeof(float));
     t->protos_next = af_calloc((size_t)t->L * t->K, sizeof(float));
@@ -113,19 +124,21 @@ af_status af_trainer_set_comm(af_trainer *t, af_comm *comm) {
     af_trainer_dist *d = &t->dist;
     const int W = af_comm_size(comm), L = t->L, K = t->K;
     /* every rank must gather the same block sizes and run the same objective */
-    int64_t mine[6] = {t->B, L, K, t->Q, t->cfg.objective, t->cfg.net.D}, *all;
-    all = af_calloc((size_t)W * 6, sizeof(int64_t));
+    int64_t mine[7] = {t->B, L, K, t->Q, t->cfg.objective, t->cfg.net.D, t->cfg.stru_target};
+    int64_t *all = af_calloc((size_t)W * 7, sizeof(int64_t));
     if (all == NULL) return AF_ENOMEM;
     af_status st = af_comm_allgather(comm, mine, all, sizeof mine, "trainer setup");
     for (int r = 0; st == AF_OK && r < W; r++)
-        if (memcmp(all + 6 * r, mine, sizeof mine) != 0)
+        if (memcmp(all + 7 * r, mine, sizeof mine) != 0)
             st = af_error(AF_EINVAL, "rank %d's trainer differs from rank %d's (batch capacity "
                           "%lld vs %lld, L %lld vs %lld, K %lld vs %lld, objective %lld vs "
-                          "%lld): every rank needs the same config and per-rank batch",
-                          r, af_comm_rank(comm), (long long)all[6 * r], (long long)mine[0],
-                          (long long)all[6 * r + 1], (long long)mine[1],
-                          (long long)all[6 * r + 2], (long long)mine[2],
-                          (long long)all[6 * r + 4], (long long)mine[4]);
+                          "%lld, stru_target %lld vs %lld): every rank needs the same config "
+                          "and per-rank batch",
+                          r, af_comm_rank(comm), (long long)all[7 * r], (long long)mine[0],
+                          (long long)all[7 * r + 1], (long long)mine[1],
+                          (long long)all[7 * r + 2], (long long)mine[2],
+                          (long long)all[7 * r + 4], (long long)mine[4],
+                          (long long)all[7 * r + 6], (long long)mine[6]);
     af_free(all);
     AF_TRY(st);
     AF_CHECK((double)W * t->B * L <= (double)INT_MAX / (K > 1 ? K : 1), AF_EINVAL,
@@ -133,18 +146,19 @@ af_status af_trainer_set_comm(af_trainer *t, af_comm *comm) {
              "it with ints)", W, t->B);
     const int BG = W * t->B;
     const size_t LK = (size_t)L * K, rows = (size_t)BG * L;
-    size_t scratch = t->cfg.objective == AF_OBJECTIVE_PAPER
-                         ? af_paper_loss_scratch_floats(BG, L, K)
-                         : af_released_loss_scratch_floats(L, K);
+    size_t scratch = objective_scratch_floats(&t->cfg, BG, L, K);
     AF_CHECK(scratch > 0, AF_ENOMEM, "the objective's scratch for a global batch of %d images "
              "is too large", BG);
     d->counts = af_calloc((size_t)W, sizeof(int64_t));
     d->logits = af_calloc(rows * K, sizeof(float));
+    if (t->cfg.stru_target == AF_STRU_TEACHER_TOKEN)
+        d->q_teacher = af_calloc(rows * K, sizeof(float));
     d->dlogits = af_calloc(rows * K, sizeof(float));
     d->abn = af_calloc(rows, 1);
     d->obj_scratch = af_calloc(scratch, sizeof(float));
     d->sums = af_calloc(LK + (size_t)K, sizeof(double));
-    if (!d->counts || !d->logits || !d->dlogits || !d->abn || !d->obj_scratch || !d->sums) {
+    if (!d->counts || !d->logits || !d->dlogits || !d->abn || !d->obj_scratch || !d->sums ||
+        (t->cfg.stru_target == AF_STRU_TEACHER_TOKEN && !d->q_teacher)) {
         dist_free(d);
         return AF_ENOMEM;
     }
@@ -197,6 +211,25 @@ static af_status dist_gather_rows(af_trainer *t, void *dst, const void *src, siz
     return AF_OK;
 }
 
+/* The paper objective's consistency terms on B images (one rank's batch, or the gathered
+ * global batch): dlogits += w_stru dL_stru/ds + w_cate dL_cate/ds. With stru_target
+ * "teacher_token" the structure term is af_stru_token_loss on the teacher's Sinkhorn rows
+ * q_teacher[B,L,K] (not in the paper) instead of Eq. 12; L_cate is unchanged. */
+static af_status paper_terms(af_trainer *t, float *ls, float *lc, float *dlogits,
+                             const float *logits, const float *q_teacher, const uint8_t *abn,
+                             int B, float *scratch) {
+    const af_trainer_config *c = &t->cfg;
+    const int L = t->L, K = t->K;
+    if (c->stru_target != AF_STRU_TEACHER_TOKEN)
+        return af_paper_loss(ls, lc, dlogits, dlogits, logits, t->protos_next, abn, B, L, K,
+                             c->tau_s, c->tau, c->w_stru, c->w_cate, scratch);
+    float eq12 = 0.0f; /* Eq. 12's value, not used: only L_cate's gradient is kept */
+    AF_TRY(af_paper_loss(&eq12, lc, NULL, dlogits, logits, t->protos_next, abn, B, L, K,
+                         c->tau_s, c->tau, 0.0f, c->w_cate, scratch));
+    return af_stru_token_loss(ls, dlogits, logits, q_teacher, abn, B, L, K, c->tau_s, c->tau,
+                              c->w_stru, scratch);
+}
+
 /* Stage 4 with several ranks: the cross-image terms on the gathered global batch (the same
  * numbers on every rank; this rank keeps its rows of the gradient), restoration on the own
  * images weighted B / B_global, its loss summed. */
@@ -217,8 +250,11 @@ static af_status dist_losses(af_trainer *t, int B, const float *logits, const fl
     const float w_recon = (float)(c->w_recon * share);
     memset(d->dlogits, 0, sizeof(float) * NG * K);
     if (c->objective == AF_OBJECTIVE_PAPER) {
-        AF_TRY(af_paper_loss(ls, lc, d->dlogits, d->dlogits, d->logits, t->protos_next, d->abn,
-                             BG, L, K, c->tau_s, c->tau, c->w_stru, c->w_cate, d->obj_scratch));
+        if (c->stru_target == AF_STRU_TEACHER_TOKEN) /* its targets: every rank's teacher rows */
+            AF_TRY(dist_gather_rows(t, d->q_teacher, t->q_teacher, LK * sizeof(float),
+                                    "teacher distributions gather"));
+        AF_TRY(paper_terms(t, ls, lc, d->dlogits, d->logits, d->q_teacher, d->abn, BG,
+                           d->obj_scratch));
         AF_TRY(af_recon_loss(lr, t->dpred, pred, t->target, t->abn, B, L, Q, c->w_abn, w_recon));
     } else {
         AF_TRY(af_released_cst_loss(lcst, d->dlogits, d->logits, t->protos_next, d->abn, BG, L,
@@ -344,8 +380,8 @@ af_status af_trainer_grads(af_trainer *t, const uint8_t *images, int B, af_step_
     if (dist) {
         AF_TRY(dist_losses(t, B, logits, pred, &ls, &lc, &lcst, &lr, &stats->abnormal_fraction));
     } else if (c->objective == AF_OBJECTIVE_PAPER) {
-        AF_TRY(af_paper_loss(&ls, &lc, t->dlogits, t->dlogits, logits, t->protos_next, t->abn, B, L,
-                          K, c->tau_s, c->tau, c->w_stru, c->w_cate, t->obj_scratch));
+        AF_TRY(paper_terms(t, &ls, &lc, t->dlogits, logits, t->q_teacher, t->abn, B,
+                           t->obj_scratch));
         AF_TRY(af_recon_loss(&lr, t->dpred, pred, t->target, t->abn, B, L, Q, c->w_abn, c->w_recon));
     } else {
         AF_TRY(af_released_loss(&lcst, &lr, t->dlogits, t->dpred, logits, t->protos_next, t->abn,

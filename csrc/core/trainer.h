@@ -25,6 +25,10 @@ extern "C" {
 #endif
 
 enum { AF_OBJECTIVE_PAPER = 0, AF_OBJECTIVE_RELEASED = 1 };
+/* Target of the paper objective's structure term: the prototypes (Eq. 12, the paper) or the
+ * teacher's own tokens at the same position in every image of the batch (not in the paper:
+ * af_stru_token_loss, docs/RESULTS.md structure consistency §5). */
+enum { AF_STRU_PROTOTYPE = 0, AF_STRU_TEACHER_TOKEN = 1 };
 /* GEMM precision. The CPU trainer takes it from the binding (AFiRe(precision=...), fp32 by
  * default whatever Config.precision says), the CUDA trainer from Config.precision. */
 enum { AF_PRECISION_FP32 = 0, AF_PRECISION_BF16 = 1 };
@@ -33,6 +37,7 @@ typedef struct {
     af_config net;
     af_slm_config slm;
     int objective;             /* AF_OBJECTIVE_*                                         */
+    int stru_target;           /* AF_STRU_*; paper objective only (Config.stru_target)   */
     float tau_s, tau;          /* student temperature, f(.) temperature (0.1, 0.1)       */
     float sinkhorn_eps;        /* released objective's Sinkhorn epsilon (0.05)           */
     int sinkhorn_iters;        /* 3                                                       */
@@ -113,7 +118,8 @@ static inline af_status af_step_stats_grad_norm(af_step_stats *s, double norm, i
  *     (af_sinkhorn_knopp_dist, af_prototypes_update_dist);
  *   - the cross-image terms (L_stru, L_cate of Eq. 12, 14-16; the released L_cst) on the
  *     student logits and token labels of the whole global batch, gathered on every rank:
- *     every rank computes the same loss and keeps the gradient rows of its own images;
+ *     every rank computes the same loss and keeps the gradient rows of its own images
+ *     (AF_STRU_TEACHER_TOKEN also gathers the teacher's Sinkhorn rows, its targets);
  *   - restoration (Eq. 20) local, weighted B/B_global and summed;
  *   - gradients summed over the ranks in buckets (each rank holds its images' share of the
  *     gradient of the global mean loss: the sum is the gradient of the global batch, i.e.
@@ -125,6 +131,8 @@ typedef struct {
     int64_t *counts;           /* [world] images of each rank in this step                  */
     int64_t B_global, offset;  /* this step: images in all, global index of image 0 here   */
     float *logits;             /* [world*B, L, K] gathered student logits (global batch)   */
+    float *q_teacher;          /* [world*B, L, K] gathered teacher Sinkhorn rows (only for
+                                  AF_STRU_TEACHER_TOKEN, whose targets are other images')  */
     float *dlogits;            /* [world*B, L, K] gradient of the cross-image terms        */
     uint8_t *abn;              /* [world*B, L] gathered token labels                        */
     float *obj_scratch;        /* the objective's scratch for world*B images               */

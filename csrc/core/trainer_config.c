@@ -10,6 +10,11 @@ af_status af_trainer_config_check(const af_trainer_config *cfg, int batch) {
     AF_TRY(af_slm_config_check(&cfg->slm));
     AF_CHECK(cfg->objective == AF_OBJECTIVE_PAPER || cfg->objective == AF_OBJECTIVE_RELEASED,
              AF_EINVAL, "objective must be 'paper' or 'released'");
+    AF_CHECK(cfg->stru_target == AF_STRU_PROTOTYPE || cfg->stru_target == AF_STRU_TEACHER_TOKEN,
+             AF_EINVAL, "stru_target must be 'prototype' or 'teacher_token'");
+    AF_CHECK(cfg->stru_target == AF_STRU_PROTOTYPE || cfg->objective == AF_OBJECTIVE_PAPER,
+             AF_EINVAL, "stru_target 'teacher_token' replaces Eq. 12 of the paper objective; "
+             "the released objective has no such term (use stru_target 'prototype')");
     AF_CHECK(cfg->tau_s > 0 && cfg->tau > 0 && cfg->sinkhorn_eps > 0, AF_EINVAL,
              "temperatures must be > 0");
     AF_CHECK(cfg->sinkhorn_iters >= 0, AF_EINVAL, "sinkhorn_iters must be >= 0");

@@ -197,6 +197,41 @@ static int check_paper(af_op_call *o) {
     return af_op_let(o, "W", (int64_t)W, "scratch", 0);
 }
 
+/* qt[B,L,K] as the teacher-token structure loss reads it: rows >= 0 with positive finite
+ * sums (checked here for both twins, as check_paper does for C). */
+static int check_stru_token(af_op_call *o) {
+    const float *qt = AF_F32(af_op_array(o, "qt"));
+    int B = I(B), L = I(L), K = I(K);
+    for (size_t n = 0; n < (size_t)B * L; n++) {
+        double rs = 0.0;
+        for (int k = 0; k < K; k++) {
+            float v = qt[n * K + k];
+            if (!(v >= 0.0f)) {
+                af_errorf(PyExc_ValueError, "qt must be finite and >= 0 (probabilities), got %g "
+                          "at token %zu, class %d", (double)v, n, k);
+                return -1;
+            }
+            rs += v;
+        }
+        if (!(rs > 0.0 && isfinite(rs))) {
+            af_errorf(PyExc_ValueError, "qt: token %zu must have a positive finite sum, got %g",
+                      n, rs);
+            return -1;
+        }
+    }
+#ifdef AFIRE_HAVE_CUDA
+    size_t W = 1; /* no GPU twin: the row answers "not supported" after the checks */
+#else
+    size_t W = af_stru_token_loss_scratch_floats(B, L, K);
+#endif
+    if (W == 0) {
+        PyErr_Format(PyExc_MemoryError, "stru_token_loss: B=%d, L=%d, K=%d need too much "
+                     "scratch", B, L, K);
+        return -1;
+    }
+    return af_op_let(o, "W", (int64_t)W, "scratch", 0);
+}
+
 static int check_released(af_op_call *o) {
     size_t W = AF_BACKEND(af_released_loss_scratch_floats,
                           af_cuda_released_loss_scratch_floats)(I(L), I(K));
@@ -422,6 +457,12 @@ static int check_knn(af_op_call *o) {
     "ds_stru and ds_cate are the gradients of each loss w.r.t. s. GPU keywords: ds_* are\n" \
     "w_* times the gradients; combined=True accumulates both into one buffer (initially ds,\n" \
     "or zeros) and returns (l_stru, l_cate, ds_total, None)."
+#define OBJ_PROSE_STRU_TOKEN "\n\n" \
+    "NOT IN THE PAPER (Config.stru_target='teacher_token'): the structure term against the\n" \
+    "teacher's own tokens. For each normal token (i, j): -log[ f(q_ij, t_ij) / sum_b f(q_ij,\n" \
+    "t_bj) ], an InfoNCE over the images b at the same position j, with q = softmax(s/tau_s),\n" \
+    "t = qt rows renormalised, f = exp(-H/tau) as Eq. 12; l_stru is its mean over normal\n" \
+    "tokens, ds its gradient w.r.t. s (qt is a target). CPU only (no GPU twin yet)."
 #define OBJ_PROSE_RECON "\n\n" \
     "Eq. 20: mean over tokens of w * ||y - x||^2 / PPC (w = w_abn on abnormal tokens, 1\n" \
     "elsewhere). GPU keyword: dy is weight times the gradient."
@@ -691,6 +732,12 @@ static int check_knn(af_op_call *o) {
       af_cuda_paper_loss(CTX, F(l_stru), F(l_cate), F(ds_stru),                                  \
                          I(combined) ? F(ds_stru) : F(ds_cate), F(s), F(C), U8(abn), I(B), I(L), \
                          I(K), R(tau_s), R(tau), R(w_stru), R(w_cate), F(scratch)))              \
+    X(objective, stru_token_loss, "s[B,L,K] qt[B,L,K] abn[B,L]:labels tau_s:float>0="         \
+      STR(AF_TAU_S) " tau:float>0=" STR(AF_TAU) " -> (l_stru:float, ds[s]) using scratch[W]"     \
+      OBJ_PROSE_STRU_TOKEN, check_stru_token,                                                    \
+      af_stru_token_loss(F(l_stru), F(ds), F(s), F(qt), U8(abn), I(B), I(L), I(K), R(tau_s),     \
+                         R(tau), 1.0f, F(scratch)),                                              \
+      NONE)                                                                                      \
     X(objective, recon_loss, "y[B,L,PPC] x[B,L,PPC] abn[B,L]:labels w_abn:float>=0="             \
       STR(AF_W_ABN) " * @weight:float=1 -> (loss:float, dy[y])" OBJ_PROSE_RECON, NULL,           \
       af_recon_loss(F(loss), F(dy), F(y), F(x), U8(abn), I(B), I(L), I(PPC), R(w_abn), 1.0f),    \

@@ -156,6 +156,11 @@ int af_trainer_config_from_dict(PyObject *d, af_trainer_config *c, int64_t steps
         get_choice(d, "clip_mode", "per_tensor", "global", &c->clip_global) ||
         get_float(d, "adam_eps", &c->adam_eps))
         return -1;
+    /* not in the paper: the structure term's target (Config.stru_target). A dict without the
+     * key (written before the field existed) means the paper's prototypes. */
+    if (PyDict_GetItemString(d, "stru_target") == NULL) c->stru_target = AF_STRU_PROTOTYPE;
+    else if (get_choice(d, "stru_target", "prototype", "teacher_token", &c->stru_target))
+        return -1;
     /* bf16 (fast path) or fp32 on the GPU; the CPU trainer stores and ignores it */
     if (get_choice(d, "precision", "fp32", "bf16", &c->precision)) return -1;
     if (get_pair(d, "adam_betas", &lo, &hi) || in_range("adam_betas[0]", lo, 0.0, 1.0, 0) ||

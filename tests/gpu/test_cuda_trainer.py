@@ -179,3 +179,9 @@ def test_bad_inputs_are_clear_errors():
         g._t.load_buffers({"prototypes": np.zeros(3, np.float32)})
     with pytest.raises(TypeError):
         g._t.load_buffers({"prototypes": np.zeros(256, np.float64)})
+
+
+def test_teacher_token_target_is_refused_not_ignored():
+    # the CUDA trainer computes Eq. 12 only: it must say so rather than train it silently
+    with pytest.raises(ValueError, match="teacher_token.*CPU"):
+        AFiRe(small_cfg(precision="fp32", stru_target="teacher_token"), device="cuda")
