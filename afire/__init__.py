@@ -6,13 +6,15 @@ import os
 
 import scipy_openblas32 as _openblas
 
-# Idle OpenMP workers sleep instead of spinning. Every thread of afire's C core is an OpenMP
-# thread (OpenBLAS runs single-threaded inside them), and a woken worker costs ~2.5 us per
-# parallel region, which the kernels' thresholds keep rare; spinning workers steal the cores
-# of whatever else runs: on a shared 2-core machine the `test` step took 48 ms with
-# GOMP_SPINCOUNT=20000 and 3-9 ms with OMP_WAIT_POLICY=active, against 2.9 ms passive
-# (docs/PERFORMANCE.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# Idle OpenMP workers spin for about a millisecond (GOMP_SPINCOUNT=100000; libgomp's own
+# default is ~3 ms) before they sleep. Every thread of afire's C core is an OpenMP thread
+# (OpenBLAS runs single-threaded inside them) and a step opens hundreds of parallel regions:
+# waking a sleeping worker for each (OMP_WAIT_POLICY=passive, the default until 2026-12)
+# made 2 threads SLOWER than 1 on small shapes (test step, vit_tiny 64 px bf16 encode) and
+# cost 20-40% at vit_tiny 224 px (docs/PERFORMANCE.md, "CPU"). On a machine whose cores are
+# busy with other work, set OMP_WAIT_POLICY=passive (either variable set by the user wins).
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "100000"
 
 from . import dist as _dist  # noqa: E402  (launch detection only: loads no C code)
 

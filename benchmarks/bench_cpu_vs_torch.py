@@ -46,6 +46,10 @@ import tempfile
 import time
 import types
 
+# The environment as the user started the driver: every worker starts from it, NOT from the
+# driver's after `import afire` (which sets afire's OpenMP defaults, e.g. GOMP_SPINCOUNT, and
+# would hand them to the torch workers too). Each afire worker applies afire's own defaults.
+USER_ENV = dict(os.environ)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
@@ -65,6 +69,12 @@ def chest_like(n, s, seed):
         body = body - 90 * np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
     imgs = body[None] + rng.normal(0, 6, (n, s, s))
     return np.clip(imgs, 0, 255).astype(np.uint8)
+
+
+def omp_wait() -> str:
+    """This process's OpenMP idle-wait settings (what afire's import set, for afire)."""
+    return (f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
+            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}")
 
 
 def timed(fn, steps, warmup):
@@ -115,7 +125,7 @@ def worker_afire(a) -> dict:
         times = timed(fn, a.steps, a.warmup)
         check = float(np.abs(res["t"]).mean())
     r = {"times": times, "rss_peak_mib": rss_mib(), "rss_base_mib": base, "check": check,
-         "afire_version": afire.__version__}
+         "afire_version": afire.__version__, "omp_wait": omp_wait()}
     if a.mode == "infer":
         r["afire_model"] = kind
     return r
@@ -178,7 +188,7 @@ def worker_torch(a) -> dict:
         times = timed(fn, a.steps, a.warmup)
         check = float(np.abs(res["t"]).mean())
     return {"times": times, "rss_peak_mib": rss_mib(), "rss_base_mib": base, "check": check,
-            "torch_version": torch.__version__}
+            "torch_version": torch.__version__, "omp_wait": omp_wait()}
 
 
 # ---------------------------------------------------------------------------- driver
@@ -212,7 +222,7 @@ def loadavg():
 
 
 def run_worker(python, args, threads, timeout):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    env = dict(USER_ENV, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     t0 = time.time()
     p = subprocess.run([python, os.path.abspath(__file__), "--worker"] + args, env=env,
                        capture_output=True, text=True, timeout=timeout)
@@ -244,7 +254,7 @@ def summarise(case, runs):
                rss_peak_mib=median([r["rss_peak_mib"] for r in ok]),
                rss_base_mib=median([r["rss_base_mib"] for r in ok]),
                check=ok[-1]["check"], loadavg=[r.get("loadavg") for r in ok])
-    for k in ("afire_model",):
+    for k in ("afire_model", "omp_wait"):
         if k in ok[-1]:
             row[k] = ok[-1][k]
     return row

@@ -68,6 +68,7 @@ def main() -> int:
             f.write(WORKLOAD.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
         log = os.path.join(d, "vg.log")
         env = dict(os.environ, PYTHONMALLOC="malloc", OMP_NUM_THREADS="2",
+                   OMP_WAIT_POLICY="passive",  # valgrind runs one thread at a time: no spinning
                    OPENBLAS_NUM_THREADS="1", PYTHONPATH=ROOT)
         cmd = ["valgrind", "--tool=memcheck", "--leak-check=no", "--error-limit=no",
                "--num-callers=40", f"--suppressions={os.path.join(ROOT, 'tools', 'valgrind.supp')}",
