@@ -59,18 +59,6 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def chest_like(n, s, seed):
-    """Bright body, two darker lungs, noise (uint8): bench_gpu_vs_torch.chest_like."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:s, 0:s] / s
-    body = 170 + 40 * np.exp(-((xx - 0.5) ** 2) / 0.2)
-    for cx in (0.3, 0.7):
-        body = body - 90 * np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
-    imgs = body[None] + rng.normal(0, 6, (n, s, s))
-    return np.clip(imgs, 0, 255).astype(np.uint8)
-
-
 def omp_wait() -> str:
     """This process's OpenMP idle-wait settings (what afire's import set, for afire)."""
     return (f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
@@ -101,6 +89,7 @@ def worker_afire(a) -> dict:
     kw = {}
     if a.precision != "fp32":
         kw["precision"] = a.precision
+    from chest_images import chest_like
     x = chest_like(a.batch, a.size, 0)
     if a.mode == "train":
         m = AFiRe(cfg, steps_per_epoch=1, **kw)
@@ -348,6 +337,7 @@ def main(argv=None) -> int:
                                                              ints(a.threads), precisions):
             cases.append(dict(mode=mode, size=size, batch=batch, threads=threads,
                               precision=prec))
+    from chest_images import chest_like
     tmp = tempfile.mkdtemp(prefix="afire_bench_")
     inputs = {}
     for c in cases:

@@ -20,16 +20,7 @@ import time
 import numpy as np
 
 from afire import AFiRe, Config, dist
-
-
-def chest_like(n, s, seed):
-    """Bright body, two darker lungs, noise (uint8), as tests/_util.phantom_like."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:s, 0:s] / s
-    body = 170 + 40 * np.exp(-((xx - 0.5) ** 2) / 0.2)
-    for cx in (0.3, 0.7):
-        body = body - 90 * np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
-    return np.clip(body[None] + rng.normal(0, 6, (n, s, s)), 0, 255).astype(np.uint8)
+from chest_images import chest_like
 
 
 def main():

@@ -29,6 +29,7 @@ import numpy as np
 
 from afire import AFiRe, Config, cuda  # noqa: E402
 from _report import report  # noqa: E402
+from chest_images import chest_like  # noqa: E402
 
 
 def used_bytes():
@@ -38,17 +39,6 @@ def used_bytes():
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, check=True).stdout.split()[0]
     return int(out) * 1024 * 1024
-
-
-def chest_like(n, s, seed):
-    """Bright body, two darker lungs, noise (uint8), as tests/_util.phantom_like."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:s, 0:s] / s
-    body = 170 + 40 * np.exp(-((xx - 0.5) ** 2) / 0.2)
-    for cx in (0.3, 0.7):
-        body = body - 90 * np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
-    imgs = body[None] + rng.normal(0, 6, (n, s, s))
-    return np.clip(imgs, 0, 255).astype(np.uint8)
 
 
 def bench(preset, precision, batch, steps, warmup):

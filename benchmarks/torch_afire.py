@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chest_images import chest_like
+
 # afire's input normalisation (csrc/core/params.c): gray, or gray replicated with ImageNet's
 GRAY = ((0.449,), (0.226,))
 RGB = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -422,14 +424,3 @@ def check_against_afire(preset="test", batch=4, step=20, seed=0, rtol=2e-4, **ov
         out["grad_cosine"][net] = cos
         assert cos > 0.9999, (net, cos)
     return out
-
-
-def chest_like(n, s, seed):
-    """Bright body, two darker lungs, noise (uint8), as tests/_util.phantom_like."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:s, 0:s] / s
-    body = 170 + 40 * np.exp(-((xx - 0.5) ** 2) / 0.2)
-    for cx in (0.3, 0.7):
-        body = body - 90 * np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2))
-    imgs = body[None] + rng.normal(0, 6, (n, s, s))
-    return np.clip(imgs, 0, 255).astype(np.uint8)
