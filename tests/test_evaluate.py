@@ -297,6 +297,31 @@ def test_linear_probe_protocol(model, phantom, tmp_path):
 
 
 @needs_c
+def test_linear_probe_of_a_checkpoint_loads_an_inference_model(model, phantom, tmp_path):
+    """From a path the probe loads only the encoders (CPU): the same logits as the full
+    model, and its random-init baseline is an inference model of the same weights too."""
+    trained = AFiRe(small_cfg(batch_size=8), steps_per_epoch=5)
+    trained.train_step(phantom["images"][:8])
+    trained.save(tmp_path / "c.safetensors")
+    kw = dict(folds=4, epochs=5, figures=False, allow_train_split=True)
+    by_path = linear_probe(tmp_path / "c.safetensors", phantom, **kw)
+    by_model = linear_probe(AFiRe.load(tmp_path / "c.safetensors"), phantom, **kw)
+    np.testing.assert_array_equal(by_path["arrays"]["logits"], by_model["arrays"]["logits"])
+    loaded = []
+    real_load = AFiRe.load
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AFiRe, "load", classmethod(
+            lambda cls, *a, **k: loaded.append(k.get("inference")) or real_load(*a, **k)))
+        linear_probe(tmp_path / "c.safetensors", phantom, **kw)
+    assert loaded == [True]
+    inf = real_load(tmp_path / "c.safetensors", inference=True)
+    base = random_init(inf, seed=5)
+    assert base.inference
+    np.testing.assert_array_equal(base.encode(phantom["images"][:3]),
+                                  random_init(trained, seed=5).encode(phantom["images"][:3]))
+
+
+@needs_c
 def test_linear_probe_separates_an_easy_signal(model):
     """Images whose brightness encodes the label: any encoder + probe must find it."""
     rng = np.random.default_rng(0)

@@ -282,16 +282,18 @@ def subsample(idx: np.ndarray, fraction: float, seed: int, minimum: int = 2) -> 
 
 # ---------------------------------------------------------------- models and features
 def load_model(checkpoint_or_model: Any, batch_size: int | None = None,
-               device: str = "cpu") -> AFiRe:
+               device: str = "cpu", inference: bool = False) -> AFiRe:
     """An :class:`AFiRe` from a checkpoint path (loaded onto ``device``), or the model
-    itself (which keeps its own device)."""
+    itself (which keeps its own device). ``inference``: a path is loaded as an inference
+    model on the CPU (encoders and decoder only; a GPU model keeps its full state)."""
     if isinstance(checkpoint_or_model, AFiRe):
         return checkpoint_or_model
     if isinstance(checkpoint_or_model, (str, os.PathLike)):
         p = Path(checkpoint_or_model)
         if not p.exists():
             raise FileNotFoundError(f"checkpoint {p} not found")
-        return AFiRe.load(p, device=device, batch_size=batch_size)
+        return AFiRe.load(p, device=device, batch_size=batch_size,
+                          inference=inference and device == "cpu")
     raise TypeError(f"expected a checkpoint path or an AFiRe model, got "
                     f"{type(checkpoint_or_model).__name__}")
 
@@ -312,7 +314,7 @@ def random_init(model: AFiRe, seed: int = 0) -> AFiRe:
     baseline)."""
     return AFiRe(model.cfg.replace(seed=seed), device=model.device,
                  steps_per_epoch=model.steps_per_epoch,
-                 batch_size=model.batch_capacity)
+                 batch_size=model.batch_capacity, inference=model.inference)
 
 
 def gap_features(model: AFiRe, images: np.ndarray, branch: str = "teacher",
@@ -453,16 +455,17 @@ def split_seed_of(split_seed: int | None, seed: int | None) -> int:
 
 
 def setup_model(checkpoint_or_model: Any, init_seed: int | None = None,
-                pretrain_meta: dict | None = None, device: str = "cpu"
-                ) -> tuple[AFiRe, dict | None, dict]:
+                pretrain_meta: dict | None = None, device: str = "cpu",
+                inference: bool = False) -> tuple[AFiRe, dict | None, dict]:
     """(model, checkpoint metadata, an "encoder" record for results.json).
 
     ``init_seed`` given: the checkpoint's configuration with freshly initialised weights
     (:func:`random_init` with that seed, the random baseline) — its test sets are still
     chosen from the checkpoint's metadata, so baseline and pre-trained model are scored on
     the same images. ``pretrain_meta`` stands in for the metadata of a model object;
-    ``device`` is where a checkpoint path is loaded (a model object keeps its own)."""
-    model = load_model(checkpoint_or_model, device=device)
+    ``device`` is where a checkpoint path is loaded (a model object keeps its own);
+    ``inference``: as :func:`load_model` (protocols that only encode)."""
+    model = load_model(checkpoint_or_model, device=device, inference=inference)
     meta = checkpoint_metadata(checkpoint_or_model)
     if meta is None:
         meta = pretrain_meta

@@ -87,8 +87,9 @@ def linear_probe(checkpoint_or_model: Any, data: Any, *, test_data: Any = None,
     index in it and its fold.
     """
     split_seed = split_seed_of(split_seed, seed)
+    # the probe only encodes: a checkpoint is loaded without its training state (CPU)
     model, meta, encoder = setup_model(checkpoint_or_model, init_seed, pretrain_meta,
-                                       device)
+                                       device, inference=True)
     S = model.cfg.img_size
     inp = resolve_inputs(meta, S, data, test_data, split=split,
                          allow_train_split=allow_train_split, exclude=exclude, say=say)
