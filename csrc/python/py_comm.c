@@ -50,87 +50,41 @@ static PyObject *done(af_status st) {
     Py_RETURN_NONE;
 }
 
+/* The MPI communicator's host collectives, for the shared methods (py_comm_common.c). */
+static int mpi_size(const void *h) { return af_comm_size(h); }
+static af_status mpi_allreduce(void *h, void *buf, size_t count, af_comm_type type,
+                               af_comm_op op, const char *what) {
+    return af_comm_allreduce(h, buf, count, type, op, what);
+}
+static af_status mpi_allgather(void *h, const void *send, void *recv, size_t bytes,
+                               const char *what) {
+    return af_comm_allgather(h, send, recv, bytes, what);
+}
+static af_status mpi_broadcast(void *h, void *buf, size_t bytes, int root, const char *what) {
+    return af_comm_broadcast(h, buf, bytes, root, what);
+}
+static af_status mpi_barrier(void *h, const char *what) { return af_comm_barrier(h, what); }
+static const af_py_host_collectives MPI_OPS = {mpi_size, mpi_allreduce, mpi_allgather,
+                                               mpi_broadcast, mpi_barrier};
+
 static PyObject *comm_allreduce(CommObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"array", "op", NULL};
-    PyObject *obj;
-    const char *opname = "sum";
     af_comm *c = ready(self);
-    if (c == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "O|s:allreduce", kwlist, &obj, &opname))
-        return NULL;
-    af_comm_type type;
-    af_comm_op op;
-    PyArrayObject *a = af_py_comm_array(obj, "array", 1, &type);
-    if (a == NULL || af_py_comm_op(opname, &op) < 0) return NULL;
-    if (type == AF_COMM_BYTE && op == AF_COMM_SUM) {
-        PyErr_SetString(PyExc_TypeError, "a uint8 array can only be reduced with 'max' or 'min'");
-        return NULL;
-    }
-    af_status st;
-    void *data = PyArray_DATA(a);
-    size_t n = (size_t)PyArray_SIZE(a);
-    Py_BEGIN_ALLOW_THREADS
-    st = af_comm_allreduce(c, data, n, type, op, "allreduce");
-    Py_END_ALLOW_THREADS
-    return done(st);
+    return c ? af_py_host_allreduce(&MPI_OPS, c, args, kw) : NULL;
 }
 
 static PyObject *comm_allgather(CommObject *self, PyObject *obj) {
     af_comm *c = ready(self);
-    if (c == NULL) return NULL;
-    af_comm_type type;
-    PyArrayObject *a = af_py_comm_array(obj, "array", 0, &type);
-    if (a == NULL) return NULL;
-    int nd = PyArray_NDIM(a);
-    if (nd >= NPY_MAXDIMS) {
-        PyErr_SetString(PyExc_ValueError, "array has too many dimensions");
-        return NULL;
-    }
-    npy_intp shape[NPY_MAXDIMS];
-    shape[0] = af_comm_size(c);
-    memcpy(shape + 1, PyArray_DIMS(a), (size_t)nd * sizeof(npy_intp));
-    PyArrayObject *out = af_new_array(nd + 1, shape, PyArray_TYPE(a));
-    if (out == NULL) return NULL;
-    af_status st;
-    const void *send = PyArray_DATA(a);
-    void *recv = PyArray_DATA(out);
-    size_t bytes = (size_t)PyArray_NBYTES(a);
-    Py_BEGIN_ALLOW_THREADS
-    st = af_comm_allgather(c, send, recv, bytes, "allgather");
-    Py_END_ALLOW_THREADS
-    if (st != AF_OK) {
-        Py_DECREF(out);
-        return af_raise(st);
-    }
-    return (PyObject *)out;
+    return c ? af_py_host_allgather(&MPI_OPS, c, obj) : NULL;
 }
 
 static PyObject *comm_broadcast(CommObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"array", "root", NULL};
-    PyObject *obj;
-    int root = 0;
     af_comm *c = ready(self);
-    if (c == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "O|i:broadcast", kwlist, &obj, &root))
-        return NULL;
-    af_comm_type type;
-    PyArrayObject *a = af_py_comm_array(obj, "array", 1, &type);
-    if (a == NULL) return NULL;
-    af_status st;
-    void *data = PyArray_DATA(a);
-    size_t bytes = (size_t)PyArray_NBYTES(a);
-    Py_BEGIN_ALLOW_THREADS
-    st = af_comm_broadcast(c, data, bytes, root, "broadcast");
-    Py_END_ALLOW_THREADS
-    return done(st);
+    return c ? af_py_host_broadcast(&MPI_OPS, c, args, kw) : NULL;
 }
 
 static PyObject *comm_barrier(CommObject *self, PyObject *unused) {
     af_comm *c = ready(self);
-    if (c == NULL) return NULL;
-    af_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = af_comm_barrier(c, "barrier");
-    Py_END_ALLOW_THREADS
-    return done(st);
+    return c ? af_py_host_barrier(&MPI_OPS, c) : NULL;
 }
 
 static PyObject *comm_abort(CommObject *self, PyObject *args) {

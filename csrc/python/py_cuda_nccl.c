@@ -62,92 +62,46 @@ static void nccl_dealloc(NcclObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *done(af_status st) {
-    if (st != AF_OK) return af_raise(st);
-    Py_RETURN_NONE;
+/* The NCCL communicator's host collectives (staged through the GPU), for the shared methods
+ * (py_comm_common.c). */
+static int nccl_size(const void *h) { return af_nccl_size(h); }
+static af_status nccl_host_allreduce(void *h, void *buf, size_t count, af_comm_type type,
+                                     af_comm_op op, const char *what) {
+    return af_nccl_host_allreduce(h, buf, count, type, op, what);
 }
+static af_status nccl_host_allgather(void *h, const void *send, void *recv, size_t bytes,
+                                     const char *what) {
+    return af_nccl_host_allgather(h, send, recv, bytes, what);
+}
+static af_status nccl_host_broadcast(void *h, void *buf, size_t bytes, int root,
+                                     const char *what) {
+    return af_nccl_host_broadcast(h, buf, bytes, root, what);
+}
+static af_status nccl_host_barrier(void *h, const char *what) {
+    return af_nccl_host_barrier(h, what);
+}
+static const af_py_host_collectives NCCL_OPS = {nccl_size, nccl_host_allreduce,
+                                                nccl_host_allgather, nccl_host_broadcast,
+                                                nccl_host_barrier};
 
 static PyObject *nccl_allreduce(NcclObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"array", "op", NULL};
-    PyObject *obj;
-    const char *opname = "sum";
     af_nccl *n = ready(self);
-    if (n == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "O|s:allreduce", kwlist, &obj, &opname))
-        return NULL;
-    af_comm_type type;
-    af_comm_op op;
-    PyArrayObject *a = af_py_comm_array(obj, "array", 1, &type);
-    if (a == NULL || af_py_comm_op(opname, &op) < 0) return NULL;
-    if (type == AF_COMM_BYTE && op == AF_COMM_SUM) {
-        PyErr_SetString(PyExc_TypeError, "a uint8 array can only be reduced with 'max' or 'min'");
-        return NULL;
-    }
-    af_status st;
-    void *data = PyArray_DATA(a);
-    size_t count = (size_t)PyArray_SIZE(a);
-    Py_BEGIN_ALLOW_THREADS
-    st = af_nccl_host_allreduce(n, data, count, type, op, "allreduce");
-    Py_END_ALLOW_THREADS
-    return done(st);
+    return n ? af_py_host_allreduce(&NCCL_OPS, n, args, kw) : NULL;
 }
 
 static PyObject *nccl_allgather(NcclObject *self, PyObject *obj) {
     af_nccl *n = ready(self);
-    if (n == NULL) return NULL;
-    af_comm_type type;
-    PyArrayObject *a = af_py_comm_array(obj, "array", 0, &type);
-    if (a == NULL) return NULL;
-    int nd = PyArray_NDIM(a);
-    if (nd >= NPY_MAXDIMS) {
-        PyErr_SetString(PyExc_ValueError, "array has too many dimensions");
-        return NULL;
-    }
-    npy_intp shape[NPY_MAXDIMS];
-    shape[0] = af_nccl_size(n);
-    memcpy(shape + 1, PyArray_DIMS(a), (size_t)nd * sizeof(npy_intp));
-    PyArrayObject *out = af_new_array(nd + 1, shape, PyArray_TYPE(a));
-    if (out == NULL) return NULL;
-    af_status st;
-    const void *send = PyArray_DATA(a);
-    void *recv = PyArray_DATA(out);
-    size_t bytes = (size_t)PyArray_NBYTES(a);
-    Py_BEGIN_ALLOW_THREADS
-    st = af_nccl_host_allgather(n, send, recv, bytes, "allgather");
-    Py_END_ALLOW_THREADS
-    if (st != AF_OK) {
-        Py_DECREF(out);
-        return af_raise(st);
-    }
-    return (PyObject *)out;
+    return n ? af_py_host_allgather(&NCCL_OPS, n, obj) : NULL;
 }
 
 static PyObject *nccl_broadcast(NcclObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"array", "root", NULL};
-    PyObject *obj;
-    int root = 0;
     af_nccl *n = ready(self);
-    if (n == NULL || !PyArg_ParseTupleAndKeywords(args, kw, "O|i:broadcast", kwlist, &obj, &root))
-        return NULL;
-    af_comm_type type;
-    PyArrayObject *a = af_py_comm_array(obj, "array", 1, &type);
-    if (a == NULL) return NULL;
-    af_status st;
-    void *data = PyArray_DATA(a);
-    size_t bytes = (size_t)PyArray_NBYTES(a);
-    Py_BEGIN_ALLOW_THREADS
-    st = af_nccl_host_broadcast(n, data, bytes, root, "broadcast");
-    Py_END_ALLOW_THREADS
-    return done(st);
+    return n ? af_py_host_broadcast(&NCCL_OPS, n, args, kw) : NULL;
 }
 
 static PyObject *nccl_barrier(NcclObject *self, PyObject *unused) {
     af_nccl *n = ready(self);
-    if (n == NULL) return NULL;
-    af_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = af_nccl_host_barrier(n, "barrier");
-    Py_END_ALLOW_THREADS
-    return done(st);
+    return n ? af_py_host_barrier(&NCCL_OPS, n) : NULL;
 }
 
 static PyObject *nccl_close(NcclObject *self, PyObject *unused) {
