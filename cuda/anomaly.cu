@@ -4,6 +4,7 @@
 // of fused multiply-adds; nothing uses atomics.
 #include "anomaly.cuh"
 #include "anomaly.h"
+#include "anomaly_knn.h"
 #include "common.cuh"
 
 #define THREADS 256
@@ -223,27 +224,7 @@ __global__ void knn_kernel(float *map, const float *tokens, const float *ref, in
     const int64_t n_tok = (int64_t)B * L;
     AF_GRID_STRIDE(int64_t, t, n_tok) {
         const int b = (int)(t / L), j = (int)(t % L);
-        const float *z = tokens + ((size_t)b * T + 1 + j) * D;
-        double best[AF_ANOMALY_MAX_K];
-        int have = 0;
-        for (int r = 0; r < N; r++) {
-            const float *w = ref + ((size_t)r * T + 1 + j) * D;
-            double s = 0.0;
-            for (int d = 0; d < D; d++) {
-                double u = (double)z[d] - w[d];
-                s += u * u;
-            }
-            if (have == k && s >= best[k - 1]) continue;
-            int i = have < k ? have++ : k - 1;
-            while (i > 0 && best[i - 1] > s) {
-                best[i] = best[i - 1];
-                i--;
-            }
-            best[i] = s;
-        }
-        double m = 0.0;
-        for (int i = 0; i < k; i++) m += best[i];
-        map[t] = (float)(m / k);
+        map[t] = af_knn_token_mean(tokens + ((size_t)b * T + 1 + j) * D, ref, N, T, D, j, k);
     }
 }
 

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "anomaly_knn.h"
 
 #define STD_FLOOR 1e-6
 #define SCALE_FLOOR 1e-12
@@ -286,27 +287,7 @@ af_status af_anomaly_knn_score(double *score, float *map, const float *tokens, c
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < n_tok; t++) {
         const int b = (int)(t / L), j = (int)(t % L);
-        const float *z = tokens + ((size_t)b * T + 1 + j) * D;
-        double best[AF_ANOMALY_MAX_K]; /* ascending */
-        int have = 0;
-        for (int r = 0; r < N; r++) {
-            const float *w = ref + ((size_t)r * T + 1 + j) * D;
-            double s = 0.0;
-            for (int d = 0; d < D; d++) {
-                double u = (double)z[d] - w[d];
-                s += u * u;
-            }
-            if (have == k && s >= best[k - 1]) continue;
-            int i = have < k ? have++ : k - 1;
-            while (i > 0 && best[i - 1] > s) {
-                best[i] = best[i - 1];
-                i--;
-            }
-            best[i] = s;
-        }
-        double m = 0.0;
-        for (int i = 0; i < k; i++) m += best[i];
-        map[t] = (float)(m / k);
+        map[t] = af_knn_token_mean(tokens + ((size_t)b * T + 1 + j) * D, ref, N, T, D, j, k);
     }
     row_means(score, map, B, L);
     return AF_OK;
