@@ -173,15 +173,7 @@ static af_status dist_begin(af_trainer *t, int B) {
     af_trainer_dist *d = &t->dist;
     int64_t mine = B;
     AF_TRY(af_comm_allgather(d->comm, &mine, d->counts, sizeof mine, "image counts"));
-    d->B_global = d->offset = 0;
-    for (int r = 0; r < d->world; r++) {
-        AF_CHECK(d->counts[r] >= 1 && d->counts[r] <= t->B, AF_EINVAL,
-                 "rank %d has %lld images in this step: every rank needs 1 to %d", r,
-                 (long long)d->counts[r], t->B);
-        if (r < d->rank) d->offset += d->counts[r];
-        d->B_global += d->counts[r];
-    }
-    return AF_OK;
+    return af_dist_batch_offsets(d->counts, d->world, d->rank, t->B, &d->B_global, &d->offset);
 }
 
 /* The same verdict on every rank: AF_ENONFINITE everywhere when `ok` is 0 on any rank. */

@@ -110,6 +110,23 @@ static inline af_status af_step_stats_grad_norm(af_step_stats *s, double norm, i
     return AF_OK;
 }
 
+/* A data-parallel step's image counts (counts[r]: rank r's images, gathered from every rank)
+ * -> *B_global and *offset (the global index of this rank's image 0); each rank must bring
+ * 1 to `capacity` images. Shared by the CPU and CUDA trainers. */
+static inline af_status af_dist_batch_offsets(const int64_t *counts, int world, int rank,
+                                              int capacity, int64_t *B_global,
+                                              int64_t *offset) {
+    *B_global = *offset = 0;
+    for (int r = 0; r < world; r++) {
+        if (counts[r] < 1 || counts[r] > capacity)
+            return af_error(AF_EINVAL, "rank %d has %lld images in this step: every rank "
+                            "needs 1 to %d", r, (long long)counts[r], capacity);
+        if (r < rank) *offset += counts[r];
+        *B_global += counts[r];
+    }
+    return AF_OK;
+}
+
 /* Data-parallel state of a trainer (af_trainer_set_comm; all zero for one process). The
  * global batch of a step is the concatenation of every rank's images in rank order, so the
  * step equals one process's step on that batch (to float rounding):
