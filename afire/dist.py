@@ -342,6 +342,11 @@ class Group:
             # a moment to say so before the abort below ends every process of the job
             time.sleep(min(10.0, max(2.0, 0.25 * self.timeout)))
         if self._abort_at_close and comm is not None:
+            # said by this rank itself: the MPI library's own abort message is sometimes
+            # dropped when the launcher tears the job down
+            print(f"afire: rank {self.rank} of {self.world_size} failed alone; ending the "
+                  "whole job (MPI_Abort) instead of leaving the others waiting",
+                  file=sys.stderr, flush=True)
             time.sleep(2.0)  # mpirun forwards what this rank printed; an abort drops the rest
             comm.abort(1)
         if nccl is not None:
