@@ -10,6 +10,7 @@
  * af_layernorm_backward. */
 #include <cblas.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -19,10 +20,10 @@
 #include "ops.h"
 #include "ops_internal.h"
 
-/* Tiles of N rows: about 8 (enough to balance 2-8 threads), of 64 to 256 rows. OpenBLAS packs
- * the weight again for every tile, as much work per row of weight as 64 multiply-adds per
- * row of tile; from 64 rows on it stays below a few percent, and 256 rows of the widest
- * intermediate (4W = 768 floats at vit_tiny) still fit a core's L2. */
+/* Tiles of N rows: about 8 (enough to balance 2-8 threads), of 64 to 256 rows. Each call packs
+ * its weights once for all tiles (gemm_packed.c); where that is unavailable OpenBLAS packs the
+ * weight again for every tile, as much work per row of weight as 64 multiply-adds per row of
+ * tile. 256 rows of the widest intermediate (4W = 768 floats at vit_tiny) fit a core's L2. */
 static int row_tiles(int N) {
     if (N <= 0) return 0;
     int rows = (N + 7) / 8;
@@ -51,20 +52,35 @@ static void seed_rows(float *out, const float *bias, const float *res, int n0, i
     }
 }
 
-/* out[n0:n1, OC] = seed + inp[n0:n1, IC] @ w[OC, IC]^T */
-static void tile_linear(float *out, const float *inp, const float *w, int n0, int n1, int IC,
-                        int OC, int seeded) {
+/* out[n0:n1, OC] = seed + inp[n0:n1, IC] @ w[OC, IC]^T; wp: w packed by af_pack_b_alloc (the
+ * weight packed once per call for every tile), or NULL for OpenBLAS. */
+static void tile_linear(float *out, const float *inp, const float *w, const float *wp, int n0,
+                        int n1, int IC, int OC, int seeded) {
+    if (wp != NULL) {
+        af_gemm_packed(n1 - n0, OC, IC, inp + (size_t)n0 * IC, IC, wp, out + (size_t)n0 * OC, OC,
+                       seeded);
+        return;
+    }
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n1 - n0, OC, IC, 1.0f,
                       inp + (size_t)n0 * IC, IC, w, IC, seeded ? 1.0f : 0.0f,
                       out + (size_t)n0 * OC, OC);
 }
 
 /* out[n0:n1, OC] = dout[n0:n1, IC'] @ w[IC', OC]: a linear's input gradient (w is [out, in]) */
-static void tile_linear_dinp(float *dinp, const float *dout, const float *w, int n0, int n1,
-                             int IN, int OUT) {
+static void tile_linear_dinp(float *dinp, const float *dout, const float *w, const float *wp,
+                             int n0, int n1, int IN, int OUT) {
+    if (wp != NULL) {
+        af_gemm_packed(n1 - n0, IN, OUT, dout + (size_t)n0 * OUT, OUT, wp, dinp + (size_t)n0 * IN,
+                       IN, 0);
+        return;
+    }
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n1 - n0, IN, OUT, 1.0f,
                       dout + (size_t)n0 * OUT, OUT, w, IN, 0.0f, dinp + (size_t)n0 * IN, IN);
 }
+
+/* The weight packed for tile_linear (forward) or tile_linear_dinp, or NULL (OpenBLAS). */
+static float *pack_forward(const float *w, int IC, int OC) { return af_pack_b_alloc(w, IC, 1, IC, OC); }
+static float *pack_dinp(const float *w, int IN, int OUT) { return af_pack_b_alloc(w, IN, 0, OUT, IN); }
 
 AF_TARGET_CLONES static void gelu_rows(float *g, const float *h, size_t lo, size_t hi) {
     #pragma omp simd
@@ -87,6 +103,7 @@ void af_layernorm_linear_forward(float *y, float *mean, float *rstd, float *out,
                                  const float *ln_w, const float *ln_b, float eps, const float *w,
                                  const float *b, int N, int IC, int OC) {
     int tiles = row_tiles(N);
+    float *wp = pack_forward(w, IC, OC);
     af_blas_single_thread();
     #pragma omp parallel for schedule(dynamic) if (par((double)N * IC * OC))
     for (int t = 0; t < tiles; t++) {
@@ -96,8 +113,9 @@ void af_layernorm_linear_forward(float *y, float *mean, float *rstd, float *out,
             af_layernorm_row(y + (size_t)n * IC, mean + n, rstd + n, x + (size_t)n * IC, ln_w,
                              ln_b, IC, eps);
         seed_rows(out, b, NULL, n0, n1, OC);
-        tile_linear(out, y, w, n0, n1, IC, OC, 1);
+        tile_linear(out, y, w, wp, n0, n1, IC, OC, 1);
     }
+    free(wp);
 }
 
 void af_linear_residual_layernorm_forward(float *r, float *y, float *mean, float *rstd,
@@ -105,47 +123,54 @@ void af_linear_residual_layernorm_forward(float *r, float *y, float *mean, float
                                           const float *res, const float *ln_w,
                                           const float *ln_b, float eps, int N, int IC, int OC) {
     int tiles = row_tiles(N);
+    float *wp = pack_forward(w, IC, OC);
     af_blas_single_thread();
     #pragma omp parallel for schedule(dynamic) if (par((double)N * IC * OC))
     for (int t = 0; t < tiles; t++) {
         int n0, n1;
         af_chunk(N, tiles, t, 8, &n0, &n1);
         seed_rows(r, b, res, n0, n1, OC);
-        tile_linear(r, x, w, n0, n1, IC, OC, 1);
+        tile_linear(r, x, w, wp, n0, n1, IC, OC, 1);
         for (int n = n0; n < n1; n++)
             af_layernorm_row(y + (size_t)n * OC, mean + n, rstd + n, r + (size_t)n * OC, ln_w,
                              ln_b, OC, eps);
     }
+    free(wp);
 }
 
 void af_mlp_forward(float *h, float *g, float *out, const float *x, const float *w1,
                     const float *b1, const float *w2, const float *b2, const float *res, int N,
                     int IC, int HC) {
     int tiles = row_tiles(N);
+    float *w1p = pack_forward(w1, IC, HC), *w2p = w1p ? pack_forward(w2, HC, IC) : NULL;
     af_blas_single_thread();
     #pragma omp parallel for schedule(dynamic) if (par(2.0 * N * IC * HC))
     for (int t = 0; t < tiles; t++) {
         int n0, n1;
         af_chunk(N, tiles, t, 8, &n0, &n1);
         seed_rows(h, b1, NULL, n0, n1, HC);
-        tile_linear(h, x, w1, n0, n1, IC, HC, 1);
+        tile_linear(h, x, w1, w1p, n0, n1, IC, HC, 1);
         gelu_rows(g, h, (size_t)n0 * HC, (size_t)n1 * HC);
         seed_rows(out, b2, res, n0, n1, IC);
-        tile_linear(out, g, w2, n0, n1, HC, IC, 1);
+        tile_linear(out, g, w2, w2p, n0, n1, HC, IC, 1);
     }
+    free(w1p);
+    free(w2p);
 }
 
 void af_mlp_backward_data(float *dh, float *g, const float *dout, const float *h,
                           const float *w2, int N, int IC, int HC) {
     int tiles = row_tiles(N);
+    float *w2p = pack_dinp(w2, HC, IC);
     af_blas_single_thread();
     #pragma omp parallel for schedule(dynamic) if (par((double)N * IC * HC))
     for (int t = 0; t < tiles; t++) {
         int n0, n1;
         af_chunk(N, tiles, t, 8, &n0, &n1);
-        tile_linear_dinp(dh, dout, w2, n0, n1, HC, IC); /* dg = dout @ w2, into dh */
+        tile_linear_dinp(dh, dout, w2, w2p, n0, n1, HC, IC); /* dg = dout @ w2, into dh */
         gelu_fwd_bwd_rows(g, dh, dh, h, (size_t)n0 * HC, (size_t)n1 * HC);
     }
+    free(w2p);
 }
 
 void af_linear_layernorm_backward_data(float *dx, float *dy, const float *dout, const float *w,
@@ -153,12 +178,13 @@ void af_linear_layernorm_backward_data(float *dx, float *dy, const float *dout, 
                                        const float *rstd, const float *skip, int N, int IC,
                                        int OC) {
     int tiles = row_tiles(N);
+    float *wp = pack_dinp(w, IC, OC);
     af_blas_single_thread();
     #pragma omp parallel for schedule(dynamic) if (par((double)N * IC * OC))
     for (int t = 0; t < tiles; t++) {
         int n0, n1;
         af_chunk(N, tiles, t, 8, &n0, &n1);
-        tile_linear_dinp(dy, dout, w, n0, n1, IC, OC);
+        tile_linear_dinp(dy, dout, w, wp, n0, n1, IC, OC);
         for (int n = n0; n < n1; n++) {
             size_t o = (size_t)n * IC;
             af_layernorm_row_backward(dx + o, dy + o, x + o, ln_w, mean[n], rstd[n], IC);
@@ -168,6 +194,7 @@ void af_linear_layernorm_backward_data(float *dx, float *dy, const float *dout, 
             }
         }
     }
+    free(wp);
 }
 
 void af_gelu_recompute_backward(float *g, float *dh, const float *dg, const float *h, size_t n) {

@@ -7,8 +7,11 @@
  * thread: a big GEMM is cut into row (or column) blocks of C, one single-threaded sgemm
  * per OpenMP thread. The split never cuts the K reduction, so each output element is
  * summed in the same order whatever the thread count. This copy of OpenBLAS is private to
- * afire (NumPy links its own), so pinning it to one thread affects nobody else. */
+ * afire (NumPy links its own), so pinning it to one thread affects nobody else. Products
+ * C = A op(B) go to afire's own kernel instead where the CPU has AVX-512 (gemm_packed.c):
+ * op(B) is packed once and shared by the threads. */
 #include <cblas.h>
+#include <stdlib.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -27,6 +30,48 @@ void af_chunk(int n, int parts, int idx, int align, int *lo, int *hi) {
     *hi = b1 * align < n ? b1 * align : n;
 }
 
+/* Our kernel (gemm_packed.c) takes alpha 1, beta 0 or 1 and op(A) = A, with op(B) packed once;
+ * OpenBLAS takes the rest (the weight gradients A^T B: a kernel reading A and B unpacked was
+ * 10-25% slower than OpenBLAS there), and CPUs without AVX-512. */
+static int own_kernel(int transA, int M, int N, int K, float alpha, float beta) {
+    return !transA && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && K > 0 && M >= 16 &&
+           (double)M * N * K >= (1 << 18) && af_packed_gemm_available();
+}
+
+/* Threads own row blocks of C (or its 32-column panels when C is short and wide). */
+static void own_sgemm(int M, int N, int K, const float *A, int lda, const float *Bp, float beta,
+                      float *C, int ldc, int nt) {
+    int panels = (N + AF_PACK_NR - 1) / AF_PACK_NR, split_rows = M >= 12 * panels;
+    int acc = beta != 0.0f;
+    #pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#ifdef _OPENMP
+        int parts = omp_get_num_threads(), idx = omp_get_thread_num();
+#else
+        int parts = 1, idx = 0;
+#endif
+        int r0 = 0, r1 = M, p0 = 0, p1 = panels;
+        if (split_rows)
+            af_chunk(M, parts, idx, 12, &r0, &r1);
+        else
+            af_chunk(panels, parts, idx, 1, &p0, &p1);
+        if (r1 > r0)
+            af_gemm_packed_cols(r1 - r0, N, K, A + (size_t)r0 * lda, lda, Bp,
+                                C + (size_t)r0 * ldc, ldc, acc, p0, p1);
+    }
+}
+
+/* 1 if our kernel did it, 0 if the caller should use OpenBLAS. */
+static int try_own(int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                   int lda, const float *B, int ldb, float beta, float *C, int ldc, int nt) {
+    if (!own_kernel(transA, M, N, K, alpha, beta)) return 0;
+    float *Bp = af_pack_b_alloc(B, ldb, transB, K, N);
+    if (Bp == NULL) return 0;
+    own_sgemm(M, N, K, A, lda, Bp, beta, C, ldc, nt);
+    free(Bp);
+    return 1;
+}
+
 void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
               int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     enum CBLAS_TRANSPOSE ta = transA ? CblasTrans : CblasNoTrans;
@@ -36,6 +81,7 @@ void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const fl
 #ifdef _OPENMP
     if ((double)M * N * K >= AF_GEMM_MIN_PAR_MACS) nt = omp_get_max_threads();
 #endif
+    if (try_own(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nt)) return;
     if (nt <= 1) {
         scipy_cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;

@@ -22,12 +22,18 @@
 
 /* GEMM for the whole C core (gemm.c), in BLAS names: row-major
  * C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C, trans flags 0/1. Split over OpenMP threads
- * along the longer side of C, one single-threaded OpenBLAS call per thread: all parallelism
- * is OpenMP, so call this rather than scipy_cblas_sgemm for any large product (afire's
- * OpenBLAS copy is pinned to one thread). Deterministic whatever the thread count: the K
- * reduction is never split. */
+ * along the longer side of C: afire's packed AVX-512 kernel where it applies (op(A) = A, alpha
+ * 1, beta 0 or 1; op(B) packed once for all threads), else one single-threaded OpenBLAS call
+ * per thread: all parallelism is OpenMP, so call this rather than scipy_cblas_sgemm for any
+ * large product (afire's OpenBLAS copy is pinned to one thread). Deterministic whatever the
+ * thread count: the K reduction is never split. */
 void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
               int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
+/* 1 when af_sgemm and the row-tile kernels run products whose B is reused on afire's own
+ * AVX-512 kernel with B packed once (gemm_packed.c), 0 when OpenBLAS runs them all (no
+ * AVX-512, or AFIRE_SGEMM=openblas in the environment at the first GEMM). */
+int af_packed_gemm_available(void);
 
 /* The bf16 GEMM (gemm_bf16.c): af_sgemm's arguments with A and B rounded to bfloat16
  * (nearest even) and the products summed in fp32. ws: af_gemm_bf16_workspace(M, N, K, t)

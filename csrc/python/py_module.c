@@ -4,15 +4,17 @@
 #include "ops/ops.h"
 
 static PyObject *build_info(PyObject *self, PyObject *unused) {
-    /* bf16: how precision="bf16" GEMMs run on this CPU ("amx": AMX tiles, "portable": loops) */
-    return Py_BuildValue("{s:O,s:s,s:s}", "openmp",
+    /* bf16: how precision="bf16" GEMMs run on this CPU ("amx": AMX tiles, "portable": loops);
+     * sgemm: whether fp32 products with a reused B run on afire's packed AVX-512 kernel */
+    return Py_BuildValue("{s:O,s:s,s:s,s:s}", "openmp",
 #ifdef _OPENMP
                          Py_True,
 #else
                          Py_False,
 #endif
                          "blas", "scipy-openblas32", "bf16",
-                         af_bf16_backend() == AF_BF16_AMX ? "amx" : "portable");
+                         af_bf16_backend() == AF_BF16_AMX ? "amx" : "portable", "sgemm",
+                         af_packed_gemm_available() ? "avx512-packed" : "openblas");
 }
 
 static PyMethodDef module_methods[] = {

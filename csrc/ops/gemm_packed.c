@@ -1,0 +1,152 @@
+/* fp32 GEMM against a B packed once per call: C[M,N] = (accumulate ? C : 0) + A[M,K] @ B[K,N].
+ *
+ * Why: OpenBLAS packs both operands on every call, and the row-tile kernels (fused.c) call it
+ * once per tile of 64-256 rows, so the weight was repacked ~25 times per layer and step: its
+ * packing copies were 14% of a vit_tiny 224 px training step, and there is no pre-packed
+ * sgemm in OpenBLAS. Here the caller packs B once (af_pack_b) into panels of NR = 32 columns,
+ * [K][32] each, zero-padded, and every tile and thread reads that one copy; A is not packed
+ * (the kernel broadcasts its elements straight from the row-major rows).
+ *
+ * The micro-kernel keeps an MR x 32 block of C in 24 AVX-512 registers and runs the whole K
+ * reduction in order, k = 0, 1, ..., K-1, one FMA per term: each element of C is summed in the
+ * same order whatever M, the tiling or the thread count (deterministic), and it differs from
+ * OpenBLAS's result only where OpenBLAS splits K into blocks. CPUs without AVX-512 (and
+ * AFIRE_SGEMM=openblas, for tests of the fallback) keep OpenBLAS: af_packed_gemm_available(). */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+
+#include "ops.h"
+#include "ops_internal.h"
+
+enum { NR = AF_PACK_NR, MR = 12, MC = 240 /* rows of A kept in L2 while the panels pass */ };
+
+static int packed_ok = 0;
+static pthread_once_t packed_once = PTHREAD_ONCE_INIT;
+
+static void packed_probe(void) {
+    const char *force = getenv("AFIRE_SGEMM");
+    if (force != NULL && strcmp(force, "openblas") == 0) return;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    packed_ok = __builtin_cpu_supports("avx512f");
+#endif
+}
+
+int af_packed_gemm_available(void) {
+    pthread_once(&packed_once, packed_probe);
+    return packed_ok;
+}
+
+size_t af_packed_b_floats(int K, int N) {
+    if (K <= 0 || N <= 0) return 0;
+    return (size_t)((N + NR - 1) / NR) * NR * (size_t)K;
+}
+
+/* Bp panel p, row k, lane j = B[k][p*NR + j] (0 past N). transB: B is stored [N][K] (a linear
+ * layer's weight [out, in] for its forward), else [K][N] (the weight for the input gradient). */
+void af_pack_b(float *Bp, const float *B, int ldb, int transB, int K, int N) {
+    int panels = (N + NR - 1) / NR;
+    #pragma omp parallel for if ((size_t)K * N >= AF_OMP_MIN_ELEMS * 4)
+    for (int p = 0; p < panels; p++) {
+        float *dst = Bp + (size_t)p * K * NR;
+        int n0 = p * NR, nr = N - n0 < NR ? N - n0 : NR;
+        if (nr < NR) memset(dst, 0, (size_t)K * NR * sizeof(float));
+        if (transB) {
+            for (int j = 0; j < nr; j++) {
+                const float *src = B + (size_t)(n0 + j) * ldb;
+                for (int k = 0; k < K; k++) dst[(size_t)k * NR + j] = src[k];
+            }
+        } else {
+            for (int k = 0; k < K; k++)
+                memcpy(dst + (size_t)k * NR, B + (size_t)k * ldb + n0, (size_t)nr * sizeof(float));
+        }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AF_AVX512 __attribute__((target("avx512f,fma")))
+
+/* C[mr rows][32 columns, masked by m0|m1] (+)= A[mr][K] @ bp[K][32]; mr <= MR is a constant
+ * in each inlined copy (the switch below), so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) AF_AVX512 void
+micro_kernel(const int mr, int K, const float *A, int lda, const float *bp, float *C, int ldc,
+             __mmask16 m0, __mmask16 m1, int accumulate) {
+    __m512 c0[MR], c1[MR];
+    #pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m512 b0 = _mm512_load_ps(bp + (size_t)k * NR), b1 = _mm512_load_ps(bp + (size_t)k * NR + 16);
+        #pragma GCC unroll 12
+        for (int i = 0; i < mr; i++) {
+            __m512 a = _mm512_set1_ps(A[(size_t)i * lda + k]);
+            c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+        }
+    }
+    #pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) {
+        float *ci = C + (size_t)i * ldc;
+        if (accumulate) { /* the product is added to C in one rounding, as beta = 1 */
+            c0[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, ci), c0[i]);
+            c1[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, ci + 16), c1[i]);
+        }
+        _mm512_mask_storeu_ps(ci, m0, c0[i]);
+        _mm512_mask_storeu_ps(ci + 16, m1, c1[i]);
+    }
+}
+
+#define MICRO(n) case n: micro_kernel(n, K, a, lda, bp, c, ldc, m0, m1, accumulate); break
+
+/* Rows [0, M) x panels [p0, p1) of C. */
+static AF_AVX512 void gemm_panels(int M, int N, int K, const float *A, int lda, const float *Bp,
+                                  float *C, int ldc, int accumulate, int p0, int p1) {
+    for (int r0 = 0; r0 < M; r0 += MC) {
+        int r1 = r0 + MC < M ? r0 + MC : M;
+        for (int p = p0; p < p1; p++) {
+            int nr = N - p * NR < NR ? N - p * NR : NR;
+            __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+            __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+            const float *bp = Bp + (size_t)p * K * NR;
+            for (int i = r0; i < r1; i += MR) {
+                const float *a = A + (size_t)i * lda;
+                float *c = C + (size_t)i * ldc + (size_t)p * NR;
+                switch (r1 - i < MR ? r1 - i : MR) {
+                    MICRO(1); MICRO(2); MICRO(3); MICRO(4); MICRO(5); MICRO(6);
+                    MICRO(7); MICRO(8); MICRO(9); MICRO(10); MICRO(11); MICRO(12);
+                }
+            }
+        }
+    }
+}
+#undef MICRO
+
+#endif
+
+void af_gemm_packed_cols(int M, int N, int K, const float *A, int lda, const float *Bp, float *C,
+                         int ldc, int accumulate, int p0, int p1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (M > 0 && p1 > p0) gemm_panels(M, N, K, A, lda, Bp, C, ldc, accumulate, p0, p1);
+#else
+    (void)M; (void)N; (void)K; (void)A; (void)lda; (void)Bp; (void)C; (void)ldc;
+    (void)accumulate; (void)p0; (void)p1;
+#endif
+}
+
+void af_gemm_packed(int M, int N, int K, const float *A, int lda, const float *Bp, float *C,
+                    int ldc, int accumulate) {
+    af_gemm_packed_cols(M, N, K, A, lda, Bp, C, ldc, accumulate, 0, (N + NR - 1) / NR);
+}
+
+float *af_pack_b_alloc(const float *B, int ldb, int transB, int K, int N) {
+    if (!af_packed_gemm_available()) return NULL;
+    size_t n = af_packed_b_floats(K, N);
+    if (n == 0) return NULL;
+    float *Bp = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+    if (Bp != NULL) af_pack_b(Bp, B, ldb, transB, K, N);
+    return Bp;
+}
