@@ -34,7 +34,7 @@ static int row_tiles(int N) {
 /* Whether `macs` multiply-adds are worth forking for. */
 static int par(double macs) { return macs >= 2.0 * AF_GEMM_MIN_PAR_MACS; }
 
-/* out[n0:n1] = bias + (res ? res : 0), the seed of a beta = 1 GEMM. */
+/* out[n0:n1] = bias + (res ? res : 0), the seed of a beta = 1 OpenBLAS GEMM. */
 static void seed_rows(float *out, const float *bias, const float *res, int n0, int n1, int OC) {
     for (int n = n0; n < n1; n++) {
         float *o = out + (size_t)n * OC;
@@ -52,18 +52,19 @@ static void seed_rows(float *out, const float *bias, const float *res, int n0, i
     }
 }
 
-/* out[n0:n1, OC] = seed + inp[n0:n1, IC] @ w[OC, IC]^T; wp: w packed by af_pack_b_alloc (the
- * weight packed once per call for every tile), or NULL for OpenBLAS. */
-static void tile_linear(float *out, const float *inp, const float *w, const float *wp, int n0,
-                        int n1, int IC, int OC, int seeded) {
+/* out[n0:n1, OC] = bias + inp[n0:n1, IC] @ w[OC, IC]^T + res (bias, res may be NULL); wp: w
+ * packed by af_pack_b_alloc (the weight packed once per call for every tile, the bias and
+ * residual added in the kernel), or NULL for OpenBLAS on rows seeded with bias + res. */
+static void tile_linear(float *out, const float *inp, const float *w, const float *wp,
+                        const float *bias, const float *res, int n0, int n1, int IC, int OC) {
     if (wp != NULL) {
         af_gemm_packed(n1 - n0, OC, IC, inp + (size_t)n0 * IC, IC, wp, out + (size_t)n0 * OC, OC,
-                       seeded);
+                       bias, res ? res + (size_t)n0 * OC : NULL, OC);
         return;
     }
+    seed_rows(out, bias, res, n0, n1, OC);
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n1 - n0, OC, IC, 1.0f,
-                      inp + (size_t)n0 * IC, IC, w, IC, seeded ? 1.0f : 0.0f,
-                      out + (size_t)n0 * OC, OC);
+                      inp + (size_t)n0 * IC, IC, w, IC, 1.0f, out + (size_t)n0 * OC, OC);
 }
 
 /* out[n0:n1, OC] = dout[n0:n1, IC'] @ w[IC', OC]: a linear's input gradient (w is [out, in]) */
@@ -71,7 +72,7 @@ static void tile_linear_dinp(float *dinp, const float *dout, const float *w, con
                              int n0, int n1, int IN, int OUT) {
     if (wp != NULL) {
         af_gemm_packed(n1 - n0, IN, OUT, dout + (size_t)n0 * OUT, OUT, wp, dinp + (size_t)n0 * IN,
-                       IN, 0);
+                       IN, NULL, NULL, 0);
         return;
     }
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n1 - n0, IN, OUT, 1.0f,
@@ -112,8 +113,7 @@ void af_layernorm_linear_forward(float *y, float *mean, float *rstd, float *out,
         for (int n = n0; n < n1; n++)
             af_layernorm_row(y + (size_t)n * IC, mean + n, rstd + n, x + (size_t)n * IC, ln_w,
                              ln_b, IC, eps);
-        seed_rows(out, b, NULL, n0, n1, OC);
-        tile_linear(out, y, w, wp, n0, n1, IC, OC, 1);
+        tile_linear(out, y, w, wp, b, NULL, n0, n1, IC, OC);
     }
     free(wp);
 }
@@ -129,8 +129,7 @@ void af_linear_residual_layernorm_forward(float *r, float *y, float *mean, float
     for (int t = 0; t < tiles; t++) {
         int n0, n1;
         af_chunk(N, tiles, t, 8, &n0, &n1);
-        seed_rows(r, b, res, n0, n1, OC);
-        tile_linear(r, x, w, wp, n0, n1, IC, OC, 1);
+        tile_linear(r, x, w, wp, b, res, n0, n1, IC, OC);
         for (int n = n0; n < n1; n++)
             af_layernorm_row(y + (size_t)n * OC, mean + n, rstd + n, r + (size_t)n * OC, ln_w,
                              ln_b, OC, eps);
@@ -148,11 +147,9 @@ void af_mlp_forward(float *h, float *g, float *out, const float *x, const float 
     for (int t = 0; t < tiles; t++) {
         int n0, n1;
         af_chunk(N, tiles, t, 8, &n0, &n1);
-        seed_rows(h, b1, NULL, n0, n1, HC);
-        tile_linear(h, x, w1, w1p, n0, n1, IC, HC, 1);
+        tile_linear(h, x, w1, w1p, b1, NULL, n0, n1, IC, HC);
         gelu_rows(g, h, (size_t)n0 * HC, (size_t)n1 * HC);
-        seed_rows(out, b2, res, n0, n1, IC);
-        tile_linear(out, g, w2, w2p, n0, n1, HC, IC, 1);
+        tile_linear(out, g, w2, w2p, b2, res, n0, n1, HC, IC);
     }
     free(w1p);
     free(w2p);

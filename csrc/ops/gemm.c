@@ -39,10 +39,10 @@ static int own_kernel(int transA, int M, int N, int K, float alpha, float beta) 
 }
 
 /* Threads own row blocks of C (or its 32-column panels when C is short and wide). */
-static void own_sgemm(int M, int N, int K, const float *A, int lda, const float *Bp, float beta,
-                      float *C, int ldc, int nt) {
+static void own_sgemm(int M, int N, int K, const float *A, int lda, const float *Bp,
+                      const float *bias, float beta, float *C, int ldc, int nt) {
     int panels = (N + AF_PACK_NR - 1) / AF_PACK_NR, split_rows = M >= 12 * panels;
-    int acc = beta != 0.0f;
+    const float *R = beta != 0.0f ? C : NULL; /* beta 1: accumulate */
     #pragma omp parallel num_threads(nt) if (nt > 1)
     {
 #ifdef _OPENMP
@@ -57,19 +57,31 @@ static void own_sgemm(int M, int N, int K, const float *A, int lda, const float 
             af_chunk(panels, parts, idx, 1, &p0, &p1);
         if (r1 > r0)
             af_gemm_packed_cols(r1 - r0, N, K, A + (size_t)r0 * lda, lda, Bp,
-                                C + (size_t)r0 * ldc, ldc, acc, p0, p1);
+                                C + (size_t)r0 * ldc, ldc, bias, R ? R + (size_t)r0 * ldc : NULL,
+                                ldc, p0, p1);
     }
 }
 
-/* 1 if our kernel did it, 0 if the caller should use OpenBLAS. */
+/* 1 if our kernel did it (C = bias + alpha op(A) op(B) + beta C, bias may be NULL), 0 if the
+ * caller should use OpenBLAS. */
 static int try_own(int transA, int transB, int M, int N, int K, float alpha, const float *A,
-                   int lda, const float *B, int ldb, float beta, float *C, int ldc, int nt) {
+                   int lda, const float *B, int ldb, const float *bias, float beta, float *C,
+                   int ldc) {
     if (!own_kernel(transA, M, N, K, alpha, beta)) return 0;
     float *Bp = af_pack_b_alloc(B, ldb, transB, K, N);
     if (Bp == NULL) return 0;
-    own_sgemm(M, N, K, A, lda, Bp, beta, C, ldc, nt);
+    int nt = 1;
+#ifdef _OPENMP
+    if ((double)M * N * K >= AF_GEMM_MIN_PAR_MACS) nt = omp_get_max_threads();
+#endif
+    own_sgemm(M, N, K, A, lda, Bp, bias, beta, C, ldc, nt);
     free(Bp);
     return 1;
+}
+
+int af_linear_forward_packed(float *out, const float *inp, const float *weight,
+                             const float *bias, int N, int IC, int OC) {
+    return try_own(0, 1, N, OC, IC, 1.0f, inp, IC, weight, IC, bias, 0.0f, out, OC);
 }
 
 void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
@@ -81,7 +93,7 @@ void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const fl
 #ifdef _OPENMP
     if ((double)M * N * K >= AF_GEMM_MIN_PAR_MACS) nt = omp_get_max_threads();
 #endif
-    if (try_own(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nt)) return;
+    if (try_own(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc)) return;
     if (nt <= 1) {
         scipy_cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;

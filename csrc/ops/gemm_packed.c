@@ -1,4 +1,4 @@
-/* fp32 GEMM against a B packed once per call: C[M,N] = (accumulate ? C : 0) + A[M,K] @ B[K,N].
+/* fp32 GEMM against a B packed once per call: C[M,N] = bias + A[M,K] @ B[K,N] (+ R).
  *
  * Why: OpenBLAS packs both operands on every call, and the row-tile kernels (fused.c) call it
  * once per tile of 64-256 rows, so the weight was repacked ~25 times per layer and step: its
@@ -23,7 +23,7 @@
 #include "ops.h"
 #include "ops_internal.h"
 
-enum { NR = AF_PACK_NR, MR = 12, MC = 240 /* rows of A kept in L2 while the panels pass */ };
+enum { NR = AF_PACK_NR, MR = 12 };
 
 static int packed_ok = 0;
 static pthread_once_t packed_once = PTHREAD_ONCE_INIT;
@@ -71,14 +71,21 @@ void af_pack_b(float *Bp, const float *B, int ldb, int transB, int K, int N) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AF_AVX512 __attribute__((target("avx512f,fma")))
 
-/* C[mr rows][32 columns, masked by m0|m1] (+)= A[mr][K] @ bp[K][32]; mr <= MR is a constant
- * in each inlined copy (the switch below), so the accumulators stay in registers. */
+/* C[mr rows][32 columns, masked by m0|m1] = bias + A[mr][K] @ bp[K][32] (+ R): mr <= MR is a
+ * constant in each inlined copy (the switch below), so the accumulators stay in registers.
+ * The sum starts from the bias (NULL: 0), takes the K products in order, then adds R (NULL:
+ * nothing; R == C accumulates into C). */
 static inline __attribute__((always_inline)) AF_AVX512 void
 micro_kernel(const int mr, int K, const float *A, int lda, const float *bp, float *C, int ldc,
-             __mmask16 m0, __mmask16 m1, int accumulate) {
+             __mmask16 m0, __mmask16 m1, const float *bias, const float *R, int ldr) {
     __m512 c0[MR], c1[MR];
+    __m512 z0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+    __m512 z1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
     #pragma GCC unroll 12
-    for (int i = 0; i < mr; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int i = 0; i < mr; i++) {
+        c0[i] = z0;
+        c1[i] = z1;
+    }
     for (int k = 0; k < K; k++) {
         __m512 b0 = _mm512_load_ps(bp + (size_t)k * NR), b1 = _mm512_load_ps(bp + (size_t)k * NR + 16);
         #pragma GCC unroll 12
@@ -91,34 +98,37 @@ micro_kernel(const int mr, int K, const float *A, int lda, const float *bp, floa
     #pragma GCC unroll 12
     for (int i = 0; i < mr; i++) {
         float *ci = C + (size_t)i * ldc;
-        if (accumulate) { /* the product is added to C in one rounding, as beta = 1 */
-            c0[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, ci), c0[i]);
-            c1[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, ci + 16), c1[i]);
+        if (R != NULL) {
+            const float *ri = R + (size_t)i * ldr;
+            c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, ri));
+            c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, ri + 16));
         }
         _mm512_mask_storeu_ps(ci, m0, c0[i]);
         _mm512_mask_storeu_ps(ci + 16, m1, c1[i]);
     }
 }
 
-#define MICRO(n) case n: micro_kernel(n, K, a, lda, bp, c, ldc, m0, m1, accumulate); break
+#define MICRO(n) case n: micro_kernel(n, K, a, lda, bp, c, ldc, m0, m1, bb, r, ldr); break
 
 /* Rows [0, M) x panels [p0, p1) of C. */
 static AF_AVX512 void gemm_panels(int M, int N, int K, const float *A, int lda, const float *Bp,
-                                  float *C, int ldc, int accumulate, int p0, int p1) {
-    for (int r0 = 0; r0 < M; r0 += MC) {
-        int r1 = r0 + MC < M ? r0 + MC : M;
+                                  float *C, int ldc, const float *bias, const float *R, int ldr,
+                                  int p0, int p1) {
+    /* the 12 rows of A stay in L1 while the packed panels of B stream from L2 (contiguous, so
+     * prefetched); the other order re-read A's rows, lda apart, from L2 for every panel */
+    for (int i = 0; i < M; i += MR) {
+        const float *a = A + (size_t)i * lda;
         for (int p = p0; p < p1; p++) {
             int nr = N - p * NR < NR ? N - p * NR : NR;
             __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
             __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
             const float *bp = Bp + (size_t)p * K * NR;
-            for (int i = r0; i < r1; i += MR) {
-                const float *a = A + (size_t)i * lda;
-                float *c = C + (size_t)i * ldc + (size_t)p * NR;
-                switch (r1 - i < MR ? r1 - i : MR) {
-                    MICRO(1); MICRO(2); MICRO(3); MICRO(4); MICRO(5); MICRO(6);
-                    MICRO(7); MICRO(8); MICRO(9); MICRO(10); MICRO(11); MICRO(12);
-                }
+            float *c = C + (size_t)i * ldc + (size_t)p * NR;
+            const float *bb = bias ? bias + (size_t)p * NR : NULL;
+            const float *r = R ? R + (size_t)i * ldr + (size_t)p * NR : NULL;
+            switch (M - i < MR ? M - i : MR) {
+                MICRO(1); MICRO(2); MICRO(3); MICRO(4); MICRO(5); MICRO(6);
+                MICRO(7); MICRO(8); MICRO(9); MICRO(10); MICRO(11); MICRO(12);
             }
         }
     }
@@ -128,18 +138,18 @@ static AF_AVX512 void gemm_panels(int M, int N, int K, const float *A, int lda, 
 #endif
 
 void af_gemm_packed_cols(int M, int N, int K, const float *A, int lda, const float *Bp, float *C,
-                         int ldc, int accumulate, int p0, int p1) {
+                         int ldc, const float *bias, const float *R, int ldr, int p0, int p1) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (M > 0 && p1 > p0) gemm_panels(M, N, K, A, lda, Bp, C, ldc, accumulate, p0, p1);
+    if (M > 0 && p1 > p0) gemm_panels(M, N, K, A, lda, Bp, C, ldc, bias, R, ldr, p0, p1);
 #else
     (void)M; (void)N; (void)K; (void)A; (void)lda; (void)Bp; (void)C; (void)ldc;
-    (void)accumulate; (void)p0; (void)p1;
+    (void)bias; (void)R; (void)ldr; (void)p0; (void)p1;
 #endif
 }
 
 void af_gemm_packed(int M, int N, int K, const float *A, int lda, const float *Bp, float *C,
-                    int ldc, int accumulate) {
-    af_gemm_packed_cols(M, N, K, A, lda, Bp, C, ldc, accumulate, 0, (N + NR - 1) / NR);
+                    int ldc, const float *bias, const float *R, int ldr) {
+    af_gemm_packed_cols(M, N, K, A, lda, Bp, C, ldc, bias, R, ldr, 0, (N + NR - 1) / NR);
 }
 
 float *af_pack_b_alloc(const float *B, int ldb, int transB, int K, int N) {

@@ -91,18 +91,23 @@ static inline float af_normcdf(float x) {
 #define AF_GEMM_MIN_PAR_MACS (1 << 21)
 
 /* fp32 GEMM against a B packed once (gemm_packed.c), for callers that reuse one B across many
- * row tiles or threads. Available on CPUs with AVX-512 unless AFIRE_SGEMM=openblas; callers
- * fall back to OpenBLAS otherwise. af_pack_b packs op(B) [K,N] (transB: B stored [N][K]) into
- * af_packed_b_floats(K, N) floats, 64-byte aligned. af_gemm_packed: C[M,N] = (accumulate ? C :
- * 0) + A[M,K] @ B, each element summed in k order (deterministic, any tiling); _cols does
- * only the 32-column panels [p0, p1). */
+ * row tiles or threads. Available on CPUs with AVX-512 unless AFIRE_SGEMM=openblas
+ * (af_packed_gemm_available, ops.h); callers fall back to OpenBLAS otherwise. af_pack_b packs
+ * op(B) [K,N] (transB: B stored [N][K]) into af_packed_b_floats(K, N) floats, 64-byte aligned.
+ * af_gemm_packed: C[M,N] = bias[N] + A[M,K] @ B + R[M,N] (bias, R may be NULL; R == C
+ * accumulates), each element summed from the bias in k order, then R added: deterministic,
+ * whatever the tiling; _cols does only the 32-column panels [p0, p1). */
 enum { AF_PACK_NR = 32 };
 size_t af_packed_b_floats(int K, int N);
 void af_pack_b(float *Bp, const float *B, int ldb, int transB, int K, int N);
 void af_gemm_packed(int M, int N, int K, const float *A, int lda, const float *Bp, float *C,
-                    int ldc, int accumulate);
+                    int ldc, const float *bias, const float *R, int ldr);
 void af_gemm_packed_cols(int M, int N, int K, const float *A, int lda, const float *Bp, float *C,
-                         int ldc, int accumulate, int p0, int p1);
+                         int ldc, const float *bias, const float *R, int ldr, int p0, int p1);
+/* out[N,OC] = bias + inp @ weight^T on the packed kernel (gemm.c), the bias in the kernel: 1,
+ * or 0 when it does not apply (the caller then seeds the bias rows for OpenBLAS). */
+int af_linear_forward_packed(float *out, const float *inp, const float *weight,
+                             const float *bias, int N, int IC, int OC);
 /* A 64-byte aligned buffer holding op(B) packed, or NULL (no AVX-512, B too small to be worth
  * it, or out of memory: the caller then uses OpenBLAS); free() it. */
 float *af_pack_b_alloc(const float *B, int ldb, int transB, int K, int N);
