@@ -37,9 +37,17 @@ int af_model_num_trainable(const af_model *m) {
     return k;
 }
 
+/* Sum of squares in double, in 8 interleaved partial sums combined in a fixed order: one
+ * running sum is a chain of dependent adds (1% of a vit_tiny step); eight vectorise. */
 static double sumsq(const float *g, size_t n) {
+    double acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        #pragma omp simd
+        for (int j = 0; j < 8; j++) acc[j] += (double)g[i + j] * g[i + j];
     double s = 0.0;
-    for (size_t i = 0; i < n; i++) s += (double)g[i] * g[i];
+    for (; i < n; i++) s += (double)g[i] * g[i];
+    for (int j = 0; j < 8; j++) s += acc[j];
     return s;
 }
 

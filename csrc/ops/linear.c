@@ -23,7 +23,7 @@ void af_linear_forward(float *out, const float *inp, const float *weight, const 
 enum { BIAS_CB = 64 };
 
 /* dbias[block] += the column sums of dout over its N rows, in row order. */
-static void bias_block(float *dbias, const float *dout, int N, int OC, int blk) {
+AF_TARGET_CLONES static void bias_block(float *dbias, const float *dout, int N, int OC, int blk) {
     int o0 = blk * BIAS_CB, o1 = o0 + BIAS_CB < OC ? o0 + BIAS_CB : OC;
     float acc[BIAS_CB];
     for (int o = o0; o < o1; o++) acc[o - o0] = 0.0f;
