@@ -35,6 +35,33 @@ def test_linear_forward_and_input_gradient_match_numpy(N, IC, OC):
                                atol=1e-5 * np.sqrt(OC))
 
 
+@pytest.mark.parametrize("N,IC,OC", [(300, 70, 33), (1000, 192, 576), (129, 31, 13),
+                                     (4100, 40, 24)])
+def test_weight_and_bias_gradients_match_numpy(N, IC, OC):
+    """dW = dout^T x runs on the unpacked A^T B kernel (K = N rows, cut in blocks of 128)."""
+    r = np.random.default_rng(N + IC)
+    x, w, dout = _rand(r, N, IC), _rand(r, OC, IC), _rand(r, N, OC)
+    dinp, dw, db = ops.linear_backward(dout, x, w)
+    np.testing.assert_allclose(dw, dout.T.astype(np.float64) @ x, rtol=1e-5,
+                               atol=2e-5 * np.sqrt(N))
+    np.testing.assert_allclose(db, dout.sum(0, dtype=np.float64), rtol=1e-5,
+                               atol=2e-5 * np.sqrt(N))
+    np.testing.assert_allclose(dinp, dout.astype(np.float64) @ w, rtol=1e-5,
+                               atol=1e-5 * np.sqrt(OC))
+
+
+def test_gradients_do_not_depend_on_the_thread_count():
+    code = ("import hashlib, numpy as np; from afire._C import ops; "
+            "r = np.random.default_rng(1); f = lambda *s: r.standard_normal(s).astype(np.float32); "
+            "x, w, dout = f(3000, 96), f(200, 96), f(3000, 200); "
+            "print(*[hashlib.md5(a.tobytes()).hexdigest() for a in "
+            "ops.linear_backward(dout, x, w) + (ops.linear_forward(x, w),)])")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, OMP_NUM_THREADS=str(t))).stdout
+            for t in (1, 2)]
+    assert outs[0] and outs[0] == outs[1]
+
+
 def test_mlp_forward_matches_numpy_and_is_deterministic():
     r = np.random.default_rng(3)
     N, D, H = 301, 40, 160

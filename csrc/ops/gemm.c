@@ -30,17 +30,18 @@ void af_chunk(int n, int parts, int idx, int align, int *lo, int *hi) {
     *hi = b1 * align < n ? b1 * align : n;
 }
 
-/* Our kernel (gemm_packed.c) takes alpha 1, beta 0 or 1 and op(A) = A, with op(B) packed once;
- * OpenBLAS takes the rest (the weight gradients A^T B: a kernel reading A and B unpacked was
- * 10-25% slower than OpenBLAS there), and CPUs without AVX-512. */
-static int own_kernel(int transA, int M, int N, int K, float alpha, float beta) {
-    return !transA && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && K > 0 && M >= 16 &&
-           (double)M * N * K >= (1 << 18) && af_packed_gemm_available();
+/* Our kernels (gemm_packed.c) take alpha 1, beta 0 or 1, and either op(A) = A (op(B) packed
+ * once) or A^T B (the weight gradients, nothing packed); OpenBLAS takes the rest, and CPUs
+ * without AVX-512. */
+static int own_kernel(int transA, int transB, int M, int N, int K, float alpha, float beta) {
+    return !(transA && transB) && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) && K > 0 &&
+           M >= 16 && (double)M * N * K >= (1 << 18) && af_packed_gemm_available();
 }
 
-/* Threads own row blocks of C (or its 32-column panels when C is short and wide). */
-static void own_sgemm(int M, int N, int K, const float *A, int lda, const float *Bp,
-                      const float *bias, float beta, float *C, int ldc, int nt) {
+/* Threads own row blocks of C (or its 32-column panels when C is short and wide). Bp: op(B)
+ * packed (transA 0), else NULL and B read as is (transA 1). */
+static void own_sgemm(int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+                      const float *Bp, const float *bias, float beta, float *C, int ldc, int nt) {
     int panels = (N + AF_PACK_NR - 1) / AF_PACK_NR, split_rows = M >= 12 * panels;
     const float *R = beta != 0.0f ? C : NULL; /* beta 1: accumulate */
     #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -55,33 +56,53 @@ static void own_sgemm(int M, int N, int K, const float *A, int lda, const float 
             af_chunk(M, parts, idx, 12, &r0, &r1);
         else
             af_chunk(panels, parts, idx, 1, &p0, &p1);
-        if (r1 > r0)
+        if (Bp == NULL)
+            af_gemm_tn_block(N, K, A, lda, B, ldb, C, ldc, R != NULL, r0, r1, p0, p1);
+        else if (r1 > r0)
             af_gemm_packed_cols(r1 - r0, N, K, A + (size_t)r0 * lda, lda, Bp,
                                 C + (size_t)r0 * ldc, ldc, bias, R ? R + (size_t)r0 * ldc : NULL,
                                 ldc, p0, p1);
     }
 }
 
-/* 1 if our kernel did it (C = bias + alpha op(A) op(B) + beta C, bias may be NULL), 0 if the
- * caller should use OpenBLAS. */
+/* 1 if our kernel did it (C = bias + alpha op(A) op(B) + beta C, bias may be NULL; bias only
+ * with transA 0), 0 if the caller should use OpenBLAS. nt: threads (1 inside a parallel
+ * region). */
 static int try_own(int transA, int transB, int M, int N, int K, float alpha, const float *A,
                    int lda, const float *B, int ldb, const float *bias, float beta, float *C,
-                   int ldc) {
-    if (!own_kernel(transA, M, N, K, alpha, beta)) return 0;
+                   int ldc, int nt) {
+    if (!own_kernel(transA, transB, M, N, K, alpha, beta)) return 0;
+    if (transA) {
+        own_sgemm(M, N, K, A, lda, B, ldb, NULL, NULL, beta, C, ldc, nt);
+        return 1;
+    }
     float *Bp = af_pack_b_alloc(B, ldb, transB, K, N);
     if (Bp == NULL) return 0;
-    int nt = 1;
-#ifdef _OPENMP
-    if ((double)M * N * K >= AF_GEMM_MIN_PAR_MACS) nt = omp_get_max_threads();
-#endif
-    own_sgemm(M, N, K, A, lda, Bp, bias, beta, C, ldc, nt);
+    own_sgemm(M, N, K, A, lda, B, ldb, Bp, bias, beta, C, ldc, nt);
     free(Bp);
     return 1;
 }
 
+static int gemm_threads(int M, int N, int K) {
+#ifdef _OPENMP
+    if ((double)M * N * K >= AF_GEMM_MIN_PAR_MACS) return omp_get_max_threads();
+#endif
+    (void)M; (void)N; (void)K;
+    return 1;
+}
+
+void af_sgemm_serial(int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                     int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    if (try_own(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc, 1)) return;
+    scipy_cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans,
+                      transB ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta,
+                      C, ldc);
+}
+
 int af_linear_forward_packed(float *out, const float *inp, const float *weight,
                              const float *bias, int N, int IC, int OC) {
-    return try_own(0, 1, N, OC, IC, 1.0f, inp, IC, weight, IC, bias, 0.0f, out, OC);
+    return try_own(0, 1, N, OC, IC, 1.0f, inp, IC, weight, IC, bias, 0.0f, out, OC,
+                   gemm_threads(N, OC, IC));
 }
 
 void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A,
@@ -89,11 +110,8 @@ void af_sgemm(int transA, int transB, int M, int N, int K, float alpha, const fl
     enum CBLAS_TRANSPOSE ta = transA ? CblasTrans : CblasNoTrans;
     enum CBLAS_TRANSPOSE tb = transB ? CblasTrans : CblasNoTrans;
     af_blas_single_thread();
-    int nt = 1;
-#ifdef _OPENMP
-    if ((double)M * N * K >= AF_GEMM_MIN_PAR_MACS) nt = omp_get_max_threads();
-#endif
-    if (try_own(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc)) return;
+    int nt = gemm_threads(M, N, K);
+    if (try_own(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc, nt)) return;
     if (nt <= 1) {
         scipy_cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;

@@ -135,7 +135,84 @@ static AF_AVX512 void gemm_panels(int M, int N, int K, const float *A, int lda, 
 }
 #undef MICRO
 
+/* The weight-gradient shape, C[M,N] (+)= A^T B with A stored [K][M] and B [K][N] (dW = dout^T
+ * inp, K = the rows of a batch). Nothing is packed: for one k, a 12-row block of A^T is 12
+ * consecutive floats of A's row k and a 32-column panel of B is 32 of B's row k. Those rows
+ * are lda and ldb floats apart, often past the 2 KiB stride the L1 prefetcher follows, so the
+ * kernel prefetches PF rows ahead (without it, 25% slower than OpenBLAS; with it 5-20%
+ * faster). K is cut into blocks of KB rows; the 12 rows of A^T stay in L1 while the panels of
+ * B pass; each block's sum is added to C in k order (deterministic, any thread count). */
+enum { KB = 128, PF = 32 };
+
+static inline __attribute__((always_inline)) AF_AVX512 void
+micro_kernel_tn(const int mr, int K, const float *A, int lda, const float *B, int ldb, float *C,
+                int ldc, __mmask16 m0, __mmask16 m1, int accumulate) {
+    __m512 c0[MR], c1[MR];
+    #pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const float *b = B + (size_t)k * ldb, *a = A + (size_t)k * lda;
+        _mm_prefetch((const char *)(b + (size_t)PF * ldb), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + (size_t)PF * ldb + 16), _MM_HINT_T0);
+        _mm_prefetch((const char *)(a + (size_t)PF * lda), _MM_HINT_T0);
+        _mm_prefetch((const char *)(a + (size_t)PF * lda + 11), _MM_HINT_T0);
+        __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+        #pragma GCC unroll 12
+        for (int i = 0; i < mr; i++) {
+            __m512 ai = _mm512_set1_ps(a[i]);
+            c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
+        }
+    }
+    #pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) {
+        float *ci = C + (size_t)i * ldc;
+        if (accumulate) {
+            c0[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, ci), c0[i]);
+            c1[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, ci + 16), c1[i]);
+        }
+        _mm512_mask_storeu_ps(ci, m0, c0[i]);
+        _mm512_mask_storeu_ps(ci + 16, m1, c1[i]);
+    }
+}
+
+#define MICRO_TN(n) case n: micro_kernel_tn(n, kb, a, lda, b, ldb, c, ldc, m0, m1, acc); break
+
+/* Rows [r0, r1) x panels [p0, p1) of C. */
+static AF_AVX512 void gemm_tn_block(int N, int K, const float *A, int lda, const float *B,
+                                    int ldb, float *C, int ldc, int accumulate, int r0, int r1,
+                                    int p0, int p1) {
+    for (int k0 = 0; k0 < K; k0 += KB) {
+        int kb = K - k0 < KB ? K - k0 : KB, acc = accumulate || k0 > 0;
+        for (int i = r0; i < r1; i += MR) {
+            const float *a = A + (size_t)k0 * lda + i;
+            for (int p = p0; p < p1; p++) {
+                int nr = N - p * NR < NR ? N - p * NR : NR;
+                __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+                __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+                const float *b = B + (size_t)k0 * ldb + (size_t)p * NR;
+                float *c = C + (size_t)i * ldc + (size_t)p * NR;
+                switch (r1 - i < MR ? r1 - i : MR) {
+                    MICRO_TN(1); MICRO_TN(2); MICRO_TN(3); MICRO_TN(4); MICRO_TN(5); MICRO_TN(6);
+                    MICRO_TN(7); MICRO_TN(8); MICRO_TN(9); MICRO_TN(10); MICRO_TN(11); MICRO_TN(12);
+                }
+            }
+        }
+    }
+}
+#undef MICRO_TN
 #endif
+
+void af_gemm_tn_block(int N, int K, const float *A, int lda, const float *B, int ldb, float *C,
+                      int ldc, int accumulate, int r0, int r1, int p0, int p1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (r1 > r0 && p1 > p0 && K > 0)
+        gemm_tn_block(N, K, A, lda, B, ldb, C, ldc, accumulate, r0, r1, p0, p1);
+#else
+    (void)N; (void)K; (void)A; (void)lda; (void)B; (void)ldb; (void)C; (void)ldc;
+    (void)accumulate; (void)r0; (void)r1; (void)p0; (void)p1;
+#endif
+}
 
 void af_gemm_packed_cols(int M, int N, int K, const float *A, int lda, const float *Bp, float *C,
                          int ldc, const float *bias, const float *R, int ldr, int p0, int p1) {

@@ -98,8 +98,8 @@ void af_linear_backward_params(const af_linear_grad *g, int n) {
     for (int i = 0; i < n; i++) {
         const af_linear_grad *l = &g[i];
         if (l->dweight != NULL)
-            scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, l->OC, l->IC, l->N, 1.0f,
-                              l->dout, l->OC, l->inp, l->IC, 1.0f, l->dweight, l->IC);
+            af_sgemm_serial(1, 0, l->OC, l->IC, l->N, 1.0f, l->dout, l->OC, l->inp, l->IC, 1.0f,
+                            l->dweight, l->IC);
         if (l->dbias != NULL)
             for (int blk = 0; blk < (l->OC + BIAS_CB - 1) / BIAS_CB; blk++)
                 bias_block(l->dbias, l->dout, l->N, l->OC, blk);

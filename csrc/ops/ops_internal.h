@@ -104,6 +104,14 @@ void af_gemm_packed(int M, int N, int K, const float *A, int lda, const float *B
                     int ldc, const float *bias, const float *R, int ldr);
 void af_gemm_packed_cols(int M, int N, int K, const float *A, int lda, const float *Bp, float *C,
                          int ldc, const float *bias, const float *R, int ldr, int p0, int p1);
+/* C[r0:r1, panels p0:p1] = (accumulate ? C : 0) + A^T B for A stored [K][lda] (its columns
+ * are C's rows) and B [K][ldb], neither packed: the weight-gradient shape (gemm_packed.c);
+ * AVX-512 only, as above. */
+void af_gemm_tn_block(int N, int K, const float *A, int lda, const float *B, int ldb, float *C,
+                      int ldc, int accumulate, int r0, int r1, int p0, int p1);
+/* af_sgemm on the calling thread only (one GEMM per thread inside a parallel region). */
+void af_sgemm_serial(int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                     int lda, const float *B, int ldb, float beta, float *C, int ldc);
 /* out[N,OC] = bias + inp @ weight^T on the packed kernel (gemm.c), the bias in the kernel: 1,
  * or 0 when it does not apply (the caller then seeds the bias rows for OpenBLAS). */
 int af_linear_forward_packed(float *out, const float *inp, const float *weight,
