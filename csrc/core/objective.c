@@ -286,7 +286,7 @@ static inline void softmax_jac_add(float *dz, const float *q, const float *g, in
 /* The paper objective's working set, carved from its scratch in this order (floats):
  *   q, logq, g  [B*L*K]  student probabilities, their logs, dL/dz accumulator
  *   logc        [L*K]    log c_l
- *   A           [B*L*L]  A[t,l] = log f(q_t, c_l)
+ *   A           [B*L*L]  A[t,l] = log f(q_t, c_l); at normal tokens, then Eq. 12 coefficients
  *   F           [L*B*B]  F[j,i,b] = log f(q_ij, q_bj)
  *   tmp         [L*K]    one K-vector per position
  *   tl, wG      [B*L]    per-token loss; coefficient of log f(q_bj, c_j) (abnormal b) */
@@ -319,7 +319,8 @@ static void structure_consistency(float *l_stru, float *ds, const paper_terms *p
     const int L = p->L, K = p->K;
     const size_t NT = (size_t)p->B * L;
     const double inv_tau = p->inv_tau;
-    const float *A = p->A, *logc = p->logc, *q = p->q;
+    float *A = p->A;
+    const float *logc = p->logc, *q = p->q;
     size_t n_normal = 0;
     for (size_t t = 0; t < NT; t++) n_normal += abn[t] == 0;
     const double c_stru = n_normal ? (double)w / n_normal : 0.0;
@@ -327,7 +328,7 @@ static void structure_consistency(float *l_stru, float *ds, const paper_terms *p
     for (size_t t = 0; t < NT; t++) {
         if (abn[t]) continue;
         const int j = (int)(t % L);
-        const float *a = A + t * L;
+        float *a = A + t * L;
         double mx = -INFINITY;
         for (int l = 0; l < L; l++) mx = fmax(mx, a[l]);
         double se = 0.0;
@@ -335,19 +336,22 @@ static void structure_consistency(float *l_stru, float *ds, const paper_terms *p
         double lse = mx + log(se);
         p->tl[t] = (float)(lse - a[j]);
         if (ds == NULL) continue;
-        /* dL/dq_k = (1/tau) sum_l (softmax(a)_l - [l == j]) log c_lk; g row is temp */
-        float *gt = p->g + t * K;
-        for (int k = 0; k < K; k++) gt[k] = 0.0f;
-        for (int l = 0; l < L; l++) {
-            double cl = (exp(a[l] - lse) - (l == j)) * inv_tau * c_stru;
-            const float *lc = logc + (size_t)l * K;
-            for (int k = 0; k < K; k++) gt[k] += (float)(cl * lc[k]);
+        /* dL/dq_k = (1/tau) sum_l (softmax(a)_l - [l == j]) log c_lk: the row of A becomes
+         * its coefficients (category_consistency reads A only at abnormal tokens) */
+        for (int l = 0; l < L; l++) a[l] = (float)((exp(a[l] - lse) - (l == j)) * inv_tau * c_stru);
+    }
+    if (ds != NULL) {
+        /* g[t] = sum_l coef[t,l] log c_l for every token in one GEMM (abnormal rows unused) */
+        af_sgemm(0, 0, (int)NT, K, L, 1.0f, A, L, logc, K, 0.0f, p->g, K);
+#pragma omp parallel for schedule(static)
+        for (size_t t = 0; t < NT; t++) {
+            if (abn[t]) continue;
+            const float *gt = p->g + t * K, *qt = q + t * K;
+            float *dst = ds + t * K;
+            double qg = 0.0;
+            for (int k = 0; k < K; k++) qg += (double)qt[k] * gt[k];
+            for (int k = 0; k < K; k++) dst[k] += (float)(qt[k] * (gt[k] - qg) / p->tau_s);
         }
-        float *dst = ds + t * K;
-        const float *qt = q + t * K;
-        double qg = 0.0;
-        for (int k = 0; k < K; k++) qg += (double)qt[k] * gt[k];
-        for (int k = 0; k < K; k++) dst[k] += (float)(qt[k] * (gt[k] - qg) / p->tau_s);
     }
     double sum = 0.0;
     for (size_t t = 0; t < NT; t++)
