@@ -16,6 +16,7 @@
  */
 #include <limits.h>
 #include <math.h>
+#include <stdlib.h>
 
 #include "common.h"
 #include "objective.h"
@@ -49,9 +50,46 @@ static int positive_finite(float v) { return isfinite(v) && v > 0.0f; }
 /* ---------------------------------------------------------------------------------- */
 /* Sinkhorn-Knopp (SwAV), METHOD §3 (the paper gives it no equation number)            */
 
-/* The one implementation of both entry points. Without `red` the column step sums and
- * scales one column at a time (no scratch); with it every column sum is reduced across the
- * ranks first, in the same per-rank order, so one rank gives the very same numbers. */
+/* colsum[k] = the sum of column k over the N rows, in row order. Threads own blocks of 64
+ * columns and walk the rows contiguously (a column at a time strode K floats per row). */
+static void column_sums(double *colsum, const float *q, int N, int K) {
+    enum { CB = 64 };
+    int blocks = (K + CB - 1) / CB;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        int k0 = b * CB, k1 = k0 + CB < K ? k0 + CB : K;
+        double acc[CB] = {0};
+        for (int r = 0; r < N; r++) {
+            const float *row = q + (size_t)r * K;
+            for (int k = k0; k < k1; k++) acc[k - k0] += row[k];
+        }
+        for (int k = k0; k < k1; k++) colsum[k] = acc[k - k0];
+    }
+}
+
+/* One Sinkhorn iteration after the column sums: column k times 1 / (colsum[k] K) where its
+ * sum is > 0 (colsum then holds those factors), then each row times 1 / (its sum * rows), in
+ * one pass over the rows. */
+static void scale_columns_rows(float *q, double *colsum, int N, int K, double rows) {
+    for (int k = 0; k < K; k++) colsum[k] = colsum[k] > 0.0 ? 1.0 / (colsum[k] * K) : 0.0;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        float *qr = q + (size_t)r * K;
+        double rs = 0.0;
+        for (int k = 0; k < K; k++) {
+            if (colsum[k] > 0.0) qr[k] = (float)(qr[k] * colsum[k]);
+            rs += qr[k];
+        }
+        if (rs > 0.0) {
+            double sc = 1.0 / (rs * rows);
+            for (int k = 0; k < K; k++) qr[k] = (float)(qr[k] * sc);
+        }
+    }
+}
+
+/* The one implementation of both entry points. With `red` every column sum is reduced
+ * across the ranks before the columns are scaled, in the same per-rank order, so one rank
+ * gives the very same numbers. colsum: K doubles (NULL without `red`: allocated here). */
 static af_status sinkhorn(float *q, const float *logits, int N, int K, float eps, int iters,
                           int64_t N_global, double *colsum, const af_reducer *red) {
     AF_CHECK(q != NULL && logits != NULL, AF_EINVAL, "sinkhorn_knopp: NULL buffer");
@@ -86,47 +124,23 @@ static af_status sinkhorn(float *q, const float *logits, int N, int K, float eps
     for (size_t i = 0; i < n; i++) q[i] = (float)(q[i] / total);
     const double rows = red != NULL ? (double)N_global : (double)N;
 
+    double *cs = colsum;
+    if (cs == NULL && iters > 0) {
+        cs = malloc((size_t)K * sizeof(double));
+        AF_CHECK(cs != NULL, AF_ENOMEM, "sinkhorn_knopp: out of memory for %d column sums", K);
+    }
     for (int it = 0; it < iters; it++) {
         /* each class (column over the N rows of every rank) gets mass 1/K */
-        if (red == NULL) {
-#pragma omp parallel for schedule(static)
-            for (int k = 0; k < K; k++) {
-                double cs = 0.0;
-                for (int r = 0; r < N; r++) cs += q[(size_t)r * K + k];
-                if (cs > 0.0) {
-                    double sc = 1.0 / (cs * K);
-                    for (int r = 0; r < N; r++) q[(size_t)r * K + k] = (float)(q[(size_t)r * K + k] * sc);
-                }
-            }
-        } else {
-#pragma omp parallel for schedule(static)
-            for (int k = 0; k < K; k++) {
-                double cs = 0.0;
-                for (int r = 0; r < N; r++) cs += q[(size_t)r * K + k];
-                colsum[k] = cs;
-            }
-            AF_TRY(red->allreduce(red->ctx, colsum, (size_t)K, AF_COMM_F64, AF_COMM_SUM,
-                                  "Sinkhorn column sums"));
-#pragma omp parallel for schedule(static)
-            for (int k = 0; k < K; k++) {
-                if (colsum[k] > 0.0) {
-                    double sc = 1.0 / (colsum[k] * K);
-                    for (int r = 0; r < N; r++) q[(size_t)r * K + k] = (float)(q[(size_t)r * K + k] * sc);
-                }
-            }
+        column_sums(cs, q, N, K);
+        if (red != NULL) {
+            af_status st = red->allreduce(red->ctx, cs, (size_t)K, AF_COMM_F64, AF_COMM_SUM,
+                                          "Sinkhorn column sums");
+            if (st != AF_OK) return st; /* cs is the caller's here */
         }
-        /* each row gets mass 1/N (N of the global batch): local */
-#pragma omp parallel for schedule(static)
-        for (int r = 0; r < N; r++) {
-            float *qr = q + (size_t)r * K;
-            double rs = 0.0;
-            for (int k = 0; k < K; k++) rs += qr[k];
-            if (rs > 0.0) {
-                double sc = 1.0 / (rs * rows);
-                for (int k = 0; k < K; k++) qr[k] = (float)(qr[k] * sc);
-            }
-        }
+        /* then each row gets mass 1/N (N of the global batch): local */
+        scale_columns_rows(q, cs, N, K, rows);
     }
+    if (cs != colsum) free(cs);
     /* rows become distributions (SwAV multiplies by N; this is the same after an
      * iteration and also right for iters == 0) */
     for (int r = 0; r < N; r++) {
