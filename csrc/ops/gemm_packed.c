@@ -1,17 +1,19 @@
-/* fp32 GEMM against a B packed once per call: C[M,N] = bias + A[M,K] @ B[K,N] (+ R).
+/* afire's own fp32 GEMM kernels (AVX-512), for the products of the linear layers:
+ *   forward / input gradient  C[M,N] = bias + A[M,K] @ B[K,N] (+ R), B packed once per call;
+ *   weight gradient           C[M,N] (+)= A^T B, A [K][M] and B [K][N] read as they are.
  *
  * Why: OpenBLAS packs both operands on every call, and the row-tile kernels (fused.c) call it
  * once per tile of 64-256 rows, so the weight was repacked ~25 times per layer and step: its
- * packing copies were 14% of a vit_tiny 224 px training step, and there is no pre-packed
- * sgemm in OpenBLAS. Here the caller packs B once (af_pack_b) into panels of NR = 32 columns,
- * [K][32] each, zero-padded, and every tile and thread reads that one copy; A is not packed
- * (the kernel broadcasts its elements straight from the row-major rows).
+ * packing copies were 14% of a vit_tiny 224 px training step, and OpenBLAS has no pre-packed
+ * sgemm. Here the caller packs B once (af_pack_b) into panels of NR = 32 columns, [K][32]
+ * each, zero-padded, and every tile and thread reads that one copy; A is not packed (the
+ * kernel broadcasts its elements straight from the row-major rows, 12 rows kept in L1).
  *
- * The micro-kernel keeps an MR x 32 block of C in 24 AVX-512 registers and runs the whole K
- * reduction in order, k = 0, 1, ..., K-1, one FMA per term: each element of C is summed in the
- * same order whatever M, the tiling or the thread count (deterministic), and it differs from
- * OpenBLAS's result only where OpenBLAS splits K into blocks. CPUs without AVX-512 (and
- * AFIRE_SGEMM=openblas, for tests of the fallback) keep OpenBLAS: af_packed_gemm_available(). */
+ * The micro-kernels keep an MR x 32 block of C in 24 registers and take the K products in
+ * order, one FMA each: every element of C is summed in the same order whatever M, the tiling
+ * or the thread count (deterministic); the bits differ from OpenBLAS's (another order).
+ * CPUs without AVX-512, other compilers and AFIRE_SGEMM=openblas (tests of the fallback)
+ * keep OpenBLAS: af_packed_gemm_available(). Measured in docs/PERFORMANCE.md (CPU). */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,6 +73,38 @@ void af_pack_b(float *Bp, const float *B, int ldb, int transB, int K, int N) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AF_AVX512 __attribute__((target("avx512f,fma")))
 
+/* Lane masks of a panel's two 16-column halves when only nr < 32 of its columns exist. */
+static inline void panel_masks(int nr, __mmask16 *m0, __mmask16 *m1) {
+    *m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+    *m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+}
+
+/* C[mr][32, masked] = c + R (R NULL: c; R == C accumulates). */
+static inline __attribute__((always_inline)) AF_AVX512 void
+store_block(const int mr, __m512 *c0, __m512 *c1, float *C, int ldc, __mmask16 m0, __mmask16 m1,
+            const float *R, int ldr) {
+    #pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) {
+        float *ci = C + (size_t)i * ldc;
+        if (R != NULL) {
+            const float *ri = R + (size_t)i * ldr;
+            c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, ri));
+            c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, ri + 16));
+        }
+        _mm512_mask_storeu_ps(ci, m0, c0[i]);
+        _mm512_mask_storeu_ps(ci + 16, m1, c1[i]);
+    }
+}
+
+/* switch (rows) { case 1 ... MR: CALL(rows) }: one inlined copy of a micro-kernel per row count */
+#define EACH_MR(rows, CALL)                                                                  \
+    switch (rows) {                                                                          \
+        case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break;              \
+        case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break;              \
+        case 7: CALL(7); break; case 8: CALL(8); break; case 9: CALL(9); break;              \
+        case 10: CALL(10); break; case 11: CALL(11); break; case 12: CALL(12); break;        \
+    }
+
 /* C[mr rows][32 columns, masked by m0|m1] = bias + A[mr][K] @ bp[K][32] (+ R): mr <= MR is a
  * constant in each inlined copy (the switch below), so the accumulators stay in registers.
  * The sum starts from the bias (NULL: 0), takes the K products in order, then adds R (NULL:
@@ -95,20 +129,10 @@ micro_kernel(const int mr, int K, const float *A, int lda, const float *bp, floa
             c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
         }
     }
-    #pragma GCC unroll 12
-    for (int i = 0; i < mr; i++) {
-        float *ci = C + (size_t)i * ldc;
-        if (R != NULL) {
-            const float *ri = R + (size_t)i * ldr;
-            c0[i] = _mm512_add_ps(c0[i], _mm512_maskz_loadu_ps(m0, ri));
-            c1[i] = _mm512_add_ps(c1[i], _mm512_maskz_loadu_ps(m1, ri + 16));
-        }
-        _mm512_mask_storeu_ps(ci, m0, c0[i]);
-        _mm512_mask_storeu_ps(ci + 16, m1, c1[i]);
-    }
+    store_block(mr, c0, c1, C, ldc, m0, m1, R, ldr);
 }
 
-#define MICRO(n) case n: micro_kernel(n, K, a, lda, bp, c, ldc, m0, m1, bb, r, ldr); break
+#define MICRO(n) micro_kernel(n, K, a, lda, bp, c, ldc, m0, m1, bb, r, ldr)
 
 /* Rows [0, M) x panels [p0, p1) of C. */
 static AF_AVX512 void gemm_panels(int M, int N, int K, const float *A, int lda, const float *Bp,
@@ -119,17 +143,13 @@ static AF_AVX512 void gemm_panels(int M, int N, int K, const float *A, int lda, 
     for (int i = 0; i < M; i += MR) {
         const float *a = A + (size_t)i * lda;
         for (int p = p0; p < p1; p++) {
-            int nr = N - p * NR < NR ? N - p * NR : NR;
-            __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
-            __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+            __mmask16 m0, m1;
+            panel_masks(N - p * NR, &m0, &m1);
             const float *bp = Bp + (size_t)p * K * NR;
             float *c = C + (size_t)i * ldc + (size_t)p * NR;
             const float *bb = bias ? bias + (size_t)p * NR : NULL;
             const float *r = R ? R + (size_t)i * ldr + (size_t)p * NR : NULL;
-            switch (M - i < MR ? M - i : MR) {
-                MICRO(1); MICRO(2); MICRO(3); MICRO(4); MICRO(5); MICRO(6);
-                MICRO(7); MICRO(8); MICRO(9); MICRO(10); MICRO(11); MICRO(12);
-            }
+            EACH_MR(M - i < MR ? M - i : MR, MICRO)
         }
     }
 }
@@ -164,19 +184,10 @@ micro_kernel_tn(const int mr, int K, const float *A, int lda, const float *B, in
             c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
         }
     }
-    #pragma GCC unroll 12
-    for (int i = 0; i < mr; i++) {
-        float *ci = C + (size_t)i * ldc;
-        if (accumulate) {
-            c0[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, ci), c0[i]);
-            c1[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, ci + 16), c1[i]);
-        }
-        _mm512_mask_storeu_ps(ci, m0, c0[i]);
-        _mm512_mask_storeu_ps(ci + 16, m1, c1[i]);
-    }
+    store_block(mr, c0, c1, C, ldc, m0, m1, accumulate ? C : NULL, ldc);
 }
 
-#define MICRO_TN(n) case n: micro_kernel_tn(n, kb, a, lda, b, ldb, c, ldc, m0, m1, acc); break
+#define MICRO_TN(n) micro_kernel_tn(n, kb, a, lda, b, ldb, c, ldc, m0, m1, acc)
 
 /* Rows [r0, r1) x panels [p0, p1) of C. */
 static AF_AVX512 void gemm_tn_block(int N, int K, const float *A, int lda, const float *B,
@@ -187,20 +198,17 @@ static AF_AVX512 void gemm_tn_block(int N, int K, const float *A, int lda, const
         for (int i = r0; i < r1; i += MR) {
             const float *a = A + (size_t)k0 * lda + i;
             for (int p = p0; p < p1; p++) {
-                int nr = N - p * NR < NR ? N - p * NR : NR;
-                __mmask16 m0 = nr >= 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
-                __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+                __mmask16 m0, m1;
+                panel_masks(N - p * NR, &m0, &m1);
                 const float *b = B + (size_t)k0 * ldb + (size_t)p * NR;
                 float *c = C + (size_t)i * ldc + (size_t)p * NR;
-                switch (r1 - i < MR ? r1 - i : MR) {
-                    MICRO_TN(1); MICRO_TN(2); MICRO_TN(3); MICRO_TN(4); MICRO_TN(5); MICRO_TN(6);
-                    MICRO_TN(7); MICRO_TN(8); MICRO_TN(9); MICRO_TN(10); MICRO_TN(11); MICRO_TN(12);
-                }
+                EACH_MR(r1 - i < MR ? r1 - i : MR, MICRO_TN)
             }
         }
     }
 }
 #undef MICRO_TN
+#undef EACH_MR
 #endif
 
 void af_gemm_tn_block(int N, int K, const float *A, int lda, const float *B, int ldb, float *C,
