@@ -36,3 +36,22 @@ def assert_runs_bit_identical(device, precision):
     for k in ta:
         np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
     np.testing.assert_array_equal(ma.encode(phantom_like(2)), mb.encode(phantom_like(2)))
+
+
+def op_in_fresh_process(tmp_path, op, arrays, env, info_key):
+    """afire._C.ops.<op>(*arrays) in a fresh interpreter with `env` added to the environment
+    (the CPU backends are chosen once per process): (its result, build_info()[info_key])."""
+    import os
+    import subprocess
+    import sys
+
+    for i, a in enumerate(arrays):
+        np.save(tmp_path / f"in{i}.npy", a)
+    code = ("import sys, numpy as np; from afire import _C; d = sys.argv[1]; "
+            f"args = [np.load(f'{{d}}/in{{i}}.npy') for i in range({len(arrays)})]; "
+            f"np.save(d + '/out.npy', _C.ops.{op}(*args)); "
+            f"print(_C.build_info()[{info_key!r}])")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=dict(os.environ, **env),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return np.load(tmp_path / "out.npy"), p.stdout.strip()

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from _util import op_in_fresh_process
 
 from afire import _C
 
@@ -82,19 +83,10 @@ def test_mlp_forward_matches_numpy_and_is_deterministic():
 def test_openblas_fallback_agrees(tmp_path):
     r = np.random.default_rng(0)
     x, w, b = _rand(r, 250, 96), _rand(r, 130, 96), _rand(r, 130)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
-    np.save(tmp_path / "b.npy", b)
-    code = ("import sys, numpy as np; from afire import _C; d = sys.argv[1]; "
-            "np.save(d + '/y.npy', _C.ops.linear_forward(np.load(d + '/x.npy'), "
-            "np.load(d + '/w.npy'), np.load(d + '/b.npy'))); print(_C.build_info()['sgemm'])")
-    env = dict(os.environ, AFIRE_SGEMM="openblas")
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "openblas"
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ops.linear_forward(x, w, b),
-                               rtol=1e-5, atol=1e-4)
+    y, kernel = op_in_fresh_process(tmp_path, "linear_forward", [x, w, b],
+                                    {"AFIRE_SGEMM": "openblas"}, "sgemm")
+    assert kernel == "openblas"
+    np.testing.assert_allclose(y, ops.linear_forward(x, w, b), rtol=1e-5, atol=1e-4)
 
 
 def test_build_info_reports_the_kernel():

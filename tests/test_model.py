@@ -2,7 +2,7 @@
 step setter."""
 import numpy as np
 import pytest
-from _util import phantom_like, small_cfg
+from _util import op_in_fresh_process, phantom_like, small_cfg
 
 from afire import AFiRe, _C
 from afire.model import synthetic_lesions
@@ -187,21 +187,9 @@ def test_cpu_bf16_inference_model(tmp_path):
 def test_cpu_bf16_portable_backend(tmp_path):
     """The fallback for CPUs without AMX (forced here in a fresh process) computes the same
     bf16-input products as this process's backend; only the fp32 summation order differs."""
-    import os
-    import subprocess
-    import sys
-
     r = np.random.default_rng(0)
     x, w = r.standard_normal((50, 70), np.float32), r.standard_normal((30, 70), np.float32)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
-    code = ("import sys, numpy as np; from afire import _C; d = sys.argv[1]; "
-            "np.save(d + '/y.npy', _C.ops.cpu_linear_forward_bf16(np.load(d + '/x.npy'), "
-            "np.load(d + '/w.npy'))); print(_C.build_info()['bf16'])")
-    env = dict(os.environ, AFIRE_BF16_BACKEND="portable")
-    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "portable"
-    y = np.load(tmp_path / "y.npy")
+    y, backend = op_in_fresh_process(tmp_path, "cpu_linear_forward_bf16", [x, w],
+                                     {"AFIRE_BF16_BACKEND": "portable"}, "bf16")
+    assert backend == "portable"
     np.testing.assert_allclose(y, _C.ops.cpu_linear_forward_bf16(x, w), rtol=1e-5, atol=1e-5)
